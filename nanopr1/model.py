@@ -1,0 +1,103 @@
+"""
+Loading a causal LM and its tokenizer, adding the six parallel-thinking tags,
+tiny configs for tests and the toy world, and the LoRA switch.
+
+The tags become special tokens, added in the official order so that on Qwen3
+they take ids 151669..151674 (the spare rows of its padded embedding matrix).
+Adding them is idempotent: a checkpoint that already has them (a released
+Parallel-R1 model, or one of ours) keeps its ids and its trained embeddings.
+A new tag's embedding starts as the mean of the embeddings of the ordinary
+sub-word pieces of its string ("<", "Path", ">" ...): reusing the spare rows as
+they are would make all six tags identical.
+"""
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen3Config
+
+from nanopr1.format import TAGS
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def load(name_or_path, dtype="float32", device="cpu", attn="sdpa"):
+    """(model, tokenizer) from a hub id or a local directory, with the tags added."""
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    local = Path(name_or_path).expanduser()
+    looks_local = str(name_or_path).startswith((".", "/", "~")) or local.exists()
+    if looks_local and not (local / "config.json").is_file():
+        raise FileNotFoundError(f"model {name_or_path!r}: no such model directory "
+                                f"(expected {local / 'config.json'})")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(local) if looks_local else name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(str(local) if looks_local else name_or_path,
+                                                     dtype=dtype, attn_implementation=attn)
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FileNotFoundError(f"model {name_or_path!r} could not be loaded: not a local directory, and the hub "
+                                f"copy is unreachable or missing ({first}); pass a local directory with --model") from None
+    add_tags(model, tokenizer)
+    return model.to(device), tokenizer
+
+
+def tag_ids(tokenizer):
+    """{tag: id} for the six tags; a clear error if the tokenizer lacks one."""
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in TAGS if t not in vocab]
+    if missing:
+        raise ValueError(f"tokenizer lacks the tags {missing}: call nanopr1.model.add_tags first")
+    return {t: vocab[t] for t in TAGS}
+
+
+@torch.no_grad()
+def add_tags(model, tokenizer):
+    """Add the six tags as special tokens (idempotent) and initialise new embeddings."""
+    vocab = tokenizer.get_vocab()
+    new = [t for t in TAGS if t not in vocab]
+    if not new:
+        return []
+    pieces = {t: tokenizer(t, add_special_tokens=False)["input_ids"] for t in new}
+    tokenizer.add_special_tokens({"additional_special_tokens": list(TAGS)},
+                                 replace_extra_special_tokens=False)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    ids = tag_ids(tokenizer)
+    tables = [model.get_input_embeddings().weight]
+    out = model.get_output_embeddings()
+    if out is not None and out.weight.data_ptr() != tables[0].data_ptr():
+        tables.append(out.weight)  # untied output head: initialise its rows too
+    for t in new:
+        for w in tables:
+            w[ids[t]] = w[pieces[t]].float().mean(0).to(w.dtype)
+    return new
+
+
+def tiny_qwen3_config(vocab_size, hidden=64, layers=2, heads=4, kv_heads=2, **kw):
+    """A small Qwen3 for tests and the toy world (same code paths as the 4B model)."""
+    return Qwen3Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=4 * hidden,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                       head_dim=hidden // heads, max_position_embeddings=4096, tie_word_embeddings=True, **kw)
+
+
+def tiny_llama_config(vocab_size, hidden=64, layers=2, heads=4, kv_heads=2, **kw):
+    """A small Llama-architecture model: checks that nothing depends on Qwen3 internals."""
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=4 * hidden,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                       max_position_embeddings=4096, tie_word_embeddings=False, **kw)
+
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def apply_lora(model, r=64, alpha=128, dropout=0.0):
+    """Wrap the model with LoRA adapters on every attention and MLP projection.
+
+    Only the adapters train; embeddings (and so the tag rows) stay frozen, which
+    is why LoRA runs start from a checkpoint that already learned the tags (SFT).
+    """
+    from peft import LoraConfig, get_peft_model
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS,
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config)

@@ -1,0 +1,5 @@
+"""sample.py: not written yet (see the open issues)."""
+import sys
+
+if __name__ == "__main__":
+    sys.exit("sample.py is not implemented yet")

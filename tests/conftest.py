@@ -1,0 +1,67 @@
+"""Shared test fixtures: a small byte-level BPE tokenizer built offline (a real
+subword tokenizer with a chat template, EOS and the six tags) and tiny models."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from nanopr1.format import PARALLEL_PROMPT, TAGS
+from nanopr1.model import add_tags, tiny_llama_config, tiny_qwen3_config
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+_CORPUS = [
+    "Natalia sold 48 clips in April and half as many in May. How many clips did she sell altogether?",
+    "First, compute the number of apples: 3 + 4 = 7. Then multiply by 2 to get 14.",
+    "Both paths agree that the total is 19, so the answer follows.",
+    "Final Answer: 42", "Let x be the number of cats. Then 2 + x = 6, so x = 4.",
+    "Consider the leg count of all pets. Dogs and cats have four legs.",
+    PARALLEL_PROMPT,
+]
+
+
+def shared_file(name):
+    """Path of a file in ../shared/data, or skip the test when it is absent."""
+    path = SHARED / name
+    if not path.is_file():
+        pytest.skip(f"{path} is absent")
+    return path
+
+
+def build_bpe_tokenizer(texts=_CORPUS, vocab_size=400):
+    """A byte-level BPE trained on `texts`, with chat tokens and the six tags."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts * 20, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.add_special_tokens({"additional_special_tokens": list(TAGS)}, replace_extra_special_tokens=False)
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer():
+    return build_bpe_tokenizer()
+
+
+def tiny_model(tokenizer, arch="qwen3", seed=0, **kw):
+    """A random tiny model in fp32 with the tokenizer's vocabulary (tags included)."""
+    torch.manual_seed(seed)
+    make = tiny_qwen3_config if arch == "qwen3" else tiny_llama_config
+    model = AutoModelForCausalLM.from_config(make(len(tokenizer), **kw), attn_implementation="sdpa")
+    add_tags(model, tokenizer)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_qwen3(bpe_tokenizer):
+    return tiny_model(bpe_tokenizer)
