@@ -1,7 +1,11 @@
 """Shared test fixtures: a small byte-level BPE tokenizer built offline (a real
 subword tokenizer with a chat template, EOS and the six tags) and tiny models."""
 
-from pathlib import Path
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub (set before transformers loads)
+
+from pathlib import Path  # noqa: E402
 
 import pytest
 import torch
