@@ -1,0 +1,84 @@
+"""
+GRPO, the pieces that are maths: group advantages, per-token log-probs, and the
+clipped token-level policy loss. The loop that uses them is train_rl.py.
+
+1. Each prompt is sampled `group_size` times; a rollout's advantage is its reward
+   standardised within its group, A = (r - mean) / (std + 1e-6), and every token
+   of the rollout carries it. A group whose rewards are all equal teaches nothing
+   and gets A = 0 (we count how often that happens).
+2. The policy loss is PPO's clipped surrogate per token, with separate low/high
+   clip ranges (eps_low 0.2, eps_high 0.2 or 0.28) and the dual clip (c = 3)
+   that bounds the loss of a negative-advantage token whose ratio exploded.
+3. Token-mean over the whole optimizer step: the per-token losses of every
+   micro-batch on every rank are summed and divided ONCE by the step's total
+   token count. The caller passes that count (`num_tokens`), so splitting a step
+   into 1, 2 or 4 micro-batches, or over 1 or 2 processes, gives the same loss
+   and the same gradient.
+4. Forced (runtime-inserted) tokens and padding are masked out of the loss.
+
+Simplifications: std is the unbiased sample std (as torch.std and the official
+verl code); no entropy bonus; the KL term is the optional k3 estimator.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def group_advantages(rewards, group_size, eps=1e-6):
+    """rewards (N,) prompt-major -> (advantages (N,), number of zero-variance groups)."""
+    r = torch.as_tensor(rewards, dtype=torch.float32).view(-1, group_size)  # (groups, G)
+    flat = (r == r[:, :1]).all(1, keepdim=True)  # (groups, 1) all rewards equal (always, if G == 1)
+    mean, std = r.mean(1, keepdim=True), r.std(1, keepdim=True)  # std is nan for G == 1: masked below
+    adv = torch.where(flat, torch.zeros_like(r), (r - mean) / (std + eps))
+    return adv.view(-1), int(flat.sum())
+
+
+def tag_logit_bias(allowed, tag_ids, vocab_size):
+    """allowed (B, T) int bitmasks over TAGS order -> a (B, T, 6) additive bias and the
+    tag columns: 0 where the tag was allowed when the token was sampled, -inf where
+    the sampler masked it out. The trainer adds it to reproduce the sampler's distribution."""
+    bits = 1 << torch.arange(len(tag_ids), device=allowed.device)  # (6,)
+    ok = (allowed.unsqueeze(-1) & bits) != 0  # (B, T, 6)
+    bias = torch.zeros(ok.shape, device=allowed.device).masked_fill(~ok, float("-inf"))
+    return bias, torch.as_tensor(tag_ids, device=allowed.device)
+
+
+def token_logprobs(logits, targets, temperature=1.0, allowed=None, tag_ids=None, chunk=1024):
+    """log p(targets) from logits (B, T, V) in any dtype, upcasting to fp32 one chunk of
+    positions at a time (never the whole (B, T, V) tensor). `allowed` (B, T) applies the
+    sampler's tag mask (see tag_logit_bias). Returns (B, T) fp32."""
+    out = []
+    for s in range(0, logits.shape[1], chunk):
+        lg = logits[:, s:s + chunk].float() / temperature  # (B, t, V) fp32, one chunk
+        if allowed is not None:
+            bias, cols = tag_logit_bias(allowed[:, s:s + chunk], tag_ids, lg.shape[-1])
+            lg = lg.index_add(-1, cols, bias)
+        lp = lg.gather(-1, targets[:, s:s + chunk, None]).squeeze(-1) - torch.logsumexp(lg, -1)
+        out.append(lp)
+    return torch.cat(out, 1)  # (B, T)
+
+
+def policy_loss(logp, old_logp, adv, mask, num_tokens, eps_low=0.2, eps_high=0.2, dual_clip=3.0,
+                ref_logp=None, kl_coef=0.0):
+    """Clipped token-level GRPO loss for one micro-batch.
+
+    logp, old_logp, ref_logp, mask: (B, T); adv: (B,) one advantage per rollout;
+    num_tokens: loss tokens in the WHOLE optimizer step (all micro-batches, all ranks).
+    Returns (loss, stats) where summing `loss` over the step's micro-batches gives the
+    token-mean loss of the step.
+    """
+    mask = mask.float()
+    a = adv[:, None]  # (B, 1)
+    ratio = torch.exp(logp - old_logp)  # (B, T)
+    surrogate = torch.maximum(-ratio * a, -ratio.clamp(1 - eps_low, 1 + eps_high) * a)
+    dual = torch.minimum(surrogate, -dual_clip * a)  # bounds a negative-advantage token's loss
+    per_token = torch.where(a < 0, dual, surrogate)  # (B, T)
+    if ref_logp is not None and kl_coef > 0:
+        d = ref_logp - logp
+        per_token = per_token + kl_coef * (torch.exp(d) - d - 1)  # k3 estimator of KL(pi || ref)
+    loss = (per_token * mask).sum() / num_tokens
+    with torch.no_grad():
+        clipped = ((ratio < 1 - eps_low) & (a < 0)) | ((ratio > 1 + eps_high) & (a > 0))
+        stats = {"clipped_tokens": float((clipped.float() * mask).sum()),
+                 "ratio_sum": float((ratio * mask).sum()), "tokens": float(mask.sum())}
+    return loss, stats

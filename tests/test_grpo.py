@@ -1,0 +1,84 @@
+import math
+
+import pytest
+import torch
+
+from nanopr1.grpo import group_advantages, policy_loss, token_logprobs
+
+
+def test_group_advantages_closed_form_and_flat_groups():
+    adv, flat = group_advantages([1.0, -1.0, 1.0, -1.0, -1.0, -1.0, 0.5, 1.0, 1.5], group_size=3)
+    g1 = torch.tensor([1.0, -1.0, 1.0])
+    torch.testing.assert_close(adv[:3], (g1 - g1.mean()) / (g1.std() + 1e-6))
+    assert adv[3:6].tolist() == [0.0, 0.0, 0.0]  # a zero-variance group gives 0, no NaN
+    torch.testing.assert_close(adv[6:], torch.tensor([-0.5, 0.0, 0.5]) / (0.5 + 1e-6))
+    assert flat == 1 and not adv.isnan().any()
+    adv, flat = group_advantages([1.0, -1.0], group_size=1)  # groups of one teach nothing
+    assert adv.tolist() == [0.0, 0.0] and flat == 2
+
+
+def test_two_sequences_loss_and_gradient_equal_closed_form():
+    # sequence 1 (A = +1): ratios 1, 0.5, 1.5 (high-clipped) and a forced token (masked)
+    # sequence 2 (A = -1): ratios 4 (dual-clipped at 3), 0.5 (low-clipped), 1.1 (inside)
+    ratio = torch.tensor([[1.0, 0.5, 1.5, 7.0], [4.0, 0.5, 1.1, 1.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 0]])
+    old = torch.log(torch.full_like(ratio, 0.3))
+    logp = (old + ratio.log()).requires_grad_()
+    adv = torch.tensor([1.0, -1.0])
+    loss, stats = policy_loss(logp, old, adv, mask, num_tokens=6, eps_low=0.2, eps_high=0.2, dual_clip=3.0)
+    # per token: -1, -0.5, -1.2 | 3, 0.8, 1.1  -> mean over the 6 loss tokens
+    assert math.isclose(loss.item(), (-1 - 0.5 - 1.2 + 3 + 0.8 + 1.1) / 6, rel_tol=1e-6)
+    loss.backward()
+    # d/dlogp of -ratio * A is -ratio * A where the unclipped branch is active, else 0
+    expected = torch.tensor([[-1.0, -0.5, 0.0, 0.0], [0.0, 0.0, 1.1, 0.0]]) / 6
+    torch.testing.assert_close(logp.grad, expected)
+    assert stats["clipped_tokens"] == 2 and stats["tokens"] == 6
+
+
+def test_on_policy_ratio_is_one_and_nothing_clipped():
+    logp = torch.randn(3, 5)
+    loss, stats = policy_loss(logp, logp.clone(), torch.tensor([1.0, -0.5, 0.0]), torch.ones(3, 5), num_tokens=15)
+    assert stats["ratio_sum"] == 15 and stats["clipped_tokens"] == 0
+    assert math.isclose(loss.item(), -(1.0 - 0.5 + 0.0) * 5 / 15, rel_tol=1e-6)
+
+
+def test_k3_kl_is_zero_at_the_reference_and_positive_elsewhere():
+    logp, adv, mask = torch.randn(2, 4), torch.zeros(2), torch.ones(2, 4)
+    loss, _ = policy_loss(logp, logp, adv, mask, 8, ref_logp=logp, kl_coef=0.1)
+    assert loss.item() == 0
+    loss, _ = policy_loss(logp, logp, adv, mask, 8, ref_logp=logp + 0.3 * torch.randn(2, 4), kl_coef=0.1)
+    assert loss.item() > 0
+
+
+@pytest.mark.parametrize("splits", [1, 2, 4])
+def test_micro_batches_sum_to_the_step_loss(splits):
+    torch.manual_seed(0)
+    logp, old = torch.randn(8, 6, requires_grad=True), torch.randn(8, 6)
+    adv, mask = torch.randn(8), (torch.rand(8, 6) > 0.3)
+    full, _ = policy_loss(logp, old, adv, mask, int(mask.sum()))
+    (g_full,) = torch.autograd.grad(full, logp)
+    total = sum(policy_loss(lp, o, a, m, int(mask.sum()))[0]
+                for lp, o, a, m in zip(logp.chunk(splits), old.chunk(splits), adv.chunk(splits), mask.chunk(splits)))
+    (g_split,) = torch.autograd.grad(total, logp)
+    torch.testing.assert_close(total, full)
+    torch.testing.assert_close(g_split, g_full)
+
+
+def test_token_logprobs_chunked_with_tag_mask():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 7, 11).to(torch.bfloat16)
+    targets = torch.randint(0, 11, (2, 7))
+    tag_ids = [5, 6, 7, 8, 9, 10]
+    allowed = torch.randint(0, 64, (2, 7))
+    allowed |= torch.where(targets >= 5, 1 << (targets - 5).clamp(min=0), 0)  # the sampled tag was allowed
+    got = token_logprobs(logits, targets, temperature=0.7, allowed=allowed, tag_ids=tag_ids, chunk=3)
+    ref = logits.float() / 0.7
+    for b in range(2):
+        for t in range(7):
+            for i, tid in enumerate(tag_ids):
+                if not (allowed[b, t] >> i) & 1:
+                    ref[b, t, tid] = float("-inf")
+    ref = torch.log_softmax(ref, -1).gather(-1, targets[..., None]).squeeze(-1)
+    torch.testing.assert_close(got, ref)
+    plain = token_logprobs(logits, targets, chunk=2)
+    torch.testing.assert_close(plain, torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None]).squeeze(-1))
