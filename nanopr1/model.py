@@ -11,6 +11,8 @@ sub-word pieces of its string ("<", "Path", ">" ...): reusing the spare rows as
 they are would make all six tags identical.
 """
 
+import copy
+import json
 from pathlib import Path
 
 import torch
@@ -40,6 +42,24 @@ def load(name_or_path, dtype="float32", device="cpu", attn="sdpa"):
                                 f"copy is unreachable or missing ({first}); pass a local directory with --model") from None
     add_tags(model, tokenizer)
     return model.to(device), tokenizer
+
+
+def save(model, tokenizer, path, args=None, state_dict=None, is_main=True):
+    """Write a transformers dir (model, tokenizer, the run's args.json) that load() reads.
+
+    A LoRA model is saved merged (a merged copy; training goes on with the adapters),
+    so sample.py and eval.py load every checkpoint the same way. Under FSDP pass the
+    gathered `state_dict` (every rank must gather; only the main one writes).
+    """
+    if hasattr(model, "merge_and_unload"):  # peft
+        model, state_dict = copy.deepcopy(model).merge_and_unload(), None
+    if not is_main:
+        return
+    Path(path).mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, state_dict=state_dict)
+    tokenizer.save_pretrained(path)
+    if args is not None:
+        (Path(path) / "args.json").write_text(json.dumps(args, indent=1, default=str))
 
 
 def tag_ids(tokenizer):
@@ -91,13 +111,15 @@ def tiny_llama_config(vocab_size, hidden=64, layers=2, heads=4, kv_heads=2, **kw
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def apply_lora(model, r=64, alpha=128, dropout=0.0):
+def apply_lora(model, r=64, alpha=128, dropout=0.0, train_tokens=()):
     """Wrap the model with LoRA adapters on every attention and MLP projection.
 
-    Only the adapters train; embeddings (and so the tag rows) stay frozen, which
-    is why LoRA runs start from a checkpoint that already learned the tags (SFT).
+    Only the adapters train. The embedding matrix stays frozen except the rows in
+    `train_tokens` (pass the six tag ids), which peft trains as a small delta:
+    a base model has never seen the tags, so their rows must be able to move.
     """
     from peft import LoraConfig, get_peft_model
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS,
+                        trainable_token_indices={"embed_tokens": list(train_tokens)} if train_tokens else None,
                         task_type="CAUSAL_LM")
     return get_peft_model(model, config)

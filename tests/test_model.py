@@ -79,9 +79,11 @@ def test_tokenizer_without_chat_template_is_a_clear_error():
         chat_prompt_ids(tokenizer, PARALLEL_PROMPT, "2+2")
 
 
-def test_lora_trains_only_adapters(bpe_tokenizer):
-    model = apply_lora(tiny_model(bpe_tokenizer), r=4, alpha=8)
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable and all("lora_" in n for n in trainable)
-    # one adapter pair per targeted projection: 7 projections x 2 layers x (A, B)
-    assert len(trainable) == 7 * 2 * 2
+def test_lora_trains_only_adapters_and_tag_rows(bpe_tokenizer):
+    model = apply_lora(tiny_model(bpe_tokenizer), r=4, alpha=8, train_tokens=list(tag_ids(bpe_tokenizer).values()))
+    trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    lora = [n for n in trainable if "lora_" in n]
+    tokens = [n for n in trainable if "trainable_tokens" in n]
+    assert len(lora) == 7 * 2 * 2  # one (A, B) pair per targeted projection, 7 projections x 2 layers
+    assert len(tokens) == 1 and trainable[tokens[0]] == 6 * 64  # the six tag rows, nothing else
+    assert len(trainable) == len(lora) + len(tokens)

@@ -1,0 +1,174 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_sft
+from conftest import build_bpe_tokenizer, shared_file, tiny_model
+from nanopr1 import format, toy
+from nanopr1.attention import build_inputs, find_blocks
+from nanopr1.model import load, tag_ids
+
+ROOT = Path(__file__).resolve().parents[1]
+
+RESPONSES = [  # real-layout responses: main text, blocks of 2 and 3 paths, paths of unequal length
+    "First, 3 + 4 = 7.<Parallel><Path>Multiply: 7 * 2 = 14.</Path><Path>Add twice: 7 + 7 = 14, the same.</Path>"
+    "</Parallel><Summary>Both give 14.</Summary>\nFinal Answer: 14",
+    "Let x be the cats.<Parallel><Path>x = 4</Path><Path>Legs: 2 + x = 6, so x = 4.</Path><Path>Guess 4.</Path>"
+    "</Parallel><Summary>x = 4</Summary>Then<Parallel><Path>4 + 2</Path><Path>6</Path></Parallel>"
+    "<Summary>6 in all</Summary>\nFinal Answer: 6",
+    "No block here, just 5.\nFinal Answer: 5",
+]
+QUESTIONS = ["What is (3 + 4) * 2?", "How many cats?", "What is 5?"]
+
+
+def examples(tokenizer, responses=RESPONSES, questions=QUESTIONS):
+    rows = [{"question": q, "response": r} for q, r in zip(questions, responses)]
+    ex, dropped = train_sft.make_examples(rows, tokenizer, format.PARALLEL_PROMPT, max_len=4096)
+    assert not dropped
+    return ex
+
+
+def path_alone_logits(model, tags, prompt, response, block, path):
+    """Reference: encode what precedes the block (earlier blocks with their own Unseen
+    layout), then <Parallel> + this one path alone through the KV cache, plain causal."""
+    pre = build_inputs([prompt], [response[:block.parallel]], tags, "unseen", 0)
+    out = model(**pre, use_cache=True)
+    new = [response[block.parallel]] + response[path[0]:path[1]]
+    start = int(pre["position_ids"][0, -1]) + 1
+    L = pre["input_ids"].shape[1]
+    mask = torch.ones(1, 1, len(new), L + len(new), dtype=torch.bool)
+    mask[0, 0, :, L:] = torch.ones(len(new), len(new)).tril().bool()
+    logits = model(input_ids=torch.tensor([new]), position_ids=torch.arange(start, start + len(new))[None],
+                   attention_mask=mask, past_key_values=out.past_key_values).logits
+    return logits[0, 1:]  # at the path's tokens
+
+
+def test_unseen_forward_equals_each_path_alone(bpe_tokenizer):
+    """Every path token's logits in one masked forward of the whole padded batch equal a
+    separate forward of what precedes its block + that path alone (fp32, <= 1e-4)."""
+    model, tags = tiny_model(bpe_tokenizer), tag_ids(bpe_tokenizer)
+    ex = examples(bpe_tokenizer)
+    batch, _, _ = train_sft.collate(ex, tags, "unseen", bpe_tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = model(**batch).logits  # (B, T, V)
+        checked = 0
+        for b, (prompt, response) in enumerate(ex):
+            for block in find_blocks(response, tags):
+                for s, e in block.paths:
+                    ref = path_alone_logits(model, tags, prompt, response, block, (s, e))
+                    got = logits[b, len(prompt) + s:len(prompt) + e]
+                    assert (got - ref).abs().max() <= 1e-4
+                    checked += e - s
+                if block.parallel == 0:  # a first block: the plain prefix + path is the same reference
+                    alone = torch.tensor([prompt + response[:1] + response[s:e]])
+                    torch.testing.assert_close(model(alone).logits[0, len(prompt) + 1:], ref, atol=1e-4, rtol=0)
+    assert checked > 40
+
+
+def test_padded_batch_loss_equals_unpadded_singles(bpe_tokenizer):
+    model, tags = tiny_model(bpe_tokenizer), tag_ids(bpe_tokenizer)
+    ex = examples(bpe_tokenizer)
+    assert len({len(p) + len(r) for p, r in ex}) == 3  # lengths differ: the batch is padded
+    with torch.no_grad():
+        for variant in ("seen", "unseen"):
+            together = train_sft.sequence_nll(model, *train_sft.collate(ex, tags, variant, bpe_tokenizer.pad_token_id))
+            alone = torch.cat([train_sft.sequence_nll(model, *train_sft.collate([e], tags, variant, 0)) for e in ex])
+            torch.testing.assert_close(together, alone, atol=1e-4, rtol=1e-5)
+        # the unseen loss differs from the seen one exactly where a block is
+        seen = train_sft.sequence_nll(model, *train_sft.collate(ex, tags, "seen", 0))
+        assert (seen - together)[:2].abs().min() > 1e-3 and (seen - together)[2].abs() < 1e-4
+
+
+def test_loss_mask_is_exactly_the_response_with_eos(bpe_tokenizer):
+    ex = examples(bpe_tokenizer)
+    _, targets, mask = train_sft.collate(ex, tag_ids(bpe_tokenizer), "seen", bpe_tokenizer.pad_token_id)
+    for b, (prompt, response) in enumerate(ex):
+        assert targets[b][mask[b]].tolist() == response and response[-1] == bpe_tokenizer.eos_token_id
+        assert mask[b].sum() == len(response)
+
+
+def test_malformed_and_long_traces_are_dropped_and_counted(bpe_tokenizer):
+    rows = [{"question": "q", "response": RESPONSES[0]},
+            {"question": "q", "response": "<Parallel><Path>a</Path></Parallel><Summary>s</Summary>"},
+            {"question": "q", "response": "x <Parallel><Path>a</Path><Path>b</Path>"},
+            {"question": "q", "response": "word " * 3000}]
+    ex, dropped = train_sft.make_examples(rows, bpe_tokenizer, format.PARALLEL_PROMPT, max_len=1024)
+    assert len(ex) == 1
+    assert dropped == {"a block with 1 path(s)": 1, "unclosed block": 1, "longer than --max-len 1024": 1}
+
+
+def test_real_teacher_traces_become_training_examples():
+    """The 341 real traces with a BPE trained offline on them: which survive, and that each
+    survivor's tags are found, its loss mask is the response, its prompt is never parsed."""
+    rows = [json.loads(line) for line in open(shared_file("parallel_gsm8k_sample.jsonl"), encoding="utf-8")]
+    tokenizer = build_bpe_tokenizer([r["question"] + "\n" + r["response"] for r in rows], vocab_size=2000)
+    tags = tag_ids(tokenizer)
+    ex, dropped = train_sft.make_examples(rows, tokenizer, format.PARALLEL_PROMPT, max_len=4096)
+    assert len(ex) == 338 and sum(dropped.values()) == 3  # the 3 malformed traces (see test_format)
+    short, _ = train_sft.make_examples(rows, tokenizer, format.PARALLEL_PROMPT, max_len=1024)
+    assert 0 < len(short) < len(ex)  # the length filter drops whole sequences
+    tag_set = set(tags.values())
+    prompt_tags = 0
+    for (prompt, response), row in zip(ex, [r for r in rows if format.check_format(format.normalize(r["response"])) is None]):
+        text = format.normalize(row["response"])
+        blocks = find_blocks(response, tags)
+        trace = format.parse(text)
+        assert len(blocks) == len(trace.blocks)
+        assert [len(b.paths) for b in blocks] == [len(b.paths) for b in trace.blocks]
+        for b, tb in zip(blocks, trace.blocks):  # every path span decodes to its path text
+            assert [tokenizer.decode(response[s + 1:e - 1]) for s, e in b.paths] == tb.paths
+        prompt_tags += sum(t in tag_set for t in prompt)
+    assert prompt_tags > 0  # the instruction names the tags: the prompt does hold tag tokens...
+    batch, targets, mask = train_sft.collate(ex[:4], tags, "unseen", tokenizer.pad_token_id)
+    for b, (prompt, response) in enumerate(ex[:4]):  # ...yet is numbered 0..P-1, plain causal
+        assert batch["position_ids"][b, :len(prompt)].tolist() == list(range(len(prompt)))
+        assert batch["attention_mask"][b, 0, :len(prompt), :len(prompt)].equal(torch.ones(len(prompt), len(prompt)).tril().bool())
+        assert targets[b][mask[b]].tolist() == response
+
+
+def run_sft(out, *extra, procs=1):
+    toy_data = out.parent / "toy.jsonl"
+    if not toy_data.exists():
+        toy_data.write_text("".join(json.dumps(r) + "\n" for r in toy.sft_corpus(64, seed=1)))
+    args = ["--preset", "toy", "--data", str(toy_data), "--out", str(out), "--batch-size", "8",
+            "--micro-batch", "2", "--epochs", "1", "--max-steps", "6", "--save-every", "3", *extra]
+    launch = [sys.executable, str(ROOT / "train_sft.py")] if procs == 1 else [
+        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(procs), "--cpu",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train_sft.py")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    subprocess.run(launch + args, check=True, cwd=ROOT, env=env, capture_output=True, timeout=600)
+    return [json.loads(line)["loss"] for line in open(out / "metrics.jsonl")]
+
+
+def test_resume_and_two_processes_reproduce_the_loss_curve(tmp_path):
+    full = run_sft(tmp_path / "full")
+    assert len(full) == 6 and full[-1] < full[0]
+    # interrupted after the checkpoint at step 3, then resumed: the same later losses
+    part = run_sft(tmp_path / "part", "--max-steps", "3")
+    (tmp_path / "part" / "metrics.jsonl").write_text("")  # keep only what the resumed run logs
+    resumed = run_sft(tmp_path / "part", "--resume")
+    assert len(part) == 3 and resumed == pytest.approx(full[3:], rel=1e-5, abs=1e-6)
+    # two processes (gloo), same global batch: the same curve within fp tolerance
+    two = run_sft(tmp_path / "two", procs=2)
+    assert two == pytest.approx(full, rel=1e-4, abs=1e-5)
+
+
+def test_lora_trains_adapters_only_and_checkpoint_reloads(tmp_path):
+    base = tmp_path / "base"
+    toy.init_dir(str(base), seed=0)
+    run_sft(tmp_path / "lora", "--model", str(base), "--lora", "--lora-r", "4", "--max-steps", "3", "--lr", "1e-2")
+    args = json.loads((tmp_path / "lora" / "args.json").read_text())
+    assert args["lora"] is True
+    before, _ = load(str(base))
+    after, tokenizer = load(str(tmp_path / "lora"))
+    changed = [n for n, p in after.named_parameters() if not torch.equal(p, before.get_parameter(n))]
+    # merged adapters move the projection weights; embeddings move only in the six tag rows
+    assert any("q_proj" in n for n in changed) and "model.norm.weight" not in changed
+    emb_diff = (after.get_input_embeddings().weight - before.get_input_embeddings().weight).abs().sum(1)
+    moved = set(torch.nonzero(emb_diff).flatten().tolist())
+    assert moved and moved <= set(tag_ids(tokenizer).values())
