@@ -35,7 +35,7 @@ from tqdm import tqdm
 from nanopr1 import data, format, rewards
 from nanopr1.attention import build_inputs
 from nanopr1.grpo import token_logprobs
-from nanopr1.model import apply_lora, load, save, tag_ids
+from nanopr1.model import apply_lora, keep_metrics, load, save, tag_ids
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--preset", choices=["toy"], help="toy: the CPU-sized world (defaults below swapped for toy ones)")
@@ -210,6 +210,8 @@ def main(args):
         acc.load_state(str(out / "state"))
         step = json.loads((out / "state" / "step.json").read_text())["step"]
         acc.print(f"resumed from {out} at step {step}")
+    if acc.is_main_process:
+        keep_metrics(out / "metrics.jsonl", step)
     bar = tqdm(total=stop, initial=step, desc="sft", disable=not acc.is_main_process)
     while step < stop:
         t0 = time.time()

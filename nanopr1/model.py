@@ -62,6 +62,15 @@ def save(model, tokenizer, path, args=None, state_dict=None, is_main=True):
         (Path(path) / "args.json").write_text(json.dumps(args, indent=1, default=str))
 
 
+def keep_metrics(path, step):
+    """Drop the metrics rows after `step` (all of them for a fresh run), so a resumed run
+    appends where its checkpoint was taken, with no duplicated steps."""
+    path = Path(path)
+    if path.is_file():
+        rows = [r for r in path.read_text().splitlines() if r and json.loads(r)["step"] <= step]
+        path.write_text("".join(r + "\n" for r in rows))
+
+
 def tag_ids(tokenizer):
     """{tag: id} for the six tags; a clear error if the tokenizer lacks one."""
     vocab = tokenizer.get_vocab()
