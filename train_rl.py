@@ -134,7 +134,7 @@ def score(model, rollouts, tags, args, pad_id, device):
             [(1 << len(tags)) - 1 if f else a for a, f in zip(r.allowed, r.forced)])  # forced: no mask, no loss
     batch = {k: v.to(device) for k, v in batch.items()}
     logits = model(**batch).logits[:, :-1]  # (B, L-1, V)
-    logp = token_logprobs(logits, batch["input_ids"][:, 1:], args.temperature, allowed.to(device), list(tags.values()))
+    logp = token_logprobs(logits, batch["input_ids"][:, 1:], args.temperature, allowed.to(device), tags)
     T = max(len(r.ids) for r in rollouts)
     idx = torch.tensor([[min(len(r.prompt_ids) - 1 + t, L - 2) for t in range(T)] for r in rollouts], device=device)
     mask = torch.tensor([[t < len(r.ids) and not r.forced[t] for t in range(T)] for r in rollouts], device=device)
@@ -181,6 +181,7 @@ def main(args):
     if acc.is_main_process:
         keep_metrics(out / "metrics.jsonl", step)
     G = args.group_size
+    holder = {}  # the FSDP sampling copy, made on first use
     bar = tqdm(total=args.steps, initial=step, desc=f"rl-{args.stage}", disable=not acc.is_main_process)
     while step < args.steps:
         step += 1
@@ -190,7 +191,7 @@ def main(args):
         rows = [problems[i] for i in idx]
         prompts = [format.chat_prompt_ids(tokenizer, template, r["question"]) for r in rows]
         # 2) rollouts: the branching sampler, group_size per prompt
-        policy = acc.unwrap_model(model)
+        policy = sampling_model(acc, model, holder)
         policy.eval()
         with torch.autocast("cuda", torch.bfloat16) if torch.cuda.is_available() else nullcontext():
             rollouts = sample(policy, tokenizer, prompts, G, num_paths=args.num_paths, max_blocks=args.max_blocks,
@@ -247,6 +248,26 @@ def main(args):
                 (out / "state" / "step.json").write_text(json.dumps({"step": step}))
     bar.close()
     acc.print(f"done: {step} steps, model in {out}")
+
+
+@torch.no_grad()
+def sampling_model(acc, model, holder):
+    """The model the sampler decodes with. Without FSDP it is the training model itself.
+    Under FSDP each layer would all-gather its weights at every generated token, so the
+    sampler runs a plain bf16 copy instead, refreshed once per rollout phase by gathering
+    each full weight one at a time (FSDP2 keeps the parameter names)."""
+    from accelerate.utils import DistributedType
+    if acc.distributed_type != DistributedType.FSDP:
+        return acc.unwrap_model(model)
+    if "copy" not in holder:
+        from transformers import AutoModelForCausalLM
+        config = acc.unwrap_model(model).config
+        holder["copy"] = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).to(acc.device)
+    mine = dict(holder["copy"].named_parameters())
+    for name, param in acc.unwrap_model(model).named_parameters():
+        full = param.full_tensor() if hasattr(param, "full_tensor") else param  # DTensor shard -> full weight
+        mine[name].copy_(full)
+    return holder["copy"]
 
 
 @torch.no_grad()

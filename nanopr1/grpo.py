@@ -21,7 +21,6 @@ verl code); no entropy bonus; the KL term is the optional k3 estimator.
 """
 
 import torch
-import torch.nn.functional as F
 
 
 def group_advantages(rewards, group_size, eps=1e-6):
@@ -33,28 +32,18 @@ def group_advantages(rewards, group_size, eps=1e-6):
     return adv.view(-1), int(flat.sum())
 
 
-def tag_logit_bias(allowed, tag_ids, vocab_size):
-    """allowed (B, T) int bitmasks over TAGS order -> a (B, T, 6) additive bias and the
-    tag columns: 0 where the tag was allowed when the token was sampled, -inf where
-    the sampler masked it out. The trainer adds it to reproduce the sampler's distribution."""
-    bits = 1 << torch.arange(len(tag_ids), device=allowed.device)  # (6,)
-    ok = (allowed.unsqueeze(-1) & bits) != 0  # (B, T, 6)
-    bias = torch.zeros(ok.shape, device=allowed.device).masked_fill(~ok, float("-inf"))
-    return bias, torch.as_tensor(tag_ids, device=allowed.device)
-
-
-def token_logprobs(logits, targets, temperature=1.0, allowed=None, tag_ids=None, chunk=1024):
+def token_logprobs(logits, targets, temperature=1.0, allowed=None, tags=None, chunk=1024):
     """log p(targets) from logits (B, T, V) in any dtype, upcasting to fp32 one chunk of
-    positions at a time (never the whole (B, T, V) tensor). `allowed` (B, T) applies the
-    sampler's tag mask (see tag_logit_bias). Returns (B, T) fp32."""
+    positions at a time (never the whole (B, T, V) tensor). With `allowed` (B, T), the
+    sampler's tag mask (sampler.apply_tag_mask) is applied first, so the log-probs are
+    those of the distribution the rollout was sampled from. Returns (B, T) fp32."""
+    from nanopr1.sampler import apply_tag_mask
     out = []
     for s in range(0, logits.shape[1], chunk):
         lg = logits[:, s:s + chunk].float() / temperature  # (B, t, V) fp32, one chunk
         if allowed is not None:
-            bias, cols = tag_logit_bias(allowed[:, s:s + chunk], tag_ids, lg.shape[-1])
-            lg = lg.index_add(-1, cols, bias)
-        lp = lg.gather(-1, targets[:, s:s + chunk, None]).squeeze(-1) - torch.logsumexp(lg, -1)
-        out.append(lp)
+            lg = apply_tag_mask(lg, allowed[:, s:s + chunk], tags)
+        out.append(lg.gather(-1, targets[:, s:s + chunk, None]).squeeze(-1) - torch.logsumexp(lg, -1))
     return torch.cat(out, 1)  # (B, T)
 
 

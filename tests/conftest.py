@@ -15,6 +15,8 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from nanopr1.format import PARALLEL_PROMPT, TAGS
 from nanopr1.model import add_tags, tiny_llama_config, tiny_qwen3_config
 
+torch.set_num_threads(1)  # tiny models: one thread is as fast, and immune to a busy machine
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

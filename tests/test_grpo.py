@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from nanopr1.format import TAGS
 from nanopr1.grpo import group_advantages, policy_loss, token_logprobs
 
 
@@ -69,9 +70,10 @@ def test_token_logprobs_chunked_with_tag_mask():
     logits = torch.randn(2, 7, 11).to(torch.bfloat16)
     targets = torch.randint(0, 11, (2, 7))
     tag_ids = [5, 6, 7, 8, 9, 10]
+    tags = dict(zip(TAGS, tag_ids))
     allowed = torch.randint(0, 64, (2, 7))
     allowed |= torch.where(targets >= 5, 1 << (targets - 5).clamp(min=0), 0)  # the sampled tag was allowed
-    got = token_logprobs(logits, targets, temperature=0.7, allowed=allowed, tag_ids=tag_ids, chunk=3)
+    got = token_logprobs(logits, targets, temperature=0.7, allowed=allowed, tags=tags, chunk=3)
     ref = logits.float() / 0.7
     for b in range(2):
         for t in range(7):

@@ -1,0 +1,154 @@
+"""
+Attention for the Unseen variant: a path-isolating mask and Multiverse position
+ids for one full forward over a prompt + response, built from the block
+structure of the response.
+
+In the Unseen variant the paths of a block are meant to be *independent*: the
+sampler decodes them in separate rows that all start from the same prefix. To
+score such a rollout with one ordinary forward (for the policy loss, or for SFT
+on teacher traces) the trainer must reproduce exactly what each token saw:
+
+    prompt  main <Parallel> <Path>path 1</Path> <Path>path 2</Path> </Parallel><Summary>...
+    pos:    0..  p          p+1 ...             p+1 ...             p+max_k(len_k)+1 ...
+    sees:   causal          prefix + own path   prefix + own path   everything before it
+
+- a token of path k (its <Path> through its </Path>) attends causally to the
+  prefix and to its own path, never to a sibling path of the same block;
+- everything after the block (</Parallel>, the summary, later main text)
+  attends to all paths;
+- positions follow the Multiverse rule (official): every <Path> of a block sits
+  at p+1 where p is the position of <Parallel>; </Parallel> sits one past the
+  longest path (p + max_k len_k + 1, len_k counting the path's two tags); later
+  tokens continue from there.
+
+The prompt is numbered 0..P-1 and is never parsed for tags (the official SFT
+parsed the prompt, whose instruction mentions the tags, and misnumbered it).
+
+The Seen variant needs none of this: paths are plain text, so its forward is an
+ordinary causal one with a padding mask.
+
+The Unseen mask is a dense (B, 1, T, T) boolean tensor (True = may attend),
+which sdpa and eager-with-conversion accept; FlashAttention cannot take it.
+A query row is never fully masked: every real token sees itself, and right-
+padding tokens attend to themselves (their outputs are ignored anyway).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from nanopr1.format import PARALLEL, PARALLEL_END, PATH, PATH_END, SUMMARY, SUMMARY_END, TAGS
+
+
+@dataclass
+class BlockSpan:
+    """One parallel block, as indices into the *response* token ids (prompt excluded)."""
+    parallel: int  # index of the <Parallel> token
+    paths: list    # [(start, end)] half-open: from a path's <Path> through its </Path>
+    summary: tuple  # (start, end) half-open: <Summary> through </Summary>; </Parallel> sits at summary[0]-1
+
+
+def _close(ids, i, opener_tag, closer, tag_of):
+    """Index one past the `closer` that ends the span opened at ids[i]; no other tag may come between."""
+    j = i + 1
+    while j < len(ids) and ids[j] not in tag_of:
+        j += 1
+    if j == len(ids):
+        raise ValueError(f"{opener_tag} at {i} is never closed by {closer}")
+    if tag_of[ids[j]] != closer:
+        raise ValueError(f"{tag_of[ids[j]]} at {j} inside the {opener_tag} opened at {i}")
+    return j + 1
+
+
+def find_blocks(ids, tags):
+    """Response ids in canonical layout -> [BlockSpan]. ValueError if anything is out of place.
+
+    tags = nanopr1.model.tag_ids(tokenizer). Structural check only: a block
+    with a single path is accepted here (format.parse is the place for the
+    "at least two paths" rule).
+    """
+    ids = list(ids)
+    tag_of = {tags[t]: t for t in TAGS}
+    blocks, i = [], 0
+    while i < len(ids):
+        tag = tag_of.get(ids[i])
+        if tag is None:
+            i += 1
+            continue
+        if tag != PARALLEL:
+            raise ValueError(f"{tag} at {i} outside a parallel block")
+        start, paths, j = i, [], i + 1
+        while j < len(ids) and ids[j] == tags[PATH]:
+            end = _close(ids, j, PATH, PATH_END, tag_of)
+            paths.append((j, end))
+            j = end
+        if not paths:
+            raise ValueError(f"{PARALLEL} at {start} is not followed by a {PATH}")
+        if j >= len(ids) or ids[j] != tags[PARALLEL_END]:
+            raise ValueError(f"block at {start}: expected {PARALLEL_END} at {j} after its last path")
+        if j + 1 >= len(ids) or ids[j + 1] != tags[SUMMARY]:
+            raise ValueError(f"block at {start}: {PARALLEL_END} at {j} is not followed by {SUMMARY}")
+        end = _close(ids, j + 1, SUMMARY, SUMMARY_END, tag_of)
+        blocks.append(BlockSpan(start, paths, (j + 1, end)))
+        i = end
+    return blocks
+
+
+def unseen_positions(n_prompt, n_response, blocks):
+    """Multiverse position id of every response token (the prompt is 0..n_prompt-1)."""
+    pos, nxt, i = [], n_prompt, 0
+    for b in blocks:
+        while i <= b.parallel:  # main text up to and including <Parallel>
+            pos.append(nxt)
+            nxt, i = nxt + 1, i + 1
+        p = nxt - 1
+        for s, e in b.paths:  # every path restarts at p+1
+            pos.extend(range(p + 1, p + 1 + e - s))
+        i = b.paths[-1][1]
+        nxt = p + max(e - s for s, e in b.paths) + 1  # </Parallel>: one past the longest path
+    pos.extend(range(nxt, nxt + n_response - i))
+    return pos
+
+
+def unseen_mask(n_prompt, n_response, blocks, total):
+    """(total, total) bool mask: causal, minus sibling paths; padding columns hidden, pads see themselves."""
+    n = n_prompt + n_response
+    mask = torch.ones(total, total, dtype=torch.bool).tril_()
+    mask[:, n:] = False
+    for b in blocks:
+        for k, (s, e) in enumerate(b.paths):
+            for s2, e2 in b.paths[:k]:  # later paths must not see earlier ones (causality hides the reverse)
+                mask[n_prompt + s:n_prompt + e, n_prompt + s2:n_prompt + e2] = False
+    mask.diagonal().fill_(True)
+    return mask
+
+
+def build_inputs(prompts, responses, tags, variant, pad_id):
+    """A right-padded batch of prompt+response ready for model(**batch).
+
+    seen   -> input_ids, sequential position_ids, (B, T) padding attention_mask (plain causal);
+    unseen -> input_ids, Multiverse position_ids, (B, 1, T, T) bool attention_mask.
+    Blocks are found with find_blocks on each response (ValueError if malformed).
+    """
+    if variant not in ("seen", "unseen"):
+        raise ValueError(f"variant must be 'seen' or 'unseen', not {variant!r}")
+    B = len(prompts)
+    T = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    position_ids = torch.arange(T).repeat(B, 1)  # (B, T) pads keep counting (never attended to)
+    pad_mask = torch.zeros(B, T, dtype=torch.long)
+    masks = []
+    for b, (prompt, response) in enumerate(zip(prompts, responses)):
+        n = len(prompt) + len(response)
+        input_ids[b, :n] = torch.tensor(list(prompt) + list(response), dtype=torch.long)
+        pad_mask[b, :n] = 1
+        if variant == "unseen":
+            blocks = find_blocks(response, tags)
+            pos = list(range(len(prompt))) + unseen_positions(len(prompt), len(response), blocks)
+            position_ids[b, :n] = torch.tensor(pos, dtype=torch.long)
+            position_ids[b, n:] = torch.arange(pos[-1] + 1, pos[-1] + 1 + T - n) if n else position_ids[b, n:]
+            masks.append(unseen_mask(len(prompt), len(response), blocks, T))
+    if variant == "seen":
+        return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": pad_mask}
+    return {"input_ids": input_ids, "position_ids": position_ids,
+            "attention_mask": torch.stack(masks)[:, None]}  # (B, 1, T, T)

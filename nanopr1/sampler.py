@@ -1,0 +1,526 @@
+"""
+The branching sampler: every RL rollout and every evaluation goes through here.
+
+A rollout is decoded as a small state machine (DESIGN.md section 4):
+
+    MAIN ──<Parallel>──> FORK ──> PATHS ──all </Path>──> MERGE ──> SUMMARY ──</Summary>──> MAIN
+
+- the prompt is prefilled once per prompt (not per rollout of its group);
+- FORK clones the KV cache of the prefix into one row per path (no re-prefill)
+  and forces `<Path>` into each;
+- every live row of every rollout, whatever its phase (main line, path,
+  summary), is decoded together: one forward per step;
+- MERGE builds one row that continues the rollout after the paths, then
+  forces `</Parallel><Summary>`:
+    unseen: the paths' KV entries are concatenated after the prefix (nothing
+            is recomputed); positions follow the Multiverse rule (every `<Path>`
+            at p+1, `</Parallel>` one past the longest path);
+    seen:   path 1's row is kept and paths 2..N are re-encoded after it with
+            sequential positions, so what follows is conditioned exactly like
+            the plain causal forward the Seen trainer uses.
+
+The cache (KVRows) is one tensor per layer, K and V of shape (R, H, S, D) for
+all rows, plus a (R, S) bool `valid` mask. RoPE is already baked into K and
+positions are always passed explicitly, so the order of a row's columns does
+not matter, only which are valid: a fork is a row copy, a merge writes a new
+row, a finished row is freed, and now and then the free rows and dead columns
+are squeezed out ("compaction"). Each forward wraps the tensors in a
+DynamicCache and passes a (R, 1, Q, S+Q) boolean mask (sdpa).
+
+Out-of-place tags are masked out at sampling time (parallel=True): in the main
+text only `<Parallel>` may be sampled (and not after `max_blocks` blocks, nor
+when the budget has no room left for a block), in a path only `</Path>`, in a
+summary only `</Summary>`; `<Path>`, `</Parallel>` and `<Summary>` are only
+ever inserted by the runtime. So every rollout is well formed by construction.
+Each token records the tags allowed when it was sampled (`allowed`, a bitmask
+over format.TAGS); `apply_tag_mask` lets the trainer apply the same mask, so
+its log-probs reproduce the sampler's. With parallel=False tags are ordinary
+tokens (the cold-start teacher writes whole traces with tags as text).
+
+Budgets. `max_new_tokens` counts every response token (main text, all paths,
+summaries, inserted tags). A block is only opened when at least 3 tokens per
+path and the three closing tags still fit; at the fork each path gets
+min(path_max_tokens, its share of what is left) tokens including its two tags,
+and `</Path>` is forced at that limit; `</Summary>` is forced at the last
+token of the budget. EOS inside a path or a summary ends it (it is replaced by
+the forced closing tag). After `max_blocks` blocks the main text continues, so
+the rollout can still write its answer. Runtime-inserted tokens are `forced`
+(no policy loss) and carry log-prob 0.
+
+Log-prob of a sampled token: log_softmax(tag-masked logits / temperature)
+(temperature 1 when greedy); top-p changes what is sampled, not what is
+recorded. Seen rollouts record sequential positions, i.e. what the scorer
+uses; paths 2..N of a Seen block were sampled without seeing path 1, so only
+their log-probs differ from a plain causal forward (by design, DESIGN.md 5).
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from nanopr1.attention import BlockSpan, find_blocks
+from nanopr1.format import PARALLEL, PARALLEL_END, PATH, PATH_END, SUMMARY, SUMMARY_END, TAGS
+from nanopr1.model import tag_ids
+
+BIT = {t: 1 << i for i, t in enumerate(TAGS)}  # bit i of `allowed` = TAGS[i]
+ALL_TAGS = (1 << len(TAGS)) - 1
+MAIN, PATHS, SUMMARY_PHASE, DONE = "main", "paths", "summary", "done"
+
+
+@dataclass
+class Rollout:
+    prompt_ids: list  # the prompt token ids
+    ids: list         # response token ids in canonical layout (prompt excluded)
+    forced: list      # bool per response token: True = inserted by the runtime (no policy loss)
+    logprobs: list    # float per response token: the sampler's log-prob (0.0 where forced)
+    positions: list   # position id of each response token (the prompt is 0..P-1)
+    allowed: list     # int per response token: bitmask over format.TAGS of the tags allowed when sampled
+    blocks: list      # BlockSpan list
+    text: str         # decoded response, tags kept
+    stop_reason: str  # "eos" | "budget"
+
+
+def apply_tag_mask(logits, allowed, tags):
+    """Logits with the tags not in `allowed` set to -inf: what the sampler sampled from.
+
+    logits (..., V); allowed (...) int bitmask as in Rollout.allowed; tags = model.tag_ids(tokenizer).
+    The logits that predict response token t (at position P+t-1) take allowed[t].
+    """
+    bits = (allowed[..., None] >> torch.arange(len(TAGS), device=logits.device)) & 1  # (..., 6)
+    idx = torch.tensor([tags[t] for t in TAGS], device=logits.device)
+    logits = logits.clone()
+    logits[..., idx] = logits[..., idx].masked_fill(bits == 0, float("-inf"))
+    return logits
+
+# -----------------------------------------------------------------------------
+# the KV cache of all rows
+
+
+def _dynamic_cache(kv):
+    """Wrap [K0, V0, K1, V1, ...] into a DynamicCache without copying them."""
+    cache = DynamicCache()
+    for k, v in zip(kv[0::2], kv[1::2]):
+        layer = DynamicLayer()
+        layer.lazy_initialization(k, v)
+        layer.keys, layer.values = k, v
+        cache.layers.append(layer)
+    return cache
+
+
+class KVRows:
+    """The cache of every row being decoded: kv = [K0, V0, K1, V1, ...], each (R, H, S, D), and valid (R, S)."""
+
+    def __init__(self, kv, valid):
+        self.kv, self.valid = kv, valid
+
+    def forward(self, model, ids, pos, q_valid):
+        """Feed (R, Q) tokens at explicit positions, append their Q columns; logits of the last query (R, V)."""
+        R, Q = ids.shape
+        new = torch.ones(Q, Q, dtype=torch.bool, device=ids.device).tril() & q_valid[:, None, :]  # (R, Q, Q)
+        new |= torch.eye(Q, dtype=torch.bool, device=ids.device)  # a pad query sees itself: no row fully masked
+        mask = torch.cat([self.valid[:, None, :].expand(R, Q, -1), new], 2)[:, None]  # (R, 1, Q, S+Q)
+        cache = _dynamic_cache(self.kv)
+        out = model(input_ids=ids, position_ids=pos, attention_mask=mask, past_key_values=cache,
+                    use_cache=True, logits_to_keep=1)
+        self.kv = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+        self.valid = torch.cat([self.valid, q_valid], 1)
+        return out.logits[:, -1].float()
+
+    def rows(self, idx):
+        """A new KVRows with rows idx (copies): a fork is rows([i, i, ...])."""
+        idx = torch.as_tensor(idx, device=self.valid.device)
+        return KVRows([t[idx] for t in self.kv], self.valid[idx])
+
+    def entries(self, i, start=0):
+        """The valid entries of row i, in order, from the start-th on: [K0, V0, ...] each (H, n, D)."""
+        cols = self.valid[i].nonzero()[start:, 0]
+        return [t[i][:, cols] for t in self.kv]
+
+    @staticmethod
+    def from_entries(entries):
+        """Rows from entries of different lengths, right-padded with invalid columns."""
+        n = torch.tensor([e[0].shape[1] for e in entries])
+        kv = [e0.new_zeros(len(entries), e0.shape[0], int(n.max()), e0.shape[2]) for e0 in entries[0]]
+        for r, e in enumerate(entries):
+            for t, x in zip(kv, e):
+                t[r, :, :x.shape[1]] = x
+        return KVRows(kv, (torch.arange(int(n.max()))[None] < n[:, None]).to(kv[0].device))
+
+    def grow(self, rows=0, cols=0):
+        """Add free rows and invalid columns (zeros)."""
+        R, S = self.valid.shape
+        self.kv = [torch.cat([t, t.new_zeros(rows, *t.shape[1:])]) for t in self.kv]
+        self.kv = [torch.cat([t, t.new_zeros(R + rows, t.shape[1], cols, t.shape[3])], 2) for t in self.kv]
+        self.valid = torch.cat([torch.cat([self.valid, self.valid.new_zeros(rows, S)]),
+                                self.valid.new_zeros(R + rows, cols)], 1)
+
+    def copy_row(self, src, dst):
+        for t in self.kv:
+            t[dst] = t[src]
+        self.valid[dst] = self.valid[src]
+
+    def write(self, slots, other):
+        """Write the rows of another KVRows into rows `slots`."""
+        S = other.valid.shape[1]
+        if S > self.valid.shape[1]:
+            self.grow(cols=S - self.valid.shape[1])
+        idx = torch.as_tensor(slots, device=self.valid.device)
+        for t, o in zip(self.kv, other.kv):
+            t[idx, :, :S] = o
+        self.valid[idx] = False
+        self.valid[idx, :S] = other.valid
+
+    def compact(self, keep):
+        """Keep rows `keep` and squeeze out the columns that are invalid in all of them."""
+        valid = self.valid[keep]
+        order = torch.sort((~valid).to(torch.uint8), dim=1, stable=True).indices  # valid columns first, in order
+        order = order[:, :int(valid.sum(1).max()) if len(keep) else 0]  # (R', S')
+        self.kv = [t[keep].gather(2, order[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3])) for t in self.kv]
+        self.valid = valid.gather(1, order)
+
+    def waste(self):
+        return 1.0 - self.valid.sum().item() / max(self.valid.numel(), 1)
+
+# -----------------------------------------------------------------------------
+# the state of a rollout in progress
+
+
+class _Seg:
+    """Tokens written by one row (the main line of a rollout, or one path), as five parallel lists."""
+
+    def __init__(self):
+        self.ids, self.forced, self.logprobs, self.positions, self.allowed = [], [], [], [], []
+
+    def add(self, tok, forced, logprob, pos, allowed):
+        for column, x in zip((self.ids, self.forced, self.logprobs, self.positions, self.allowed),
+                             (tok, forced, 0.0 if forced else logprob, pos, allowed)):
+            column.append(x)
+
+
+@dataclass
+class _Block:
+    """The block a rollout is writing."""
+    parallel: int   # response index of <Parallel>
+    p: int          # its position id
+    budget: int     # tokens per path, its two tags included
+    n_prefix: int   # cache entries before the paths (shared by all path rows)
+    paths: list     # one _Seg per path
+    stash: list     # per path: its KV entries once finished (None where not needed)
+    done: int = 0   # paths finished
+    spans: list = None  # (start, end) of each path in the response, set at the merge
+    summary: int = 0  # response index of <Summary>
+
+
+@dataclass
+class _State:
+    prompt: list
+    force: object   # None, or when to force the first <Parallel>: an int (response tokens) or "line"
+    out: _Seg = field(default_factory=_Seg)
+    phase: str = MAIN
+    blocks: list = field(default_factory=list)
+    block: _Block = None
+    stop: str = None
+
+
+@dataclass
+class _Row:
+    """One cache row: the main line of a rollout (path None) or one of its paths."""
+    s: _State
+    path: object  # None or the path index
+    seg: _Seg
+    pos: int      # position id of the next token fed
+    queue: list   # forced tokens to insert next
+    fork: bool = False     # <Parallel> was just fed: fork before the next token
+    closing: bool = False  # </Path> is being fed: stash the path after this forward
+
+# -----------------------------------------------------------------------------
+# the sampler
+
+
+class _Sampler:
+    def __init__(self, model, tokenizer, opt):
+        self.model, self.tok, self.o = model, tokenizer, opt
+        self.device = next(model.parameters()).device
+        self.tags = tag_ids(tokenizer)
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        self.eos = {e for e in eos + [tokenizer.eos_token_id] if e is not None}
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos, default=0)
+        self.gen = None
+        if opt["seed"] is not None:
+            self.gen = torch.Generator(device=self.device).manual_seed(opt["seed"])
+        self.bar = None
+        self.ready = []  # rollouts whose paths have all finished: merge them next step
+
+    # 1) prefill: each prompt once, left-padded, then one row per rollout of its group
+    def prefill(self, prompts, group_size):
+        P = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), P), self.pad, dtype=torch.long)
+        pos = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            ids[i, P - len(p):] = torch.tensor(p)
+            pos[i, P - len(p):] = torch.arange(len(p))
+        q_valid = torch.arange(P)[None] >= P - torch.tensor([len(p) for p in prompts])[:, None]  # (n, P)
+        empty = KVRows([], torch.zeros(len(prompts), 0, dtype=torch.bool, device=self.device))
+        logits = empty.forward(self.model, ids.to(self.device), pos.to(self.device), q_valid.to(self.device))
+        rep = torch.arange(len(prompts), device=self.device).repeat_interleave(group_size)
+        self.kv, self.logits = empty.rows(rep), logits[rep]  # (R, V)
+        force = self.o["force_block"]
+        force = None if force is False else ("line" if force is True else int(force))
+        self.states = [_State(list(p), force) for p in prompts for _ in range(group_size)]
+        self.rows = [_Row(s, None, s.out, len(s.prompt), []) for s in self.states]
+
+    def _alloc(self, n):
+        """n free row slots (free rows are reused, the rest appended)."""
+        free = [i for i, w in enumerate(self.rows) if w is None][:n]
+        extra = n - len(free)
+        if extra:
+            free += list(range(len(self.rows), len(self.rows) + extra))
+            self.rows += [None] * extra
+            self.kv.grow(rows=extra)
+            self.logits = torch.cat([self.logits, self.logits.new_zeros(extra, self.logits.shape[1])])
+        return free
+
+    def _free(self, i):
+        self.rows[i] = None
+        self.kv.valid[i] = False
+
+    # 2) fork: clone the KV cache of the prefix into one row per path
+    def fork(self):
+        for i in [i for i, w in enumerate(self.rows) if w is not None and w.fork]:
+            w, N = self.rows[i], self.o["num_paths"]
+            s = w.s
+            left = self.o["max_new_tokens"] - len(s.out.ids) - 3  # keep </Parallel><Summary></Summary>
+            budget = min(self.o["path_max_tokens"] or left, left // N)
+            s.block = _Block(len(s.out.ids) - 1, w.pos - 1, budget, int(self.kv.valid[i].sum()),
+                             [_Seg() for _ in range(N)], [None] * N)
+            slots = [i] + self._alloc(N - 1)
+            for k, j in enumerate(slots):
+                if j != i:
+                    self.kv.copy_row(i, j)
+                self.rows[j] = _Row(s, k, s.block.paths[k], s.block.p + 1, [self.tags[PATH]])
+
+    # 3) merge: one row continues each rollout whose paths have all finished
+    def merge(self):
+        if not self.ready:
+            return
+        ready, self.ready, unseen = self.ready, [], self.o["variant"] == "unseen"
+        entries = []
+        for s in ready:
+            stash = s.block.stash if unseen else s.block.stash[:1]  # unseen: the paths' own entries after path 1's row
+            entries.append([torch.cat(layer, 1) for layer in zip(*stash)])
+        merged = KVRows.from_entries(entries)
+        if not unseen:  # re-encode paths 2..N after path 1, sequential positions
+            later = [sum((seg.ids for seg in s.block.paths[1:]), []) for s in ready]
+            start = [s.block.p + len(s.block.paths[0].ids) + 1 for s in ready]
+            Q = max(len(x) for x in later)
+            if Q:
+                ids = torch.tensor([x + [self.pad] * (Q - len(x)) for x in later], device=self.device)
+                pos = torch.tensor([[a + j for j in range(Q)] for a in start], device=self.device)
+                q_valid = torch.tensor([[j < len(x) for j in range(Q)] for x in later], device=self.device)
+                merged.forward(self.model, ids, pos, q_valid)
+        slots = self._alloc(len(ready))
+        self.kv.write(slots, merged)
+        for s, j in zip(ready, slots):
+            pos = self._append_paths(s, unseen)
+            self.rows[j] = _Row(s, None, s.out, pos, [self.tags[PARALLEL_END], self.tags[SUMMARY]])
+            s.phase = SUMMARY_PHASE
+
+    def _append_paths(self, s, unseen):
+        """Put the paths into the response in canonical layout; the position of </Parallel>."""
+        b, nxt = s.block, s.block.p + 1
+        spans = []
+        for seg in b.paths:
+            positions = seg.positions if unseen else list(range(nxt, nxt + len(seg.ids)))
+            spans.append((len(s.out.ids), len(s.out.ids) + len(seg.ids)))
+            for tok, f, lp, pos, a in zip(seg.ids, seg.forced, seg.logprobs, positions, seg.allowed):
+                s.out.add(tok, f, lp, pos, a)
+            nxt += len(seg.ids)
+        b.spans, b.summary = spans, len(s.out.ids) + 1
+        return b.p + 1 + max(e - a for a, e in spans) if unseen else nxt
+
+    # 4) choose: which tags each row may sample, and which tokens are forced
+    def _can_open(self, s):
+        room = self.o["max_new_tokens"] - len(s.out.ids) - 1
+        return len(s.blocks) < self.o["max_blocks"] and room >= 3 * self.o["num_paths"] + 3
+
+    def _force_now(self, s):
+        if s.force == "line":
+            return len(s.out.ids) >= 32 or (s.out.ids and "\n" in self.tok.decode(s.out.ids[-1:]))
+        return len(s.out.ids) >= s.force
+
+    def allowed(self, w):
+        if not self.o["parallel"]:
+            return ALL_TAGS
+        if w.path is not None:
+            if not w.queue and len(w.seg.ids) >= w.s.block.budget - 1:
+                w.queue.append(self.tags[PATH_END])
+            return BIT[PATH_END]
+        if w.s.phase == SUMMARY_PHASE:
+            if not w.queue and len(w.s.out.ids) >= self.o["max_new_tokens"] - 1:
+                w.queue.append(self.tags[SUMMARY_END])
+            return BIT[SUMMARY_END]
+        if not self._can_open(w.s):
+            return 0
+        if w.s.force is not None and not w.s.blocks and self._force_now(w.s):
+            w.queue.append(self.tags[PARALLEL])
+            w.s.force = None
+        return BIT[PARALLEL]
+
+    def choose(self):
+        bits = [self.allowed(w) if w is not None else ALL_TAGS for w in self.rows]
+        logits = self.logits
+        if self.o["parallel"]:
+            logits = apply_tag_mask(logits, torch.tensor(bits, device=self.device), self.tags)
+        T, top_p = self.o["temperature"], self.o["top_p"]
+        if T == 0:
+            logp = torch.log_softmax(logits, -1)  # (R, V)
+            tok = logp.argmax(-1)
+        else:
+            logp = torch.log_softmax(logits / T, -1)
+            tok = _sample_top_p(logp, top_p, self.gen)
+        return tok.tolist(), logp.gather(1, tok[:, None])[:, 0].tolist(), bits
+
+    # 5) record each row's token and advance its phase
+    def record(self, toks, logps, bits):
+        feed = [None] * len(self.rows)
+        for i, w in enumerate(self.rows):
+            if w is None:
+                continue
+            s, forced = w.s, bool(w.queue)
+            tok, lp = (w.queue.pop(0), 0.0) if forced else (toks[i], logps[i])
+            if not forced and tok in self.eos and self.o["parallel"]:
+                if w.path is not None or s.phase == SUMMARY_PHASE:  # EOS ends a path or a summary
+                    tok, forced = self.tags[PATH_END] if w.path is not None else self.tags[SUMMARY_END], True
+                elif s.force is not None and bits[i]:  # a forced block is still due: open it instead of stopping
+                    tok, forced, s.force = self.tags[PARALLEL], True, None
+            w.seg.add(tok, forced, lp, w.pos, bits[i])
+            w.pos += 1
+            if w.path is None and tok in self.eos and not forced:
+                self._finish(i, "eos")
+                continue
+            feed[i] = tok
+            if self.o["parallel"]:
+                if w.path is not None:
+                    w.closing = tok == self.tags[PATH_END]
+                elif s.phase == MAIN and tok == self.tags[PARALLEL]:
+                    w.fork, s.phase = True, PATHS
+                    continue
+                elif s.phase == SUMMARY_PHASE and tok == self.tags[SUMMARY_END]:
+                    b = s.block
+                    s.blocks.append(BlockSpan(b.parallel, b.spans, (b.summary, len(s.out.ids))))
+                    s.phase, s.block = MAIN, None
+            if w.path is None and len(s.out.ids) >= self.o["max_new_tokens"]:
+                self._finish(i, "budget")
+                feed[i] = None
+        return feed
+
+    def _finish(self, i, reason):
+        s = self.rows[i].s
+        s.stop, s.phase = reason, DONE
+        self._free(i)
+        if self.bar is not None:
+            self.bar.update(1)
+
+    # 6) decode: one forward of every live row
+    def decode(self, feed):
+        R = len(self.rows)
+        ids = torch.tensor([[t if t is not None else self.pad] for t in feed], device=self.device)  # (R, 1)
+        pos = torch.tensor([[w.pos - 1 if w is not None and feed[i] is not None else 0]
+                            for i, w in enumerate(self.rows)], device=self.device)
+        q_valid = torch.tensor([[t is not None] for t in feed], device=self.device)
+        self.logits = self.kv.forward(self.model, ids, pos, q_valid)  # (R, V)
+        for i, w in enumerate(self.rows[:R]):
+            if w is not None and w.closing:  # a finished path: stash what the merge needs, free its row
+                b = w.s.block
+                if w.path == 0 or self.o["variant"] == "unseen":
+                    b.stash[w.path] = self.kv.entries(i, 0 if w.path == 0 else b.n_prefix)
+                self._free(i)
+                b.done += 1
+                if b.done == len(b.paths):
+                    self.ready.append(w.s)
+
+    # 7) compact: drop free rows and dead columns once they are half the cache
+    def compact(self):
+        if self.kv.valid.numel() > 256 and self.kv.waste() > 0.5:
+            keep = [i for i, w in enumerate(self.rows) if w is not None]
+            self.kv.compact(keep)
+            self.rows = [self.rows[i] for i in keep]
+            self.logits = self.logits[keep]
+
+    def rollouts(self):
+        out = []
+        for s in self.states:
+            ids = s.out.ids
+            body = ids[:-1] if s.stop == "eos" else ids
+            blocks = s.blocks
+            if not self.o["parallel"]:
+                try:
+                    blocks = find_blocks(ids, self.tags)
+                except ValueError:
+                    blocks = []
+            out.append(Rollout(s.prompt, ids, s.out.forced, s.out.logprobs, s.out.positions, s.out.allowed,
+                               blocks, self.tok.decode(body, skip_special_tokens=False), s.stop))
+        return out
+
+
+def _sample_top_p(logp, top_p, gen):
+    """One token per row from exp(logp), restricted to the smallest set of mass >= top_p."""
+    probs = logp.exp()  # (R, V)
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(-1, descending=True)
+        sorted_p[(sorted_p.cumsum(-1) - sorted_p) >= top_p] = 0.0
+        probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
+    return torch.multinomial(probs, 1, generator=gen)[:, 0]
+
+
+def _check(model, prompts, o):
+    if o["variant"] not in ("seen", "unseen"):
+        raise ValueError(f"variant must be 'seen' or 'unseen', not {o['variant']!r}")
+    if o["parallel"] and o["num_paths"] < 1:
+        raise ValueError("num_paths must be at least 1")
+    if o["path_max_tokens"] is not None and o["path_max_tokens"] < 2:
+        raise ValueError("path_max_tokens counts the path's two tags: it must be at least 2")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    for p in prompts:
+        if o["max_prompt_tokens"] and len(p) > o["max_prompt_tokens"]:
+            raise ValueError(f"prompt of {len(p)} tokens is longer than max_prompt_tokens={o['max_prompt_tokens']}")
+        if limit and len(p) + o["max_new_tokens"] > limit:
+            raise ValueError(f"prompt of {len(p)} tokens + max_new_tokens={o['max_new_tokens']} exceeds the "
+                             f"model's {limit} positions: shorten the prompt or lower max_new_tokens")
+
+
+@torch.inference_mode()
+def sample(model, tokenizer, prompts, group_size=1, *, num_paths=2, max_blocks=4, max_new_tokens=3000,
+           path_max_tokens=None, temperature=1.0, top_p=1.0, seed=None, variant="seen", parallel=True,
+           force_block=False, progress=False, max_prompt_tokens=None):
+    """Rollouts for a batch of prompts (lists of token ids), `group_size` per prompt, prompt-major.
+
+    force_block (to show or benchmark a block with any model; not for training): False; True = open a
+    block after the first line of the main text (or after 32 tokens); an int n = after n response tokens
+    (0: the response starts with <Parallel>). A model that would stop before that gets the block instead.
+    temperature 0 = greedy. See the module docstring for budgets and the tag mask.
+    """
+    o = dict(num_paths=num_paths, max_blocks=max_blocks, max_new_tokens=max_new_tokens,
+             path_max_tokens=path_max_tokens, temperature=temperature, top_p=top_p, seed=seed, variant=variant,
+             parallel=parallel, force_block=force_block, max_prompt_tokens=max_prompt_tokens)
+    prompts = [list(p) for p in prompts]
+    _check(model, prompts, o)
+    run = _Sampler(model, tokenizer, o)
+    run.bar = tqdm(total=len(prompts) * group_size, desc="rollouts", disable=not progress)
+    run.prefill(prompts, group_size)                       # 1) prefill each prompt once
+    while any(w is not None for w in run.rows) or run.ready:
+        run.fork()                                         # 2) fork: clone the KV cache into the path rows
+        run.merge()                                        # 3) merge finished paths into one row
+        toks, logps, bits = run.choose()                   # 4) choose: tag mask, sample or force
+        feed = run.record(toks, logps, bits)               # 5) record tokens, advance phases
+        if any(t is not None for t in feed):
+            run.decode(feed)                               # 6) decode: one forward of all live rows
+        run.compact()                                      # 7) compact the cache now and then
+    run.bar.close()
+    return run.rollouts()

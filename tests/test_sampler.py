@@ -1,0 +1,295 @@
+"""Tests for nanopr1/sampler.py: greedy == generate, forked paths == decoding from
+scratch, sampler == scorer (both variants), seeds, out-of-place tags, budgets."""
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from nanopr1.attention import build_inputs
+from nanopr1.format import PARALLEL, PARALLEL_END, PATH, PATH_END, SUMMARY, SUMMARY_END, check_format
+from nanopr1.model import tag_ids
+from nanopr1.sampler import ALL_TAGS, BIT, KVRows, apply_tag_mask, sample
+
+TEXTS = ["How many clips did she sell altogether in April?", "Natalia", "Let x be the number of cats. Then"]
+
+
+class Biased(torch.nn.Module):
+    """A model wrapper that adds a constant to some logits: makes a random model open blocks,
+    close paths, or insist on out-of-place tags. The sampler and the scorer both see it."""
+
+    def __init__(self, model, bias):
+        super().__init__()
+        self.model, self.config, self.generation_config = model, model.config, model.generation_config
+        self.idx, self.val = torch.tensor(list(bias)), torch.tensor(list(bias.values()))
+
+    def forward(self, **kw):
+        out = self.model(**kw)
+        out.logits[..., self.idx] += self.val
+        return out
+
+
+def prompts_of(tok, texts=TEXTS):
+    return [tok(s, add_special_tokens=False)["input_ids"] for s in texts]
+
+
+def biased(tok, arch="qwen3", **bias):
+    t = tag_ids(tok)
+    names = {"par": PARALLEL, "path": PATH, "path_end": PATH_END, "par_end": PARALLEL_END,
+             "summary": SUMMARY, "summary_end": SUMMARY_END}
+    return Biased(tiny_model(tok, arch=arch), {(tok.eos_token_id if k == "eos" else t[names[k]]): v
+                                               for k, v in bias.items()})
+
+
+def score(model, rollouts, tags, variant, temperature=1.0):
+    """The trainer's view: one full forward of prompt+response, tag mask applied. (B, T) log-probs."""
+    batch = build_inputs([r.prompt_ids for r in rollouts], [r.ids for r in rollouts], tags, variant, pad_id=0)
+    with torch.no_grad():
+        logits = model(**batch).logits
+    out = []
+    for b, r in enumerate(rollouts):
+        P, n = len(r.prompt_ids), len(r.ids)
+        masked = apply_tag_mask(logits[b, P - 1:P + n - 1], torch.tensor(r.allowed), tags)
+        logp = torch.log_softmax(masked / temperature, -1).gather(1, torch.tensor(r.ids)[:, None])[:, 0]
+        out.append((logp, batch["position_ids"][b, P:P + n].tolist()))
+    return out
+
+# -----------------------------------------------------------------------------
+# equivalence with references
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_greedy_parallel_off_matches_generate(bpe_tokenizer, arch):
+    tok, model = bpe_tokenizer, tiny_model(bpe_tokenizer, arch=arch)
+    prompts = prompts_of(tok)
+    rollouts = sample(model, tok, prompts, max_new_tokens=30, temperature=0, parallel=False)
+    P = max(len(p) for p in prompts)
+    ids = torch.tensor([[tok.pad_token_id] * (P - len(p)) + p for p in prompts])
+    mask = (ids != tok.pad_token_id).long()
+    ref = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=30,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)[:, P:].tolist()
+    assert [r.ids for r in rollouts] == [g[:len(r.ids)] for r, g in zip(rollouts, ref)]
+    assert all(len(r.ids) == 30 and r.stop_reason == "budget" for r in rollouts)
+
+
+def test_forked_rows_match_decoding_from_scratch(bpe_tokenizer):
+    """KV cloning: each path's per-token logits equal a no-cache forward of prefix + <Path> + path."""
+    tok, model, t = bpe_tokenizer, tiny_model(bpe_tokenizer), tag_ids(bpe_tokenizer)
+    prefix = prompts_of(tok)[0] + [t[PARALLEL]]
+    paths = [[t[PATH]] + p + [t[PATH_END]] for p in prompts_of(tok, ["3 + 4 = 7", "Dogs have four legs.", "x"])]
+    with torch.no_grad():
+        kv = KVRows([], torch.zeros(1, 0, dtype=torch.bool))
+        kv.forward(model, torch.tensor([prefix]), torch.arange(len(prefix))[None], torch.ones(1, len(prefix), dtype=torch.bool))
+        kv = kv.rows([0] * len(paths))  # the fork: clone the prefix row
+        got = [[] for _ in paths]
+        for j in range(max(len(p) for p in paths)):  # all paths decoded together, finished ones padded
+            live = [j < len(p) for p in paths]
+            ids = torch.tensor([[p[j] if j < len(p) else 0] for p in paths])
+            logits = kv.forward(model, ids, torch.full((len(paths), 1), len(prefix) + j), torch.tensor(live)[:, None])
+            for k in range(len(paths)):
+                if live[k]:
+                    got[k].append(logits[k])
+        for k, p in enumerate(paths):
+            ref = model(input_ids=torch.tensor([prefix + p])).logits[0, len(prefix):]
+            assert (torch.stack(got[k]) - ref).abs().max() <= 1e-4
+
+
+def test_compaction_keeps_what_rows_attend_to(bpe_tokenizer):
+    tok, model = bpe_tokenizer, tiny_model(bpe_tokenizer)
+    prompts = prompts_of(tok)
+    with torch.no_grad():
+        P = max(len(p) for p in prompts)
+        kv = KVRows([], torch.zeros(3, 0, dtype=torch.bool))
+        ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts])
+        q_valid = torch.tensor([[j >= P - len(p) for j in range(P)] for p in prompts])
+        kv.forward(model, ids, (torch.arange(P)[None] - (P - torch.tensor([len(p) for p in prompts]))[:, None]).clamp(min=0), q_valid)
+        kv.valid[1] = False  # row 1 finished
+        nxt, pos = torch.tensor([[5], [0], [7]]), torch.tensor([[len(prompts[0])], [0], [len(prompts[2])]])
+        ref = kv.rows([0, 1, 2]).forward(model, nxt, pos, torch.ones(3, 1, dtype=torch.bool))
+        kv.compact([0, 2])
+        assert kv.valid.shape == (2, max(len(prompts[0]), len(prompts[2]))) and kv.waste() < 0.5
+        got = kv.forward(model, nxt[[0, 2]], pos[[0, 2]], torch.ones(2, 1, dtype=torch.bool))
+        assert (got - ref[[0, 2]]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("variant, num_paths, top_p", [("seen", 2, 1.0), ("unseen", 2, 1.0), ("unseen", 3, 0.9),
+                                                        ("seen", 3, 0.9)])
+def test_sampler_equals_scorer(bpe_tokenizer, variant, num_paths, top_p):
+    tok, t = bpe_tokenizer, tag_ids(bpe_tokenizer)
+    model = biased(tok, par=4.0, path_end=3.0, summary_end=3.0, eos=1.0)
+    rollouts = sample(model, tok, prompts_of(tok), 4, num_paths=num_paths, max_new_tokens=90, seed=1,
+                      variant=variant, top_p=top_p)
+    assert all(check_format(r.text) is None for r in rollouts)
+    assert sum(len(r.blocks) for r in rollouts) >= 8 and any(len(r.blocks) >= 2 for r in rollouts)
+    later = 0
+    for r, (logp, positions) in zip(rollouts, score(model, rollouts, t, variant)):
+        assert positions == r.positions
+        skip = {i for b in r.blocks for s, e in b.paths[1:] for i in range(s, e)} if variant == "seen" else set()
+        sampled = [i for i in range(len(r.ids)) if not r.forced[i]]
+        diff = torch.tensor([logp[i].item() - r.logprobs[i] for i in sampled if i not in skip]).abs()
+        assert diff.max() <= 1e-4
+        later += sum(abs(logp[i].item() - r.logprobs[i]) > 1e-3 for i in sampled if i in skip)
+    assert (later > 0) == (variant == "seen")  # seen: paths after the first did not see path 1 when sampled
+
+
+@pytest.mark.parametrize("variant", ["seen", "unseen"])
+def test_sampled_paths_match_decoding_from_scratch(bpe_tokenizer, variant):
+    """Every sampled path token's log-prob equals a no-cache forward of prefix + that path alone."""
+    tok, t = bpe_tokenizer, tag_ids(bpe_tokenizer)
+    model = biased(tok, path_end=2.0)
+    rollouts = sample(model, tok, prompts_of(tok), 2, max_new_tokens=60, seed=3, variant=variant, force_block=2)
+    checked = 0
+    for r in rollouts:
+        b = r.blocks[0]
+        prefix = r.prompt_ids + r.ids[:b.parallel + 1]
+        for s, e in b.paths:
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([prefix + r.ids[s:e]])).logits[0, len(prefix) - 1:-1]
+            logp = torch.log_softmax(apply_tag_mask(logits, torch.tensor(r.allowed[s:e]), t), -1)
+            for j in range(e - s):
+                if not r.forced[s + j]:
+                    assert abs(logp[j, r.ids[s + j]].item() - r.logprobs[s + j]) <= 1e-4
+                    checked += 1
+    assert checked > 10
+
+
+def test_seeds(bpe_tokenizer):
+    tok, model = bpe_tokenizer, biased(bpe_tokenizer, par=2.0, path_end=2.0, summary_end=2.0)
+    run = lambda seed: sample(model, tok, prompts_of(tok)[:2], 3, max_new_tokens=40, seed=seed, variant="unseen")
+    a, b, c = run(7), run(7), run(8)
+    assert [r.ids for r in a] == [r.ids for r in b] and [r.logprobs for r in a] == [r.logprobs for r in b]
+    assert [r.ids for r in a] != [r.ids for r in c]
+    for g in range(2):  # the rows of one group differ at temperature 1
+        group = [tuple(r.ids) for r in a[3 * g:3 * g + 3]]
+        assert len(set(group)) == 3
+
+# -----------------------------------------------------------------------------
+# out-of-place tags and budgets
+
+
+def _structure(r, tags):
+    """The tags of a rollout as (name, forced) pairs."""
+    name = {v: k for k, v in tags.items()}
+    return [(name[i], f) for i, f in zip(r.ids, r.forced) if i in name]
+
+
+def _every_open_tag_forced(r, t):
+    return all(f for n, f in _structure(r, t) if n in (PATH, PARALLEL_END, SUMMARY))
+
+
+OUT_OF_PLACE = [
+    # (case, bias, sample kwargs, check(rollout, tags, tokenizer))
+    ("</Path> in main text is never sampled", dict(path_end=50.0), dict(force_block=3),
+     lambda r, t, tok: r.blocks and all((e - s) == 2 for b in r.blocks for s, e in b.paths)
+     and _structure(r, t).count((PATH_END, False)) == 2 * len(r.blocks)),
+    ("<Summary> only where the runtime puts it", dict(summary=50.0, par=-50.0), dict(force_block=2),
+     lambda r, t, tok: [x for x in _structure(r, t) if x[0] == SUMMARY] == [(SUMMARY, True)]),
+    ("<Path> and </Parallel> are never sampled", dict(path=50.0, par_end=50.0), dict(force_block=0),
+     lambda r, t, tok: _every_open_tag_forced(r, t) and r.ids[0] == t[PARALLEL] and r.forced[0]),
+    ("<Parallel> never inside a path", dict(par=50.0, path_end=-50.0), dict(path_max_tokens=6, max_blocks=1),
+     lambda r, t, tok: len(r.blocks) == 1 and all(t[PARALLEL] not in r.ids[s:e] for s, e in r.blocks[0].paths)),
+    ("block limit respected, the answer still written", dict(par=50.0, path_end=5.0, summary_end=5.0),
+     dict(max_blocks=2, max_new_tokens=80), lambda r, t, tok: len(r.blocks) == 2 and len(r.ids) - r.blocks[-1].summary[1] >= 5),
+    ("EOS inside a path or summary closes it", dict(eos=50.0), dict(force_block=0),
+     lambda r, t, tok: r.ids == [t[PARALLEL], t[PATH], t[PATH_END], t[PATH], t[PATH_END], t[PARALLEL_END],
+                                 t[SUMMARY], t[SUMMARY_END], tok.eos_token_id]
+     and r.forced == [True] * 8 + [False] and r.stop_reason == "eos"),
+    ("a path that never closes is closed at its budget", dict(path_end=-50.0, eos=-50.0),
+     dict(force_block=1, path_max_tokens=7),
+     lambda r, t, tok: all(e - s == 7 and r.forced[e - 1] for s, e in r.blocks[0].paths)),
+    ("a summary that never closes is closed at the budget", dict(summary_end=-50.0, eos=-50.0),
+     dict(force_block=1, path_max_tokens=5),
+     lambda r, t, tok: len(r.ids) == 40 and r.ids[-1] == t[SUMMARY_END] and r.forced[-1] and r.stop_reason == "budget"),
+]
+
+
+@pytest.mark.parametrize("case, bias, kw, check", OUT_OF_PLACE, ids=[c[0] for c in OUT_OF_PLACE])
+@pytest.mark.parametrize("variant", ["seen", "unseen"])
+def test_out_of_place(bpe_tokenizer, case, bias, kw, check, variant):
+    tok, t = bpe_tokenizer, tag_ids(bpe_tokenizer)
+    rollouts = sample(biased(tok, **bias), tok, prompts_of(tok)[:2], 2, seed=0, variant=variant,
+                      **{"max_new_tokens": 40, **kw})
+    for r in rollouts:
+        assert check_format(r.text) is None, (case, r.text)
+        assert check(r, t, tok), (case, _structure(r, t))
+
+
+def test_parallel_off_tags_are_text(bpe_tokenizer):
+    tok, t = bpe_tokenizer, tag_ids(bpe_tokenizer)
+    rollouts = sample(biased(tok, path_end=8.0), tok, prompts_of(tok), 2, max_new_tokens=20, seed=0, parallel=False)
+    assert all(a == ALL_TAGS for r in rollouts for a in r.allowed)
+    assert any((PATH_END, False) in _structure(r, t) for r in rollouts)
+    assert all(r.blocks == [] and r.stop_reason == "budget" and len(r.ids) == 20 for r in rollouts)
+
+
+@pytest.mark.parametrize("max_new, path_max, num_paths", [(12, None, 2), (20, None, 3), (40, 6, 2), (64, 9, 3),
+                                                          (64, None, 2), (8, None, 2), (300, 2, 4)])
+@pytest.mark.parametrize("variant", ["seen", "unseen"])
+def test_budgets(bpe_tokenizer, max_new, path_max, num_paths, variant):
+    """Nothing ever closes by itself: every limit is reached, and every closing still fits."""
+    tok = bpe_tokenizer
+    model = biased(tok, par=50.0, path_end=-50.0, summary_end=-50.0, eos=-50.0)
+    rollouts = sample(model, tok, prompts_of(tok)[:2], 2, num_paths=num_paths, max_new_tokens=max_new,
+                      path_max_tokens=path_max, variant=variant, seed=0)
+    for r in rollouts:
+        assert check_format(r.text) is None and len(r.ids) == max_new and r.stop_reason == "budget"
+        assert len(r.ids) == len(r.forced) == len(r.logprobs) == len(r.positions) == len(r.allowed)
+        assert all(len(b.paths) == num_paths for b in r.blocks)
+        assert len(r.blocks) <= 4 and (len(r.blocks) > 0) == (max_new - 1 >= 3 * num_paths + 3)
+        for b in r.blocks:
+            assert len({e - s for s, e in b.paths}) == 1  # all paths ran to the same limit
+            assert path_max is None or b.paths[0][1] - b.paths[0][0] == path_max
+        # a forced token has log-prob 0; the tags are sampled only where allowed
+        assert all(lp == 0.0 for lp, f in zip(r.logprobs, r.forced) if f)
+        assert all(a & BIT[PARALLEL] for i, a, f in zip(r.ids, r.allowed, r.forced) if i == tag_ids(tok)[PARALLEL] and not f)
+
+
+@pytest.mark.parametrize("prompts, kw, message", [
+    ([[]], {}, "at least one token"),
+    ([[5] * 4000], dict(max_new_tokens=200), "exceeds the model's 4096 positions"),
+    ([[5] * 50], dict(max_prompt_tokens=40), "longer than max_prompt_tokens"),
+    ([[5]], dict(variant="both"), "variant"),
+    ([[5]], dict(path_max_tokens=1), "at least 2"),
+])
+def test_bad_inputs(bpe_tokenizer, prompts, kw, message):
+    with pytest.raises(ValueError, match=message):
+        sample(tiny_model(bpe_tokenizer), bpe_tokenizer, prompts, **kw)
+
+# -----------------------------------------------------------------------------
+# sample.py
+
+
+def _sample_script():
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("sample_script", Path(__file__).resolve().parents[1] / "sample.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sample_script_json_and_tree(bpe_tokenizer, tmp_path, capsys):
+    import json
+    tiny_model(bpe_tokenizer).save_pretrained(tmp_path)
+    bpe_tokenizer.save_pretrained(tmp_path)
+    script = _sample_script()
+    args = ["--model", str(tmp_path), "--prompt", "Natalia sold 48 clips.", "--n", "2", "--max-new-tokens", "40",
+            "--path-max-tokens", "8", "--force-block", "0", "--variant", "unseen"]
+    script.main(args + ["--json"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 2
+    for row in rows:
+        assert set(row) >= {"text", "blocks", "answer", "num_tokens", "stop_reason"}
+        assert len(row["blocks"]) >= 1 and len(row["blocks"][0]["paths"]) == 2 and "summary" in row["blocks"][0]
+        assert row["text"].startswith("<Parallel><Path>") and check_format(row["text"]) is None
+    script.main(args)
+    out = capsys.readouterr().out
+    assert out.count("=== rollout") == 2 and "├─ path 2" in out and "└─ summary" in out and "answer:" in out
+
+
+def test_sample_script_errors(tmp_path, monkeypatch):
+    script = _sample_script()
+    monkeypatch.chdir(tmp_path)  # no out/toy-* here
+    with pytest.raises(SystemExit, match="no toy model yet: run `python train_sft.py --preset toy` first"):
+        script.main(["--preset", "toy", "--prompt", "x"])
+    with pytest.raises(SystemExit, match="^error: model .*no such model directory"):
+        script.main(["--model", str(tmp_path / "missing"), "--prompt", "x"])
