@@ -1,0 +1,186 @@
+"""
+Datasets as plain lists of {question, answer} records.
+
+One loader, `load(source, split=None, data_dir=None)`, reads
+- a short name: gsm8k, dapo, aime24, aime25, amc23, math300 (from the hub,
+  or with `data_dir` from the local file named in LOCAL_FILES);
+- toy-easy / toy-hard: the held-out problems of the toy world (nanopr1.toy);
+- a local .jsonl / .json / .parquet file;
+- any other hub id ("owner/name").
+Every record comes back with `question` and `answer` as strings; other fields
+(a GSM8K `solution`, a teacher trace's `response`) are kept.
+
+Where the short names come from (HUB below):
+- gsm8k: openai/gsm8k, config main. Its `answer` field is a worked solution
+  ending in `#### n`; we keep it as `solution` and the number n as `answer`.
+- dapo: BytedTsinghua-SIA/DAPO-Math-17k. The hub copy repeats each problem
+  many times and wraps it in DAPO's own instruction; we strip the wrapper
+  (our prompt is added later) and keep one copy of each problem.
+- aime24: HuggingFaceH4/aime_2024; aime25: math-ai/aime25; amc23: math-ai/amc23.
+- math300: the paper evaluates on a ~300-problem integer-answer subset of
+  MATH without naming a hub copy; we take the integer-answer problems of
+  HuggingFaceH4/MATH-500 (the shared offline copy has 316 problems).
+The hub ids are our choice where the paper names none; a local file always works.
+
+Offline: pass `data_dir` (the scripts' `--data-dir DIR`) holding the files
+named in LOCAL_FILES, or pass a file path as the source.
+"""
+
+import json
+import re
+from pathlib import Path
+
+# short name -> (hub id, config, split); `split` only chooses between gsm8k's train and test
+HUB = {
+    "gsm8k": ("openai/gsm8k", "main", "train"),
+    "dapo": ("BytedTsinghua-SIA/DAPO-Math-17k", None, "train"),
+    "aime24": ("HuggingFaceH4/aime_2024", None, "train"),
+    "aime25": ("math-ai/aime25", None, "test"),
+    "amc23": ("math-ai/amc23", None, "test"),
+    "math300": ("HuggingFaceH4/MATH-500", None, "test"),
+}
+# short name -> file name in a data dir ({split} is filled in for gsm8k)
+LOCAL_FILES = {
+    "gsm8k": "gsm8k_{split}.jsonl",
+    "dapo": "dapo_math_17k.jsonl",
+    "aime24": "eval_aime24.jsonl",
+    "aime25": "eval_aime25.jsonl",
+    "amc23": "eval_amc23.jsonl",
+    "math300": "eval_math300.jsonl",
+}
+TOY = ("toy-easy", "toy-hard")
+QUESTION_KEYS = ("question", "problem", "prompt", "Question", "Problem")
+ANSWER_KEYS = ("answer", "Answer", "ground_truth", "final_answer")
+
+
+def gsm8k_answer(solution):
+    """The gold number of a GSM8K solution: the text after `####`, thousands separators dropped."""
+    if "####" not in solution:
+        raise ValueError(f"GSM8K solution without '#### n': {solution[-80:]!r}")
+    return solution.rsplit("####", 1)[1].strip().replace(",", "")
+
+
+_DAPO_RE = re.compile(r"^Solve the following math problem.*?\n\n(.*)\n\nRemember to put your answer.*$", re.DOTALL)
+
+
+def _question(raw):
+    for key in QUESTION_KEYS:
+        q = raw.get(key)
+        if isinstance(q, list):  # chat messages (DAPO's `prompt`): the last user turn
+            q = next((m.get("content") for m in reversed(q) if m.get("role") == "user"), None)
+        if isinstance(q, str) and q.strip():
+            m = _DAPO_RE.match(q)
+            return m.group(1).strip() if m else q
+    return None
+
+
+def _answer(raw):
+    a = next((raw[k] for k in ANSWER_KEYS if raw.get(k) not in (None, "")), None)
+    if a is None and isinstance(raw.get("reward_model"), dict):  # DAPO's verl layout
+        a = raw["reward_model"].get("ground_truth")
+    if isinstance(a, list) and len(a) == 1:
+        a = a[0]
+    if isinstance(a, float) and a.is_integer():
+        a = int(a)  # 27.0 -> "27"
+    return None if a is None or str(a).strip() == "" else str(a).strip()
+
+
+def _first_of_each(rows):
+    """Rows with a question seen before dropped (streamed: the full list would not fit comfortably)."""
+    seen, out = set(), []
+    for raw in rows:
+        q = _question(raw)
+        if q not in seen:
+            seen.add(q)
+            out.append(raw)
+    return out
+
+
+def to_records(rows, source):
+    """Raw dicts -> {question, answer, ...} records; a clear error naming the source and row."""
+    out = []
+    for i, raw in enumerate(rows):
+        q, a = _question(raw), _answer(raw)
+        if q is None:
+            raise ValueError(f"{source}: record {i} has no question (looked for {', '.join(QUESTION_KEYS)})")
+        if a is None:
+            raise ValueError(f"{source}: record {i} has no answer (looked for {', '.join(ANSWER_KEYS)})")
+        record = dict(raw, question=q, answer=a)
+        if "####" in a:  # GSM8K layout: the answer field is the whole solution
+            record["solution"], record["answer"] = a, gsm8k_answer(a)
+        out.append(record)
+    return out
+
+
+def read_file(path):
+    """Raw dicts from a .jsonl / .json / .parquet file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+        return pq.read_table(path).to_pylist()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"data file {str(path)!r} is not UTF-8 text (bad byte at offset {e.start}): "
+                         f"re-save it as UTF-8") from None
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        return json.loads(text)
+    rows = []
+    for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): it also splits at U+2028 inside strings
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {n} is not JSON ({e.msg})") from None
+    return rows
+
+
+def read_hub(name, hub_id, config, split):
+    """Raw dicts of a hub dataset; a clear message when the hub cannot be reached."""
+    import datasets
+    try:
+        ds = datasets.load_dataset(hub_id, config, split=split)
+    except Exception as e:  # offline, missing, gated, renamed: all end the same way for the user
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        local = LOCAL_FILES.get(name, "FILE.jsonl").format(split=split)
+        raise RuntimeError(f"dataset {name!r}: could not load {hub_id} (split {split}) from the hub ({first}). "
+                           f"Offline? Put the records in a local JSONL/parquet file and pass --data-dir DIR "
+                           f"(expects DIR/{local}) or the file path instead of the name") from None
+    return ds  # iterable of dicts; not a list: the DAPO copy has ~1.8M rows
+
+
+def load(source, split=None, data_dir=None):
+    """A list of {question, answer, ...} records from a short name, a file or a hub id.
+
+    split: for gsm8k "train" (default) or "test"; the other named sets have one
+    split and ignore it; a hub id uses it as given (default "train").
+    """
+    source = str(source)
+    if source in TOY:
+        from nanopr1 import toy  # lazily: the toy world is not needed for real data
+        return to_records(toy.eval_set(source.split("-", 1)[1]), source)
+    if source in HUB:
+        hub_id, config, default_split = HUB[source]
+        # only gsm8k has two splits; the others have one, whatever split the caller asks for
+        split = (split or default_split) if source == "gsm8k" else default_split
+        if data_dir is not None:
+            path = Path(data_dir) / LOCAL_FILES[source].format(split=split)
+            if not path.is_file():
+                raise FileNotFoundError(f"dataset {source!r}: {path} does not exist "
+                                        f"(with --data-dir, {source} is read from {LOCAL_FILES[source]})")
+            return to_records(read_file(path), f"{source} ({path})")
+        rows = read_hub(source, hub_id, config, split)
+        if source == "dapo":  # the hub copy repeats each problem ~100 times
+            rows = _first_of_each(rows)
+        records = to_records(rows, f"{source} ({hub_id})")
+        if source == "math300":  # the integer-answer subset of MATH-500
+            records = [r for r in records if re.fullmatch(r"-?\d+", r["answer"])]
+        return records
+    if Path(source).suffix in (".jsonl", ".json", ".parquet") or Path(source).exists():
+        return to_records(read_file(source), source)
+    if "/" in source:
+        return to_records(read_hub(source, source, None, split or "train"), source)
+    raise ValueError(f"unknown dataset {source!r}: use one of {', '.join(list(HUB) + list(TOY))}, "
+                     f"a .jsonl/.json/.parquet file, or a hub id owner/name")

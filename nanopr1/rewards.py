@@ -1,0 +1,214 @@
+"""
+Grading answers and turning grades into rewards.
+
+1) Extraction. The answer is the text after the last `Final Answer:` of the
+   main text (official; matched case-insensitively, as the official regex
+   does). An answer written inside a path or a summary does not count: the
+   paths are scratch work, only the main line commits to an answer. If the
+   main text has no `Final Answer:` at all, we fall back to its last
+   `\\boxed{...}` (a base model's habit; documented, not in the paper).
+2) Normalisation. Models write `$1,080.`, `\\boxed{-\\frac{3}{4}}`,
+   `x = 42 apples`, `\\(42\\)`, `−7` (unicode minus) ... for the gold `1080`,
+   `-3/4`, `42`, `-7`. We strip the LaTeX and currency wrappers, keep what
+   follows the last `=`, and read the leading number (with thousands
+   separators, decimals or a simple fraction); two numbers are equal if
+   their values are (42.0 == 42, 0.75 == 3/4). A number glued to more math
+   (`3x`, `2^{10}`, `5 - 3`) is not read as a number. Non-numeric answers
+   fall back to comparing the cleaned strings.
+3) Rewards (DESIGN.md §6), functions of (correct, has_block):
+   R_acc ±1; the easy-stage reward (+1 only if correct AND a valid block);
+   the tiered reward (1.2 / 1.0 / −1.0); the alternating schedule (in each
+   window of 10 steps, counted from 1, steps 9 and 10 are tiered) and the
+   exploration scaffold (alternating up to a step, then R_acc) pick one of
+   them per RL step; `compute_reward` grades a response and applies it.
+
+Simplification: the grader is a small hand-written normaliser for integer and
+simple numeric answers (what GSM8K, DAPO-Math, AIME, AMC and the MATH subset
+use), not a symbolic checker like math-verify.
+"""
+
+import re
+from fractions import Fraction
+
+from nanopr1.format import main_text, parse, FormatError
+
+# -----------------------------------------------------------------------------
+# 1) extraction
+
+_ANSWER_RE = re.compile(r"final answer\s*:", re.IGNORECASE)
+
+
+def last_boxed(text):
+    """The contents of the last \\boxed{...} in `text` (braces balanced), or None."""
+    k = text.rfind("\\boxed{")
+    if k < 0:
+        return None
+    depth, start = 0, k + len("\\boxed{")
+    for i in range(start - 1, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[start:i]
+    return None  # unclosed: a truncated response
+
+
+def extract_answer(text):
+    """The raw answer string of a response (see the module docstring), or None."""
+    main = main_text(text)
+    hits = list(_ANSWER_RE.finditer(main))
+    if not hits:
+        return last_boxed(main)
+    rest = main[hits[-1].end():].strip()
+    # `Final Answer:` alone on its line: the answer is on the next non-empty
+    # line, often as a displayed \[\boxed{..}\]
+    line = rest.split("\n", 1)[0].strip()
+    if clean_answer(line) == "" and "\\boxed{" in rest:
+        return last_boxed(rest)
+    return line or None
+
+# -----------------------------------------------------------------------------
+# 2) normalisation and comparison
+
+_UNWRAP_RE = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
+_FRAC_RE = re.compile(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
+_FRAC_SHORT_RE = re.compile(r"\\[dt]?frac(\d)(\d)")
+_DROP = ["\\\\", "\\$", "$", "\\(", "\\)", "\\[", "\\]", "\\left", "\\right", "\\!", "\\,", "\\;", "\\:", "\\ ",
+         "^\\circ", "^{\\circ}", "\\circ", "°", "\\%", "%", "**", "`"]
+_MINUS = {"\u2212": "-", "\u2013": "-", "\u2012": "-", "\u2014": "-", "\uff0d": "-"}
+
+_NUMBER = r"[-+]?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|[-+]?\.\d+"
+_NUMBER_RE = re.compile(rf"(?<![\w.])({_NUMBER})(?:\s*/\s*({_NUMBER}))?")
+# what may not follow a number for it to count as the answer: more math
+_MORE_MATH_RE = re.compile(r"[A-Za-z](?![A-Za-z])|,\d|\s*[\^*/+\-×·\\√!_=<>]")
+
+
+def clean_answer(s):
+    """Strip wrappers and keep what follows the last `=` (see the module docstring)."""
+    s = s.strip()
+    boxed = last_boxed(s)
+    if boxed is not None:
+        s = boxed
+    for a, b in _MINUS.items():
+        s = s.replace(a, b)
+    for _ in range(3):  # nested \text{\textbf{..}}
+        s = _UNWRAP_RE.sub(r"\1", s)
+    s = _FRAC_SHORT_RE.sub(r"\1/\2", _FRAC_RE.sub(r"(\1)/(\2)", s))
+    s = s.replace("{,}", ",")
+    for d in _DROP:
+        s = s.replace(d, "")
+    s = s.split("=")[-1]  # "x = 42", "3 + 4 = 7"
+    return s.strip().rstrip(".").strip()
+
+
+def _to_fraction(num):
+    return Fraction(num.replace(",", ""))
+
+
+def parse_number(s):
+    """The value of the leading number of a cleaned answer, or None.
+
+    `42 apples` -> 42; `(3)/(4)` (from \\frac) -> 3/4; `3x + 1` -> None.
+    """
+    s = re.sub(r"\(\s*([-+]?[\d.,]+)\s*\)", r"\1", s)  # (3)/(4) -> 3/4
+    m = _NUMBER_RE.search(s)
+    # digits or LaTeX before it: the number is part of an expression (\sqrt{3}, x_2)
+    if m is None or re.search(r"[\d\\{^_]", s[:m.start()]):
+        return None
+    if _MORE_MATH_RE.match(s, m.end()):
+        return None
+    try:
+        value = _to_fraction(m.group(1))
+        if m.group(2) is not None:
+            den = _to_fraction(m.group(2))
+            value = value / den if den != 0 else None
+    except (ValueError, ZeroDivisionError):
+        return None
+    return value
+
+
+def _squash(s):
+    return re.sub(r"\s+", "", s).lower()
+
+
+def is_equiv(pred, gold):
+    """Does the answer string `pred` mean the gold answer `gold`?"""
+    if pred is None:
+        return False
+    pred, gold = clean_answer(str(pred)), clean_answer(str(gold))
+    g = parse_number(gold)
+    if g is not None:
+        return parse_number(pred) == g
+    return pred != "" and _squash(pred) == _squash(gold)
+
+
+def grade(text, gold):
+    """Is the final answer of response `text` correct? The accuracy function of RL and eval."""
+    return is_equiv(extract_answer(text), gold)
+
+# -----------------------------------------------------------------------------
+# 3) rewards and schedules
+
+def r_acc(correct, has_block=False):
+    """R_acc: +1 correct, -1 otherwise."""
+    return 1.0 if correct else -1.0
+
+
+def parallel_reward(correct, has_block):
+    """Easy-stage reward (Seen recipe): +1 only if correct AND a valid parallel block."""
+    return 1.0 if correct and has_block else -1.0
+
+
+def tiered_reward(correct, has_block):
+    """+1.2 correct with a valid block, +1.0 correct without, -1.0 otherwise."""
+    if not correct:
+        return -1.0
+    return 1.2 if has_block else 1.0
+
+
+def is_tiered_step(step, window=10, tiered=2):
+    """Steps count from 1; the last `tiered` steps of each window (9, 10, 19, 20, ...) are tiered."""
+    return (step - 1) % window >= window - tiered
+
+
+SCHEDULES = ("acc", "parallel", "tiered", "alternating", "scaffold")
+
+
+def reward_fn(schedule, step, scaffold_until=200):
+    """The reward function a schedule uses at RL step `step` (counted from 1).
+
+    acc: R_acc always. parallel: the easy-stage reward always. tiered: always.
+    alternating (S2): R_acc, except tiered on steps 9-10 of each window of 10.
+    scaffold (paper): alternating for steps 1..scaffold_until, then R_acc.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown reward schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if schedule == "scaffold":
+        schedule = "alternating" if step <= scaffold_until else "acc"
+    if schedule == "alternating":
+        return tiered_reward if is_tiered_step(step) else r_acc
+    return {"acc": r_acc, "parallel": parallel_reward, "tiered": tiered_reward}[schedule]
+
+
+def structure(text):
+    """(format_ok, num_blocks) of a response; a malformed one counts 0 blocks."""
+    try:
+        return True, len(parse(text).blocks)
+    except FormatError:
+        return False, 0
+
+
+def compute_reward(text, gold, schedule="acc", step=1, scaffold_until=200):
+    """(reward, metrics) of one response under a reward schedule at an RL step (from 1).
+
+    has_block = the response is well formed (format.check_format is None) and
+    has at least one block. Correctness does not depend on the format.
+    """
+    fn = reward_fn(schedule, step, scaffold_until)
+    answer = extract_answer(text)
+    correct = is_equiv(answer, gold)
+    format_ok, num_blocks = structure(text)
+    has_block = format_ok and num_blocks > 0
+    reward = fn(correct, has_block)
+    metrics = {"reward": reward, "correct": correct, "answer": answer, "has_answer": answer is not None,
+               "format_ok": format_ok, "has_block": has_block, "num_blocks": num_blocks,
+               "reward_fn": fn.__name__}
+    return reward, metrics

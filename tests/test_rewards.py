@@ -1,0 +1,256 @@
+"""Tests for nanopr1/rewards.py: answer extraction and grading (table-driven, with
+adversarial cases), the reward functions and schedules, and the real teacher traces."""
+
+import json
+import time
+
+import pytest
+
+from conftest import shared_file
+from nanopr1.format import normalize
+from nanopr1.rewards import (SCHEDULES, clean_answer, compute_reward, extract_answer, grade, is_tiered_step,
+                             last_boxed, parse_number, reward_fn)
+
+BLOCK = "<Parallel><Path>{p1}</Path><Path>{p2}</Path></Parallel><Summary>{s}</Summary>"
+
+
+def block(p1="a", p2="b", s="s"):
+    return BLOCK.format(p1=p1, p2=p2, s=s)
+
+
+# (response, gold, correct)
+GRADE_CASES = [
+    # plain and wrapped integers
+    ("Final Answer: 42", "42", True),
+    ("Final Answer: 41", "42", False),
+    ("Final Answer: $42", "42", True),
+    ("Final Answer: \\$42", "42", True),
+    ("Final Answer: $42$", "42", True),
+    ("Final Answer: \\(42\\)", "42", True),
+    ("Final Answer: \\[42\\]", "42", True),
+    ("Final Answer: \\boxed{42}", "42", True),
+    ("Final Answer: $\\boxed{42}$", "42", True),
+    ("Final Answer: \\boxed{\\text{42}}", "42", True),
+    ("Final Answer: \\text{42}", "42", True),
+    ("Final Answer: **42**", "42", True),
+    ("Final Answer: 42.", "42", True),
+    ("Final Answer: 42 apples", "42", True),
+    ("Final Answer: 42 dollars.", "42", True),
+    ("Final Answer: 42 \\text{ cm}", "42", True),
+    ("Final Answer: 18 (eighteen)", "18", True),
+    ("Final Answer: The total is 19 pets.", "19", True),
+    ("Final Answer: x = 42", "42", True),
+    ("Final Answer: $x=42$", "42", True),
+    ("Final Answer: 3 + 4 = 7", "7", True),
+    ("Final Answer: 42.0", "42", True),
+    ("Final Answer: 42.00", "42", True),
+    ("Final Answer: +42", "42", True),
+    ("Final Answer: 0", "0", True),
+    ("Final Answer: -0", "0", True),
+    ("Final Answer: 50\\%", "50", True),
+    ("Final Answer: 90^\\circ", "90", True),
+    ("Final Answer: 42\nThanks for reading! 41", "42", True),
+    # thousands separators, also in the gold answer
+    ("Final Answer: 1,080", "1080", True),
+    ("Final Answer: 1080", "1,080", True),
+    ("Final Answer: $1,080.00", "1080", True),
+    ("Final Answer: 1{,}080", "1080", True),
+    ("Final Answer: 1\\,080", "1080", True),
+    ("Final Answer: 1,000,000", "1000000", True),
+    ("Final Answer: 12,34", "12", False),
+    # negative answers
+    ("Final Answer: -7", "-7", True),
+    ("Final Answer: \u22127", "-7", True),  # unicode minus
+    ("Final Answer: $-7$", "-7", True),
+    ("Final Answer: 7", "-7", False),
+    ("Final Answer: -7", "7", False),
+    # fractions and decimals, by value
+    ("Final Answer: \\frac{3}{4}", "3/4", True),
+    ("Final Answer: 0.75", "\\frac{3}{4}", True),
+    ("Final Answer: \\dfrac{3}{4}", "0.75", True),
+    ("Final Answer: \\frac34", "0.75", True),
+    ("Final Answer: -\\frac{1}{2}", "-0.5", True),
+    ("Final Answer: \\frac{-1}{2}", "-1/2", True),
+    ("Final Answer: \\frac{1}{2}", "-1/2", False),
+    ("Final Answer: 3/4", "4/3", False),
+    ("Final Answer: 2.5", "5/2", True),
+    ("Final Answer: .5", "1/2", True),
+    ("Final Answer: 1/0", "1", False),
+    ("Final Answer: 18", "18.0", True),
+    ("Final Answer: 18", "$18", True),
+    # a number glued to more math is not the answer
+    ("Final Answer: 3x", "3", False),
+    ("Final Answer: 2^{10}", "2", False),
+    ("Final Answer: 5 - 3", "5", False),
+    ("Final Answer: \\sqrt{3}", "3", False),
+    ("Final Answer: \\frac{\\sqrt{3}}{2}", "3", False),
+    ("Final Answer: 6 and 7", "7", False),
+    # non-numeric answers: cleaned strings
+    ("Final Answer: \\text{B}", "B", True),
+    ("Final Answer: C", "B", False),
+    # case and layout of the answer line
+    ("final answer: 42", "42", True),
+    ("FINAL ANSWER : 42", "42", True),
+    ("Final Answer:\n42", "42", True),
+    ("Final Answer:\n\\[\n\\boxed{42}\n\\]", "42", True),
+    ("The answer is 42", "42", False),  # no Final Answer, no \boxed
+    # several Final Answer lines: the last one counts
+    ("Final Answer: 5\nwait, let me redo it.\nFinal Answer: 7", "7", True),
+    ("Final Answer: 5\nwait, let me redo it.\nFinal Answer: 7", "5", False),
+    # the right number only inside a path or a summary does not count
+    ("x" + block(p1="Final Answer: 42") + "Final Answer: 41", "42", False),
+    ("x" + block(p1="Final Answer: 42", p2="Final Answer: 42"), "42", False),
+    ("x" + block(s="Final Answer: 42"), "42", False),
+    ("x" + block(p1="\\boxed{42}") + "so", "42", False),
+    ("x<Parallel><Path>Final Answer: 42</Path><Path>y", "42", False),        # unclosed block
+    ("x<Parallel><Path>a</Path><Path>b</Path></Parallel><Summary>Final Answer: 42", "42", False),  # unclosed summary
+    ("x" + block(p1="Final Answer: 41") + "Final Answer: 42", "42", True),
+    ("Final Answer: 42" + block(p1="Final Answer: 41"), "42", True),
+    # \boxed{} fallback (main text only, when there is no Final Answer)
+    ("so the answer is \\boxed{42}.", "42", True),
+    ("first \\boxed{41}, no: \\boxed{42}", "42", True),
+    ("\\boxed{42} but Final Answer: 41", "42", False),
+    ("\\boxed{\\frac{1}{2}}", "1/2", True),
+    ("\\boxed{42", "42", False),  # truncated
+    # empty, huge and tag-only responses
+    ("", "42", False),
+    ("   \n\n", "42", False),
+    ("Final Answer:", "42", False),
+    ("Final Answer: ", "0", False),
+    (block(p1="", p2="", s=""), "42", False),
+    ("<Parallel><Path></Path></Parallel>", "42", False),
+    ("</Summary></Path><Path>", "42", False),
+    ("x" * 50_000 + "\nFinal Answer: 42", "42", True),
+    ("1 " * 25_000, "1", False),
+    ("Final Answer: " + "9" * 50_000, "42", False),
+    ("<Parallel>" * 10_000 + "Final Answer: 42", "42", False),
+]
+
+
+@pytest.mark.parametrize("text,gold,correct", GRADE_CASES, ids=[f"{i}" for i in range(len(GRADE_CASES))])
+def test_grade(text, gold, correct):
+    assert grade(text, gold) is correct
+
+
+def test_enough_cases():
+    assert len(GRADE_CASES) >= 60
+
+
+def test_huge_responses_are_fast():
+    texts = ["x" * 50_000, "1," * 25_000, "<Parallel>" * 5_000, "\\boxed{" * 7_000, "Final Answer: " * 3_500]
+    start = time.perf_counter()
+    for t in texts:
+        grade(t, "42")
+    assert time.perf_counter() - start < 2.0
+
+
+@pytest.mark.parametrize("text,answer", [
+    ("Final Answer: 42 apples\nmore", "42 apples"),
+    ("Final Answer:  \\boxed{7}  ", "\\boxed{7}"),
+    ("no answer here", None),
+    ("", None),
+    ("Final Answer:", None),
+    ("use \\boxed{a{b}c} here", "a{b}c"),
+    ("x" + block(p1="Final Answer: 1") + "y", None),
+])
+def test_extract_answer(text, answer):
+    assert extract_answer(text) == answer
+
+
+@pytest.mark.parametrize("s,value", [
+    ("$1,080.", 1080), ("\\boxed{-\\frac{3}{4}}", -0.75), ("\\(42\\)", 42), ("x = -5", -5), ("3x", None),
+    ("", None), ("abc", None),
+])
+def test_parse_number(s, value):
+    assert parse_number(clean_answer(s)) == value
+
+
+def test_last_boxed_nested_and_unclosed():
+    assert last_boxed("\\boxed{1} and \\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"
+    assert last_boxed("\\boxed{\\frac{1}{2}") is None
+    assert last_boxed("nothing") is None
+
+# -----------------------------------------------------------------------------
+# rewards and schedules
+
+
+# (schedule, step, correct, has_block, reward)
+REWARD_CASES = [
+    ("acc", 1, True, False, 1.0), ("acc", 1, True, True, 1.0), ("acc", 9, False, True, -1.0),
+    ("parallel", 1, True, True, 1.0), ("parallel", 1, True, False, -1.0), ("parallel", 1, False, True, -1.0),
+    ("parallel", 1, False, False, -1.0),
+    ("tiered", 1, True, True, 1.2), ("tiered", 1, True, False, 1.0), ("tiered", 1, False, True, -1.0),
+    ("alternating", 1, True, True, 1.0), ("alternating", 8, True, True, 1.0), ("alternating", 9, True, True, 1.2),
+    ("alternating", 10, True, True, 1.2), ("alternating", 10, True, False, 1.0),
+    ("alternating", 10, False, True, -1.0), ("alternating", 11, True, True, 1.0),
+    ("alternating", 19, True, True, 1.2), ("alternating", 20, True, True, 1.2), ("alternating", 21, True, True, 1.0),
+    ("scaffold", 9, True, True, 1.2), ("scaffold", 199, True, True, 1.2), ("scaffold", 200, True, True, 1.2),
+    ("scaffold", 201, True, True, 1.0), ("scaffold", 209, True, True, 1.0), ("scaffold", 210, True, True, 1.0),
+    ("scaffold", 208, True, True, 1.0), ("scaffold", 300, False, True, -1.0),
+]
+
+
+@pytest.mark.parametrize("schedule,step,correct,has_block,reward", REWARD_CASES)
+def test_reward_schedules(schedule, step, correct, has_block, reward):
+    assert reward_fn(schedule, step)(correct, has_block) == reward
+
+
+def test_alternating_window():
+    tiered = [s for s in range(1, 101) if is_tiered_step(s)]
+    assert tiered == [s for w in range(0, 100, 10) for s in (w + 9, w + 10)]
+    assert len(tiered) == 20  # 8 + 2 in every window of 10
+
+
+def test_scaffold_switch_step_is_configurable():
+    assert reward_fn("scaffold", 59, scaffold_until=60).__name__ == "tiered_reward"
+    assert reward_fn("scaffold", 69, scaffold_until=60).__name__ == "r_acc"
+
+
+GOOD = "Let me check." + block("3*7=21", "4*7=28", "both fine") + "So\nFinal Answer: 42"
+ONE_PATH = "Let me check.<Parallel><Path>a</Path></Parallel><Summary>s</Summary>Final Answer: 42"
+
+
+@pytest.mark.parametrize("text,gold,schedule,reward,metrics", [
+    (GOOD, "42", "parallel", 1.0, dict(correct=True, has_block=True, format_ok=True, num_blocks=1)),
+    (GOOD, "41", "parallel", -1.0, dict(correct=False, has_block=True, format_ok=True, num_blocks=1)),
+    ("Final Answer: 42", "42", "parallel", -1.0, dict(correct=True, has_block=False, format_ok=True, num_blocks=0)),
+    (ONE_PATH, "42", "parallel", -1.0, dict(correct=True, has_block=False, format_ok=False, num_blocks=0)),
+    (ONE_PATH, "42", "acc", 1.0, dict(correct=True, has_block=False, format_ok=False)),
+    (GOOD + block(), "42", "tiered", 1.2, dict(correct=True, has_block=True, num_blocks=2)),
+    ("Final Answer: 42", "42", "tiered", 1.0, dict(has_block=False, answer="42", has_answer=True)),
+    ("", "42", "acc", -1.0, dict(correct=False, has_answer=False, answer=None, format_ok=True)),
+    # teacher text with newlines between tags is not canonical: no valid block until normalised
+    ("a<Parallel>\n<Path>p</Path>\n<Path>q</Path>\n</Parallel>\n<Summary>s</Summary>Final Answer: 42", "42",
+     "parallel", -1.0, dict(correct=True, has_block=False, format_ok=False)),
+])
+def test_compute_reward(text, gold, schedule, reward, metrics):
+    r, m = compute_reward(text, gold, schedule)
+    assert r == reward and m["reward"] == reward
+    assert {k: m[k] for k in metrics} == metrics
+
+
+def test_compute_reward_schedule_and_step():
+    assert compute_reward(GOOD, "42", "alternating", step=9)[0] == 1.2
+    assert compute_reward(GOOD, "42", "alternating", step=8)[0] == 1.0
+    assert compute_reward(GOOD, "42", "scaffold", step=10, scaffold_until=5)[0] == 1.0
+    for name in SCHEDULES:
+        compute_reward(GOOD, "42", name)
+    with pytest.raises(ValueError, match="unknown reward schedule"):
+        compute_reward(GOOD, "42", "accuracy")
+
+# -----------------------------------------------------------------------------
+# real data
+
+
+def test_teacher_traces_grade_correct():
+    """The 341 real teacher traces: every final answer that exists grades correct against `answer`."""
+    rows = [json.loads(line) for line in shared_file("parallel_gsm8k_sample.jsonl").read_text().split("\n") if line]
+    results = [compute_reward(normalize(r["response"]), r["answer"])[1] for r in rows]
+    correct = sum(m["correct"] for m in results)
+    print(f"\n{correct} of {len(rows)} teacher traces grade correct; "
+          f"{sum(m['has_block'] for m in results)} have a valid block")
+    assert len(rows) == 341
+    assert all(m["correct"] for m in results if m["has_answer"])
+    # measured: 340; the one other trace writes its answer inside an unclosed summary
+    assert correct == 340
+    assert sum(not m["has_answer"] for m in results) == 1
