@@ -157,5 +157,5 @@ def test_teacher_traces_keep_their_response():
 def test_non_utf8_file_is_a_clear_error(tmp_path):
     bad = tmp_path / "traces.jsonl"
     bad.write_bytes(b'{"question": "q", "answer": "1", "response": "caf\xe9"}\n')
-    with pytest.raises(ValueError, match=r"not UTF-8 text \(bad byte at offset 48\): re-save it as UTF-8"):
+    with pytest.raises(ValueError, match=r"not UTF-8 text \(bad byte at offset 49\): re-save it as UTF-8"):
         data.load(str(bad))
