@@ -21,7 +21,8 @@ import torch
 
 from nanopr1.format import PARALLEL, PATH
 from nanopr1.model import load, tag_ids
-from nanopr1.sampler import KVRows, sample
+from nanopr1.kvcache import KVRows
+from nanopr1.sampler import sample
 
 
 def best(fn, repeats):

@@ -19,13 +19,12 @@ A rollout is decoded as a small state machine (DESIGN.md section 4):
             sequential positions, so what follows is conditioned exactly like
             the plain causal forward the Seen trainer uses.
 
-The cache (KVRows) is one tensor per layer, K and V of shape (R, H, S, D) for
-all rows, plus a (R, S) bool `valid` mask. RoPE is already baked into K and
-positions are always passed explicitly, so the order of a row's columns does
-not matter, only which are valid: a fork is a row copy, a merge writes a new
-row, a finished row is freed, and now and then the free rows and dead columns
-are squeezed out ("compaction"). Each forward wraps the tensors in a
-DynamicCache and passes a (R, 1, Q, S+Q) boolean mask (sdpa).
+The cache of all rows lives in kvcache.py: KVRows (the default, a DynamicCache
+that grows by concatenation) or, with fast=True, StaticRows (preallocated, each
+row writing at its own position, the decode step replayed as a CUDA graph on a
+GPU). The sampler code is the same; at temperature 0 both give the same tokens
+and log-probs (when sampling, a seed draws differently on each: rows are laid
+out differently).
 
 Out-of-place tags are masked out at sampling time (parallel=True): in the main
 text only `<Parallel>` may be sampled (and not after `max_blocks` blocks, nor
@@ -58,11 +57,10 @@ from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from nanopr1.attention import BlockSpan, find_blocks
 from nanopr1.format import PARALLEL, PARALLEL_END, PATH, PATH_END, SUMMARY, SUMMARY_END, TAGS
+from nanopr1.kvcache import KVRows, StaticRows
 from nanopr1.model import tag_ids
 
 BIT = {t: 1 << i for i, t in enumerate(TAGS)}  # bit i of `allowed` = TAGS[i]
@@ -94,95 +92,6 @@ def apply_tag_mask(logits, allowed, tags):
     logits = logits.clone()
     logits[..., idx] = logits[..., idx].masked_fill(bits == 0, float("-inf"))
     return logits
-
-# -----------------------------------------------------------------------------
-# the KV cache of all rows
-
-
-def _dynamic_cache(kv):
-    """Wrap [K0, V0, K1, V1, ...] into a DynamicCache without copying them."""
-    cache = DynamicCache()
-    for k, v in zip(kv[0::2], kv[1::2]):
-        layer = DynamicLayer()
-        layer.lazy_initialization(k, v)
-        layer.keys, layer.values = k, v
-        cache.layers.append(layer)
-    return cache
-
-
-class KVRows:
-    """The cache of every row being decoded: kv = [K0, V0, K1, V1, ...], each (R, H, S, D), and valid (R, S)."""
-
-    def __init__(self, kv, valid):
-        self.kv, self.valid = kv, valid
-
-    def forward(self, model, ids, pos, q_valid):
-        """Feed (R, Q) tokens at explicit positions, append their Q columns; logits of the last query (R, V)."""
-        R, Q = ids.shape
-        new = torch.ones(Q, Q, dtype=torch.bool, device=ids.device).tril() & q_valid[:, None, :]  # (R, Q, Q)
-        new |= torch.eye(Q, dtype=torch.bool, device=ids.device)  # a pad query sees itself: no row fully masked
-        mask = torch.cat([self.valid[:, None, :].expand(R, Q, -1), new], 2)[:, None]  # (R, 1, Q, S+Q)
-        cache = _dynamic_cache(self.kv)
-        out = model(input_ids=ids, position_ids=pos, attention_mask=mask, past_key_values=cache,
-                    use_cache=True, logits_to_keep=1)
-        self.kv = [t for layer in cache.layers for t in (layer.keys, layer.values)]
-        self.valid = torch.cat([self.valid, q_valid], 1)
-        return out.logits[:, -1].float()
-
-    def rows(self, idx):
-        """A new KVRows with rows idx (copies): a fork is rows([i, i, ...])."""
-        idx = torch.as_tensor(idx, device=self.valid.device)
-        return KVRows([t[idx] for t in self.kv], self.valid[idx])
-
-    def entries(self, i, start=0):
-        """The valid entries of row i, in order, from the start-th on: [K0, V0, ...] each (H, n, D)."""
-        cols = self.valid[i].nonzero()[start:, 0]
-        return [t[i][:, cols] for t in self.kv]
-
-    @staticmethod
-    def from_entries(entries):
-        """Rows from entries of different lengths, right-padded with invalid columns."""
-        n = torch.tensor([e[0].shape[1] for e in entries])
-        kv = [e0.new_zeros(len(entries), e0.shape[0], int(n.max()), e0.shape[2]) for e0 in entries[0]]
-        for r, e in enumerate(entries):
-            for t, x in zip(kv, e):
-                t[r, :, :x.shape[1]] = x
-        return KVRows(kv, (torch.arange(int(n.max()))[None] < n[:, None]).to(kv[0].device))
-
-    def grow(self, rows=0, cols=0):
-        """Add free rows and invalid columns (zeros)."""
-        R, S = self.valid.shape
-        self.kv = [torch.cat([t, t.new_zeros(rows, *t.shape[1:])]) for t in self.kv]
-        self.kv = [torch.cat([t, t.new_zeros(R + rows, t.shape[1], cols, t.shape[3])], 2) for t in self.kv]
-        self.valid = torch.cat([torch.cat([self.valid, self.valid.new_zeros(rows, S)]),
-                                self.valid.new_zeros(R + rows, cols)], 1)
-
-    def copy_row(self, src, dst):
-        for t in self.kv:
-            t[dst] = t[src]
-        self.valid[dst] = self.valid[src]
-
-    def write(self, slots, other):
-        """Write the rows of another KVRows into rows `slots`."""
-        S = other.valid.shape[1]
-        if S > self.valid.shape[1]:
-            self.grow(cols=S - self.valid.shape[1])
-        idx = torch.as_tensor(slots, device=self.valid.device)
-        for t, o in zip(self.kv, other.kv):
-            t[idx, :, :S] = o
-        self.valid[idx] = False
-        self.valid[idx, :S] = other.valid
-
-    def compact(self, keep):
-        """Keep rows `keep` and squeeze out the columns that are invalid in all of them."""
-        valid = self.valid[keep]
-        order = torch.sort((~valid).to(torch.uint8), dim=1, stable=True).indices  # valid columns first, in order
-        order = order[:, :int(valid.sum(1).max()) if len(keep) else 0]  # (R', S')
-        self.kv = [t[keep].gather(2, order[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3])) for t in self.kv]
-        self.valid = valid.gather(1, order)
-
-    def waste(self):
-        return 1.0 - self.valid.sum().item() / max(self.valid.numel(), 1)
 
 # -----------------------------------------------------------------------------
 # the state of a rollout in progress
@@ -264,10 +173,11 @@ class _Sampler:
             ids[i, P - len(p):] = torch.tensor(p)
             pos[i, P - len(p):] = torch.arange(len(p))
         q_valid = torch.arange(P)[None] >= P - torch.tensor([len(p) for p in prompts])[:, None]  # (n, P)
-        empty = KVRows([], torch.zeros(len(prompts), 0, dtype=torch.bool, device=self.device))
-        logits = empty.forward(self.model, ids.to(self.device), pos.to(self.device), q_valid.to(self.device))
-        rep = torch.arange(len(prompts), device=self.device).repeat_interleave(group_size)
-        self.kv, self.logits = empty.rows(rep), logits[rep]  # (R, V)
+        rep = torch.arange(len(prompts)).repeat_interleave(group_size)  # row j is prompt rep[j]
+        cache = StaticRows if self.o["fast"] else KVRows
+        max_rows = len(rep) * (self.o["num_paths"] if self.o["parallel"] else 1)  # at most N rows per rollout
+        self.kv, self.logits = cache.prefill(self.model, ids.to(self.device), pos.to(self.device),  # (R, V)
+                                             q_valid.to(self.device), rep, max_rows, P + self.o["max_new_tokens"] + 1)
         force = self.o["force_block"]
         force = None if force is False else ("line" if force is True else int(force))
         self.states = [_State(list(p), force) for p in prompts for _ in range(group_size)]
@@ -286,7 +196,7 @@ class _Sampler:
 
     def _free(self, i):
         self.rows[i] = None
-        self.kv.valid[i] = False
+        self.kv.free(i)
 
     # 2) fork: clone the KV cache of the prefix into one row per path
     def fork(self):
@@ -312,18 +222,17 @@ class _Sampler:
         for s in ready:
             stash = s.block.stash if unseen else s.block.stash[:1]  # unseen: the paths' own entries after path 1's row
             entries.append([torch.cat(layer, 1) for layer in zip(*stash)])
-        merged = KVRows.from_entries(entries)
+        slots = self._alloc(len(ready))
+        self.kv.put(slots, entries)
         if not unseen:  # re-encode paths 2..N after path 1, sequential positions
             later = [sum((seg.ids for seg in s.block.paths[1:]), []) for s in ready]
             start = [s.block.p + len(s.block.paths[0].ids) + 1 for s in ready]
             Q = max(len(x) for x in later)
             if Q:
-                ids = torch.tensor([x + [self.pad] * (Q - len(x)) for x in later], device=self.device)
-                pos = torch.tensor([[a + j for j in range(Q)] for a in start], device=self.device)
-                q_valid = torch.tensor([[j < len(x) for j in range(Q)] for x in later], device=self.device)
-                merged.forward(self.model, ids, pos, q_valid)
-        slots = self._alloc(len(ready))
-        self.kv.write(slots, merged)
+                ids = torch.tensor([x + [self.pad] * (Q - len(x)) for x in later])
+                pos = torch.tensor([[a + j for j in range(Q)] for a in start])
+                q_valid = torch.tensor([[j < len(x) for j in range(Q)] for x in later])
+                self.kv.forward(self.model, ids, pos, q_valid, rows=slots)
         for s, j in zip(ready, slots):
             pos = self._append_paths(s, unseen)
             self.rows[j] = _Row(s, None, s.out, pos, [self.tags[PARALLEL_END], self.tags[SUMMARY]])
@@ -382,7 +291,8 @@ class _Sampler:
         else:
             logp = torch.log_softmax(logits / T, -1)
             tok = _sample_top_p(logp, top_p, self.gen)
-        return tok.tolist(), logp.gather(1, tok[:, None])[:, 0].tolist(), bits
+        out = torch.stack([tok.to(logp.dtype), logp.gather(1, tok[:, None])[:, 0]]).tolist()  # one host sync
+        return [int(t) for t in out[0]], out[1], bits
 
     # 5) record each row's token and advance its phase
     def record(self, toks, logps, bits):
@@ -428,10 +338,10 @@ class _Sampler:
     # 6) decode: one forward of every live row
     def decode(self, feed):
         R = len(self.rows)
-        ids = torch.tensor([[t if t is not None else self.pad] for t in feed], device=self.device)  # (R, 1)
-        pos = torch.tensor([[w.pos - 1 if w is not None and feed[i] is not None else 0]
-                            for i, w in enumerate(self.rows)], device=self.device)
-        q_valid = torch.tensor([[t is not None] for t in feed], device=self.device)
+        ids = torch.tensor([[t if t is not None else self.pad] for t in feed])  # (R, 1) on the host: the
+        pos = torch.tensor([[w.pos - 1 if w is not None and feed[i] is not None else 0]  # cache moves them
+                            for i, w in enumerate(self.rows)])
+        q_valid = torch.tensor([[t is not None] for t in feed])
         self.logits = self.kv.forward(self.model, ids, pos, q_valid)  # (R, V)
         for i, w in enumerate(self.rows[:R]):
             if w is not None and w.closing:  # a finished path: stash what the merge needs, free its row
@@ -443,10 +353,10 @@ class _Sampler:
                 if b.done == len(b.paths):
                     self.ready.append(w.s)
 
-    # 7) compact: drop free rows and dead columns once they are half the cache
+    # 7) compact: drop free rows (and dead columns) once the cache says it pays
     def compact(self):
-        if self.kv.valid.numel() > 256 and self.kv.waste() > 0.5:
-            keep = [i for i, w in enumerate(self.rows) if w is not None]
+        keep = [i for i, w in enumerate(self.rows) if w is not None]
+        if self.kv.compact_due(len(keep), len(self.rows)):
             self.kv.compact(keep)
             self.rows = [self.rows[i] for i in keep]
             self.logits = self.logits[keep]
@@ -498,17 +408,18 @@ def _check(model, prompts, o):
 @torch.inference_mode()
 def sample(model, tokenizer, prompts, group_size=1, *, num_paths=2, max_blocks=4, max_new_tokens=3000,
            path_max_tokens=None, temperature=1.0, top_p=1.0, seed=None, variant="seen", parallel=True,
-           force_block=False, progress=False, max_prompt_tokens=None):
+           force_block=False, progress=False, max_prompt_tokens=None, fast=False):
     """Rollouts for a batch of prompts (lists of token ids), `group_size` per prompt, prompt-major.
 
     force_block (to show or benchmark a block with any model; not for training): False; True = open a
     block after the first line of the main text (or after 32 tokens); an int n = after n response tokens
     (0: the response starts with <Parallel>). A model that would stop before that gets the block instead.
-    temperature 0 = greedy. See the module docstring for budgets and the tag mask.
+    temperature 0 = greedy. fast=True: the static KV cache (kvcache.StaticRows) with CUDA graphs on a GPU;
+    at temperature 0 the same tokens and log-probs as the default. See the module docstring for budgets and the tag mask.
     """
     o = dict(num_paths=num_paths, max_blocks=max_blocks, max_new_tokens=max_new_tokens,
              path_max_tokens=path_max_tokens, temperature=temperature, top_p=top_p, seed=seed, variant=variant,
-             parallel=parallel, force_block=force_block, max_prompt_tokens=max_prompt_tokens)
+             parallel=parallel, force_block=force_block, max_prompt_tokens=max_prompt_tokens, fast=fast)
     prompts = [list(p) for p in prompts]
     _check(model, prompts, o)
     run = _Sampler(model, tokenizer, o)

@@ -1,5 +1,6 @@
-"""Tests for nanopr1/sampler.py: greedy == generate, forked paths == decoding from
-scratch, sampler == scorer (both variants), seeds, out-of-place tags, budgets."""
+"""Tests for nanopr1/sampler.py: greedy == generate, sampled paths == decoding from
+scratch, sampler == scorer (both variants), seeds, out-of-place tags, budgets.
+The caches themselves (KV cloning, compaction, the fast path) are in test_kvcache.py."""
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from conftest import tiny_model
 from nanopr1.attention import build_inputs
 from nanopr1.format import PARALLEL, PARALLEL_END, PATH, PATH_END, SUMMARY, SUMMARY_END, check_format
 from nanopr1.model import tag_ids
-from nanopr1.sampler import ALL_TAGS, BIT, KVRows, apply_tag_mask, sample
+from nanopr1.sampler import ALL_TAGS, BIT, apply_tag_mask, sample
 
 TEXTS = ["How many clips did she sell altogether in April?", "Natalia", "Let x be the number of cats. Then"]
 
@@ -69,46 +70,6 @@ def test_greedy_parallel_off_matches_generate(bpe_tokenizer, arch):
                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)[:, P:].tolist()
     assert [r.ids for r in rollouts] == [g[:len(r.ids)] for r, g in zip(rollouts, ref)]
     assert all(len(r.ids) == 30 and r.stop_reason == "budget" for r in rollouts)
-
-
-def test_forked_rows_match_decoding_from_scratch(bpe_tokenizer):
-    """KV cloning: each path's per-token logits equal a no-cache forward of prefix + <Path> + path."""
-    tok, model, t = bpe_tokenizer, tiny_model(bpe_tokenizer), tag_ids(bpe_tokenizer)
-    prefix = prompts_of(tok)[0] + [t[PARALLEL]]
-    paths = [[t[PATH]] + p + [t[PATH_END]] for p in prompts_of(tok, ["3 + 4 = 7", "Dogs have four legs.", "x"])]
-    with torch.no_grad():
-        kv = KVRows([], torch.zeros(1, 0, dtype=torch.bool))
-        kv.forward(model, torch.tensor([prefix]), torch.arange(len(prefix))[None], torch.ones(1, len(prefix), dtype=torch.bool))
-        kv = kv.rows([0] * len(paths))  # the fork: clone the prefix row
-        got = [[] for _ in paths]
-        for j in range(max(len(p) for p in paths)):  # all paths decoded together, finished ones padded
-            live = [j < len(p) for p in paths]
-            ids = torch.tensor([[p[j] if j < len(p) else 0] for p in paths])
-            logits = kv.forward(model, ids, torch.full((len(paths), 1), len(prefix) + j), torch.tensor(live)[:, None])
-            for k in range(len(paths)):
-                if live[k]:
-                    got[k].append(logits[k])
-        for k, p in enumerate(paths):
-            ref = model(input_ids=torch.tensor([prefix + p])).logits[0, len(prefix):]
-            assert (torch.stack(got[k]) - ref).abs().max() <= 1e-4
-
-
-def test_compaction_keeps_what_rows_attend_to(bpe_tokenizer):
-    tok, model = bpe_tokenizer, tiny_model(bpe_tokenizer)
-    prompts = prompts_of(tok)
-    with torch.no_grad():
-        P = max(len(p) for p in prompts)
-        kv = KVRows([], torch.zeros(3, 0, dtype=torch.bool))
-        ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts])
-        q_valid = torch.tensor([[j >= P - len(p) for j in range(P)] for p in prompts])
-        kv.forward(model, ids, (torch.arange(P)[None] - (P - torch.tensor([len(p) for p in prompts]))[:, None]).clamp(min=0), q_valid)
-        kv.valid[1] = False  # row 1 finished
-        nxt, pos = torch.tensor([[5], [0], [7]]), torch.tensor([[len(prompts[0])], [0], [len(prompts[2])]])
-        ref = kv.rows([0, 1, 2]).forward(model, nxt, pos, torch.ones(3, 1, dtype=torch.bool))
-        kv.compact([0, 2])
-        assert kv.valid.shape == (2, max(len(prompts[0]), len(prompts[2]))) and kv.waste() < 0.5
-        got = kv.forward(model, nxt[[0, 2]], pos[[0, 2]], torch.ones(2, 1, dtype=torch.bool))
-        assert (got - ref[[0, 2]]).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("variant, num_paths, top_p", [("seen", 2, 1.0), ("unseen", 2, 1.0), ("unseen", 3, 0.9),
