@@ -1,0 +1,124 @@
+"""The toy world: tokenizer, tiny model save/load, problem generator and teacher traces."""
+
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from nanopr1 import toy
+from nanopr1.format import ANSWER_PREFIX, TAGS, chat_prompt_ids, check_format, final_answer, parse
+from nanopr1.model import add_tags, load, tag_ids
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return toy.build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return toy.sft_corpus(600, seed=0)
+
+
+@pytest.mark.parametrize("tag", TAGS)
+def test_every_tag_is_one_token(tokenizer, tag):
+    ids = tokenizer(f"3*4=12{tag}no", add_special_tokens=False)["input_ids"]
+    assert tokenizer.convert_tokens_to_ids(tag) in ids
+    assert len(tokenizer(tag, add_special_tokens=False)["input_ids"]) == 1
+
+
+def test_tags_in_official_order_and_add_tags_is_noop(tokenizer):
+    ids = tag_ids(tokenizer)
+    assert [ids[t] for t in TAGS] == list(range(ids[TAGS[0]], ids[TAGS[0]] + 6))
+    assert add_tags(toy.new_model(tokenizer), tokenizer) == []
+
+
+def test_text_round_trips_and_chat_prompt(tokenizer, corpus):
+    for ex in corpus[:50]:
+        ids = tokenizer(ex["response"], add_special_tokens=False)["input_ids"]
+        assert tokenizer.unk_token_id not in ids
+        assert tokenizer.decode(ids) == ex["response"]
+    prompt = chat_prompt_ids(tokenizer, toy.TEMPLATE, corpus[0]["question"])
+    text = tokenizer.decode(prompt)
+    assert text.startswith("<|user|>") and text.endswith("<|assistant|>") and corpus[0]["question"] in text
+    assert tokenizer.eos_token == "<|endoftext|>" and tokenizer.pad_token_id != tokenizer.eos_token_id
+
+
+def test_saved_dir_round_trip_gives_identical_logits(tmp_path, tokenizer, corpus):
+    path = toy.init_dir(tmp_path / "toy", seed=3)
+    fresh = toy.new_model(tokenizer, seed=3).eval()
+    ids = torch.tensor([chat_prompt_ids(tokenizer, toy.TEMPLATE, corpus[0]["question"])
+                        + tokenizer(corpus[0]["response"], add_special_tokens=False)["input_ids"]])
+    model, tok = load(path)
+    auto_tok = AutoTokenizer.from_pretrained(path)
+    auto_model = AutoModelForCausalLM.from_pretrained(path)
+    assert tok.get_vocab() == auto_tok.get_vocab() == tokenizer.get_vocab()
+    assert auto_tok.chat_template == tokenizer.chat_template and auto_tok.eos_token_id == tokenizer.eos_token_id
+    assert auto_tok(corpus[0]["response"])["input_ids"] == tokenizer(corpus[0]["response"])["input_ids"]
+    with torch.no_grad():
+        ref = fresh(ids).logits
+        assert torch.equal(model.eval()(ids).logits, ref)
+        assert torch.equal(auto_model.eval()(ids).logits, ref)
+    assert sum(p.numel() for p in model.parameters()) < 2_000_000
+
+
+def test_every_teacher_trace_is_valid_and_answers(corpus):
+    for ex in corpus:
+        r = ex["response"]
+        assert check_format(r) is None, r
+        cands = toy.parse_question(ex["question"])[0]
+        if "guess" in r:  # only the hard-level teacher guesses, and only among the candidates
+            assert len(cands) == toy.LEVELS["hard"] and int(final_answer(r)) in cands
+        else:
+            assert final_answer(r) == ex["answer"], r
+        assert r.endswith(f"{ANSWER_PREFIX} {final_answer(r)}")
+
+
+def test_corpus_mixes_blocks_and_plain_steps(corpus):
+    with_blocks = sum(bool(parse(ex["response"]).blocks) for ex in corpus) / len(corpus)
+    assert 0.5 < with_blocks < 0.7  # like real teacher data: blocks in only some traces
+    assert any(parse(ex["response"]).blocks and "\n" in parse(ex["response"]).main[0] for ex in corpus)
+
+
+def test_paths_check_different_candidates(corpus):
+    for ex in corpus:
+        for block in parse(ex["response"]).blocks:
+            firsts = [p.split("*")[0] for p in block.paths]
+            assert len(block.paths) == 2 and len(set(firsts)) == 2
+
+
+@pytest.mark.parametrize("level", ["easy", "hard"])
+def test_problems_are_deterministic_and_have_one_solution(level):
+    a, b = toy.problems(level, 100, seed=7), toy.problems(level, 100, seed=7)
+    assert a == b and a != toy.problems(level, 100, seed=8)
+    for p in a:
+        cands, a, t = toy.parse_question(p["question"])
+        assert len(cands) == toy.LEVELS[level] == len(set(cands))
+        assert [x for x in cands if x * a == t] == [int(p["answer"])]
+
+
+def test_easy_and_hard_differ_as_designed():
+    rng = random.Random(0)
+    acc, checks = {}, {}
+    for level in ["easy", "hard"]:
+        traces = [(p, toy.teacher_trace(p, rng)) for p in toy.problems(level, 400, seed=1)]
+        acc[level] = sum(final_answer(r) == p["answer"] for p, r in traces) / len(traces)
+        checks[level] = max(r.count("*") for _, r in traces)
+    assert acc["easy"] == 1.0 and 0.45 < acc["hard"] < 0.75  # room for RL on the hard level
+    assert checks["easy"] <= 4 and checks["hard"] <= 5  # 4 checks at most, +1 when a block overshoots the budget
+
+
+@pytest.mark.parametrize("level", ["easy", "hard"])
+def test_eval_set_is_fixed_and_held_out(level):
+    held = toy.eval_set(level)
+    assert held == toy.eval_set(level) and len({p["question"] for p in held}) == len(held) == 200
+    train = toy.problems(level, 3000, seed=0) + [{"question": ex["question"]} for ex in toy.sft_corpus(600, seed=1)]
+    assert not {q["question"] for q in train} & {p["question"] for p in held}
+
+
+def test_sequences_fit_the_toy_budget(tokenizer, corpus):
+    for ex in corpus:
+        n = len(tokenizer(ex["response"], add_special_tokens=False)["input_ids"]) + 1  # + EOS
+        assert n <= toy.MAX_NEW_TOKENS
+        assert n + len(chat_prompt_ids(tokenizer, toy.TEMPLATE, ex["question"])) <= 200
