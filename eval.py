@@ -172,7 +172,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Mean@n / Pass@k / parallel rate on benchmark sets")
     parser.add_argument("--preset", choices=["toy"], help="toy: the CPU toy world (toy model, toy-easy,toy-hard, n 4)")
     # model
-    parser.add_argument("--model", help="hub id or local directory (toy preset: the newest of out/toy-*)")
+    parser.add_argument("--model", help="hub id or local dir; several, comma-separated, give one table "
+                        "(toy preset: the newest of out/toy-*)")
     parser.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: bfloat16 on cuda, else float32)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--variant", default="seen", choices=["seen", "unseen"], help="how paths are merged")
@@ -214,24 +215,39 @@ def main(argv=None):
         template = toy.TEMPLATE  # the question alone: toy models learn the format in SFT
     else:
         template = SEQUENTIAL_PROMPT if args.no_parallel else PARALLEL_PROMPT
-    out = Path(args.out or Path("out/eval") / (Path(args.model.rstrip("/")).name
-                                               + ("-sequential" if args.no_parallel else "")))
-    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     sampling = dict(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                     num_paths=args.num_paths, max_blocks=args.max_blocks, variant=args.variant)
-
     try:  # the data first: a typo in --datasets should not wait for a 4B model to load
         template = load_template(args.prompt_file) if args.prompt_file else template
         # keyed by a short label (a file's stem); split "test" only matters for gsm8k
         sets = {Path(name).stem: data.load(name, split="test", data_dir=args.data_dir)
                 for name in args.datasets.split(",")}
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
+    models = args.model.split(",")  # several models: one table, e.g. before/after a stage
+    table = {}
+    for model in models:
+        summaries = evaluate_model(model, args, sets, template, sampling, several=len(models) > 1)
+        table.update({(f"{Path(model.rstrip('/')).name}/{k}" if len(models) > 1 else k): v for k, v in summaries.items()})
+    print(f"{args.model} ({'sequential' if args.no_parallel else 'parallel, ' + args.variant}), "
+          f"n={args.n}, temperature {args.temperature}, budget {args.max_new_tokens} tokens")
+    print(format_table(table))
+    return table
+
+
+def evaluate_model(model_path, args, sets, template, sampling, several=False):
+    """Evaluate one model on every set; rollouts and summary.json go to its output dir."""
+    name = Path(model_path.rstrip("/")).name + ("-sequential" if args.no_parallel else "")
+    out = Path(args.out) / name if several and args.out else Path(args.out or Path("out/eval") / name)
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    try:
         from nanopr1.model import load
-        model, tokenizer = load(args.model, dtype, args.device)
+        model, tokenizer = load(model_path, dtype, args.device)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")
 
     # refuse to resume a run made with other settings: its rollouts would be mixed with ours
-    config = dict(model=args.model, template=template, parallel=not args.no_parallel, n=args.n, **sampling)
+    config = dict(model=model_path, template=template, parallel=not args.no_parallel, n=args.n, **sampling)
     out.mkdir(parents=True, exist_ok=True)
     if (out / "config.json").is_file() and json.loads((out / "config.json").read_text()) != config:
         sys.exit(f"error: {out} holds a run with other settings (see {out / 'config.json'}); pass another --out")
@@ -251,10 +267,7 @@ def main(argv=None):
             batch_size=args.batch_size, done=done, on_rows=lambda new: write_rows(path, new, "a"),
             progress=not args.no_progress, desc=name, seed=args.seed, **sampling)
     (out / "summary.json").write_text(json.dumps({"config": config, "datasets": summaries}, indent=1))
-    print(f"{args.model} ({'sequential' if args.no_parallel else 'parallel, ' + args.variant}), "
-          f"n={args.n}, temperature {args.temperature}, budget {args.max_new_tokens} tokens")
-    print(format_table(summaries))
-    print(f"rollouts and summary.json in {out}")
+    print(f"rollouts and summary.json in {out}", file=sys.stderr)
     return summaries
 
 

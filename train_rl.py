@@ -51,12 +51,12 @@ STAGES = {  # the paper's settings per stage
 }
 TOY_STAGES = {  # the CPU-sized curriculum
     "easy": dict(init="out/toy-sft", out="out/toy-easy", data="toy:easy", reward="parallel", group_size=8,
-                 prompts_per_step=8, steps=30),
+                 prompts_per_step=16, steps=50),
     "hard": dict(init="out/toy-easy", out="out/toy-hard", data="toy:hard", reward="acc", group_size=8,
-                 prompts_per_step=8, steps=60),
+                 prompts_per_step=16, steps=60),
 }
-TOY = dict(lr=2e-4, max_new_tokens=160, micro_batch=64, eval_data="toy-hard", eval_n=4, eval_limit=100,
-           save_every=10)
+TOY = dict(lr=5e-5, max_new_tokens=160, micro_batch=64, eval_data="toy-hard", eval_n=4, eval_limit=100,
+           save_every=25)
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--preset", choices=["toy"], help="toy: the CPU-sized world")

@@ -71,7 +71,7 @@ p.add_argument("--out", default="out/sft", help="output dir: the model, metrics.
 p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (and at the end)")
 p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
 TOY = dict(model=None, data=None, out="out/toy-sft", max_len=512, batch_size=32, micro_batch=32, lr=3e-3,
-           warmup=0.04, epochs=1, save_every=100, grad_ckpt=False)  # 800 steps over toy.sft_corpus(25600)
+           warmup=0.04, epochs=1, save_every=400, grad_ckpt=False)  # 800 steps over toy.sft_corpus(25600)
 
 # -----------------------------------------------------------------------------
 # data: (prompt ids, response ids) examples

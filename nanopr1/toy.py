@@ -24,9 +24,9 @@ checked (at temperature 1 two sampled paths usually pick different ones).
 
 Levels (chance = 1 / number of candidates):
 - easy: 4 candidates (chance 25%); the teacher searches until it finds x.
-- hard: 7 candidates (chance 14%); the teacher checks only 2-4 of them and
+- hard: 7 candidates (chance 14%); the teacher checks only 1-6 of them and
   then writes `guess` and answers a random unchecked one, so it is right only
-  ~60% of the time. A policy that learns to keep checking (more blocks,
+  ~64% of the time. A policy that learns to keep checking (more blocks,
   better candidates) beats its teacher: that is the room left for RL.
 Only about 60% of teacher traces use blocks at all, like real teacher data,
 so the easy RL stage (reward: correct AND a block) has parallel rate to gain.
@@ -56,7 +56,8 @@ from nanopr1.model import add_tags, tiny_qwen3_config
 TEMPLATE = "{problem}"   # the question alone: the format is learned in SFT, not asked for
 MAX_NEW_TOKENS = 160     # checking all 7 hard candidates takes ~125 tokens; the rest is slack for repeats
 LEVELS = {"easy": 4, "hard": 7}   # number of candidates
-HARD_BUDGET = (2, 3, 4)           # checks the hard-level teacher makes before it guesses
+HARD_BUDGET = (1, 2, 3, 4, 5, 6)  # distinct candidates the hard-level teacher checks before it guesses
+MAX_BLOCKS = 4                    # as the sampler's default limit
 P_BLOCKS = 0.65                   # share of teacher traces that try to use blocks
 P_BLOCK_STEP = 0.7                # in those, the chance that a step is a block (not a plain step)
 
@@ -162,20 +163,25 @@ def _check(c, a, t):
 
 
 def teacher_trace(problem, rng):
-    """A canonical-layout response: checks in random order, some as blocks of two paths, then the answer."""
+    """A canonical-layout response: checks in random order, some as blocks of two paths, then the answer.
+
+    Each path of a block picks its candidate on its own, as two sampled paths do:
+    now and then both check the same one, and the trace simply goes on searching.
+    """
     cands, a, t = parse_question(problem["question"])
     todo = rng.sample(cands, len(cands))
     budget = len(cands) if len(cands) <= LEVELS["easy"] else rng.choice(HARD_BUDGET)
     use_blocks = rng.random() < P_BLOCKS
-    out, checked, found = [], 0, None
+    out, checked, blocks, found = [], 0, 0, None
     while todo and checked < budget and found is None:
-        if use_blocks and len(todo) >= 2 and rng.random() < P_BLOCK_STEP:
-            pair, todo = todo[:2], todo[2:]
+        if use_blocks and blocks < MAX_BLOCKS and len(todo) >= 2 and rng.random() < P_BLOCK_STEP:
+            pair = [rng.choice(todo), rng.choice(todo)]  # independent picks, like independent paths
             hit = [c for c in pair if c * a == t]
             summary = f"x={hit[0]}" if hit else "none"
             paths = "".join(f"{PATH}{_check(c, a, t)}{PATH_END}" for c in pair)
             out.append(f"{PARALLEL}{paths}{PARALLEL_END}{SUMMARY}{summary}{SUMMARY_END}")
-            checked += 2
+            todo = [c for c in todo if c not in pair]
+            checked, blocks = checked + len(set(pair)), blocks + 1
         else:
             c = todo.pop(0)
             hit = [c] if c * a == t else []
