@@ -39,7 +39,6 @@ from nanopr1 import data, sampler
 from nanopr1.format import PARALLEL_PROMPT, SEQUENTIAL_PROMPT, chat_prompt_ids, load_template
 from nanopr1.rewards import compute_reward
 
-TOY_MODELS = ("out/toy-hard", "out/toy-easy", "out/toy-sft")  # newest stage first
 
 # -----------------------------------------------------------------------------
 # metrics
@@ -207,7 +206,8 @@ def main(argv=None):
     if args.model is None:
         if args.preset != "toy":
             sys.exit("error: --model is required (a hub id or a local directory)")
-        args.model = next((p for p in TOY_MODELS if (Path(p) / "config.json").is_file()), None)
+        from nanopr1 import toy
+        args.model = toy.latest_model()
         if args.model is None:
             sys.exit("no toy model yet: run `python train_sft.py --preset toy` first")
     if args.preset == "toy":

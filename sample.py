@@ -17,13 +17,11 @@ Simplifications relative to the paper:
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from nanopr1.format import PARALLEL_PROMPT, SEQUENTIAL_PROMPT, chat_prompt_ids, final_answer, load_template
 from nanopr1.model import load
 from nanopr1.sampler import sample
 
-TOY_MODELS = ("out/toy-hard", "out/toy-easy", "out/toy-sft")  # newest stage first
 
 
 def parse_args(argv=None):
@@ -63,7 +61,7 @@ def setup(args):
         from nanopr1 import toy
         template, budget = toy.TEMPLATE, args.max_new_tokens or toy.MAX_NEW_TOKENS
         if model is None:
-            model = next((d for d in TOY_MODELS if (Path(d) / "config.json").is_file()), None)
+            model = toy.latest_model()
             if model is None:
                 sys.exit("no toy model yet: run `python train_sft.py --preset toy` first")
     if model is None:

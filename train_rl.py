@@ -53,7 +53,7 @@ TOY_STAGES = {  # the CPU-sized curriculum
     "easy": dict(init="out/toy-sft", out="out/toy-easy", data="toy:easy", reward="parallel", group_size=8,
                  prompts_per_step=16, steps=50),
     "hard": dict(init="out/toy-easy", out="out/toy-hard", data="toy:hard", reward="acc", group_size=8,
-                 prompts_per_step=16, steps=60),
+                 prompts_per_step=16, steps=50),
 }
 TOY = dict(lr=5e-5, max_new_tokens=160, micro_batch=64, eval_data="toy-hard", eval_n=4, eval_limit=100,
            save_every=25)
@@ -235,7 +235,8 @@ def main(args):
                "rollout_s": t_rollout, "update_s": time.time() - t0 - t_rollout,
                "tokens_per_s": m["length"] / max(t_rollout, 1e-9) / world}
         if args.eval_every and step % args.eval_every == 0:
-            row.update(run_eval(acc.unwrap_model(model), tokenizer, template, args, acc))
+            policy = sampling_model(acc, model, holder)  # every rank: a collective under FSDP
+            row.update(run_eval(policy, tokenizer, template, args, acc))
         if acc.is_main_process:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")

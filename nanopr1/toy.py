@@ -45,6 +45,7 @@ instead of comparing with the target.)
 import random
 import re
 import zlib
+from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -99,6 +100,14 @@ def new_model(tokenizer, seed=0):
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     add_tags(model, tokenizer)  # a no-op: the tags are already in the vocabulary
     return model
+
+
+STAGE_DIRS = ("out/toy-hard", "out/toy-easy", "out/toy-sft")  # where the toy curriculum writes, newest first
+
+
+def latest_model():
+    """The newest toy checkpoint the curriculum has written, or None."""
+    return next((d for d in STAGE_DIRS if (Path(d) / "config.json").is_file()), None)
 
 
 def init_dir(path, seed=0):

@@ -25,6 +25,18 @@ def toy_dir(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def sft_dir(tmp_path_factory):
+    """A toy model after a short SFT: it writes the format and answers right now and then,
+    so rewards within a group differ and advantages are not all zero."""
+    out = tmp_path_factory.mktemp("sft")
+    (out / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in toy.sft_corpus(32 * 150, seed=3)))
+    cmd = [sys.executable, str(ROOT / "train_sft.py"), "--preset", "toy", "--data", str(out / "corpus.jsonl"),
+           "--out", str(out / "model"), "--save-every", "1000"]
+    subprocess.run(cmd, check=True, cwd=ROOT, env=ENV, capture_output=True, timeout=900)
+    return str(out / "model")
+
+
 def rollouts_for(model, tokenizer, variant, n_prompts=3, group=4, seed=0, **kw):
     rows = toy.problems("easy", n_prompts, seed=seed)
     prompts = [format.chat_prompt_ids(tokenizer, toy.TEMPLATE, r["question"]) for r in rows]
@@ -117,23 +129,29 @@ def changed(a, b):
     return sum(not torch.equal(pa[k], pb[k]) for k in pa)
 
 
-def test_unseen_alternating_steps_follow_the_schedule(toy_dir, tmp_path):
-    rows = run_rl(tmp_path / "alt", "--init", toy_dir, "--variant", "unseen", "--reward", "alternating",
-                  "--steps", "10", "--lr", "1e-3")
+def test_unseen_alternating_steps_follow_the_schedule(sft_dir, tmp_path):
+    rows = run_rl(tmp_path / "alt", "--init", sft_dir, "--variant", "unseen", "--reward", "alternating",
+                  "--steps", "10", "--lr", "1e-3", "--weight-decay", "0",
+                  "--eval-every", "5", "--eval-data", "toy-hard", "--eval-limit", "4", "--eval-n", "2")
     assert [r["step"] for r in rows] == list(range(1, 11))
     assert [r["reward_fn"] for r in rows] == ["r_acc"] * 8 + ["tiered_reward"] * 2
     for r in rows:
         assert r["ratio"] == pytest.approx(1.0, abs=1e-6) and r["clip_frac"] == 0  # one on-policy update
         assert r["logp_gap"] < 1e-4  # unseen: the trainer reproduces the sampler on every token
         assert all(v == v for v in r.values() if isinstance(v, float))  # no NaN, zero-variance groups included
-    assert changed(toy_dir, tmp_path / "alt") > 0
+    assert any(r["zero_adv_groups"] < 1 for r in rows)
+    assert [r["step"] for r in rows if "eval_mean@2" in r] == [5, 10]  # the --eval-every hook ran eval.py's code
+    assert changed(sft_dir, tmp_path / "alt") > 0  # no weight decay: only the policy gradient moves weights
 
 
-def test_lora_steps_train_adapters_and_checkpoint_loads(toy_dir, tmp_path):
-    rows = run_rl(tmp_path / "lora", "--init", toy_dir, "--lora", "--lora-r", "4", "--steps", "2", "--lr", "1e-2",
-                  "--reward", "tiered")
+def test_lora_steps_train_adapters_and_checkpoint_loads(sft_dir, tmp_path):
+    rows = run_rl(tmp_path / "lora", "--init", sft_dir, "--lora", "--lora-r", "4", "--steps", "2", "--lr", "1e-2",
+                  "--reward", "tiered", "--prompts-per-step", "4")
     assert len(rows) == 2 and all(r["reward_fn"] == "tiered_reward" for r in rows)
-    assert changed(toy_dir, tmp_path / "lora") > 0  # the merged adapters moved the saved weights
+    assert any(r["zero_adv_groups"] < 1 for r in rows)  # some group had a learning signal
+    before, after = load(sft_dir)[0].state_dict(), load(str(tmp_path / "lora"))[0].state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all("proj" in k for k in moved)  # the merged adapters moved the projections, nothing else
 
 
 def test_two_processes_and_resume(toy_dir, tmp_path):
