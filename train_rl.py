@@ -53,7 +53,7 @@ TOY_STAGES = {  # the CPU-sized curriculum
     "easy": dict(init="out/toy-sft", out="out/toy-easy", data="toy:easy", reward="parallel", group_size=8,
                  prompts_per_step=16, steps=50),
     "hard": dict(init="out/toy-easy", out="out/toy-hard", data="toy:hard", reward="acc", group_size=8,
-                 prompts_per_step=16, steps=50),
+                 prompts_per_step=16, steps=45),
 }
 TOY = dict(lr=5e-5, max_new_tokens=160, micro_batch=64, eval_data="toy-hard", eval_n=4, eval_limit=100,
            save_every=25)

@@ -71,7 +71,7 @@ p.add_argument("--out", default="out/sft", help="output dir: the model, metrics.
 p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (and at the end)")
 p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
 TOY = dict(model=None, data=None, out="out/toy-sft", max_len=512, batch_size=32, micro_batch=32, lr=3e-3,
-           warmup=0.04, epochs=1, save_every=400, grad_ckpt=False)  # 800 steps over toy.sft_corpus(25600)
+           warmup=0.04, epochs=1, save_every=350, grad_ckpt=False)  # 700 steps over toy.sft_corpus(22400)
 
 # -----------------------------------------------------------------------------
 # data: (prompt ids, response ids) examples
@@ -181,7 +181,7 @@ def main(args):
     if args.preset == "toy":
         from nanopr1 import toy
         template = toy.TEMPLATE
-        rows = data.load(args.data) if args.data else toy.sft_corpus(25600, seed=args.seed)
+        rows = data.load(args.data) if args.data else toy.sft_corpus(22400, seed=args.seed)
     else:
         rows = data.load(args.data)
     examples, dropped = make_examples(rows, tokenizer, template, args.max_len)
