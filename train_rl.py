@@ -40,7 +40,7 @@ from tqdm import tqdm
 from nanopr1 import data, format, rewards
 from nanopr1.attention import build_inputs
 from nanopr1.grpo import group_advantages, policy_loss, token_logprobs
-from nanopr1.model import apply_lora, keep_metrics, load, save, tag_ids
+from nanopr1.model import apply_lora, load, resume_step, save_checkpoint, tag_ids
 from nanopr1.sampler import sample
 
 STAGES = {  # the paper's settings per stage
@@ -51,9 +51,9 @@ STAGES = {  # the paper's settings per stage
 }
 TOY_STAGES = {  # the CPU-sized curriculum
     "easy": dict(init="out/toy-sft", out="out/toy-easy", data="toy:easy", reward="parallel", group_size=8,
-                 prompts_per_step=16, steps=50),
+                 prompts_per_step=16, steps=35),
     "hard": dict(init="out/toy-easy", out="out/toy-hard", data="toy:hard", reward="acc", group_size=8,
-                 prompts_per_step=16, steps=45),
+                 prompts_per_step=16, steps=40),
 }
 TOY = dict(lr=5e-5, max_new_tokens=160, micro_batch=64, eval_data="toy-hard", eval_n=4, eval_limit=100,
            save_every=25)
@@ -141,6 +141,33 @@ def score(model, rollouts, tags, args, pad_id, device):
     return logp.gather(1, idx), mask  # (B, T) response tokens only
 
 
+def setup(args, acc):
+    """The policy (+ LoRA / gradient checkpointing), its optimizer, the frozen reference
+    for the KL term (the adapter switched off with LoRA, else a copy of the start) and the
+    tokenizer; everything that touches the model is passed through accelerate."""
+    if not Path(args.init).exists() and args.preset == "toy":
+        raise SystemExit(f"error: no {args.init}: run the previous stage first "
+                         f"(`python train_sft.py --preset toy` or `train_rl.py --preset toy --stage easy`)")
+    if args.prompts_per_step % acc.num_processes:
+        raise SystemExit(f"error: --prompts-per-step {args.prompts_per_step} must divide over "
+                         f"{acc.num_processes} processes")
+    model, tokenizer = load(args.init)
+    if args.lora:
+        model = apply_lora(model, r=args.lora_r, alpha=2 * args.lora_r)
+    if args.grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    frozen = None
+    if args.kl_coef > 0 and not args.lora:
+        frozen = copy.deepcopy(model).to(acc.device).eval().requires_grad_(False)
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
+    model, opt = acc.prepare(model, opt)
+    model.train()
+    reference = None
+    if args.kl_coef > 0:
+        reference = (model, acc.unwrap_model(model).disable_adapter) if args.lora else (frozen, nullcontext)
+    return model, opt, reference, tokenizer
+
+
 def main(args):
     acc = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
     world, rank = acc.num_processes, acc.process_index
@@ -148,39 +175,14 @@ def main(args):
     out.mkdir(parents=True, exist_ok=True)
     random.seed(args.seed + rank)
     torch.manual_seed(args.seed)
-    if not Path(args.init).exists() and args.preset == "toy":
-        raise SystemExit(f"error: no {args.init}: run the previous stage first "
-                         f"(`python train_sft.py --preset toy` or `train_rl.py --preset toy --stage easy`)")
-    model, tokenizer = load(args.init)
-    tags = tag_ids(tokenizer)
+    model, opt, reference, tokenizer = setup(args, acc)
+    tags, pad, G = tag_ids(tokenizer), tokenizer.pad_token_id, args.group_size
     template = format.load_template(args.prompt_file) if args.prompt_file else format.PARALLEL_PROMPT
     if args.preset == "toy":
         from nanopr1 import toy
         template = toy.TEMPLATE
     problems = load_problems(args)
-    if args.lora:
-        model = apply_lora(model, r=args.lora_r, alpha=2 * args.lora_r)
-    if args.grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if args.prompts_per_step % world:
-        raise SystemExit(f"error: --prompts-per-step {args.prompts_per_step} must divide over {world} processes")
-    if args.kl_coef > 0:  # the reference: the adapter switched off (LoRA), or a frozen copy of the start
-        frozen = copy.deepcopy(model).to(acc.device).eval().requires_grad_(False) if not args.lora else None
-    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
-    model, opt = acc.prepare(model, opt)
-    model.train()
-    if args.kl_coef > 0:
-        reference = (model, acc.unwrap_model(model).disable_adapter) if args.lora else (frozen, nullcontext)
-    step = 0
-    if args.resume:
-        if not (out / "state").is_dir():
-            raise SystemExit(f"error: --resume, but {out / 'state'} does not exist")
-        acc.load_state(str(out / "state"))
-        step = json.loads((out / "state" / "step.json").read_text())["step"]
-        acc.print(f"resumed from {out} at step {step}")
-    if acc.is_main_process:
-        keep_metrics(out / "metrics.jsonl", step)
-    G = args.group_size
+    step = resume_step(acc, out, args.resume)
     holder = {}  # the FSDP sampling copy, made on first use
     bar = tqdm(total=args.steps, initial=step, desc=f"rl-{args.stage}", disable=not acc.is_main_process)
     while step < args.steps:
@@ -205,7 +207,6 @@ def main(args):
         adv, flat = group_advantages([s[0] for s in scored], G)
         # 5) log-probs that stay fixed during the update: old policy (if more than one
         #    optimizer step uses these rollouts; else the ratio is exactly 1) and reference (KL)
-        pad = tokenizer.pad_token_id
         stats = {"clipped_tokens": 0.0, "ratio_sum": 0.0, "tokens": 0.0, "gap_sum": 0.0, "gap_tokens": 0.0, "loss": 0.0}
         old = None
         if args.ppo_epochs > 1 or args.mini_batches > 1:
@@ -213,27 +214,15 @@ def main(args):
             stats["gap_sum"] = float(sum((o - torch.tensor(r.logprobs).to(o)).abs()[~torch.tensor(r.forced)].sum()
                                          for o, r in zip(old, rollouts)))
             stats["gap_tokens"] = float(sum(sum(not f for f in r.forced) for r in rollouts))
-        ref = None if args.kl_coef == 0 else frozen_logprobs(reference[0], rollouts, tags, args, pad, acc.device, ctx=reference[1])
+        ref = None if reference is None else frozen_logprobs(reference[0], rollouts, tags, args, pad, acc.device,
+                                                             ctx=reference[1])
         # 6) policy update: mini-batches of the rollouts, each one optimizer step
         for epoch in range(args.ppo_epochs):
             for mb in [list(range(i, len(rollouts), args.mini_batches)) for i in range(args.mini_batches)]:
                 update(model, opt, rollouts, mb, adv, old, ref, tags, args, pad, acc, stats)
         stats.pop("gap_done", None)
-        # 7) log
-        m = {k: sum(s[1][k] for s in scored) for k in ("correct", "has_block", "format_ok")}
-        m.update(reward=sum(s[0] for s in scored), length=sum(len(r.ids) for r in rollouts), rollouts=len(rollouts),
-                 flat_groups=flat, groups=len(rows), **stats)
-        m = {k: v.item() for k, v in zip(m, acc.reduce(torch.tensor(list(m.values()), dtype=torch.float64,
-                                                                     device=acc.device), "sum"))}
-        n = m["rollouts"]
-        row = {"step": step, "reward": m["reward"] / n, "accuracy": m["correct"] / n,
-               "parallel_rate": m["has_block"] / n, "format_ok": m["format_ok"] / n, "length": m["length"] / n,
-               "zero_adv_groups": m["flat_groups"] / m["groups"], "clip_frac": m["clipped_tokens"] / max(m["tokens"], 1),
-               "ratio": m["ratio_sum"] / max(m["tokens"], 1),
-               "logp_gap": m["gap_sum"] / max(m["gap_tokens"], 1), "loss": m["loss"],
-               "reward_fn": rewards.reward_fn(args.reward, step, args.scaffold_switch).__name__,
-               "rollout_s": t_rollout, "update_s": time.time() - t0 - t_rollout,
-               "tokens_per_s": m["length"] / max(t_rollout, 1e-9) / world}
+        # 7) log (reduced over ranks), evaluate, checkpoint
+        row = log_row(acc, step, args, rollouts, scored, flat, len(rows), stats, t_rollout, time.time() - t0 - t_rollout)
         if args.eval_every and step % args.eval_every == 0:
             policy = sampling_model(acc, model, holder)  # every rank: a collective under FSDP
             row.update(run_eval(policy, tokenizer, template, args, acc))
@@ -243,12 +232,26 @@ def main(args):
         bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.3f}", par=f"{row['parallel_rate']:.2f}")
         bar.update()
         if step % args.save_every == 0 or step == args.steps:
-            save(acc.unwrap_model(model), tokenizer, out, vars(args), acc.get_state_dict(model), is_main=acc.is_main_process)
-            acc.save_state(str(out / "state"))
-            if acc.is_main_process:
-                (out / "state" / "step.json").write_text(json.dumps({"step": step}))
+            save_checkpoint(acc, model, tokenizer, out, args, step)
     bar.close()
     acc.print(f"done: {step} steps, model in {out}")
+
+
+def log_row(acc, step, args, rollouts, scored, flat, groups, stats, t_rollout, t_update):
+    """The step's metrics row: sums reduced over ranks, then divided."""
+    m = {k: sum(s[1][k] for s in scored) for k in ("correct", "has_block", "format_ok")}
+    m.update(reward=sum(s[0] for s in scored), length=sum(len(r.ids) for r in rollouts), rollouts=len(rollouts),
+             flat_groups=flat, groups=groups, **stats)
+    m = {k: v.item() for k, v in zip(m, acc.reduce(torch.tensor(list(m.values()), dtype=torch.float64,
+                                                                 device=acc.device), "sum"))}
+    n = m["rollouts"]
+    return {"step": step, "reward": m["reward"] / n, "accuracy": m["correct"] / n,
+            "parallel_rate": m["has_block"] / n, "format_ok": m["format_ok"] / n, "length": m["length"] / n,
+            "zero_adv_groups": m["flat_groups"] / m["groups"], "clip_frac": m["clipped_tokens"] / max(m["tokens"], 1),
+            "ratio": m["ratio_sum"] / max(m["tokens"], 1),
+            "logp_gap": m["gap_sum"] / max(m["gap_tokens"], 1), "loss": m["loss"],
+            "reward_fn": rewards.reward_fn(args.reward, step, args.scaffold_switch).__name__,
+            "rollout_s": t_rollout, "update_s": t_update, "tokens_per_s": m["length"] / max(t_rollout, 1e-9) / acc.num_processes}
 
 
 @torch.no_grad()

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from nanopr1 import data, format, rewards
 from nanopr1.attention import build_inputs
 from nanopr1.grpo import token_logprobs
-from nanopr1.model import apply_lora, keep_metrics, load, save, tag_ids
+from nanopr1.model import apply_lora, load, resume_step, save_checkpoint, tag_ids
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--preset", choices=["toy"], help="toy: the CPU-sized world (defaults below swapped for toy ones)")
@@ -71,7 +71,7 @@ p.add_argument("--out", default="out/sft", help="output dir: the model, metrics.
 p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (and at the end)")
 p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
 TOY = dict(model=None, data=None, out="out/toy-sft", max_len=512, batch_size=32, micro_batch=32, lr=3e-3,
-           warmup=0.04, epochs=1, save_every=350, grad_ckpt=False)  # 700 steps over toy.sft_corpus(22400)
+           warmup=0.04, epochs=1, save_every=400, grad_ckpt=False)  # 800 steps over toy.sft_corpus(25600)
 
 # -----------------------------------------------------------------------------
 # data: (prompt ids, response ids) examples
@@ -166,9 +166,6 @@ def main(args):
     acc = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
     torch.manual_seed(args.seed)
     out = Path(args.out)
-    resume = args.resume and (out / "state").is_dir()
-    if args.resume and not resume:
-        raise SystemExit(f"error: --resume, but {out / 'state'} does not exist")
     if args.model is None:  # the toy model starts from scratch: an untrained model dir
         from nanopr1 import toy
         args.model = str(out / "init")
@@ -181,7 +178,7 @@ def main(args):
     if args.preset == "toy":
         from nanopr1 import toy
         template = toy.TEMPLATE
-        rows = data.load(args.data) if args.data else toy.sft_corpus(22400, seed=args.seed)
+        rows = data.load(args.data) if args.data else toy.sft_corpus(25600, seed=args.seed)
     else:
         rows = data.load(args.data)
     examples, dropped = make_examples(rows, tokenizer, template, args.max_len)
@@ -205,13 +202,7 @@ def main(args):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, 0.5 * (1 + math.cos(
         math.pi * max(0, s + 1 - warm) / max(1, total - warm)))))
     model, opt, sched = acc.prepare(model, opt, sched)
-    step = 0
-    if resume:
-        acc.load_state(str(out / "state"))
-        step = json.loads((out / "state" / "step.json").read_text())["step"]
-        acc.print(f"resumed from {out} at step {step}")
-    if acc.is_main_process:
-        keep_metrics(out / "metrics.jsonl", step)
+    step = resume_step(acc, out, args.resume)
     bar = tqdm(total=stop, initial=step, desc="sft", disable=not acc.is_main_process)
     while step < stop:
         t0 = time.time()
@@ -243,11 +234,7 @@ def main(args):
         bar.set_postfix(loss=f"{loss:.4f}")
         bar.update()
         if step % args.save_every == 0 or step == stop:
-            save(acc.unwrap_model(model), tokenizer, out, vars(args), acc.get_state_dict(model),
-                 is_main=acc.is_main_process)
-            acc.save_state(str(out / "state"))
-            if acc.is_main_process:
-                (out / "state" / "step.json").write_text(json.dumps({"step": step}))
+            save_checkpoint(acc, model, tokenizer, out, args, step)
     bar.close()
     acc.print(f"done: {step} steps, model in {out}")
 

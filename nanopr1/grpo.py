@@ -27,7 +27,7 @@ def group_advantages(rewards, group_size, eps=1e-6):
     """rewards (N,) prompt-major -> (advantages (N,), number of zero-variance groups)."""
     r = torch.as_tensor(rewards, dtype=torch.float32).view(-1, group_size)  # (groups, G)
     flat = (r == r[:, :1]).all(1, keepdim=True)  # (groups, 1) all rewards equal (always, if G == 1)
-    mean, std = r.mean(1, keepdim=True), r.std(1, keepdim=True)  # std is nan for G == 1: masked below
+    mean, std = r.mean(1, keepdim=True), r.std(1, keepdim=True) if group_size > 1 else torch.ones_like(r[:, :1])
     adv = torch.where(flat, torch.zeros_like(r), (r - mean) / (std + eps))
     return adv.view(-1), int(flat.sum())
 

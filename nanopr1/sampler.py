@@ -5,52 +5,43 @@ A rollout is decoded as a small state machine (DESIGN.md section 4):
 
     MAIN ──<Parallel>──> FORK ──> PATHS ──all </Path>──> MERGE ──> SUMMARY ──</Summary>──> MAIN
 
-- the prompt is prefilled once per prompt (not per rollout of its group);
-- FORK clones the KV cache of the prefix into one row per path (no re-prefill)
-  and forces `<Path>` into each;
-- every live row of every rollout, whatever its phase (main line, path,
-  summary), is decoded together: one forward per step;
-- MERGE builds one row that continues the rollout after the paths, then
-  forces `</Parallel><Summary>`:
-    unseen: the paths' KV entries are concatenated after the prefix (nothing
-            is recomputed); positions follow the Multiverse rule (every `<Path>`
-            at p+1, `</Parallel>` one past the longest path);
-    seen:   path 1's row is kept and paths 2..N are re-encoded after it with
-            sequential positions, so what follows is conditioned exactly like
-            the plain causal forward the Seen trainer uses.
+- each prompt is prefilled once, not once per rollout of its group;
+- FORK clones the prefix's KV cache into one row per path (no re-prefill) and
+  forces `<Path>` into each;
+- every live row (main line, path or summary of any rollout) is decoded
+  together: one forward per step;
+- MERGE builds one row that continues the rollout, then forces
+  `</Parallel><Summary>`. unseen: the paths' KV entries are concatenated after
+  the prefix, nothing is recomputed, positions follow the Multiverse rule
+  (every `<Path>` at p+1, `</Parallel>` one past the longest path). seen: path
+  1's row is kept and paths 2..N are re-encoded after it with sequential
+  positions, so what follows sees exactly what the Seen trainer's causal
+  forward sees.
 
-The cache of all rows lives in kvcache.py: KVRows (the default, a DynamicCache
-that grows by concatenation) or, with fast=True, StaticRows (preallocated, each
-row writing at its own position, the decode step replayed as a CUDA graph on a
-GPU). The sampler code is the same; at temperature 0 both give the same tokens
-and log-probs (when sampling, a seed draws differently on each: rows are laid
-out differently).
+The cache lives in kvcache.py: KVRows (default, grows by concatenation) or,
+with fast=True, StaticRows (preallocated, CUDA graphs on a GPU); same tokens and
+log-probs at temperature 0.
 
-Out-of-place tags are masked out at sampling time (parallel=True): in the main
-text only `<Parallel>` may be sampled (and not after `max_blocks` blocks, nor
-when the budget has no room left for a block), in a path only `</Path>`, in a
-summary only `</Summary>`; `<Path>`, `</Parallel>` and `<Summary>` are only
-ever inserted by the runtime. So every rollout is well formed by construction.
-Each token records the tags allowed when it was sampled (`allowed`, a bitmask
-over format.TAGS); `apply_tag_mask` lets the trainer apply the same mask, so
-its log-probs reproduce the sampler's. With parallel=False tags are ordinary
-tokens (the cold-start teacher writes whole traces with tags as text).
+Tag mask (parallel=True): in the main text only `<Parallel>` may be sampled
+(not after `max_blocks` blocks, nor without room for a block), in a path only
+`</Path>`, in a summary only `</Summary>`; the other tags are only inserted by
+the runtime, so every rollout is well formed. Each token records the tags
+allowed when it was sampled (`allowed`, a bitmask over format.TAGS) and the
+trainer applies the same mask (`apply_tag_mask`). parallel=False: tags are
+ordinary tokens (the cold-start teacher writes them as text).
 
-Budgets. `max_new_tokens` counts every response token (main text, all paths,
-summaries, inserted tags). A block is only opened when at least 3 tokens per
-path and the three closing tags still fit; at the fork each path gets
-min(path_max_tokens, its share of what is left) tokens including its two tags,
-and `</Path>` is forced at that limit; `</Summary>` is forced at the last
-token of the budget. EOS inside a path or a summary ends it (it is replaced by
-the forced closing tag). After `max_blocks` blocks the main text continues, so
-the rollout can still write its answer. Runtime-inserted tokens are `forced`
-(no policy loss) and carry log-prob 0.
+Budgets: `max_new_tokens` counts every response token. A block opens only if
+3 tokens per path plus the three closing tags still fit; each path gets
+min(path_max_tokens, its share of what is left) tokens, its two tags included,
+then `</Path>` is forced; `</Summary>` is forced at the budget's last token. EOS
+in a path or summary is replaced by its closing tag. Runtime-inserted tokens
+are `forced`: no policy loss, log-prob 0.
 
-Log-prob of a sampled token: log_softmax(tag-masked logits / temperature)
+A sampled token's log-prob is log_softmax(tag-masked logits / temperature)
 (temperature 1 when greedy); top-p changes what is sampled, not what is
-recorded. Seen rollouts record sequential positions, i.e. what the scorer
-uses; paths 2..N of a Seen block were sampled without seeing path 1, so only
-their log-probs differ from a plain causal forward (by design, DESIGN.md 5).
+recorded. Seen rollouts record sequential positions (the scorer's); paths 2..N
+of a Seen block were sampled without seeing path 1, so only their log-probs
+differ from a plain causal forward (by design, DESIGN.md 5).
 """
 
 from dataclasses import dataclass, field
