@@ -1,29 +1,25 @@
 """
 eval.py: how often a model solves benchmark problems, and how often it thinks in parallel.
 
-For each problem, n rollouts from the branching sampler (paper settings by
-default: temperature 1.0, top-p 1.0, a 3000-token response budget, 2 paths),
-graded by the same accuracy function as RL (nanopr1.rewards.grade). Per
-dataset it prints Mean@n, Pass@k for k = 1, 2, 4, ..., n (the unbiased
-estimator 1 - C(n-c, k) / C(n, k)), the parallel rate (share of rollouts
-with at least one valid block), the format-valid rate and the mean response
-length in tokens. Every rollout goes to OUT/<dataset>.jsonl and the table to
-OUT/summary.json; a run that was interrupted resumes from its JSONL files.
+For each problem, n rollouts from the branching sampler (paper settings by default: temperature
+1.0, top-p 1.0, a 3000-token response budget, 2 paths), graded by the accuracy function of RL
+(nanopr1.rewards). Per dataset it prints Mean@n, Pass@k for k = 1, 2, 4, ..., n (unbiased), the
+parallel rate (share of rollouts with at least one valid block), the format-valid rate and the
+mean response length in tokens. Rollouts go to OUT/<dataset>.jsonl, the table to OUT/summary.json;
+an interrupted run resumes from its JSONL files.
 
     python eval.py --preset toy                       # the newest toy model on toy-easy and toy-hard
     python eval.py --model Qwen/Qwen3-4B-Base --datasets aime25,aime24,amc23,math300 --n 16
     python eval.py --model out/rl-hard --data-dir ../shared/data     # local copies of the sets
     python eval.py --model out/rl-hard --no-parallel                 # sequential prompt and sampling
 
-One process (no `accelerate launch`): on a GPU it picks cuda and bfloat16.
-train_rl.py calls `evaluate` in-process for its --eval-every hook.
+One process (no `accelerate launch`): on a GPU it picks cuda and bfloat16. train_rl.py calls
+`evaluate` in-process for its --eval-every hook.
 
 Simplifications relative to the paper:
-1. The paper reports MATH300 as Mean@1; here --n applies to every dataset
-   (run `--datasets math300 --n 1` to match).
+1. The paper reports MATH300 as Mean@1; here --n applies to every dataset (`--datasets math300 --n 1`).
 2. The grader is a small numeric normaliser (nanopr1/rewards.py), not math-verify.
-3. Resuming assumes the same settings; a changed setting is refused
-   (compare OUT/config.json), use another --out.
+3. Resuming assumes the same settings; a changed setting is refused (compare OUT/config.json).
 """
 
 import argparse
@@ -39,10 +35,8 @@ from nanopr1 import data, sampler
 from nanopr1.format import PARALLEL_PROMPT, SEQUENTIAL_PROMPT, chat_prompt_ids, load_template
 from nanopr1.rewards import compute_reward
 
-
 # -----------------------------------------------------------------------------
 # metrics
-
 
 def pass_at_k(n, c, k):
     """Unbiased Pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k)."""
@@ -92,14 +86,12 @@ def format_table(summaries):
 # -----------------------------------------------------------------------------
 # sampling, grading, resuming
 
-
 def grade_rollout(problem, index, sample_index, rollout):
     """One JSONL row: the rollout's text and its grade under R_acc."""
     _, m = compute_reward(rollout.text, problem["answer"], "acc")
     return {"problem": index, "sample": sample_index, "question": problem["question"], "gold": problem["answer"],
-            "answer": m["answer"], "correct": m["correct"], "has_block": m["has_block"],
-            "format_ok": m["format_ok"], "num_blocks": m["num_blocks"], "length": len(rollout.ids),
-            "stop_reason": rollout.stop_reason, "text": rollout.text}
+            **{k: m[k] for k in ("answer", "correct", "has_block", "format_ok", "num_blocks")},
+            "length": len(rollout.ids), "stop_reason": rollout.stop_reason, "text": rollout.text}
 
 
 def complete_rows(rows, problems, n):
@@ -130,18 +122,17 @@ def evaluate(model, tokenizer, problems, n=16, *, template=PARALLEL_PROMPT, para
     todo = [i for i in range(len(problems)) if i not in finished]
     was_training = model.training
     model.eval()
-    bar = tqdm(total=len(problems), initial=len(finished), desc=desc, unit="problem", disable=not progress)
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start:start + batch_size]
-        prompts = [chat_prompt_ids(tokenizer, template, problems[i]["question"]) for i in batch]
-        rollouts = sampler.sample(model, tokenizer, prompts, group_size=n, parallel=parallel,
-                          seed=None if seed is None else seed + batch[0], **sampling)
-        new = [grade_rollout(problems[i], i, j, rollouts[b * n + j]) for b, i in enumerate(batch) for j in range(n)]
-        rows += new
-        if on_rows is not None:
-            on_rows(new)
-        bar.update(len(batch))
-    bar.close()
+    with tqdm(total=len(problems), initial=len(finished), desc=desc, unit="problem", disable=not progress) as bar:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start:start + batch_size]
+            prompts = [chat_prompt_ids(tokenizer, template, problems[i]["question"]) for i in batch]
+            rollouts = sampler.sample(model, tokenizer, prompts, group_size=n, parallel=parallel,
+                                      seed=None if seed is None else seed + batch[0], **sampling)
+            new = [grade_rollout(problems[i], i, j, rollouts[b * n + j]) for b, i in enumerate(batch) for j in range(n)]
+            rows += new
+            if on_rows is not None:
+                on_rows(new)
+            bar.update(len(batch))
     model.train(was_training)
     rows.sort(key=lambda r: (r["problem"], r["sample"]))
     return rows, summarize(rows, n)
@@ -160,61 +151,55 @@ def read_rows(path):
 
 def write_rows(path, rows, mode="w"):
     with open(path, mode, encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 # -----------------------------------------------------------------------------
 # the script
 
-
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Mean@n / Pass@k / parallel rate on benchmark sets")
-    parser.add_argument("--preset", choices=["toy"], help="toy: the CPU toy world (toy model, toy-easy,toy-hard, n 4)")
+    p = argparse.ArgumentParser(description="Mean@n / Pass@k / parallel rate on benchmark sets")
+    p.add_argument("--preset", choices=["toy"], help="toy: the CPU toy world (toy model, toy-easy,toy-hard, n 4)")
     # model
-    parser.add_argument("--model", help="hub id or local dir; several, comma-separated, give one table "
-                        "(toy preset: the newest of out/toy-*)")
-    parser.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: bfloat16 on cuda, else float32)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--variant", default="seen", choices=["seen", "unseen"], help="how paths are merged")
+    p.add_argument("--model", help="hub id or local dir; several, comma-separated, give one table "
+                   "(toy preset: the newest of out/toy-*)")
+    p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: bfloat16 on cuda, else float32)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--variant", default="seen", choices=["seen", "unseen"], help="how paths are merged")
     # data
-    parser.add_argument("--datasets", default="aime25,aime24,amc23,math300", help="comma-separated names or files")
-    parser.add_argument("--data-dir", default=None, help="read the named sets from local files here (offline)")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N problems of each set")
+    p.add_argument("--datasets", default="aime25,aime24,amc23,math300", help="comma-separated names or files")
+    p.add_argument("--data-dir", default=None, help="read the named sets from local files here (offline)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N problems of each set")
     # sampling
-    parser.add_argument("--n", type=int, default=16, help="rollouts per problem (Mean@n, Pass@k up to n)")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--max-new-tokens", type=int, default=3000, help="response budget (paths, summaries, answer)")
-    parser.add_argument("--num-paths", type=int, default=2, help="paths per parallel block")
-    parser.add_argument("--max-blocks", type=int, default=4, help="parallel blocks per rollout at most")
-    parser.add_argument("--no-parallel", action="store_true", help="sequential baseline: plain prompt, no forking")
-    parser.add_argument("--prompt-file", help="a prompt template with a {problem} slot")
-    parser.add_argument("--batch-size", type=int, default=4, help="problems per sampler call (x n rollouts)")
-    parser.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=int, default=16, help="rollouts per problem (Mean@n, Pass@k up to n)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=3000, help="response budget (paths, summaries, answer)")
+    p.add_argument("--num-paths", type=int, default=2, help="paths per parallel block")
+    p.add_argument("--max-blocks", type=int, default=4, help="parallel blocks per rollout at most")
+    p.add_argument("--no-parallel", action="store_true", help="sequential baseline: plain prompt, no forking")
+    p.add_argument("--prompt-file", help="a prompt template with a {problem} slot")
+    p.add_argument("--batch-size", type=int, default=4, help="problems per sampler call (x n rollouts)")
+    p.add_argument("--seed", type=int, default=0)
     # output
-    parser.add_argument("--out", help="output directory (default out/eval/<model>[-sequential])")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    pre, _ = parser.parse_known_args(argv)
-    if pre.preset == "toy":
+    p.add_argument("--out", help="output directory (default out/eval/<model>[-sequential])")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    if p.parse_known_args(argv)[0].preset == "toy":
         from nanopr1 import toy
-        parser.set_defaults(datasets="toy-easy,toy-hard", n=4, max_new_tokens=toy.MAX_NEW_TOKENS, batch_size=16)
-    return parser.parse_args(argv)
+        p.set_defaults(datasets="toy-easy,toy-hard", n=4, max_new_tokens=toy.MAX_NEW_TOKENS, batch_size=16)
+    return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.model is None:
-        if args.preset != "toy":
-            sys.exit("error: --model is required (a hub id or a local directory)")
-        from nanopr1 import toy
-        args.model = toy.latest_model()
-        if args.model is None:
-            sys.exit("no toy model yet: run `python train_sft.py --preset toy` first")
+    template = SEQUENTIAL_PROMPT if args.no_parallel else PARALLEL_PROMPT
     if args.preset == "toy":
         from nanopr1 import toy
         template = toy.TEMPLATE  # the question alone: toy models learn the format in SFT
-    else:
-        template = SEQUENTIAL_PROMPT if args.no_parallel else PARALLEL_PROMPT
+        args.model = toy.latest_model() if args.model is None else args.model
+        if args.model is None:
+            sys.exit("no toy model yet: run `python train_sft.py --preset toy` first")
+    if args.model is None:
+        sys.exit("error: --model is required (a hub id or a local directory)")
     sampling = dict(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                     num_paths=args.num_paths, max_blocks=args.max_blocks, variant=args.variant)
     try:  # the data first: a typo in --datasets should not wait for a 4B model to load
@@ -227,8 +212,9 @@ def main(argv=None):
     models = args.model.split(",")  # several models: one table, e.g. before/after a stage
     table = {}
     for model in models:
+        prefix = Path(model.rstrip("/")).name + "/" if len(models) > 1 else ""
         summaries = evaluate_model(model, args, sets, template, sampling, several=len(models) > 1)
-        table.update({(f"{Path(model.rstrip('/')).name}/{k}" if len(models) > 1 else k): v for k, v in summaries.items()})
+        table.update({prefix + k: v for k, v in summaries.items()})
     print(f"{args.model} ({'sequential' if args.no_parallel else 'parallel, ' + args.variant}), "
           f"n={args.n}, temperature {args.temperature}, budget {args.max_new_tokens} tokens")
     print(format_table(table))

@@ -18,19 +18,22 @@ import argparse
 import json
 import sys
 
+import torch
+
 from nanopr1.format import PARALLEL_PROMPT, SEQUENTIAL_PROMPT, chat_prompt_ids, final_answer, load_template
 from nanopr1.model import load
 from nanopr1.sampler import sample
 
 
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     # model
     p.add_argument("--model", help="hub id or local directory (toy preset: the newest of out/toy-*)")
     p.add_argument("--preset", choices=["toy"], help="toy: the newest toy model, its prompt template and budget")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
-    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu | cuda (default: cuda if available)")
     # prompt
     p.add_argument("--prompt", required=True, help="the problem")
     p.add_argument("--prompt-file", help="a prompt template with a {problem} slot (default: the parallel prompt)")
@@ -52,44 +55,21 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def setup(args):
-    """(model name, template, budget) from the flags and the preset; exits with a message when impossible."""
-    template = PARALLEL_PROMPT if not args.no_parallel else SEQUENTIAL_PROMPT
-    budget = args.max_new_tokens or 3000
-    model = args.model
-    if args.preset == "toy":
-        from nanopr1 import toy
-        template, budget = toy.TEMPLATE, args.max_new_tokens or toy.MAX_NEW_TOKENS
-        if model is None:
-            model = toy.latest_model()
-            if model is None:
-                sys.exit("no toy model yet: run `python train_sft.py --preset toy` first")
-    if model is None:
-        sys.exit("error: pass --model (a hub id or a local directory) or --preset toy")
-    if args.prompt_file:
-        try:
-            template = load_template(args.prompt_file)
-        except (FileNotFoundError, ValueError) as e:
-            sys.exit(f"error: {e}")
-    return model, template, budget
-
-
 def structure(rollout, tokenizer):
     """The texts of a rollout: main segments, and each block's paths and summary (tags stripped)."""
     dec = lambda a, b: tokenizer.decode(rollout.ids[a:b], skip_special_tokens=False)
     main, blocks, prev = [], [], 0
     for b in rollout.blocks:
         main.append(dec(prev, b.parallel))
-        blocks.append({"paths": [dec(s + 1, e - 1) for s, e in b.paths], "summary": dec(b.summary[0] + 1, b.summary[1] - 1)})
+        blocks.append({"paths": [dec(s + 1, e - 1) for s, e in b.paths],
+                       "summary": dec(b.summary[0] + 1, b.summary[1] - 1)})
         prev = b.summary[1]
-    end = len(rollout.ids) - (rollout.stop_reason == "eos")  # the EOS token is not text
-    main.append(dec(prev, end))
+    main.append(dec(prev, len(rollout.ids) - (rollout.stop_reason == "eos")))  # the EOS token is not text
     return main, blocks
 
 
 def indent(text, prefix):
-    lines = text.strip("\n").split("\n") or [""]
-    return "\n".join(prefix + line for line in lines)
+    return "\n".join(prefix + line for line in text.strip("\n").split("\n"))
 
 
 def show_tree(i, n, rollout, tokenizer):
@@ -110,26 +90,32 @@ def show_tree(i, n, rollout, tokenizer):
 
 def main(argv=None):
     args = parse_args(argv)
-    name, template, budget = setup(args)
-    device = args.device
-    if device is None:
-        import torch
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        model, tokenizer = load(name, dtype=args.dtype, device=device)
+    template = SEQUENTIAL_PROMPT if args.no_parallel else PARALLEL_PROMPT
+    name, budget = args.model, args.max_new_tokens or 3000
+    if args.preset == "toy":
+        from nanopr1 import toy
+        template, budget = toy.TEMPLATE, args.max_new_tokens or toy.MAX_NEW_TOKENS
+        name = toy.latest_model() if name is None else name
+        if name is None:
+            sys.exit("no toy model yet: run `python train_sft.py --preset toy` first")
+    if name is None:
+        sys.exit("error: pass --model (a hub id or a local directory) or --preset toy")
+    force_block = False if args.force_block is None else (True if args.force_block < 0 else args.force_block)
+    try:  # the template first: a bad --prompt-file should not wait for the model to load
+        template = load_template(args.prompt_file) if args.prompt_file else template
+        model, tokenizer = load(name, dtype=args.dtype, device=args.device)
         prompt = chat_prompt_ids(tokenizer, template, args.prompt)
         rollouts = sample(model.eval(), tokenizer, [prompt], args.n, num_paths=args.num_paths,
                           max_blocks=args.max_blocks, max_new_tokens=budget, path_max_tokens=args.path_max_tokens,
                           temperature=args.temperature, top_p=args.top_p, seed=args.seed, variant=args.variant,
-                          parallel=not args.no_parallel,
-                          force_block=False if args.force_block is None else (True if args.force_block < 0 else args.force_block))
+                          parallel=not args.no_parallel, force_block=force_block)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     for i, r in enumerate(rollouts):
         if args.json:
             _, blocks = structure(r, tokenizer)
-            print(json.dumps({"text": r.text, "blocks": blocks, "answer": final_answer(r.text), "num_tokens": len(r.ids),
-                              "stop_reason": r.stop_reason}, ensure_ascii=False))
+            print(json.dumps({"text": r.text, "blocks": blocks, "answer": final_answer(r.text),
+                              "num_tokens": len(r.ids), "stop_reason": r.stop_reason}, ensure_ascii=False))
         else:
             show_tree(i, len(rollouts), r, tokenizer)
 

@@ -294,6 +294,7 @@ def update(model, opt, rollouts, mb, adv, old, ref, tags, args, pad_id, acc, sta
     """One optimizer step on the rollouts `mb`: token-mean loss over all ranks' loss tokens."""
     local = sum(sum(not f for f in rollouts[i].forced) for i in mb)
     n_tokens = acc.reduce(torch.tensor(float(local), device=acc.device), "sum").item()
+    mb = sorted(mb, key=lambda i: len(rollouts[i].prompt_ids) + len(rollouts[i].ids))  # similar lengths: less padding
     chunks = [mb[i:i + args.micro_batch] for i in range(0, len(mb), args.micro_batch)]
     for j, chunk in enumerate(chunks):
         ros = [rollouts[i] for i in chunk]

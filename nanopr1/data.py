@@ -2,52 +2,40 @@
 Datasets as plain lists of {question, answer} records.
 
 One loader, `load(source, split=None, data_dir=None)`, reads
-- a short name: gsm8k, dapo, aime24, aime25, amc23, math300 (from the hub,
-  or with `data_dir` from the local file named in LOCAL_FILES);
+- a short name of HUB below: from the hub, or offline with `data_dir` (the
+  scripts' `--data-dir DIR`) from the file named in its row;
 - toy-easy / toy-hard: the held-out problems of the toy world (nanopr1.toy);
 - a local .jsonl / .json / .parquet file;
 - any other hub id ("owner/name").
 Every record comes back with `question` and `answer` as strings; other fields
 (a GSM8K `solution`, a teacher trace's `response`) are kept.
 
-Where the short names come from (HUB below):
-- gsm8k: openai/gsm8k, config main. Its `answer` field is a worked solution
-  ending in `#### n`; we keep it as `solution` and the number n as `answer`.
-- dapo: BytedTsinghua-SIA/DAPO-Math-17k. The hub copy repeats each problem
-  many times and wraps it in DAPO's own instruction; we strip the wrapper
-  (our prompt is added later) and keep one copy of each problem.
-- aime24: HuggingFaceH4/aime_2024; aime25: math-ai/aime25; amc23: math-ai/amc23.
+The hub ids are our choice where the paper names none. Three sets need care:
+- gsm8k: its `answer` field is a worked solution ending in `#### n`; we keep
+  it as `solution` and the number n as `answer`.
+- dapo: the hub copy repeats each problem many times and wraps it in DAPO's
+  own instruction; we strip the wrapper (our prompt is added later) and keep
+  one copy of each problem.
 - math300: the paper evaluates on a ~300-problem integer-answer subset of
-  MATH without naming a hub copy; we take the integer-answer problems of
-  HuggingFaceH4/MATH-500 (the shared offline copy has 316 problems).
-The hub ids are our choice where the paper names none; a local file always works.
-
-Offline: pass `data_dir` (the scripts' `--data-dir DIR`) holding the files
-named in LOCAL_FILES, or pass a file path as the source.
+  MATH; we take the integer-answer problems of MATH-500 (the shared offline
+  copy has 316 problems).
 """
 
 import json
 import re
 from pathlib import Path
 
-# short name -> (hub id, config, split); `split` only chooses between gsm8k's train and test
+# short name -> (hub id, config, split, file name in a data dir); `split` only chooses between
+# gsm8k's train and test (and fills in its file name)
 HUB = {
-    "gsm8k": ("openai/gsm8k", "main", "train"),
-    "dapo": ("BytedTsinghua-SIA/DAPO-Math-17k", None, "train"),
-    "aime24": ("HuggingFaceH4/aime_2024", None, "train"),
-    "aime25": ("math-ai/aime25", None, "test"),
-    "amc23": ("math-ai/amc23", None, "test"),
-    "math300": ("HuggingFaceH4/MATH-500", None, "test"),
+    "gsm8k": ("openai/gsm8k", "main", "train", "gsm8k_{split}.jsonl"),
+    "dapo": ("BytedTsinghua-SIA/DAPO-Math-17k", None, "train", "dapo_math_17k.jsonl"),
+    "aime24": ("HuggingFaceH4/aime_2024", None, "train", "eval_aime24.jsonl"),
+    "aime25": ("math-ai/aime25", None, "test", "eval_aime25.jsonl"),
+    "amc23": ("math-ai/amc23", None, "test", "eval_amc23.jsonl"),
+    "math300": ("HuggingFaceH4/MATH-500", None, "test", "eval_math300.jsonl"),
 }
-# short name -> file name in a data dir ({split} is filled in for gsm8k)
-LOCAL_FILES = {
-    "gsm8k": "gsm8k_{split}.jsonl",
-    "dapo": "dapo_math_17k.jsonl",
-    "aime24": "eval_aime24.jsonl",
-    "aime25": "eval_aime25.jsonl",
-    "amc23": "eval_amc23.jsonl",
-    "math300": "eval_math300.jsonl",
-}
+LOCAL_FILES = {name: row[3] for name, row in HUB.items()}
 TOY = ("toy-easy", "toy-hard")
 QUESTION_KEYS = ("question", "problem", "prompt", "Question", "Problem")
 ANSWER_KEYS = ("answer", "Answer", "ground_truth", "final_answer")
@@ -83,17 +71,6 @@ def _answer(raw):
     if isinstance(a, float) and a.is_integer():
         a = int(a)  # 27.0 -> "27"
     return None if a is None or str(a).strip() == "" else str(a).strip()
-
-
-def _first_of_each(rows):
-    """Rows with a question seen before dropped (streamed: the full list would not fit comfortably)."""
-    seen, out = set(), []
-    for raw in rows:
-        q = _question(raw)
-        if q not in seen:
-            seen.add(q)
-            out.append(raw)
-    return out
 
 
 def to_records(rows, source):
@@ -140,15 +117,14 @@ def read_file(path):
 def read_hub(name, hub_id, config, split):
     """Raw dicts of a hub dataset; a clear message when the hub cannot be reached."""
     import datasets
-    try:
-        ds = datasets.load_dataset(hub_id, config, split=split)
+    try:  # an iterable of dicts, not a list: the DAPO copy has ~1.8M rows
+        return datasets.load_dataset(hub_id, config, split=split)
     except Exception as e:  # offline, missing, gated, renamed: all end the same way for the user
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         local = LOCAL_FILES.get(name, "FILE.jsonl").format(split=split)
         raise RuntimeError(f"dataset {name!r}: could not load {hub_id} (split {split}) from the hub ({first}). "
                            f"Offline? Put the records in a local JSONL/parquet file and pass --data-dir DIR "
                            f"(expects DIR/{local}) or the file path instead of the name") from None
-    return ds  # iterable of dicts; not a list: the DAPO copy has ~1.8M rows
 
 
 def load(source, split=None, data_dir=None):
@@ -162,18 +138,20 @@ def load(source, split=None, data_dir=None):
         from nanopr1 import toy  # lazily: the toy world is not needed for real data
         return to_records(toy.eval_set(source.split("-", 1)[1]), source)
     if source in HUB:
-        hub_id, config, default_split = HUB[source]
-        # only gsm8k has two splits; the others have one, whatever split the caller asks for
+        hub_id, config, default_split, local = HUB[source]
         split = (split or default_split) if source == "gsm8k" else default_split
         if data_dir is not None:
-            path = Path(data_dir) / LOCAL_FILES[source].format(split=split)
+            path = Path(data_dir) / local.format(split=split)
             if not path.is_file():
                 raise FileNotFoundError(f"dataset {source!r}: {path} does not exist "
-                                        f"(with --data-dir, {source} is read from {LOCAL_FILES[source]})")
+                                        f"(with --data-dir, {source} is read from {local})")
             return to_records(read_file(path), f"{source} ({path})")
         rows = read_hub(source, hub_id, config, split)
-        if source == "dapo":  # the hub copy repeats each problem ~100 times
-            rows = _first_of_each(rows)
+        if source == "dapo":  # the hub copy repeats each problem ~100 times: keep the first copy
+            first = {}
+            for raw in rows:  # streamed: the full list would not fit comfortably
+                first.setdefault(_question(raw), raw)
+            rows = list(first.values())
         records = to_records(rows, f"{source} ({hub_id})")
         if source == "math300":  # the integer-answer subset of MATH-500
             records = [r for r in records if re.fullmatch(r"-?\d+", r["answer"])]

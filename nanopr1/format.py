@@ -6,13 +6,11 @@ A response is main text with zero or more parallel blocks in it:
     main<Parallel><Path>path 1</Path><Path>path 2</Path></Parallel><Summary>summary</Summary>main
 
 The canonical layout has nothing between structural tags (no newline between
-`</Path>` and `<Path>`, none between `</Parallel>` and `<Summary>`); the sampler
-produces exactly this and the trainer scores exactly this. Teacher data is
-normalised to it with `normalize`. The final answer is the text after the last
-`Final Answer:` in the main text (an answer written inside a path or a summary
-does not count).
-
-Everything else in nanopr1 imports the tag strings from here.
+`</Path>` and `<Path>`, none between `</Parallel>` and `<Summary>`): the sampler
+produces it, the trainer scores it, `normalize` brings teacher data to it. The
+final answer is the text after the last `Final Answer:` of the main text (one
+inside a path or a summary does not count). The rest of nanopr1 imports the
+tag strings from here.
 """
 
 import re
@@ -48,10 +46,9 @@ Think step by step and give the final answer after "{ANSWER_PREFIX}"."""
 
 def load_template(path):
     """Read a user prompt template; it must contain a {problem} slot."""
-    p = FilePath(path)
-    if not p.is_file():
+    if not FilePath(path).is_file():
         raise FileNotFoundError(f"prompt template {path!r} does not exist")
-    text = p.read_text(encoding="utf-8")
+    text = FilePath(path).read_text(encoding="utf-8")
     if "{problem}" not in text:
         raise ValueError(f"prompt template {path!r} has no {{problem}} slot: add one where the problem goes")
     return text
@@ -162,7 +159,6 @@ def check_format(text):
     """None if `text` is well formed, else the reason it is not."""
     try:
         parse(text)
-        return None
     except FormatError as e:
         return str(e)
 
@@ -194,6 +190,4 @@ def final_answer(text):
     """The rest of the line after the last `Final Answer:` of the main text, or None."""
     main = main_text(text)
     k = main.rfind(ANSWER_PREFIX)
-    if k < 0:
-        return None
-    return main[k + len(ANSWER_PREFIX):].split("\n", 1)[0].strip()
+    return None if k < 0 else main[k + len(ANSWER_PREFIX):].split("\n", 1)[0].strip()

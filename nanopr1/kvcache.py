@@ -16,16 +16,14 @@ every step), and now and then the free rows and dead columns are squeezed out.
 
 StaticRows, the fast path (sample(fast=True)): R_max rows and S_max columns
 per layer are allocated once. Each row appends at its own write position
-(`length`), so a step writes one column per row in place (index_put_) and
-attends to the first `view` columns only, `view` being the longest row rounded
-up to a multiple of 256. The shapes of a decode step then depend on (rows
-bucket, view) alone, so on CUDA each such step is captured once as a CUDA graph
-and replayed: one launch instead of a few hundred small kernels per token, the
-overhead that dominates eager decoding of a 36-layer model. The rows are padded
-up to a bucket (1, 8, 32, 64, 128, 256, ...) with dead rows, which write to a
-scratch column that no query ever attends to; a fork copies a row's columns, a
-merge writes the paths' entries into a free row, and compaction moves the live
-rows down so that a smaller bucket can be used.
+(`length`), so a step writes one column per row in place and attends to the
+first `view` columns only, `view` being the longest row rounded up to a
+multiple of 256. The shapes of a decode step then depend on (rows bucket, view)
+alone, so on CUDA each such step is captured once as a CUDA graph and replayed:
+one launch instead of a few hundred small kernels per token, the overhead that
+dominates eager decoding of a 36-layer model. Rows are padded up to a bucket
+(1, 8, 32, 64, 128, 256, ...) with dead rows, which write to a scratch column
+that no query ever attends to; compaction moves the live rows to a smaller one.
 
 Simplifications: S_max is the worst case (prompt + max_new_tokens) for every
 row and R_max = rollouts x num_paths, so memory is R_max x S_max x (KV bytes
@@ -40,6 +38,7 @@ of the tokens to the host per step.
 import warnings
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
@@ -49,17 +48,6 @@ VIEW = 256  # the columns a step attends to are rounded up to a multiple of this
 
 def bucket(n):
     return next((b for b in BUCKETS if b >= n), -(-n // 256) * 256)
-
-
-def _dynamic_cache(kv):
-    """Wrap [K0, V0, K1, V1, ...] into a DynamicCache without copying them."""
-    cache = DynamicCache()
-    for k, v in zip(kv[0::2], kv[1::2]):
-        layer = DynamicLayer()
-        layer.lazy_initialization(k, v)
-        layer.keys, layer.values = k, v
-        cache.layers.append(layer)
-    return cache
 
 
 class KVRows:
@@ -89,7 +77,12 @@ class KVRows:
         new = torch.ones(Q, Q, dtype=torch.bool, device=ids.device).tril() & q_valid[:, None, :]  # (R, Q, Q)
         new |= torch.eye(Q, dtype=torch.bool, device=ids.device)  # a pad query sees itself: no row fully masked
         mask = torch.cat([self.valid[:, None, :].expand(R, Q, -1), new], 2)[:, None]  # (R, 1, Q, S+Q)
-        cache = _dynamic_cache(self.kv)
+        cache = DynamicCache()
+        for k, v in zip(self.kv[0::2], self.kv[1::2]):  # wrap [K0, V0, K1, V1, ...] without copying them
+            layer = DynamicLayer()
+            layer.lazy_initialization(k, v)
+            layer.keys, layer.values = k, v
+            cache.layers.append(layer)
         out = model(input_ids=ids, position_ids=pos, attention_mask=mask, past_key_values=cache,
                     use_cache=True, logits_to_keep=1)
         self.kv = [t for layer in cache.layers for t in (layer.keys, layer.values)]
@@ -106,27 +99,19 @@ class KVRows:
         cols = self.valid[i].nonzero()[start:, 0]
         return [t[i][:, cols] for t in self.kv]
 
-    @staticmethod
-    def from_entries(entries):
-        """Rows from entries of different lengths, right-padded with invalid columns."""
+    def put(self, slots, entries):
+        """Row slots[j] := the entries entries[j] (a merged row); shorter rows padded with invalid columns."""
         n = torch.tensor([e[0].shape[1] for e in entries])
         kv = [e0.new_zeros(len(entries), e0.shape[0], int(n.max()), e0.shape[2]) for e0 in entries[0]]
         for r, e in enumerate(entries):
             for t, x in zip(kv, e):
                 t[r, :, :x.shape[1]] = x
-        return KVRows(kv, (torch.arange(int(n.max()))[None] < n[:, None]).to(kv[0].device))
-
-    def put(self, slots, entries):
-        """Row slots[j] := the entries entries[j] (a merged row)."""
-        self.write(slots, KVRows.from_entries(entries))
+        self.write(slots, KVRows(kv, (torch.arange(int(n.max()))[None] < n[:, None]).to(kv[0].device)))
 
     def grow(self, rows=0, cols=0):
         """Add free rows and invalid columns (zeros)."""
-        R, S = self.valid.shape
-        self.kv = [torch.cat([t, t.new_zeros(rows, *t.shape[1:])]) for t in self.kv]
-        self.kv = [torch.cat([t, t.new_zeros(R + rows, t.shape[1], cols, t.shape[3])], 2) for t in self.kv]
-        self.valid = torch.cat([torch.cat([self.valid, self.valid.new_zeros(rows, S)]),
-                                self.valid.new_zeros(R + rows, cols)], 1)
+        self.kv = [F.pad(t, (0, 0, 0, cols, 0, 0, 0, rows)) for t in self.kv]  # (R + rows, H, S + cols, D)
+        self.valid = F.pad(self.valid, (0, cols, 0, rows))
 
     def free(self, i):
         self.valid[i] = False
@@ -144,8 +129,7 @@ class KVRows:
         idx = torch.as_tensor(slots, device=self.valid.device)
         for t, o in zip(self.kv, other.kv):
             t[idx, :, :S] = o
-        self.valid[idx] = False
-        self.valid[idx, :S] = other.valid
+        self.valid[idx, :S], self.valid[idx, S:] = other.valid, False
 
     def compact_due(self, n_live, n_rows):
         """Squeeze once free rows and dead columns are half the cache."""
@@ -178,16 +162,6 @@ class _Writer(Cache):
         return self.rows.write_layer(layer_idx, key_states, value_states)
 
 
-class _Rerun:
-    """Stands in for a CUDA graph on a CPU: replay() runs the step again into the same output tensor."""
-
-    def __init__(self, step, out):
-        self.step, self.out = step, out
-
-    def replay(self):
-        self.out.copy_(self.step())
-
-
 class StaticRows(KVRows):
     """KVRows with preallocated storage: kv tensors (R_max, H, S_max + 1, D), the last column a scratch
     column for dead rows; length[r] (host) = where row r writes next."""
@@ -204,7 +178,7 @@ class StaticRows(KVRows):
         self.n = 0  # rows in use by the sampler (rows 0..n-1)
         self.cache = _Writer(self)
         self.feed = None  # (rows, cols, view, prefix) of the forward in progress
-        self.captured, self.pool = {}, None  # (bucket, view) -> (graph, input buffer, logits)
+        self.captured, self.pool = {}, None  # (bucket, view) -> (replay, input buffer, logits)
 
     @classmethod
     def prefill(cls, model, ids, pos, q_valid, rep, max_rows=None, max_cols=None):
@@ -274,7 +248,7 @@ class StaticRows(KVRows):
         inp[2] = self.S - 1
         inp[0, :n], inp[1, :n], inp[2, :n], inp[3, :n] = ids[:, 0].cpu(), pos[:, 0].cpu(), cols[:, 0], q_valid[:, 0].cpu()
         try:
-            graph, buf, logits = self._graph(model, Rb, view)
+            replay, buf, logits = self._graph(model, Rb, view)
         except RuntimeError as e:  # e.g. an op that waits for the host inside the model: decode eagerly
             warnings.warn(f"CUDA graph capture failed, the static cache decodes eagerly: {e}")
             StaticRows.graphs, StaticRows.graph_error = "never", str(e)
@@ -282,7 +256,7 @@ class StaticRows(KVRows):
             return self._forward(model, x[0, :, None], x[1, :, None], torch.arange(Rb, device=x.device),
                                  x[2, :, None], x[3, :, None].bool(), view, prefix=True)[:n]
         buf.copy_(inp)
-        graph.replay()
+        replay()
         return logits[:n]  # a view of the graph's output: read it before the next step
 
     def _graph(self, model, Rb, view):
@@ -294,7 +268,7 @@ class StaticRows(KVRows):
                                          buf[3, :, None].bool(), view, prefix=True)
             if not buf.is_cuda:  # graphs="always" on a CPU: the same buffers, the step re-run at each replay
                 logits = step()
-                self.captured[(Rb, view)] = (_Rerun(step, logits), buf, logits)
+                self.captured[(Rb, view)] = (lambda: logits.copy_(step()), buf, logits)
                 return self.captured[(Rb, view)]
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -305,7 +279,7 @@ class StaticRows(KVRows):
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
                 logits = step()
-            self.captured[(Rb, view)] = (graph, buf, logits)
+            self.captured[(Rb, view)] = (graph.replay, buf, logits)
         return self.captured[(Rb, view)]
 
     # -- the row operations of the sampler
@@ -331,9 +305,7 @@ class StaticRows(KVRows):
             L = e[0].shape[1]
             for t, x in zip(self.kv, e):
                 t[r, :, :L] = x
-            self.valid[r] = False
-            self.valid[r, :L] = True
-            self.length[r] = L
+            self.valid[r, :L], self.valid[r, L:], self.length[r] = True, False, L
 
     def compact_due(self, n_live, n_rows):
         return bucket(n_live) < bucket(n_rows)  # a smaller bucket of rows would do
@@ -344,7 +316,5 @@ class StaticRows(KVRows):
         L = max([self.length[r] for r in keep], default=0)
         for t in self.kv:
             t[:n, :, :L] = t[idx, :, :L]
-        self.valid[:n] = self.valid[idx]
-        self.valid[n:] = False
-        self.length = [self.length[r] for r in keep] + [0] * (self.R - n)
-        self.n = n
+        self.valid[:n], self.valid[n:] = self.valid[idx], False
+        self.length, self.n = [self.length[r] for r in keep] + [0] * (self.R - n), n

@@ -2,11 +2,11 @@
 Grading answers and turning grades into rewards.
 
 1) Extraction. The answer is the text after the last `Final Answer:` of the
-   main text (official; matched case-insensitively, as the official regex
-   does). An answer written inside a path or a summary does not count: the
-   paths are scratch work, only the main line commits to an answer. If the
-   main text has no `Final Answer:` at all, we fall back to its last
-   `\\boxed{...}` (a base model's habit; documented, not in the paper).
+   main text (matched case-insensitively, as the official regex does). One
+   inside a path or a summary does not count: paths are scratch work, only
+   the main line commits to an answer. With no `Final Answer:` in the main
+   text we fall back to its last `\\boxed{...}` (a base model's habit; not in
+   the paper).
 2) Normalisation. Models write `$1,080.`, `\\boxed{-\\frac{3}{4}}`,
    `x = 42 apples`, `\\(42\\)`, `−7` (unicode minus) ... for the gold `1080`,
    `-3/4`, `42`, `-7`. We strip the LaTeX and currency wrappers, keep what
@@ -15,12 +15,9 @@ Grading answers and turning grades into rewards.
    their values are (42.0 == 42, 0.75 == 3/4). A number glued to more math
    (`3x`, `2^{10}`, `5 - 3`) is not read as a number. Non-numeric answers
    fall back to comparing the cleaned strings.
-3) Rewards (DESIGN.md §6), functions of (correct, has_block):
-   R_acc ±1; the easy-stage reward (+1 only if correct AND a valid block);
-   the tiered reward (1.2 / 1.0 / −1.0); the alternating schedule (in each
-   window of 10 steps, counted from 1, steps 9 and 10 are tiered) and the
-   exploration scaffold (alternating up to a step, then R_acc) pick one of
-   them per RL step; `compute_reward` grades a response and applies it.
+3) Rewards (DESIGN.md §6), functions of (correct, has_block): R_acc ±1, the
+   easy-stage reward and the tiered reward; a schedule (`reward_fn`) picks
+   one per RL step and `compute_reward` grades a response and applies it.
 
 Simplification: the grader is a small hand-written normaliser for integer and
 simple numeric answers (what GSM8K, DAPO-Math, AIME, AMC and the MATH subset
@@ -58,8 +55,7 @@ def extract_answer(text):
     if not hits:
         return last_boxed(main)
     rest = main[hits[-1].end():].strip()
-    # `Final Answer:` alone on its line: the answer is on the next non-empty
-    # line, often as a displayed \[\boxed{..}\]
+    # `Final Answer:` alone on its line: the answer is on the next non-empty line, often a displayed \[\boxed{..}\]
     line = rest.split("\n", 1)[0].strip()
     if clean_answer(line) == "" and "\\boxed{" in rest:
         return last_boxed(rest)
@@ -99,10 +95,6 @@ def clean_answer(s):
     return s.strip().rstrip(".").strip()
 
 
-def _to_fraction(num):
-    return Fraction(num.replace(",", ""))
-
-
 def parse_number(s):
     """The value of the leading number of a cleaned answer, or None.
 
@@ -110,19 +102,14 @@ def parse_number(s):
     """
     s = re.sub(r"\(\s*([-+]?[\d.,]+)\s*\)", r"\1", s)  # (3)/(4) -> 3/4
     m = _NUMBER_RE.search(s)
-    # digits or LaTeX before it: the number is part of an expression (\sqrt{3}, x_2)
-    if m is None or re.search(r"[\d\\{^_]", s[:m.start()]):
+    # digits or LaTeX before it, or more math after it: the number is part of an expression (\sqrt{3}, x_2, 3x)
+    if m is None or re.search(r"[\d\\{^_]", s[:m.start()]) or _MORE_MATH_RE.match(s, m.end()):
         return None
-    if _MORE_MATH_RE.match(s, m.end()):
-        return None
-    try:
-        value = _to_fraction(m.group(1))
-        if m.group(2) is not None:
-            den = _to_fraction(m.group(2))
-            value = value / den if den != 0 else None
+    try:  # the denominator of a plain number is 1
+        num, den = (Fraction(g.replace(",", "")) for g in (m.group(1), m.group(2) or "1"))
     except (ValueError, ZeroDivisionError):
         return None
-    return value
+    return num / den if den != 0 else None
 
 
 def _squash(s):
@@ -159,9 +146,7 @@ def parallel_reward(correct, has_block):
 
 def tiered_reward(correct, has_block):
     """+1.2 correct with a valid block, +1.0 correct without, -1.0 otherwise."""
-    if not correct:
-        return -1.0
-    return 1.2 if has_block else 1.0
+    return (1.2 if has_block else 1.0) if correct else -1.0
 
 
 def is_tiered_step(step, window=10, tiered=2):
@@ -208,7 +193,5 @@ def compute_reward(text, gold, schedule="acc", step=1, scaffold_until=200):
     format_ok, num_blocks = structure(text)
     has_block = format_ok and num_blocks > 0
     reward = fn(correct, has_block)
-    metrics = {"reward": reward, "correct": correct, "answer": answer, "has_answer": answer is not None,
-               "format_ok": format_ok, "has_block": has_block, "num_blocks": num_blocks,
-               "reward_fn": fn.__name__}
-    return reward, metrics
+    return reward, {"reward": reward, "correct": correct, "answer": answer, "has_answer": answer is not None,
+                    "format_ok": format_ok, "has_block": has_block, "num_blocks": num_blocks, "reward_fn": fn.__name__}

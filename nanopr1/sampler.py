@@ -6,21 +6,16 @@ A rollout is decoded as a small state machine (DESIGN.md section 4):
     MAIN ──<Parallel>──> FORK ──> PATHS ──all </Path>──> MERGE ──> SUMMARY ──</Summary>──> MAIN
 
 - each prompt is prefilled once, not once per rollout of its group;
-- FORK clones the prefix's KV cache into one row per path (no re-prefill) and
-  forces `<Path>` into each;
+- FORK clones the prefix's KV cache (kvcache.py) into one row per path (no
+  re-prefill) and forces `<Path>` into each;
 - every live row (main line, path or summary of any rollout) is decoded
   together: one forward per step;
 - MERGE builds one row that continues the rollout, then forces
   `</Parallel><Summary>`. unseen: the paths' KV entries are concatenated after
-  the prefix, nothing is recomputed, positions follow the Multiverse rule
-  (every `<Path>` at p+1, `</Parallel>` one past the longest path). seen: path
-  1's row is kept and paths 2..N are re-encoded after it with sequential
-  positions, so what follows sees exactly what the Seen trainer's causal
-  forward sees.
-
-The cache lives in kvcache.py: KVRows (default, grows by concatenation) or,
-with fast=True, StaticRows (preallocated, CUDA graphs on a GPU); same tokens and
-log-probs at temperature 0.
+  the prefix (no recompute), positions by the Multiverse rule (every `<Path>`
+  at p+1, `</Parallel>` one past the longest path). seen: paths 2..N are
+  re-encoded after path 1's row with sequential positions, so what follows sees
+  exactly what the Seen trainer's causal forward sees.
 
 Tag mask (parallel=True): in the main text only `<Parallel>` may be sampled
 (not after `max_blocks` blocks, nor without room for a block), in a path only
@@ -56,7 +51,7 @@ from nanopr1.model import tag_ids
 
 BIT = {t: 1 << i for i, t in enumerate(TAGS)}  # bit i of `allowed` = TAGS[i]
 ALL_TAGS = (1 << len(TAGS)) - 1
-MAIN, PATHS, SUMMARY_PHASE, DONE = "main", "paths", "summary", "done"
+MAIN, PATHS, SUMMARY_PHASE = "main", "paths", "summary"
 
 
 @dataclass
@@ -101,8 +96,7 @@ class _Seg:
 
 
 @dataclass
-class _Block:
-    """The block a rollout is writing."""
+class _Block:  # the block a rollout is writing
     parallel: int   # response index of <Parallel>
     p: int          # its position id
     budget: int     # tokens per path, its two tags included
@@ -126,8 +120,7 @@ class _State:
 
 
 @dataclass
-class _Row:
-    """One cache row: the main line of a rollout (path None) or one of its paths."""
+class _Row:  # one cache row: the main line of a rollout (path None) or one of its paths
     s: _State
     path: object  # None or the path index
     seg: _Seg
@@ -141,7 +134,7 @@ class _Row:
 
 
 class _Sampler:
-    def __init__(self, model, tokenizer, opt):
+    def __init__(self, model, tokenizer, opt, bar):
         self.model, self.tok, self.o = model, tokenizer, opt
         self.device = next(model.parameters()).device
         self.tags = tag_ids(tokenizer)
@@ -149,26 +142,21 @@ class _Sampler:
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         self.eos = {e for e in eos + [tokenizer.eos_token_id] if e is not None}
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos, default=0)
-        self.gen = None
-        if opt["seed"] is not None:
-            self.gen = torch.Generator(device=self.device).manual_seed(opt["seed"])
-        self.bar = None
+        self.gen = None if opt["seed"] is None else torch.Generator(device=self.device).manual_seed(opt["seed"])
+        self.bar = bar  # progress: rollouts finished
         self.ready = []  # rollouts whose paths have all finished: merge them next step
 
     # 1) prefill: each prompt once, left-padded, then one row per rollout of its group
     def prefill(self, prompts, group_size):
         P = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), P), self.pad, dtype=torch.long)
-        pos = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):
-            ids[i, P - len(p):] = torch.tensor(p)
-            pos[i, P - len(p):] = torch.arange(len(p))
-        q_valid = torch.arange(P)[None] >= P - torch.tensor([len(p) for p in prompts])[:, None]  # (n, P)
+        ids = torch.tensor([[self.pad] * (P - len(p)) + p for p in prompts], device=self.device)  # (n, P)
+        pos = torch.tensor([[0] * (P - len(p)) + list(range(len(p))) for p in prompts], device=self.device)
+        q_valid = torch.tensor([[False] * (P - len(p)) + [True] * len(p) for p in prompts], device=self.device)
         rep = torch.arange(len(prompts)).repeat_interleave(group_size)  # row j is prompt rep[j]
         cache = StaticRows if self.o["fast"] else KVRows
         max_rows = len(rep) * (self.o["num_paths"] if self.o["parallel"] else 1)  # at most N rows per rollout
-        self.kv, self.logits = cache.prefill(self.model, ids.to(self.device), pos.to(self.device),  # (R, V)
-                                             q_valid.to(self.device), rep, max_rows, P + self.o["max_new_tokens"] + 1)
+        max_cols = P + self.o["max_new_tokens"] + 1
+        self.kv, self.logits = cache.prefill(self.model, ids, pos, q_valid, rep, max_rows, max_cols)  # logits (R, V)
         force = self.o["force_block"]
         force = None if force is False else ("line" if force is True else int(force))
         self.states = [_State(list(p), force) for p in prompts for _ in range(group_size)]
@@ -185,34 +173,26 @@ class _Sampler:
             self.logits = torch.cat([self.logits, self.logits.new_zeros(extra, self.logits.shape[1])])
         return free
 
-    def _free(self, i):
-        self.rows[i] = None
-        self.kv.free(i)
-
     # 2) fork: clone the KV cache of the prefix into one row per path
     def fork(self):
-        for i in [i for i, w in enumerate(self.rows) if w is not None and w.fork]:
-            w, N = self.rows[i], self.o["num_paths"]
-            s = w.s
-            left = self.o["max_new_tokens"] - len(s.out.ids) - 3  # keep </Parallel><Summary></Summary>
+        N = self.o["num_paths"]
+        for i, w in [(i, w) for i, w in enumerate(self.rows) if w is not None and w.fork]:
+            left = self.o["max_new_tokens"] - len(w.s.out.ids) - 3  # keep </Parallel><Summary></Summary>
             budget = min(self.o["path_max_tokens"] or left, left // N)
-            s.block = _Block(len(s.out.ids) - 1, w.pos - 1, budget, int(self.kv.valid[i].sum()),
-                             [_Seg() for _ in range(N)], [None] * N)
-            slots = [i] + self._alloc(N - 1)
-            for k, j in enumerate(slots):
+            b = w.s.block = _Block(len(w.s.out.ids) - 1, w.pos - 1, budget, int(self.kv.valid[i].sum()),
+                                   [_Seg() for _ in range(N)], [None] * N)
+            for k, j in enumerate([i] + self._alloc(N - 1)):
                 if j != i:
                     self.kv.copy_row(i, j)
-                self.rows[j] = _Row(s, k, s.block.paths[k], s.block.p + 1, [self.tags[PATH]])
+                self.rows[j] = _Row(w.s, k, b.paths[k], b.p + 1, [self.tags[PATH]])
 
     # 3) merge: one row continues each rollout whose paths have all finished
     def merge(self):
         if not self.ready:
             return
         ready, self.ready, unseen = self.ready, [], self.o["variant"] == "unseen"
-        entries = []
-        for s in ready:
-            stash = s.block.stash if unseen else s.block.stash[:1]  # unseen: the paths' own entries after path 1's row
-            entries.append([torch.cat(layer, 1) for layer in zip(*stash)])
+        stash = [s.block.stash if unseen else s.block.stash[:1] for s in ready]  # seen: path 1's row alone
+        entries = [[torch.cat(layer, 1) for layer in zip(*st)] for st in stash]  # unseen: + paths 2..N's own
         slots = self._alloc(len(ready))
         self.kv.put(slots, entries)
         if not unseen:  # re-encode paths 2..N after path 1, sequential positions
@@ -224,37 +204,26 @@ class _Sampler:
                 pos = torch.tensor([[a + j for j in range(Q)] for a in start])
                 q_valid = torch.tensor([[j < len(x) for j in range(Q)] for x in later])
                 self.kv.forward(self.model, ids, pos, q_valid, rows=slots)
-        for s, j in zip(ready, slots):
-            pos = self._append_paths(s, unseen)
+        for s, j in zip(ready, slots):  # the paths into the response, in canonical layout
+            b, nxt, spans = s.block, s.block.p + 1, []
+            for seg in b.paths:
+                positions = seg.positions if unseen else list(range(nxt, nxt + len(seg.ids)))
+                spans.append((len(s.out.ids), len(s.out.ids) + len(seg.ids)))
+                for tok, f, lp, pos, a in zip(seg.ids, seg.forced, seg.logprobs, positions, seg.allowed):
+                    s.out.add(tok, f, lp, pos, a)
+                nxt += len(seg.ids)
+            b.spans, b.summary = spans, len(s.out.ids) + 1
+            pos = b.p + 1 + max(len(seg.ids) for seg in b.paths) if unseen else nxt  # of </Parallel>
             self.rows[j] = _Row(s, None, s.out, pos, [self.tags[PARALLEL_END], self.tags[SUMMARY]])
             s.phase = SUMMARY_PHASE
 
-    def _append_paths(self, s, unseen):
-        """Put the paths into the response in canonical layout; the position of </Parallel>."""
-        b, nxt = s.block, s.block.p + 1
-        spans = []
-        for seg in b.paths:
-            positions = seg.positions if unseen else list(range(nxt, nxt + len(seg.ids)))
-            spans.append((len(s.out.ids), len(s.out.ids) + len(seg.ids)))
-            for tok, f, lp, pos, a in zip(seg.ids, seg.forced, seg.logprobs, positions, seg.allowed):
-                s.out.add(tok, f, lp, pos, a)
-            nxt += len(seg.ids)
-        b.spans, b.summary = spans, len(s.out.ids) + 1
-        return b.p + 1 + max(e - a for a, e in spans) if unseen else nxt
-
     # 4) choose: which tags each row may sample, and which tokens are forced
-    def _can_open(self, s):
-        room = self.o["max_new_tokens"] - len(s.out.ids) - 1
-        return len(s.blocks) < self.o["max_blocks"] and room >= 3 * self.o["num_paths"] + 3
-
     def _force_now(self, s):
         if s.force == "line":
             return len(s.out.ids) >= 32 or (s.out.ids and "\n" in self.tok.decode(s.out.ids[-1:]))
         return len(s.out.ids) >= s.force
 
     def allowed(self, w):
-        if not self.o["parallel"]:
-            return ALL_TAGS
         if w.path is not None:
             if not w.queue and len(w.seg.ids) >= w.s.block.budget - 1:
                 w.queue.append(self.tags[PATH_END])
@@ -263,7 +232,8 @@ class _Sampler:
             if not w.queue and len(w.s.out.ids) >= self.o["max_new_tokens"] - 1:
                 w.queue.append(self.tags[SUMMARY_END])
             return BIT[SUMMARY_END]
-        if not self._can_open(w.s):
+        room = self.o["max_new_tokens"] - len(w.s.out.ids) - 1  # a block needs 3 tokens a path + 3 tags
+        if len(w.s.blocks) >= self.o["max_blocks"] or room < 3 * self.o["num_paths"] + 3:
             return 0
         if w.s.force is not None and not w.s.blocks and self._force_now(w.s):
             w.queue.append(self.tags[PARALLEL])
@@ -271,26 +241,28 @@ class _Sampler:
         return BIT[PARALLEL]
 
     def choose(self):
-        bits = [self.allowed(w) if w is not None else ALL_TAGS for w in self.rows]
-        logits = self.logits
+        bits, logits = [ALL_TAGS] * len(self.rows), self.logits  # parallel=False: tags are ordinary tokens
         if self.o["parallel"]:
+            bits = [self.allowed(w) if w is not None else ALL_TAGS for w in self.rows]
             logits = apply_tag_mask(logits, torch.tensor(bits, device=self.device), self.tags)
         T, top_p = self.o["temperature"], self.o["top_p"]
+        logp = torch.log_softmax(logits / (T or 1), -1)  # (R, V); greedy: temperature 1
         if T == 0:
-            logp = torch.log_softmax(logits, -1)  # (R, V)
             tok = logp.argmax(-1)
-        else:
-            logp = torch.log_softmax(logits / T, -1)
-            tok = _sample_top_p(logp, top_p, self.gen)
+        else:  # one token per row from exp(logp), restricted to the smallest set of mass >= top_p
+            probs = logp.exp()  # (R, V)
+            if top_p < 1.0:
+                sorted_p, idx = probs.sort(-1, descending=True)
+                sorted_p[(sorted_p.cumsum(-1) - sorted_p) >= top_p] = 0.0
+                probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
+            tok = torch.multinomial(probs, 1, generator=self.gen)[:, 0]
         out = torch.stack([tok.to(logp.dtype), logp.gather(1, tok[:, None])[:, 0]]).tolist()  # one host sync
         return [int(t) for t in out[0]], out[1], bits
 
     # 5) record each row's token and advance its phase
     def record(self, toks, logps, bits):
         feed = [None] * len(self.rows)
-        for i, w in enumerate(self.rows):
-            if w is None:
-                continue
+        for i, w in [(i, w) for i, w in enumerate(self.rows) if w is not None]:
             s, forced = w.s, bool(w.queue)
             tok, lp = (w.queue.pop(0), 0.0) if forced else (toks[i], logps[i])
             if not forced and tok in self.eos and self.o["parallel"]:
@@ -311,8 +283,7 @@ class _Sampler:
                     w.fork, s.phase = True, PATHS
                     continue
                 elif s.phase == SUMMARY_PHASE and tok == self.tags[SUMMARY_END]:
-                    b = s.block
-                    s.blocks.append(BlockSpan(b.parallel, b.spans, (b.summary, len(s.out.ids))))
+                    s.blocks.append(BlockSpan(s.block.parallel, s.block.spans, (s.block.summary, len(s.out.ids))))
                     s.phase, s.block = MAIN, None
             if w.path is None and len(s.out.ids) >= self.o["max_new_tokens"]:
                 self._finish(i, "budget")
@@ -320,26 +291,24 @@ class _Sampler:
         return feed
 
     def _finish(self, i, reason):
-        s = self.rows[i].s
-        s.stop, s.phase = reason, DONE
-        self._free(i)
-        if self.bar is not None:
-            self.bar.update(1)
+        self.rows[i].s.stop = reason
+        self.rows[i] = None
+        self.kv.free(i)
+        self.bar.update(1)
 
     # 6) decode: one forward of every live row
     def decode(self, feed):
-        R = len(self.rows)
         ids = torch.tensor([[t if t is not None else self.pad] for t in feed])  # (R, 1) on the host: the
-        pos = torch.tensor([[w.pos - 1 if w is not None and feed[i] is not None else 0]  # cache moves them
-                            for i, w in enumerate(self.rows)])
+        pos = torch.tensor([[w.pos - 1 if t is not None else 0] for t, w in zip(feed, self.rows)])  # cache moves them
         q_valid = torch.tensor([[t is not None] for t in feed])
         self.logits = self.kv.forward(self.model, ids, pos, q_valid)  # (R, V)
-        for i, w in enumerate(self.rows[:R]):
+        for i, w in enumerate(self.rows):
             if w is not None and w.closing:  # a finished path: stash what the merge needs, free its row
                 b = w.s.block
                 if w.path == 0 or self.o["variant"] == "unseen":
                     b.stash[w.path] = self.kv.entries(i, 0 if w.path == 0 else b.n_prefix)
-                self._free(i)
+                self.rows[i] = None
+                self.kv.free(i)
                 b.done += 1
                 if b.done == len(b.paths):
                     self.ready.append(w.s)
@@ -349,33 +318,18 @@ class _Sampler:
         keep = [i for i, w in enumerate(self.rows) if w is not None]
         if self.kv.compact_due(len(keep), len(self.rows)):
             self.kv.compact(keep)
-            self.rows = [self.rows[i] for i in keep]
-            self.logits = self.logits[keep]
+            self.rows, self.logits = [self.rows[i] for i in keep], self.logits[keep]
 
-    def rollouts(self):
-        out = []
-        for s in self.states:
-            ids = s.out.ids
-            body = ids[:-1] if s.stop == "eos" else ids
-            blocks = s.blocks
-            if not self.o["parallel"]:
-                try:
-                    blocks = find_blocks(ids, self.tags)
-                except ValueError:
-                    blocks = []
-            out.append(Rollout(s.prompt, ids, s.out.forced, s.out.logprobs, s.out.positions, s.out.allowed,
-                               blocks, self.tok.decode(body, skip_special_tokens=False), s.stop))
-        return out
-
-
-def _sample_top_p(logp, top_p, gen):
-    """One token per row from exp(logp), restricted to the smallest set of mass >= top_p."""
-    probs = logp.exp()  # (R, V)
-    if top_p < 1.0:
-        sorted_p, idx = probs.sort(-1, descending=True)
-        sorted_p[(sorted_p.cumsum(-1) - sorted_p) >= top_p] = 0.0
-        probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
-    return torch.multinomial(probs, 1, generator=gen)[:, 0]
+    def rollout(self, s):
+        ids, blocks = s.out.ids, s.blocks
+        if not self.o["parallel"]:  # tags written as text: their blocks, if well formed
+            try:
+                blocks = find_blocks(ids, self.tags)
+            except ValueError:
+                blocks = []
+        text = self.tok.decode(ids[:-1] if s.stop == "eos" else ids, skip_special_tokens=False)
+        return Rollout(s.prompt, ids, s.out.forced, s.out.logprobs, s.out.positions, s.out.allowed,
+                       blocks, text, s.stop)
 
 
 def _check(model, prompts, o):
@@ -405,16 +359,14 @@ def sample(model, tokenizer, prompts, group_size=1, *, num_paths=2, max_blocks=4
     force_block (to show or benchmark a block with any model; not for training): False; True = open a
     block after the first line of the main text (or after 32 tokens); an int n = after n response tokens
     (0: the response starts with <Parallel>). A model that would stop before that gets the block instead.
-    temperature 0 = greedy. fast=True: the static KV cache (kvcache.StaticRows) with CUDA graphs on a GPU;
-    at temperature 0 the same tokens and log-probs as the default. See the module docstring for budgets and the tag mask.
+    temperature 0 = greedy. fast=True: kvcache.StaticRows (CUDA graphs), same tokens and log-probs at temperature 0.
     """
     o = dict(num_paths=num_paths, max_blocks=max_blocks, max_new_tokens=max_new_tokens,
              path_max_tokens=path_max_tokens, temperature=temperature, top_p=top_p, seed=seed, variant=variant,
              parallel=parallel, force_block=force_block, max_prompt_tokens=max_prompt_tokens, fast=fast)
     prompts = [list(p) for p in prompts]
     _check(model, prompts, o)
-    run = _Sampler(model, tokenizer, o)
-    run.bar = tqdm(total=len(prompts) * group_size, desc="rollouts", disable=not progress)
+    run = _Sampler(model, tokenizer, o, tqdm(total=len(prompts) * group_size, desc="rollouts", disable=not progress))
     run.prefill(prompts, group_size)                       # 1) prefill each prompt once
     while any(w is not None for w in run.rows) or run.ready:
         run.fork()                                         # 2) fork: clone the KV cache into the path rows
@@ -425,4 +377,4 @@ def sample(model, tokenizer, prompts, group_size=1, *, num_paths=2, max_blocks=4
             run.decode(feed)                               # 6) decode: one forward of all live rows
         run.compact()                                      # 7) compact the cache now and then
     run.bar.close()
-    return run.rollouts()
+    return [run.rollout(s) for s in run.states]

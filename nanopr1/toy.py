@@ -31,9 +31,7 @@ Levels (chance = 1 / number of candidates):
 Only about 60% of teacher traces use blocks at all, like real teacher data,
 so the easy RL stage (reward: correct AND a block) has parallel rate to gain.
 
-Measured (2-core CPU, one seed, 200 eval problems sampled at temperature 1):
-800 SFT steps of batch 32, lr 3e-3 (~4 minutes) give easy: 100% well formed,
-94% correct, 57% parallel; hard: 98% well formed, 49% correct, 62% guessing.
+What the curriculum reaches on it is measured in the README (Results).
 
 Held-out split: a question is for evaluation iff a stable hash of it falls in
 one bucket of five; training problems never use those questions. (Holding out
