@@ -41,7 +41,7 @@ from nanopr1 import data, format, rewards
 from nanopr1.attention import build_inputs
 from nanopr1.grpo import group_advantages, policy_loss, token_logprobs
 from nanopr1.model import apply_lora, load, resume_step, save_checkpoint, tag_ids
-from nanopr1.sampler import sample
+from nanopr1.sampler import ALL_TAGS, sample
 
 STAGES = {  # the paper's settings per stage
     "easy": dict(init="out/sft", out="out/rl-easy", data="gsm8k", reward="parallel", group_size=5,
@@ -124,21 +124,21 @@ def step_prompts(n_problems, per_step, seed, step):
 def score(model, rollouts, tags, args, pad_id, device):
     """The trainer's log-probs of every response token (B, T) with its loss mask (sampled,
     not forced, not padding); positions and the Unseen mask come from attention.py, and the
-    sampler's tag mask is applied so the distribution is the one that was sampled from."""
+    sampler's tag mask is applied so the distribution is the one that was sampled from.
+    Logits are computed from the first position that predicts a response token on."""
     batch = build_inputs([r.prompt_ids for r in rollouts], [r.ids for r in rollouts], tags, args.variant, pad_id)
     B, L = batch["input_ids"].shape
-    allowed = torch.full((B, L - 1), (1 << len(tags)) - 1, dtype=torch.long)  # (B, L-1) all tags outside responses
-    for b, r in enumerate(rollouts):
-        P = len(r.prompt_ids)
-        allowed[b, P - 1:P - 1 + len(r.ids)] = torch.tensor(  # logits at P-1+t predict response token t
-            [(1 << len(tags)) - 1 if f else a for a, f in zip(r.allowed, r.forced)])  # forced: no mask, no loss
+    T, first = max(len(r.ids) for r in rollouts), min(len(r.prompt_ids) for r in rollouts) - 1
+    start = torch.tensor([len(r.prompt_ids) - 1 - first for r in rollouts])  # (B,) logit row of response token 0
+    forced = torch.tensor([r.forced + [True] * (T - len(r.ids)) for r in rollouts])  # (B, T) padding: as forced
+    allowed = torch.full((B, L - 1 - first), ALL_TAGS)  # (B, L-1-first) all tags outside responses
+    for b, r in enumerate(rollouts):  # forced tokens: no mask (and no loss)
+        allowed[b, start[b]:start[b] + len(r.ids)] = torch.tensor(r.allowed).masked_fill(forced[b, :len(r.ids)], ALL_TAGS)
     batch = {k: v.to(device) for k, v in batch.items()}
-    logits = model(**batch).logits[:, :-1]  # (B, L-1, V)
-    logp = token_logprobs(logits, batch["input_ids"][:, 1:], args.temperature, allowed.to(device), tags)
-    T = max(len(r.ids) for r in rollouts)
-    idx = torch.tensor([[min(len(r.prompt_ids) - 1 + t, L - 2) for t in range(T)] for r in rollouts], device=device)
-    mask = torch.tensor([[t < len(r.ids) and not r.forced[t] for t in range(T)] for r in rollouts], device=device)
-    return logp.gather(1, idx), mask  # (B, T) response tokens only
+    logits = model(**batch, logits_to_keep=L - first).logits[:, :-1]  # (B, L-1-first, V)
+    logp = token_logprobs(logits, batch["input_ids"][:, first + 1:], args.temperature, allowed.to(device), tags)
+    idx = (start[:, None] + torch.arange(T)).clamp(max=L - 2 - first)  # (B, T)
+    return logp.gather(1, idx.to(device)), ~forced.to(device)  # (B, T) response tokens only
 
 
 def setup(args, acc):

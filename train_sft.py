@@ -108,10 +108,12 @@ def collate(examples, tags, variant, pad_id):
 
 
 def sequence_nll(model, batch, targets, loss_mask):
-    """(B,) summed negative log-likelihood of each sequence's response tokens."""
-    logits = model(**batch).logits[:, :-1]  # (B, T-1, V)
-    logp = token_logprobs(logits, targets)  # (B, T-1) fp32, upcast a chunk at a time
-    return -(logp * loss_mask).sum(1)
+    """(B,) summed negative log-likelihood of each sequence's response tokens; logits are
+    computed from the first position that predicts a response token on."""
+    first = int(loss_mask.any(0).nonzero()[0])
+    logits = model(**batch, logits_to_keep=targets.shape[1] + 1 - first).logits[:, :-1]  # (B, T-1-first, V)
+    logp = token_logprobs(logits, targets[:, first:])  # fp32, upcast a chunk at a time
+    return -(logp * loss_mask[:, first:]).sum(1)
 
 
 def batches(n, batch_size, seed, epoch):
