@@ -94,6 +94,33 @@ def find_blocks(ids, tags):
     return blocks
 
 
+def structure(ids, tags):
+    """(blocks, None) if the tag tokens of response `ids` are well formed with >= 2 paths per block,
+    else ([], the reason). Judged from token ids only: a tag spelled with sub-word pieces is text."""
+    try:
+        blocks = find_blocks(ids, tags)
+    except ValueError as e:
+        return [], str(e)
+    few = next((b for b in blocks if len(b.paths) < 2), None)
+    if few is not None:
+        return [], f"the block at {few.parallel} has {len(few.paths)} path(s): at least two are needed"
+    return blocks, None
+
+
+def main_line(ids, tags):
+    """Per response token: True if it is main-line text, i.e. not a tag token and not inside a
+    <Parallel>...</Parallel> or <Summary>...</Summary> token span (an unclosed one runs to the end)."""
+    opener = {tags[PARALLEL]: tags[PARALLEL_END], tags[SUMMARY]: tags[SUMMARY_END]}
+    tag_ids, out, closer = set(tags.values()), [], None
+    for t in ids:
+        if closer is None and t in opener:
+            closer = opener[t]
+        out.append(closer is None and t not in tag_ids)
+        if t == closer:
+            closer = None
+    return out
+
+
 def unseen_positions(n_prompt, n_response, blocks):
     """Multiverse position id of every response token (the prompt is 0..n_prompt-1)."""
     pos, nxt, i = [], n_prompt, 0

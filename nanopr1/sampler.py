@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from nanopr1.attention import BlockSpan, find_blocks
+from nanopr1.attention import BlockSpan, main_line, structure
 from nanopr1.format import PARALLEL, PARALLEL_END, PATH, PATH_END, SUMMARY, SUMMARY_END, TAGS
 from nanopr1.kvcache import KVRows, StaticRows
 from nanopr1.model import tag_ids
@@ -62,9 +62,12 @@ class Rollout:
     logprobs: list    # float per response token: the sampler's log-prob (0.0 where forced)
     positions: list   # position id of each response token (the prompt is 0..P-1)
     allowed: list     # int per response token: bitmask over format.TAGS of the tags allowed when sampled
-    blocks: list      # BlockSpan list
+    blocks: list      # BlockSpan list: the blocks the tag tokens form (none if they are malformed)
     text: str         # decoded response, tags kept
     stop_reason: str  # "eos" | "budget"
+    main_text: str = ""       # decoded main-line tokens (outside blocks and summaries, EOS excluded);
+                              # a tag spelled with ordinary sub-word pieces stays plain text here
+    format_error: str = None  # None if the tag tokens are well formed (always, when the sampler forks)
 
 
 def apply_tag_mask(logits, allowed, tags):
@@ -321,15 +324,14 @@ class _Sampler:
             self.rows, self.logits = [self.rows[i] for i in keep], self.logits[keep]
 
     def rollout(self, s):
-        ids, blocks = s.out.ids, s.blocks
-        if not self.o["parallel"]:  # tags written as text: their blocks, if well formed
-            try:
-                blocks = find_blocks(ids, self.tags)
-            except ValueError:
-                blocks = []
-        text = self.tok.decode(ids[:-1] if s.stop == "eos" else ids, skip_special_tokens=False)
-        return Rollout(s.prompt, ids, s.out.forced, s.out.logprobs, s.out.positions, s.out.allowed,
-                       blocks, text, s.stop)
+        ids, blocks, error = s.out.ids, s.blocks, None
+        if not self.o["parallel"]:  # tag tokens written like any other token: their blocks, if well formed
+            blocks, error = structure(ids, self.tags)
+        end = len(ids) - (s.stop == "eos")  # the EOS token is not text
+        main = [t for t, m in zip(ids[:end], main_line(ids[:end], self.tags)) if m]
+        return Rollout(s.prompt, ids, s.out.forced, s.out.logprobs, s.out.positions, s.out.allowed, blocks,
+                       self.tok.decode(ids[:end], skip_special_tokens=False), s.stop,
+                       self.tok.decode(main, skip_special_tokens=False), error)
 
 
 def _check(model, prompts, o):
