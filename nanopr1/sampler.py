@@ -324,21 +324,31 @@ class _Sampler:
             self.rows, self.logits = [self.rows[i] for i in keep], self.logits[keep]
 
     def rollout(self, s):
-        ids, blocks, error = s.out.ids, s.blocks, None
-        if not self.o["parallel"]:  # tag tokens written like any other token: their blocks, if well formed
-            blocks, error = structure(ids, self.tags)
-        end = len(ids) - (s.stop == "eos")  # the EOS token is not text
-        main = [t for t, m in zip(ids[:end], main_line(ids[:end], self.tags)) if m]
-        return Rollout(s.prompt, ids, s.out.forced, s.out.logprobs, s.out.positions, s.out.allowed, blocks,
-                       self.tok.decode(ids[:end], skip_special_tokens=False), s.stop,
-                       self.tok.decode(main, skip_special_tokens=False), error)
+        r = make_rollout(self.tok, s.prompt, s.out.ids, s.stop, s.out.forced, s.out.logprobs, s.out.positions,
+                         s.out.allowed)
+        assert not self.o["parallel"] or (r.blocks == s.blocks and r.format_error is None), "sampler bug"
+        return r
+
+
+def make_rollout(tokenizer, prompt, ids, stop_reason="eos", forced=None, logprobs=None, positions=None, allowed=None):
+    """A Rollout from its response token ids; its structure (blocks, format_error, main_text) is read
+    from the tag tokens alone. The sampler builds every rollout here; tests build rollouts by hand
+    (the per-token lists default to: sampled, log-prob 0, sequential positions, every tag allowed)."""
+    n, tags = len(ids), tag_ids(tokenizer)
+    blocks, error = structure(ids, tags)
+    end = n - (stop_reason == "eos")  # the EOS token is not text
+    main = [t for t, m in zip(ids[:end], main_line(ids[:end], tags)) if m]
+    decode = lambda x: tokenizer.decode(x, skip_special_tokens=False)
+    return Rollout(list(prompt), list(ids), forced or [False] * n, logprobs or [0.0] * n,
+                   positions or list(range(len(prompt), len(prompt) + n)), allowed or [ALL_TAGS] * n,
+                   blocks, decode(ids[:end]), stop_reason, decode(main), error)
 
 
 def _check(model, prompts, o):
     if o["variant"] not in ("seen", "unseen"):
         raise ValueError(f"variant must be 'seen' or 'unseen', not {o['variant']!r}")
-    if o["parallel"] and o["num_paths"] < 1:
-        raise ValueError("num_paths must be at least 1")
+    if o["parallel"] and o["num_paths"] < 2:
+        raise ValueError(f"num_paths={o['num_paths']}: a parallel block needs at least 2 paths")
     if o["path_max_tokens"] is not None and o["path_max_tokens"] < 2:
         raise ValueError("path_max_tokens counts the path's two tags: it must be at least 2")
     if not prompts or any(len(p) == 0 for p in prompts):
