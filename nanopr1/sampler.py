@@ -1,42 +1,60 @@
 """
 The branching sampler: every RL rollout and every evaluation goes through here.
 
-A rollout is decoded as a small state machine (DESIGN.md section 4):
+A rollout's tokens, what each changes, and where (methods of _Sampler):
 
-    MAIN ──<Parallel>──> FORK ──> PATHS ──all </Path>──> MERGE ──> SUMMARY ──</Summary>──> MAIN
+    token fed             what changes                                            where
+    <Parallel> (main)     the row forks: N path rows share its KV cache, each     record -> fork
+                          gets a forced <Path>
+    </Path>   (a path)    the path row parks (kept, not fed) until its            decode
+                          siblings finish
+    last </Path>          the rollout merges into path 1's row and gets a         merge
+                          forced </Parallel><Summary>
+    </Summary>            the block is recorded; back to the main text            record
+    EOS (main text)       the rollout ends, its rows are freed, new rollouts      record -> admit
+                          may be admitted
 
-- each prompt is prefilled once, not once per rollout of its group;
-- FORK clones the prefix's KV cache (kvcache.py) into one row per path (no
-  re-prefill) and forces `<Path>` into each;
-- every live row (main line, path or summary of any rollout) is decoded
-  together: one forward per step;
-- MERGE builds one row that continues the rollout, then forces
-  `</Parallel><Summary>`. unseen: the paths' KV entries are concatenated after
-  the prefix (no recompute), positions by the Multiverse rule (every `<Path>`
-  at p+1, `</Parallel>` one past the longest path). seen: paths 2..N are
-  re-encoded after path 1's row with sequential positions, so what follows sees
-  exactly what the Seen trainer's causal forward sees.
+- Rows in flight are bounded: at most `max_rows` cache rows exist at any time.
+  Rollouts are admitted as rows free up (continuous admission), each reserving
+  num_paths rows, so a fork never waits and nothing is ever preempted. Each
+  prompt is prefilled once per admission, its other rollouts copy the row.
+- Every live row (main line, path or summary of any rollout) is decoded
+  together: one forward per step.
+- Merge. unseen: the later paths' KV entries are appended after path 1's (no
+  recompute); positions by the Multiverse rule (every <Path> at p+1, </Parallel>
+  one past the longest path). seen: paths 2..N are re-encoded in path 1's row
+  with sequential positions, so what follows sees exactly what the Seen
+  trainer's causal forward sees.
 
-Tag mask (parallel=True): in the main text only `<Parallel>` may be sampled
-(not after `max_blocks` blocks, nor without room for a block), in a path only
-`</Path>`, in a summary only `</Summary>`; the other tags are only inserted by
-the runtime, so every rollout is well formed. Each token records the tags
-allowed when it was sampled (`allowed`, a bitmask over format.TAGS) and the
-trainer applies the same mask (`apply_tag_mask`). parallel=False: tags are
-ordinary tokens (the cold-start teacher writes them as text).
+Tag mask (parallel=True): in the main text only <Parallel> may be sampled (not
+after `max_blocks` blocks, nor without room for a block), in a path only
+</Path>, in a summary only </Summary>; the other tags are only inserted by the
+runtime, so every rollout is well formed. Each token records the tags allowed
+when it was sampled (`allowed`, a bitmask over format.TAGS) and the trainer
+applies the same mask (`apply_tag_mask`). parallel=False: tags are ordinary
+tokens (the cold-start teacher writes them like any text).
 
-Budgets: `max_new_tokens` counts every response token. A block opens only if
-3 tokens per path plus the three closing tags still fit; each path gets
-min(path_max_tokens, its share of what is left) tokens, its two tags included,
-then `</Path>` is forced; `</Summary>` is forced at the budget's last token. EOS
-in a path or summary is replaced by its closing tag. Runtime-inserted tokens
-are `forced`: no policy loss, log-prob 0.
+Budgets: `max_new_tokens` counts every response token. A block keeps `reserve`
+tokens for its summary and the final answer line: its paths share what is left
+of the budget minus the reserve (each at most `path_max_tokens`, its two tags
+included; then </Path> is forced), a summary is closed by force once only
+reserve // 2 tokens are left, so a block opened at any point leaves the main
+text at least reserve // 2 tokens to write its `Final Answer:` line. A block
+opens only if each path would get 3 tokens. EOS in a path or a summary is
+replaced by its closing tag. Runtime-inserted tokens are `forced`: no policy
+loss, log-prob 0.
 
 A sampled token's log-prob is log_softmax(tag-masked logits / temperature)
 (temperature 1 when greedy); top-p changes what is sampled, not what is
 recorded. Seen rollouts record sequential positions (the scorer's); paths 2..N
 of a Seen block were sampled without seeing path 1, so only their log-probs
-differ from a plain causal forward (by design, DESIGN.md 5).
+differ from a plain causal forward (by design: the Seen model is trained on
+paths as plain text).
+
+Adding a merge mode: a new `variant` changes merge() (what row continues the
+rollout and what it holds), the positions recorded there, and
+attention.build_inputs (what the trainer's forward sees); the sampler-scorer
+equivalence test then says whether the two agree.
 """
 
 from dataclasses import dataclass, field
@@ -46,7 +64,7 @@ from tqdm import tqdm
 
 from nanopr1.attention import BlockSpan, main_line, structure
 from nanopr1.format import PARALLEL, PARALLEL_END, PATH, PATH_END, SUMMARY, SUMMARY_END, TAGS
-from nanopr1.kvcache import KVRows, StaticRows
+from nanopr1.kvcache import KVRows
 from nanopr1.model import tag_ids
 
 BIT = {t: 1 << i for i, t in enumerate(TAGS)}  # bit i of `allowed` = TAGS[i]
@@ -70,6 +88,24 @@ class Rollout:
     format_error: str = None  # None if the tag tokens are well formed (always, when the sampler forks)
 
 
+@dataclass(frozen=True)
+class Options:
+    num_paths: int = 2              # paths per block
+    max_blocks: int = 4             # blocks per rollout at most
+    max_new_tokens: int = 3000      # response budget: paths, summaries, inserted tags and answer included
+    path_max_tokens: int = None     # one path's budget, its two tags included (None: its share of what is left)
+    reserve: int = None             # tokens a block leaves for its summary and the answer (None: min(64, budget/8))
+    temperature: float = 1.0        # 0 = greedy
+    top_p: float = 1.0
+    seed: int = None
+    variant: str = "seen"           # how paths are merged: "seen" (re-encoded in sequence) or "unseen"
+    parallel: bool = True           # False: no forking, tags are ordinary tokens
+    force_block: object = False     # True: open a block after the first line (or 32 tokens); n: after n tokens
+    max_prompt_tokens: int = None   # refuse longer prompts
+    max_rows: int = None            # cache rows in flight at most (None: unbounded on a CPU; on CUDA, what
+                                    # 80% of the free memory holds)
+
+
 def apply_tag_mask(logits, allowed, tags):
     """Logits with the tags not in `allowed` set to -inf: what the sampler sampled from.
 
@@ -83,7 +119,7 @@ def apply_tag_mask(logits, allowed, tags):
     return logits
 
 # -----------------------------------------------------------------------------
-# the state of a rollout in progress
+# the state of the rollouts in progress
 
 
 class _Seg:
@@ -100,155 +136,196 @@ class _Seg:
 
 @dataclass
 class _Block:  # the block a rollout is writing
-    parallel: int   # response index of <Parallel>
-    p: int          # its position id
-    budget: int     # tokens per path, its two tags included
-    n_prefix: int   # cache entries before the paths (shared by all path rows)
-    paths: list     # one _Seg per path
-    stash: list     # per path: its KV entries once finished (None where not needed)
-    done: int = 0   # paths finished
+    parallel: int     # response index of <Parallel>
+    p: int            # its position id
+    budget: int       # tokens per path, its two tags included
+    n_prefix: int     # valid cache entries before the paths (shared by all path rows)
+    paths: list       # one _Seg per path
+    done: int = 0     # paths finished (their rows park until the merge)
     spans: list = None  # (start, end) of each path in the response, set at the merge
     summary: int = 0  # response index of <Summary>
 
 
-@dataclass
-class _State:
+@dataclass(eq=False)
+class _Rollout:  # one rollout being written
     prompt: list
-    force: object   # None, or when to force the first <Parallel>: an int (response tokens) or "line"
-    out: _Seg = field(default_factory=_Seg)
-    phase: str = MAIN
-    blocks: list = field(default_factory=list)
-    block: _Block = None
-    stop: str = None
+    force: object                               # None, or when to force the first <Parallel>: n tokens or "line"
+    out: _Seg = field(default_factory=_Seg)     # the response so far, canonical layout
+    phase: str = MAIN                           # MAIN, PATHS or SUMMARY_PHASE
+    blocks: list = field(default_factory=list)  # finished blocks (BlockSpan)
+    block: _Block = None                        # the block being written
+    stop: str = None                            # "eos" | "budget" once finished
 
 
-@dataclass
+@dataclass(eq=False)
 class _Row:  # one cache row: the main line of a rollout (path None) or one of its paths
-    s: _State
-    path: object  # None or the path index
-    seg: _Seg
-    pos: int      # position id of the next token fed
-    queue: list   # forced tokens to insert next
-    fork: bool = False     # <Parallel> was just fed: fork before the next token
-    closing: bool = False  # </Path> is being fed: stash the path after this forward
+    ro: _Rollout
+    path: object                                # None or the path index
+    seg: _Seg                                   # where its tokens go: ro.out, or its path's segment
+    pos: int                                    # position id of the next token fed
+    queue: list = field(default_factory=list)   # forced tokens to insert next
+    fork: bool = False                          # <Parallel> was just fed: fork before the next token
+    closing: bool = False                       # </Path> is being fed: the path ends after this forward
+    parked: bool = False                        # a finished path: not fed, kept for the merge
 
 # -----------------------------------------------------------------------------
 # the sampler
 
 
 class _Sampler:
-    def __init__(self, model, tokenizer, opt, bar):
-        self.model, self.tok, self.o = model, tokenizer, opt
+    def __init__(self, model, tokenizer, prompts, group_size, o, cache, bar):
+        self.model, self.tok, self.o, self.kv, self.bar = model, tokenizer, o, cache, bar
         self.device = next(model.parameters()).device
         self.tags = tag_ids(tokenizer)
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         self.eos = {e for e in eos + [tokenizer.eos_token_id] if e is not None}
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos, default=0)
-        self.gen = None if opt["seed"] is None else torch.Generator(device=self.device).manual_seed(opt["seed"])
-        self.bar = bar  # progress: rollouts finished
-        self.ready = []  # rollouts whose paths have all finished: merge them next step
-
-    # 1) prefill: each prompt once, left-padded, then one row per rollout of its group
-    def prefill(self, prompts, group_size):
-        P = max(len(p) for p in prompts)
-        ids = torch.tensor([[self.pad] * (P - len(p)) + p for p in prompts], device=self.device)  # (n, P)
-        pos = torch.tensor([[0] * (P - len(p)) + list(range(len(p))) for p in prompts], device=self.device)
-        q_valid = torch.tensor([[False] * (P - len(p)) + [True] * len(p) for p in prompts], device=self.device)
-        rep = torch.arange(len(prompts)).repeat_interleave(group_size)  # row j is prompt rep[j]
-        cache = StaticRows if self.o["fast"] else KVRows
-        max_rows = len(rep) * (self.o["num_paths"] if self.o["parallel"] else 1)  # at most N rows per rollout
-        max_cols = P + self.o["max_new_tokens"] + 1
-        self.kv, self.logits = cache.prefill(self.model, ids, pos, q_valid, rep, max_rows, max_cols)  # logits (R, V)
-        force = self.o["force_block"]
-        force = None if force is False else ("line" if force is True else int(force))
-        self.states = [_State(list(p), force) for p in prompts for _ in range(group_size)]
-        self.rows = [_Row(s, None, s.out, len(s.prompt), []) for s in self.states]
+        self.gen = None if o.seed is None else torch.Generator(device=self.device).manual_seed(o.seed)
+        self.reserve = o.reserve if o.reserve is not None else min(64, o.max_new_tokens // 8)
+        force = None if o.force_block is False else ("line" if o.force_block is True else int(o.force_block))
+        self.prompts, self.G = prompts, group_size
+        self.rollouts = [_Rollout(list(p), force) for p in prompts for _ in range(group_size)]  # prompt-major
+        self.pending = list(range(len(self.rollouts)))  # rollouts not yet admitted, in order
+        self.per_rollout = o.num_paths if o.parallel else 1  # rows each admitted rollout reserves
+        self.reserved = 0
+        self.rows = []      # _Row (or None: a free row) per cache row
+        self.logits = None  # (len(rows), V) the logits each row samples its next token from
+        self.ready = []     # rollouts whose paths have all finished: merge them next step
 
     def _alloc(self, n):
-        """n free row slots (free rows are reused, the rest appended)."""
+        """n free row slots (free rows are reused, the rest added)."""
         free = [i for i, w in enumerate(self.rows) if w is None][:n]
         extra = n - len(free)
         if extra:
             free += list(range(len(self.rows), len(self.rows) + extra))
             self.rows += [None] * extra
-            self.kv.grow(rows=extra)
-            self.logits = torch.cat([self.logits, self.logits.new_zeros(extra, self.logits.shape[1])])
+            self.kv.add_rows(extra)
+            if self.logits is not None:
+                self.logits = torch.cat([self.logits, self.logits.new_zeros(extra, self.logits.shape[1])])
+        assert len(self.rows) <= self.o.max_rows
         return free
+
+    # 1) admit: prefill the prompts of the next rollouts while rows are free
+    def admit(self):
+        k = min(len(self.pending), (self.o.max_rows - self.reserved) // self.per_rollout)
+        if k <= 0:
+            return
+        new, self.pending = self.pending[:k], self.pending[k:]
+        self.reserved += k * self.per_rollout
+        slots = self._alloc(k)
+        first = {}  # prompt index -> the slot of its first new rollout: prefilled, the others copy it
+        for j, r in zip(slots, new):
+            first.setdefault(r // self.G, j)
+        prompts = [self.prompts[i] for i in first]
+        P = max(len(p) for p in prompts)
+        ids = torch.tensor([[self.pad] * (P - len(p)) + p for p in prompts])  # (n, P) left-padded
+        pos = torch.tensor([[0] * (P - len(p)) + list(range(len(p))) for p in prompts])
+        q_valid = torch.tensor([[False] * (P - len(p)) + [True] * len(p) for p in prompts])
+        logits = self.kv.prefill(self.model, ids, pos, q_valid, list(first.values()))  # (n, V)
+        if self.logits is None:
+            self.logits = logits.new_zeros(len(self.rows), logits.shape[1])
+        which = {i: k for k, i in enumerate(first)}
+        for j, r in zip(slots, new):
+            i = r // self.G
+            if j != first[i]:
+                self.kv.copy_row(first[i], j)
+            ro = self.rollouts[r]
+            self.rows[j] = _Row(ro, None, ro.out, len(ro.prompt))
+        self.logits[torch.tensor(slots)] = logits[torch.tensor([which[r // self.G] for r in new])]
 
     # 2) fork: clone the KV cache of the prefix into one row per path
     def fork(self):
-        N = self.o["num_paths"]
+        N = self.o.num_paths
         for i, w in [(i, w) for i, w in enumerate(self.rows) if w is not None and w.fork]:
-            left = self.o["max_new_tokens"] - len(w.s.out.ids) - 3  # keep </Parallel><Summary></Summary>
-            budget = min(self.o["path_max_tokens"] or left, left // N)
-            b = w.s.block = _Block(len(w.s.out.ids) - 1, w.pos - 1, budget, int(self.kv.valid[i].sum()),
-                                   [_Seg() for _ in range(N)], [None] * N)
+            ro = w.ro
+            left = self.o.max_new_tokens - len(ro.out.ids) - 3 - self.reserve  # keep </Parallel><Summary></Summary>
+            budget = min(self.o.path_max_tokens or left, left // N)
+            b = ro.block = _Block(len(ro.out.ids) - 1, w.pos - 1, budget, int(self.kv.valid[i].sum()),
+                                  [_Seg() for _ in range(N)])
             for k, j in enumerate([i] + self._alloc(N - 1)):
                 if j != i:
                     self.kv.copy_row(i, j)
-                self.rows[j] = _Row(w.s, k, b.paths[k], b.p + 1, [self.tags[PATH]])
+                self.rows[j] = _Row(ro, k, b.paths[k], b.p + 1, [self.tags[PATH]])
 
-    # 3) merge: one row continues each rollout whose paths have all finished
+    # 3) merge: each rollout whose paths have all finished continues in its first path's row
     def merge(self):
         if not self.ready:
             return
-        ready, self.ready, unseen = self.ready, [], self.o["variant"] == "unseen"
-        stash = [s.block.stash if unseen else s.block.stash[:1] for s in ready]  # seen: path 1's row alone
-        entries = [[torch.cat(layer, 1) for layer in zip(*st)] for st in stash]  # unseen: + paths 2..N's own
-        slots = self._alloc(len(ready))
-        self.kv.put(slots, entries)
-        if not unseen:  # re-encode paths 2..N after path 1, sequential positions
-            later = [sum((seg.ids for seg in s.block.paths[1:]), []) for s in ready]
-            start = [s.block.p + len(s.block.paths[0].ids) + 1 for s in ready]
+        ready, self.ready, unseen = self.ready, [], self.o.variant == "unseen"
+        where = {(w.ro, w.path): i for i, w in enumerate(self.rows) if w is not None and w.parked}
+        rows = [[where[(ro, k)] for k in range(len(ro.block.paths))] for ro in ready]  # each rollout's path rows
+        if unseen:  # paths 2..N's own entries appended after path 1's (prefix + path 1)
+            for ro, r in zip(ready, rows):
+                self.kv.merge(r[0], r[1:], ro.block.n_prefix)
+        else:  # re-encode paths 2..N after path 1, sequential positions
+            later = [sum((seg.ids for seg in ro.block.paths[1:]), []) for ro in ready]
+            start = [ro.block.p + len(ro.block.paths[0].ids) + 1 for ro in ready]
             Q = max(len(x) for x in later)
             if Q:
                 ids = torch.tensor([x + [self.pad] * (Q - len(x)) for x in later])
                 pos = torch.tensor([[a + j for j in range(Q)] for a in start])
                 q_valid = torch.tensor([[j < len(x) for j in range(Q)] for x in later])
-                self.kv.forward(self.model, ids, pos, q_valid, rows=slots)
-        for s, j in zip(ready, slots):  # the paths into the response, in canonical layout
-            b, nxt, spans = s.block, s.block.p + 1, []
+                self.kv.extend(self.model, ids, pos, q_valid, [r[0] for r in rows])
+        for ro, r in zip(ready, rows):  # the paths into the response, in canonical layout
+            for j in r[1:]:
+                self.rows[j] = None
+                self.kv.free(j)
+            b, nxt, spans = ro.block, ro.block.p + 1, []
             for seg in b.paths:
                 positions = seg.positions if unseen else list(range(nxt, nxt + len(seg.ids)))
-                spans.append((len(s.out.ids), len(s.out.ids) + len(seg.ids)))
+                spans.append((len(ro.out.ids), len(ro.out.ids) + len(seg.ids)))
                 for tok, f, lp, pos, a in zip(seg.ids, seg.forced, seg.logprobs, positions, seg.allowed):
-                    s.out.add(tok, f, lp, pos, a)
+                    ro.out.add(tok, f, lp, pos, a)
                 nxt += len(seg.ids)
-            b.spans, b.summary = spans, len(s.out.ids) + 1
+            b.spans, b.summary = spans, len(ro.out.ids) + 1
             pos = b.p + 1 + max(len(seg.ids) for seg in b.paths) if unseen else nxt  # of </Parallel>
-            self.rows[j] = _Row(s, None, s.out, pos, [self.tags[PARALLEL_END], self.tags[SUMMARY]])
-            s.phase = SUMMARY_PHASE
+            self.rows[r[0]] = _Row(ro, None, ro.out, pos, [self.tags[PARALLEL_END], self.tags[SUMMARY]])
+            ro.phase = SUMMARY_PHASE
 
-    # 4) choose: which tags each row may sample, and which tokens are forced
-    def _force_now(self, s):
-        if s.force == "line":
-            return len(s.out.ids) >= 32 or (s.out.ids and "\n" in self.tok.decode(s.out.ids[-1:]))
-        return len(s.out.ids) >= s.force
+    # 4) choose: the forced tokens that are due, the tag mask, then sample
+    def can_open(self, ro):
+        """Would a block opened now leave each path 3 tokens (after the closing tags and the reserve)?"""
+        left = self.o.max_new_tokens - len(ro.out.ids) - 1 - 3 - self.reserve
+        return len(ro.blocks) < self.o.max_blocks and left // self.o.num_paths >= 3
 
-    def allowed(self, w):
+    def tag_mask(self, w):
+        """The tags row w may sample (a bitmask over format.TAGS)."""
         if w.path is not None:
-            if not w.queue and len(w.seg.ids) >= w.s.block.budget - 1:
-                w.queue.append(self.tags[PATH_END])
             return BIT[PATH_END]
-        if w.s.phase == SUMMARY_PHASE:
-            if not w.queue and len(w.s.out.ids) >= self.o["max_new_tokens"] - 1:
-                w.queue.append(self.tags[SUMMARY_END])
+        if w.ro.phase == SUMMARY_PHASE:
             return BIT[SUMMARY_END]
-        room = self.o["max_new_tokens"] - len(w.s.out.ids) - 1  # a block needs 3 tokens a path + 3 tags
-        if len(w.s.blocks) >= self.o["max_blocks"] or room < 3 * self.o["num_paths"] + 3:
-            return 0
-        if w.s.force is not None and not w.s.blocks and self._force_now(w.s):
+        return BIT[PARALLEL] if self.can_open(w.ro) else 0
+
+    def queue_due(self, w):
+        """Queue the forced token that is due now: a budget's closing tag, or a forced block."""
+        ro = w.ro
+        if w.queue:
+            return
+        if w.path is not None:
+            if len(w.seg.ids) >= ro.block.budget - 1:
+                w.queue.append(self.tags[PATH_END])
+        elif ro.phase == SUMMARY_PHASE:
+            if len(ro.out.ids) >= self.o.max_new_tokens - 1 - self.reserve // 2:
+                w.queue.append(self.tags[SUMMARY_END])
+        elif ro.force is not None and not ro.blocks and self.can_open(ro) and self._force_now(ro):
             w.queue.append(self.tags[PARALLEL])
-            w.s.force = None
-        return BIT[PARALLEL]
+            ro.force = None
+
+    def _force_now(self, ro):
+        if ro.force == "line":
+            return len(ro.out.ids) >= 32 or (ro.out.ids and "\n" in self.tok.decode(ro.out.ids[-1:]))
+        return len(ro.out.ids) >= ro.force
 
     def choose(self):
         bits, logits = [ALL_TAGS] * len(self.rows), self.logits  # parallel=False: tags are ordinary tokens
-        if self.o["parallel"]:
-            bits = [self.allowed(w) if w is not None else ALL_TAGS for w in self.rows]
+        if self.o.parallel:
+            for i, w in enumerate(self.rows):
+                if w is not None and not w.parked:
+                    self.queue_due(w)
+                    bits[i] = self.tag_mask(w)
             logits = apply_tag_mask(logits, torch.tensor(bits, device=self.device), self.tags)
-        T, top_p = self.o["temperature"], self.o["top_p"]
+        T, top_p = self.o.temperature, self.o.top_p
         logp = torch.log_softmax(logits / (T or 1), -1)  # (R, V); greedy: temperature 1
         if T == 0:
             tok = logp.argmax(-1)
@@ -265,68 +342,67 @@ class _Sampler:
     # 5) record each row's token and advance its phase
     def record(self, toks, logps, bits):
         feed = [None] * len(self.rows)
-        for i, w in [(i, w) for i, w in enumerate(self.rows) if w is not None]:
-            s, forced = w.s, bool(w.queue)
+        for i, w in enumerate(self.rows):
+            if w is None or w.parked:
+                continue
+            ro, forced = w.ro, bool(w.queue)
             tok, lp = (w.queue.pop(0), 0.0) if forced else (toks[i], logps[i])
-            if not forced and tok in self.eos and self.o["parallel"]:
-                if w.path is not None or s.phase == SUMMARY_PHASE:  # EOS ends a path or a summary
+            if not forced and tok in self.eos and self.o.parallel:
+                if w.path is not None or ro.phase == SUMMARY_PHASE:  # EOS ends a path or a summary
                     tok, forced = self.tags[PATH_END] if w.path is not None else self.tags[SUMMARY_END], True
-                elif s.force is not None and bits[i]:  # a forced block is still due: open it instead of stopping
-                    tok, forced, s.force = self.tags[PARALLEL], True, None
+                elif ro.force is not None and bits[i]:  # a forced block is still due: open it instead of stopping
+                    tok, forced, ro.force = self.tags[PARALLEL], True, None
             w.seg.add(tok, forced, lp, w.pos, bits[i])
             w.pos += 1
             if w.path is None and tok in self.eos and not forced:
                 self._finish(i, "eos")
                 continue
             feed[i] = tok
-            if self.o["parallel"]:
+            if self.o.parallel:
                 if w.path is not None:
                     w.closing = tok == self.tags[PATH_END]
-                elif s.phase == MAIN and tok == self.tags[PARALLEL]:
-                    w.fork, s.phase = True, PATHS
+                elif ro.phase == MAIN and tok == self.tags[PARALLEL]:
+                    w.fork, ro.phase = True, PATHS
                     continue
-                elif s.phase == SUMMARY_PHASE and tok == self.tags[SUMMARY_END]:
-                    s.blocks.append(BlockSpan(s.block.parallel, s.block.spans, (s.block.summary, len(s.out.ids))))
-                    s.phase, s.block = MAIN, None
-            if w.path is None and len(s.out.ids) >= self.o["max_new_tokens"]:
+                elif ro.phase == SUMMARY_PHASE and tok == self.tags[SUMMARY_END]:
+                    ro.blocks.append(BlockSpan(ro.block.parallel, ro.block.spans, (ro.block.summary, len(ro.out.ids))))
+                    ro.phase, ro.block = MAIN, None
+            if w.path is None and len(ro.out.ids) >= self.o.max_new_tokens:
                 self._finish(i, "budget")
                 feed[i] = None
         return feed
 
     def _finish(self, i, reason):
-        self.rows[i].s.stop = reason
+        self.rows[i].ro.stop = reason
         self.rows[i] = None
         self.kv.free(i)
+        self.reserved -= self.per_rollout
         self.bar.update(1)
 
-    # 6) decode: one forward of every live row
+    # 6) decode: one forward of every row (rows with nothing to feed get an invalid column)
     def decode(self, feed):
         ids = torch.tensor([[t if t is not None else self.pad] for t in feed])  # (R, 1) on the host: the
         pos = torch.tensor([[w.pos - 1 if t is not None else 0] for t, w in zip(feed, self.rows)])  # cache moves them
-        q_valid = torch.tensor([[t is not None] for t in feed])
-        self.logits = self.kv.forward(self.model, ids, pos, q_valid)  # (R, V)
-        for i, w in enumerate(self.rows):
-            if w is not None and w.closing:  # a finished path: stash what the merge needs, free its row
-                b = w.s.block
-                if w.path == 0 or self.o["variant"] == "unseen":
-                    b.stash[w.path] = self.kv.entries(i, 0 if w.path == 0 else b.n_prefix)
-                self.rows[i] = None
-                self.kv.free(i)
-                b.done += 1
-                if b.done == len(b.paths):
-                    self.ready.append(w.s)
+        fed = torch.tensor([[t is not None] for t in feed])
+        self.logits = self.kv.step(self.model, ids, pos, fed)  # (R, V)
+        for w in self.rows:
+            if w is not None and w.closing:  # a finished path: park its row until its siblings finish
+                w.closing, w.parked = False, True
+                w.ro.block.done += 1
+                if w.ro.block.done == len(w.ro.block.paths):
+                    self.ready.append(w.ro)
 
     # 7) compact: drop free rows (and dead columns) once the cache says it pays
     def compact(self):
         keep = [i for i, w in enumerate(self.rows) if w is not None]
-        if self.kv.compact_due(len(keep), len(self.rows)):
+        if self.kv.compact_due(len(keep)):
             self.kv.compact(keep)
             self.rows, self.logits = [self.rows[i] for i in keep], self.logits[keep]
 
-    def rollout(self, s):
-        r = make_rollout(self.tok, s.prompt, s.out.ids, s.stop, s.out.forced, s.out.logprobs, s.out.positions,
-                         s.out.allowed)
-        assert not self.o["parallel"] or (r.blocks == s.blocks and r.format_error is None), "sampler bug"
+    def rollout(self, ro):
+        r = make_rollout(self.tok, ro.prompt, ro.out.ids, ro.stop, ro.out.forced, ro.out.logprobs,
+                         ro.out.positions, ro.out.allowed)
+        assert not self.o.parallel or (r.blocks == ro.blocks and r.format_error is None), "sampler bug"
         return r
 
 
@@ -345,48 +421,72 @@ def make_rollout(tokenizer, prompt, ids, stop_reason="eos", forced=None, logprob
 
 
 def _check(model, prompts, o):
-    if o["variant"] not in ("seen", "unseen"):
-        raise ValueError(f"variant must be 'seen' or 'unseen', not {o['variant']!r}")
-    if o["parallel"] and o["num_paths"] < 2:
-        raise ValueError(f"num_paths={o['num_paths']}: a parallel block needs at least 2 paths")
-    if o["path_max_tokens"] is not None and o["path_max_tokens"] < 2:
+    if o.variant not in ("seen", "unseen"):
+        raise ValueError(f"variant must be 'seen' or 'unseen', not {o.variant!r}")
+    if o.parallel and o.num_paths < 2:
+        raise ValueError(f"num_paths={o.num_paths}: a parallel block needs at least 2 paths")
+    if o.path_max_tokens is not None and o.path_max_tokens < 2:
         raise ValueError("path_max_tokens counts the path's two tags: it must be at least 2")
+    if o.max_rows is not None and o.max_rows < (o.num_paths if o.parallel else 1):
+        raise ValueError(f"max_rows={o.max_rows}: one rollout needs {o.num_paths if o.parallel else 1} rows")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     for p in prompts:
-        if o["max_prompt_tokens"] and len(p) > o["max_prompt_tokens"]:
-            raise ValueError(f"prompt of {len(p)} tokens is longer than max_prompt_tokens={o['max_prompt_tokens']}")
-        if limit and len(p) + o["max_new_tokens"] > limit:
-            raise ValueError(f"prompt of {len(p)} tokens + max_new_tokens={o['max_new_tokens']} exceeds the "
+        if o.max_prompt_tokens and len(p) > o.max_prompt_tokens:
+            raise ValueError(f"prompt of {len(p)} tokens is longer than max_prompt_tokens={o.max_prompt_tokens}")
+        if limit and len(p) + o.max_new_tokens > limit:
+            raise ValueError(f"prompt of {len(p)} tokens + max_new_tokens={o.max_new_tokens} exceeds the "
                              f"model's {limit} positions: shorten the prompt or lower max_new_tokens")
 
 
+def _cache(model, o, prompts, group_size, cache, fast):
+    """The KV cache of this call and its row cap: `cache` (a StaticRows kept across calls), a new StaticRows
+    (fast=True) or the simple KVRows; the cap from max_rows, the cache, or (CUDA) 80% of the free memory."""
+    device = next(model.parameters()).device
+    cols = max(len(p) for p in prompts) + o.max_new_tokens + 1  # a row's worst case, +1 for the last token fed
+    max_rows = o.max_rows or len(prompts) * group_size * (o.num_paths if o.parallel else 1)  # (None: all at once)
+    if o.max_rows is None and cache is None and device.type == "cuda":
+        from nanopr1.staticcache import rows_for_budget
+        budget = 0.8 * torch.cuda.mem_get_info(device)[0]
+        max_rows = min(max_rows, rows_for_budget(model.config, next(model.parameters()).dtype, cols, budget))
+    if cache is None and fast:
+        from nanopr1.staticcache import StaticRows
+        cache = StaticRows(max_rows, cols, device)
+    if cache is None:
+        return KVRows(device=device), max_rows
+    if cache.S - 1 < cols:
+        raise ValueError(f"the static KV cache holds {cache.S - 1} columns per row, this call needs {cols}")
+    cache.reset(model)
+    return cache, min(max_rows, cache.R)
+
+
 @torch.inference_mode()
-def sample(model, tokenizer, prompts, group_size=1, *, num_paths=2, max_blocks=4, max_new_tokens=3000,
-           path_max_tokens=None, temperature=1.0, top_p=1.0, seed=None, variant="seen", parallel=True,
-           force_block=False, progress=False, max_prompt_tokens=None, fast=False):
+def sample(model, tokenizer, prompts, group_size=1, *, cache=None, fast=False, progress=False, **options):
     """Rollouts for a batch of prompts (lists of token ids), `group_size` per prompt, prompt-major.
 
-    force_block (to show or benchmark a block with any model; not for training): False; True = open a
-    block after the first line of the main text (or after 32 tokens); an int n = after n response tokens
-    (0: the response starts with <Parallel>). A model that would stop before that gets the block instead.
-    temperature 0 = greedy. fast=True: kvcache.StaticRows (CUDA graphs), same tokens and log-probs at temperature 0.
+    options: the fields of Options (num_paths, max_new_tokens, temperature, variant, max_rows, ...).
+    fast=True: staticcache.StaticRows (CUDA graphs), the same tokens and log-probs at temperature 0;
+    cache: a StaticRows to reuse (its graphs too), sized for the longest prompt + max_new_tokens.
+    force_block (to show or benchmark a block with any model; not for training): True = open a block
+    after the first line of the main text (or after 32 tokens); n = after n response tokens (0: the
+    response starts with <Parallel>). A model that would stop before that gets the block instead.
     """
-    o = dict(num_paths=num_paths, max_blocks=max_blocks, max_new_tokens=max_new_tokens,
-             path_max_tokens=path_max_tokens, temperature=temperature, top_p=top_p, seed=seed, variant=variant,
-             parallel=parallel, force_block=force_block, max_prompt_tokens=max_prompt_tokens, fast=fast)
+    o = Options(**options)
     prompts = [list(p) for p in prompts]
     _check(model, prompts, o)
-    run = _Sampler(model, tokenizer, o, tqdm(total=len(prompts) * group_size, desc="rollouts", disable=not progress))
-    run.prefill(prompts, group_size)                       # 1) prefill each prompt once
-    while any(w is not None for w in run.rows) or run.ready:
+    kv, max_rows = _cache(model, o, prompts, group_size, cache, fast)
+    o = Options(**{**o.__dict__, "max_rows": max_rows})
+    bar = tqdm(total=len(prompts) * group_size, desc="rollouts", disable=not progress)
+    run = _Sampler(model, tokenizer, prompts, group_size, o, kv, bar)
+    while run.pending or any(w is not None for w in run.rows):
+        run.admit()                                        # 1) admit new rollouts: prefill their prompts
         run.fork()                                         # 2) fork: clone the KV cache into the path rows
-        run.merge()                                        # 3) merge finished paths into one row
-        toks, logps, bits = run.choose()                   # 4) choose: tag mask, sample or force
+        run.merge()                                        # 3) merge finished paths into the first path's row
+        toks, logps, bits = run.choose()                   # 4) choose: forced tokens, tag mask, sample
         feed = run.record(toks, logps, bits)               # 5) record tokens, advance phases
         if any(t is not None for t in feed):
             run.decode(feed)                               # 6) decode: one forward of all live rows
         run.compact()                                      # 7) compact the cache now and then
-    run.bar.close()
-    return [run.rollout(s) for s in run.states]
+    bar.close()
+    return [run.rollout(ro) for ro in run.rollouts]

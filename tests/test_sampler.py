@@ -157,8 +157,11 @@ OUT_OF_PLACE = [
     ("a path that never closes is closed at its budget", dict(path_end=-50.0, eos=-50.0),
      dict(force_block=1, path_max_tokens=7),
      lambda r, t, tok: all(e - s == 7 and r.forced[e - 1] for s, e in r.blocks[0].paths)),
-    ("a summary that never closes is closed at the budget", dict(summary_end=-50.0, eos=-50.0),
-     dict(force_block=1, path_max_tokens=5),
+    ("a summary that never closes is closed reserve // 2 tokens before the budget", dict(summary_end=-50.0, eos=-50.0),
+     dict(force_block=1, path_max_tokens=5, reserve=6),
+     lambda r, t, tok: len(r.ids) == 40 and r.ids[36] == t[SUMMARY_END] and r.forced[36] and r.stop_reason == "budget"),
+    ("without a reserve the summary may take the budget's last token", dict(summary_end=-50.0, eos=-50.0),
+     dict(force_block=1, path_max_tokens=5, reserve=0),
      lambda r, t, tok: len(r.ids) == 40 and r.ids[-1] == t[SUMMARY_END] and r.forced[-1] and r.stop_reason == "budget"),
 ]
 
@@ -195,7 +198,8 @@ def test_budgets(bpe_tokenizer, max_new, path_max, num_paths, variant):
         assert check_format(r.text) is None and len(r.ids) == max_new and r.stop_reason == "budget"
         assert len(r.ids) == len(r.forced) == len(r.logprobs) == len(r.positions) == len(r.allowed)
         assert all(len(b.paths) == num_paths for b in r.blocks)
-        assert len(r.blocks) <= 4 and (len(r.blocks) > 0) == (max_new - 1 >= 3 * num_paths + 3)
+        reserve = min(64, max_new // 8)  # the default: kept for the summary and the answer
+        assert len(r.blocks) <= 4 and (len(r.blocks) > 0) == ((max_new - 1 - 3 - reserve) // num_paths >= 3)
         for b in r.blocks:
             assert len({e - s for s, e in b.paths}) == 1  # all paths ran to the same limit
             assert path_max is None or b.paths[0][1] - b.paths[0][0] == path_max
