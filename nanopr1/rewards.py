@@ -1,12 +1,25 @@
 """
 Grading answers and turning grades into rewards.
 
-1) Extraction. The answer is the text after the last `Final Answer:` of the
-   main text (matched case-insensitively, as the official regex does). One
-   inside a path or a summary does not count: paths are scratch work, only
-   the main line commits to an answer. With no `Final Answer:` in the main
-   text we fall back to its last `\\boxed{...}` (a base model's habit; not in
-   the paper).
+0) Structure from tokens. A rollout's blocks, its format check and its main
+   text (`Rollout.blocks`, `.format_error`, `.main_text`, made by
+   sampler.make_rollout) are read from the six tag *token ids*, never from the
+   decoded text. Why: a tag can also be spelled with ordinary sub-word pieces
+   (`<`, `Parallel`, `>`), which decodes to exactly the text of the real tag
+   token. Judged from text, a policy could earn the parallel reward with a
+   spelled block the sampler never forked (a reward hack), and a real block
+   followed by a spelled `</Path>` would count as malformed. From tokens, a
+   spelled tag is plain main text: it neither makes nor breaks a block, and a
+   `Final Answer:` after it still counts. `reward_rollout` grades a Rollout
+   this way, for RL and for eval alike; `grade` grades a plain text (teacher
+   traces), whose structure can only come from its text.
+1) Extraction (`extract_answer`, the only extractor: the grader and every
+   displayed answer use it). The answer is the text after the last
+   `Final Answer:` of the main text (matched case-insensitively, as the
+   official regex does). One inside a path or a summary does not count:
+   paths are scratch work, only the main line commits to an answer. With no
+   `Final Answer:` in the main text we fall back to its last `\\boxed{...}`
+   (a base model's habit; not in the paper).
 2) Normalisation. Models write `$1,080.`, `\\boxed{-\\frac{3}{4}}`,
    `x = 42 apples`, `\\(42\\)`, `−7` (unicode minus) ... for the gold `1080`,
    `-3/4`, `42`, `-7`. We strip the LaTeX and currency wrappers, keep what
@@ -15,9 +28,9 @@ Grading answers and turning grades into rewards.
    their values are (42.0 == 42, 0.75 == 3/4). A number glued to more math
    (`3x`, `2^{10}`, `5 - 3`) is not read as a number. Non-numeric answers
    fall back to comparing the cleaned strings.
-3) Rewards (DESIGN.md §6), functions of (correct, has_block): R_acc ±1, the
-   easy-stage reward and the tiered reward; a schedule (`reward_fn`) picks
-   one per RL step and `compute_reward` grades a response and applies it.
+3) Rewards, functions of (correct, has_block): R_acc ±1, the paper's
+   easy-stage reward and its tiered reward; a schedule (`reward_fn`) picks
+   one per RL step and `reward_rollout` grades a rollout and applies it.
 
 Simplification: the grader is a small hand-written normaliser for integer and
 simple numeric answers (what GSM8K, DAPO-Math, AIME, AMC and the MATH subset
@@ -27,7 +40,7 @@ use), not a symbolic checker like math-verify.
 import re
 from fractions import Fraction
 
-from nanopr1.format import main_text, parse, FormatError
+from nanopr1.format import main_text
 
 # -----------------------------------------------------------------------------
 # 1) extraction
@@ -48,9 +61,8 @@ def last_boxed(text):
     return None  # unclosed: a truncated response
 
 
-def extract_answer(text):
-    """The raw answer string of a response (see the module docstring), or None."""
-    main = main_text(text)
+def extract_answer(main):
+    """The raw answer string of a response's *main text* (see the module docstring), or None."""
     hits = list(_ANSWER_RE.finditer(main))
     if not hits:
         return last_boxed(main)
@@ -128,8 +140,9 @@ def is_equiv(pred, gold):
 
 
 def grade(text, gold):
-    """Is the final answer of response `text` correct? The accuracy function of RL and eval."""
-    return is_equiv(extract_answer(text), gold)
+    """Is the final answer of the plain text `text` correct? For teacher traces, whose structure is their
+    text; a sampled rollout is graded from its tokens by reward_rollout."""
+    return is_equiv(extract_answer(main_text(text)), gold)
 
 # -----------------------------------------------------------------------------
 # 3) rewards and schedules
@@ -173,25 +186,19 @@ def reward_fn(schedule, step, scaffold_until=200):
     return {"acc": r_acc, "parallel": parallel_reward, "tiered": tiered_reward}[schedule]
 
 
-def structure(text):
-    """(format_ok, num_blocks) of a response; a malformed one counts 0 blocks."""
-    try:
-        return True, len(parse(text).blocks)
-    except FormatError:
-        return False, 0
+def reward_rollout(rollout, gold, schedule="acc", step=1, scaffold_until=200):
+    """(reward, metrics) of one sampler.Rollout under a reward schedule at an RL step (from 1).
 
-
-def compute_reward(text, gold, schedule="acc", step=1, scaffold_until=200):
-    """(reward, metrics) of one response under a reward schedule at an RL step (from 1).
-
-    has_block = the response is well formed (format.check_format is None) and
-    has at least one block. Correctness does not depend on the format.
+    The structure comes from the rollout's tag tokens (module docstring, 0): format_ok = they are
+    well formed; has_block = format_ok and a block of >= 2 paths; a malformed rollout counts 0 blocks.
+    The answer comes from its main-line tokens, so correctness does not depend on the format.
     """
     fn = reward_fn(schedule, step, scaffold_until)
-    answer = extract_answer(text)
+    answer = extract_answer(rollout.main_text)
     correct = is_equiv(answer, gold)
-    format_ok, num_blocks = structure(text)
-    has_block = format_ok and num_blocks > 0
+    format_ok = rollout.format_error is None
+    num_blocks = len(rollout.blocks) if format_ok else 0
+    has_block = format_ok and any(len(b.paths) >= 2 for b in rollout.blocks)
     reward = fn(correct, has_block)
     return reward, {"reward": reward, "correct": correct, "answer": answer, "has_answer": answer is not None,
                     "format_ok": format_ok, "has_block": has_block, "num_blocks": num_blocks, "reward_fn": fn.__name__}
