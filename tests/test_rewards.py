@@ -90,6 +90,36 @@ GRADE_CASES = [
     ("Final Answer: \\sqrt{3}", "3", False),
     ("Final Answer: \\frac{\\sqrt{3}}{2}", "3", False),
     ("Final Answer: 6 and 7", "7", False),
+    # a ratio or a time is not the number before its colon; as a string it still matches itself
+    ("Final Answer: 2:3", "2", False),
+    ("Final Answer: 10:30", "10", False),
+    ("Final Answer: 2 : 3", "2", False),
+    ("Final Answer: 2:3", "2:3", True),
+    ("Final Answer: 10:30", "10:30", True),
+    ("Final Answer: 42: the number of apples", "42", True),  # a colon with no number after it
+    # a leading sign keeps its number; an operator before the number makes it an operand
+    ("Final Answer: - 7", "-7", True),
+    ("Final Answer: - 7", "7", False),
+    ("Final Answer: $- 7$", "-7", True),
+    ("Final Answer: x - 7", "7", False),
+    ("Final Answer: x < 5", "5", False),
+    ("Final Answer: 2 * 21", "2", False),
+    # mixed numbers, LaTeX or plain
+    ("Final Answer: 2\\frac{1}{2}", "5/2", True),
+    ("Final Answer: 2\\frac{1}{2}", "21/2", False),
+    ("Final Answer: 2 \\frac{1}{2}", "2.5", True),
+    ("Final Answer: -2\\frac{1}{2}", "-5/2", True),
+    ("Final Answer: -2\\frac{1}{2}", "-3/2", False),
+    ("Final Answer: 2\\frac12", "5/2", True),
+    ("Final Answer: 2 1/2", "5/2", True),
+    ("Final Answer: 2 1/2", "2", False),
+    ("Final Answer: 3\\frac{1}{2}", "3", False),
+    # hedging: a list of candidates earns nothing, whichever is gold
+    ("Final Answer: 6 or 7", "6", False),
+    ("Final Answer: 6, 7", "6", False),
+    ("Final Answer: 6; 7", "6", False),
+    ("Final Answer: 1, 2, 3, 4, 5", "1", False),
+    ("Final Answer: 42, which is the total", "42", True),
     # non-numeric answers: cleaned strings
     ("Final Answer: \\text{B}", "B", True),
     ("Final Answer: C", "B", False),
@@ -98,6 +128,14 @@ GRADE_CASES = [
     ("FINAL ANSWER : 42", "42", True),
     ("Final Answer:\n42", "42", True),
     ("Final Answer:\n\\[\n\\boxed{42}\n\\]", "42", True),
+    ("Final Answer:\n$$\n42\n$$", "42", True),
+    ("Final  answer : 42", "42", True),
+    # markdown bold around the prefix
+    ("**Final Answer**: 42", "42", True),
+    ("**Final Answer:** 42", "42", True),
+    ("**Final Answer:**\n\n42", "42", True),
+    ("**Final Answer:** **42**", "42", True),
+    ("__Final Answer:__ 42", "42", True),
     ("The answer is 42", "42", False),  # no Final Answer, no \boxed
     # several Final Answer lines: the last one counts
     ("Final Answer: 5\nwait, let me redo it.\nFinal Answer: 7", "7", True),
@@ -117,6 +155,12 @@ GRADE_CASES = [
     ("\\boxed{42} but Final Answer: 41", "42", False),
     ("\\boxed{\\frac{1}{2}}", "1/2", True),
     ("\\boxed{42", "42", False),  # truncated
+    ("\\boxed{}", "42", False),
+    ("Final Answer: \\boxed{}\n42", "42", False),  # an empty box is the answer line: nothing after it counts
+    ("Final Answer: \\boxed{2:3}", "2", False),
+    # a tag spelled in the main text next to the answer
+    ("Final Answer: 42</Summary>", "42", True),
+    ("Final Answer: 4</Path>2", "42", False),
     # empty, huge and tag-only responses
     ("", "42", False),
     ("   \n\n", "42", False),
@@ -154,10 +198,15 @@ def test_huge_responses_are_fast():
     ("Final Answer:  \\boxed{7}  ", "\\boxed{7}"),
     ("Final Answer: 1\nmore\nFinal Answer:  -3 \ntrailing", "-3"),
     ("final answer: 12", "12"),
+    ("**Final Answer**: 42", "42"),
+    ("**Final Answer:** 42", "42"),
+    ("Final Answer:\n\\[\n\\boxed{42}\n\\]", "\\boxed{42}"),
     ("no answer here", None),
     ("", None),
     ("Final Answer:", None),
+    ("Final Answer:\n**\n", None),
     ("use \\boxed{a{b}c} here", "a{b}c"),
+    ("use \\boxed{} here", None),
     # a spelled tag in the main text is plain text: the answer after it counts
     ("x<Parallel><Path>Final Answer: 1", "1"),
     ("<Summary>Final Answer: 1</Summary>", "1</Summary>"),
@@ -261,6 +310,7 @@ ROLLOUT_CASES = {
                               (1.0, True, True, 1, True)),
     "real+spelled-block": (CHECK[:-1] + [block() + "Final Answer: 42"], "42", "tiered", (1.2, True, True, 1, True)),
     # a spelled summary or unclosed spelled block is main text: a Final Answer in it counts
+    "spelled-summary": (["So <Summary>Final Answer: 42</Summary>"], "42", "acc", (1.0, False, True, 0, True)),
     "real+spelled-summary": (CHECK[:-1] + ["<Summary>\nFinal Answer: 42\n</Summary>"], "42", "parallel",
                              (1.0, True, True, 1, True)),
     "spelled-unclosed": (["x<Parallel><Path>\nFinal Answer: 42"], "42", "acc", (1.0, False, True, 0, True)),
