@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from nanopr1 import data, sampler
 from nanopr1.format import PARALLEL_PROMPT, SEQUENTIAL_PROMPT, chat_prompt_ids, load_template
-from nanopr1.rewards import compute_reward
+from nanopr1.rewards import reward_rollout
 
 # -----------------------------------------------------------------------------
 # metrics
@@ -88,7 +88,7 @@ def format_table(summaries):
 
 def grade_rollout(problem, index, sample_index, rollout):
     """One JSONL row: the rollout's text and its grade under R_acc."""
-    _, m = compute_reward(rollout.text, problem["answer"], "acc")
+    _, m = reward_rollout(rollout, problem["answer"], "acc")
     return {"problem": index, "sample": sample_index, "question": problem["question"], "gold": problem["answer"],
             **{k: m[k] for k in ("answer", "correct", "has_block", "format_ok", "num_blocks")},
             "length": len(rollout.ids), "stop_reason": rollout.stop_reason, "text": rollout.text}

@@ -20,8 +20,9 @@ import sys
 
 import torch
 
-from nanopr1.format import PARALLEL_PROMPT, SEQUENTIAL_PROMPT, chat_prompt_ids, final_answer, load_template
+from nanopr1.format import PARALLEL_PROMPT, SEQUENTIAL_PROMPT, chat_prompt_ids, load_template
 from nanopr1.model import load
+from nanopr1.rewards import extract_answer
 from nanopr1.sampler import sample
 
 
@@ -85,7 +86,7 @@ def show_tree(i, n, rollout, tokenizer):
                 print(indent(path, "  │    "))
             print("  └─ summary")
             print(indent(blocks[k]["summary"], "       "))
-    print(f"answer: {final_answer(rollout.text)}\n")
+    print(f"answer: {extract_answer(rollout.main_text)}\n")
 
 
 def main(argv=None):
@@ -114,7 +115,7 @@ def main(argv=None):
     for i, r in enumerate(rollouts):
         if args.json:
             _, blocks = structure(r, tokenizer)
-            print(json.dumps({"text": r.text, "blocks": blocks, "answer": final_answer(r.text),
+            print(json.dumps({"text": r.text, "blocks": blocks, "answer": extract_answer(r.main_text),
                               "num_tokens": len(r.ids), "stop_reason": r.stop_reason}, ensure_ascii=False))
         else:
             show_tree(i, len(rollouts), r, tokenizer)

@@ -202,7 +202,7 @@ def main(args):
         policy.train()
         t_rollout = time.time() - t0
         # 3) rewards, 4) group advantages
-        scored = [rewards.compute_reward(r.text, rows[i // G]["answer"], args.reward, step, args.scaffold_switch)
+        scored = [rewards.reward_rollout(r, rows[i // G]["answer"], args.reward, step, args.scaffold_switch)
                   for i, r in enumerate(rollouts)]
         adv, flat = group_advantages([s[0] for s in scored], G)
         # 5) log-probs that stay fixed during the update: old policy (if more than one

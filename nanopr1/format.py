@@ -8,9 +8,10 @@ A response is main text with zero or more parallel blocks in it:
 The canonical layout has nothing between structural tags (no newline between
 `</Path>` and `<Path>`, none between `</Parallel>` and `<Summary>`): the sampler
 produces it, the trainer scores it, `normalize` brings teacher data to it. The
-final answer is the text after the last `Final Answer:` of the main text (one
-inside a path or a summary does not count). The rest of nanopr1 imports the
-tag strings from here.
+main text (`main_text`: outside blocks and summaries) is where the final answer
+counts. Everything here reads the structure of a *text* (teacher traces); a
+sampled rollout's structure is read from its tag tokens instead (sampler.py).
+The rest of nanopr1 imports the tag strings from here.
 """
 
 import re
@@ -82,10 +83,6 @@ class Block:
 class Trace:
     main: list                                  # len(blocks) + 1 main-text segments
     blocks: list = field(default_factory=list)  # Block, one between each pair of main segments
-
-    @property
-    def answer(self):
-        return final_answer("".join(self.main))
 
 
 class FormatError(ValueError):
@@ -174,7 +171,7 @@ def normalize(text):
     return _JOIN_RE.sub("", text)
 
 # -----------------------------------------------------------------------------
-# the final answer
+# the main text
 
 _INSIDE_RE = re.compile(
     f"{re.escape(PARALLEL)}.*?(?:{re.escape(PARALLEL_END)}|$)|{re.escape(SUMMARY)}.*?(?:{re.escape(SUMMARY_END)}|$)",
@@ -182,12 +179,5 @@ _INSIDE_RE = re.compile(
 
 
 def main_text(text):
-    """The text outside blocks and summaries (an unclosed one runs to the end)."""
+    """The text outside blocks and summaries (an unclosed one runs to the end): where the answer counts."""
     return _INSIDE_RE.sub("", text)
-
-
-def final_answer(text):
-    """The rest of the line after the last `Final Answer:` of the main text, or None."""
-    main = main_text(text)
-    k = main.rfind(ANSWER_PREFIX)
-    return None if k < 0 else main[k + len(ANSWER_PREFIX):].split("\n", 1)[0].strip()

@@ -6,7 +6,6 @@ import itertools
 import json
 import random
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -86,7 +85,8 @@ def fake_text(question, j):
 
 @pytest.fixture
 def fake_sampler(monkeypatch, bpe_tokenizer):
-    """Replace sampler.sample; record which questions were sampled."""
+    """Replace sampler.sample; record which questions were sampled. Its rollouts are built by make_rollout,
+    the tags of fake_text tokenized as tag tokens (rewards judge the structure from tokens)."""
     calls = []
 
     def sample(model, tokenizer, prompts, group_size=1, **kw):
@@ -94,8 +94,9 @@ def fake_sampler(monkeypatch, bpe_tokenizer):
         for p in prompts:
             question = next(q["question"] for q in PROBLEMS if q["question"] in tokenizer.decode(p))
             calls.append(question)
-            out += [SimpleNamespace(ids=[0] * (5 + j), text=fake_text(question, j), stop_reason="eos")
-                    for j in range(group_size)]
+            for j in range(group_size):
+                ids = tokenizer(fake_text(question, j), add_special_tokens=False)["input_ids"]
+                out.append(nanopr1.sampler.make_rollout(tokenizer, p, ids + [tokenizer.eos_token_id], "eos"))
         return out
     monkeypatch.setattr(nanopr1.sampler, "sample", sample)
     monkeypatch.setattr(nanopr1.model, "load", lambda *a, **kw: (tiny_model(bpe_tokenizer), bpe_tokenizer))
@@ -114,7 +115,9 @@ def test_evaluate_grades_like_rl(fake_sampler, bpe_tokenizer):
     assert len(rows) == 20 and [(r["problem"], r["sample"]) for r in rows[:4]] == [(0, j) for j in range(4)]
     assert [r["correct"] for r in rows[:4]] == [True, False, True, False]  # j=3: right only inside a path
     assert s["mean@4"] == 0.5 and s["pass@4"] == 1.0
-    assert s["parallel"] == 0.5 and s["format_ok"] == 1.0 and s["length"] == 6.5
+    tokens = lambda text: len(bpe_tokenizer(text, add_special_tokens=False)["input_ids"]) + 1  # + 1: the EOS
+    lengths = [tokens(fake_text(q["question"], j)) for q in PROBLEMS for j in range(4)]
+    assert s["parallel"] == 0.5 and s["format_ok"] == 1.0 and s["length"] == sum(lengths) / 20
 
 
 def run_main(args, monkeypatch, capsys):

@@ -3,8 +3,8 @@ import json
 import pytest
 
 from conftest import shared_file
-from nanopr1.format import (PARALLEL_PROMPT, SEQUENTIAL_PROMPT, TAGS, Block, Trace, check_format,
-                            final_answer, load_template, main_text, normalize, parse, render, render_prompt)
+from nanopr1.format import (PARALLEL_PROMPT, SEQUENTIAL_PROMPT, TAGS, Block, Trace, check_format, load_template,
+                            main_text, normalize, parse, render, render_prompt)
 
 
 def test_tag_order():
@@ -60,7 +60,7 @@ BAD = [  # (text, a word the reason must contain)
 
 def test_canonical_passes():
     assert check_format(CANONICAL) is None
-    assert parse(CANONICAL).answer == "1"
+    assert parse(CANONICAL).main == ["Go.", "Final Answer: 1"]
 
 
 @pytest.mark.parametrize("text,reason", BAD)
@@ -82,20 +82,16 @@ def test_normalize(raw, canonical):
     assert normalize(canonical) == canonical
 
 
-@pytest.mark.parametrize("text,answer", [
-    ("Final Answer: 12", "12"),
-    ("Final Answer: 1\nmore\nFinal Answer:  -3 \ntrailing", "-3"),
-    ("<Parallel><Path>Final Answer: 9</Path><Path>b</Path></Parallel><Summary>Final Answer: 9</Summary>", None),
-    ("Final Answer: 5<Parallel><Path>Final Answer: 9</Path><Path>b</Path></Parallel><Summary>s</Summary>", "5"),
-    ("<Parallel><Path>a</Path><Path>Final Answer: 9", None),  # unclosed block hides the rest
-    ("no answer", None),
+@pytest.mark.parametrize("text,main", [
+    (CANONICAL, "Go.Final Answer: 1"),
+    ("no block", "no block"),
+    ("a<Parallel><Path>x</Path><Path>y</Path></Parallel><Summary>s</Summary>b" * 2, "abab"),
+    ("<Parallel><Path>Final Answer: 9</Path><Path>b</Path></Parallel><Summary>Final Answer: 9</Summary>", ""),
+    ("a<Parallel><Path>x</Path><Path>Final Answer: 9", "a"),  # an unclosed block runs to the end
+    ("a<Parallel><Path>x</Path><Path>y</Path></Parallel><Summary>Final Answer: 9", "a"),  # so does a summary
 ])
-def test_final_answer_only_from_main_text(text, answer):
-    assert final_answer(text) == answer
-
-
-def test_main_text_drops_blocks_and_summaries():
-    assert main_text(CANONICAL) == "Go.Final Answer: 1"
+def test_main_text_drops_blocks_and_summaries(text, main):
+    assert main_text(text) == main
 
 
 def test_template_file(tmp_path):
@@ -113,15 +109,13 @@ def test_template_file(tmp_path):
 def test_real_teacher_traces():
     """The 341 real teacher traces: 338 are well formed after normalisation; the 3
     failures are defects of the traces (checked by hand): text ("First,") between
-    paths, a summary placed after main text, and a summary never closed. 340 final
-    answers equal the `answer` field; 3 well-formed traces have no block. The exception is that last trace, whose only
-    `Final Answer:` sits inside its unclosed summary."""
+    paths, a summary placed after main text, and a summary never closed. 3 well-formed
+    traces have no block. (Their answers are graded in test_rewards.py.)"""
     rows = [json.loads(line) for line in open(shared_file("parallel_gsm8k_sample.jsonl"), encoding="utf-8")]
     assert len(rows) == 341
     texts = [normalize(r["response"]) for r in rows]
     reasons = [check_format(t) for t in texts]
     failures = sorted(r.split(":")[0] for r in reasons if r)
     assert failures == ["missing summary", "text between paths", "unclosed summary"]
-    assert sum(final_answer(t) == r["answer"] for t, r in zip(texts, rows)) == 340
     # a few well-formed traces are plain (the teacher judged no block useful)
     assert sum(len(parse(t).blocks) == 0 for t, why in zip(texts, reasons) if why is None) == 3

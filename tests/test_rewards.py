@@ -1,15 +1,20 @@
 """Tests for nanopr1/rewards.py: answer extraction and grading (table-driven, with
-adversarial cases), the reward functions and schedules, and the real teacher traces."""
+adversarial cases), the reward functions and schedules, rollouts graded from their tag
+tokens (real tags vs the same tags spelled as text), and the real teacher traces."""
 
 import json
 import time
+from collections import namedtuple
 
 import pytest
 
 from conftest import shared_file
-from nanopr1.format import normalize
-from nanopr1.rewards import (SCHEDULES, clean_answer, compute_reward, extract_answer, grade, is_tiered_step,
-                             last_boxed, parse_number, reward_fn)
+from nanopr1.format import (PARALLEL, PARALLEL_END, PATH, PATH_END, SUMMARY, SUMMARY_END, check_format, main_text,
+                            normalize, parse)
+from nanopr1.model import tag_ids
+from nanopr1.rewards import (SCHEDULES, clean_answer, extract_answer, grade, is_tiered_step, last_boxed,
+                             parse_number, reward_fn, reward_rollout)
+from nanopr1.sampler import make_rollout
 
 BLOCK = "<Parallel><Path>{p1}</Path><Path>{p2}</Path></Parallel><Summary>{s}</Summary>"
 
@@ -85,6 +90,36 @@ GRADE_CASES = [
     ("Final Answer: \\sqrt{3}", "3", False),
     ("Final Answer: \\frac{\\sqrt{3}}{2}", "3", False),
     ("Final Answer: 6 and 7", "7", False),
+    # a ratio or a time is not the number before its colon; as a string it still matches itself
+    ("Final Answer: 2:3", "2", False),
+    ("Final Answer: 10:30", "10", False),
+    ("Final Answer: 2 : 3", "2", False),
+    ("Final Answer: 2:3", "2:3", True),
+    ("Final Answer: 10:30", "10:30", True),
+    ("Final Answer: 42: the number of apples", "42", True),  # a colon with no number after it
+    # a leading sign keeps its number; an operator before the number makes it an operand
+    ("Final Answer: - 7", "-7", True),
+    ("Final Answer: - 7", "7", False),
+    ("Final Answer: $- 7$", "-7", True),
+    ("Final Answer: x - 7", "7", False),
+    ("Final Answer: x < 5", "5", False),
+    ("Final Answer: 2 * 21", "2", False),
+    # mixed numbers, LaTeX or plain
+    ("Final Answer: 2\\frac{1}{2}", "5/2", True),
+    ("Final Answer: 2\\frac{1}{2}", "21/2", False),
+    ("Final Answer: 2 \\frac{1}{2}", "2.5", True),
+    ("Final Answer: -2\\frac{1}{2}", "-5/2", True),
+    ("Final Answer: -2\\frac{1}{2}", "-3/2", False),
+    ("Final Answer: 2\\frac12", "5/2", True),
+    ("Final Answer: 2 1/2", "5/2", True),
+    ("Final Answer: 2 1/2", "2", False),
+    ("Final Answer: 3\\frac{1}{2}", "3", False),
+    # hedging: a list of candidates earns nothing, whichever is gold
+    ("Final Answer: 6 or 7", "6", False),
+    ("Final Answer: 6, 7", "6", False),
+    ("Final Answer: 6; 7", "6", False),
+    ("Final Answer: 1, 2, 3, 4, 5", "1", False),
+    ("Final Answer: 42, which is the total", "42", True),
     # non-numeric answers: cleaned strings
     ("Final Answer: \\text{B}", "B", True),
     ("Final Answer: C", "B", False),
@@ -93,6 +128,14 @@ GRADE_CASES = [
     ("FINAL ANSWER : 42", "42", True),
     ("Final Answer:\n42", "42", True),
     ("Final Answer:\n\\[\n\\boxed{42}\n\\]", "42", True),
+    ("Final Answer:\n$$\n42\n$$", "42", True),
+    ("Final  answer : 42", "42", True),
+    # markdown bold around the prefix
+    ("**Final Answer**: 42", "42", True),
+    ("**Final Answer:** 42", "42", True),
+    ("**Final Answer:**\n\n42", "42", True),
+    ("**Final Answer:** **42**", "42", True),
+    ("__Final Answer:__ 42", "42", True),
     ("The answer is 42", "42", False),  # no Final Answer, no \boxed
     # several Final Answer lines: the last one counts
     ("Final Answer: 5\nwait, let me redo it.\nFinal Answer: 7", "7", True),
@@ -112,6 +155,12 @@ GRADE_CASES = [
     ("\\boxed{42} but Final Answer: 41", "42", False),
     ("\\boxed{\\frac{1}{2}}", "1/2", True),
     ("\\boxed{42", "42", False),  # truncated
+    ("\\boxed{}", "42", False),
+    ("Final Answer: \\boxed{}\n42", "42", False),  # an empty box is the answer line: nothing after it counts
+    ("Final Answer: \\boxed{2:3}", "2", False),
+    # a tag spelled in the main text next to the answer
+    ("Final Answer: 42</Summary>", "42", True),
+    ("Final Answer: 4</Path>2", "42", False),
     # empty, huge and tag-only responses
     ("", "42", False),
     ("   \n\n", "42", False),
@@ -144,17 +193,26 @@ def test_huge_responses_are_fast():
     assert time.perf_counter() - start < 2.0
 
 
-@pytest.mark.parametrize("text,answer", [
+@pytest.mark.parametrize("main,answer", [  # extract_answer reads main text: what is displayed is what is graded
     ("Final Answer: 42 apples\nmore", "42 apples"),
     ("Final Answer:  \\boxed{7}  ", "\\boxed{7}"),
+    ("Final Answer: 1\nmore\nFinal Answer:  -3 \ntrailing", "-3"),
+    ("final answer: 12", "12"),
+    ("**Final Answer**: 42", "42"),
+    ("**Final Answer:** 42", "42"),
+    ("Final Answer:\n\\[\n\\boxed{42}\n\\]", "\\boxed{42}"),
     ("no answer here", None),
     ("", None),
     ("Final Answer:", None),
+    ("Final Answer:\n**\n", None),
     ("use \\boxed{a{b}c} here", "a{b}c"),
-    ("x" + block(p1="Final Answer: 1") + "y", None),
+    ("use \\boxed{} here", None),
+    # a spelled tag in the main text is plain text: the answer after it counts
+    ("x<Parallel><Path>Final Answer: 1", "1"),
+    ("<Summary>Final Answer: 1</Summary>", "1</Summary>"),
 ])
-def test_extract_answer(text, answer):
-    assert extract_answer(text) == answer
+def test_extract_answer(main, answer):
+    assert extract_answer(main) == answer
 
 
 @pytest.mark.parametrize("s,value", [
@@ -206,46 +264,120 @@ def test_scaffold_switch_step_is_configurable():
     assert reward_fn("scaffold", 69, scaffold_until=60).__name__ == "r_acc"
 
 
-GOOD = "Let me check." + block("3*7=21", "4*7=28", "both fine") + "So\nFinal Answer: 42"
-ONE_PATH = "Let me check.<Parallel><Path>a</Path></Parallel><Summary>s</Summary>Final Answer: 42"
+# -----------------------------------------------------------------------------
+# rollouts: the structure comes from the tag tokens, never from the decoded text
+
+Tag = namedtuple("Tag", "text")  # a real tag token; a plain-string piece is text (tags in it are spelled)
+PAR, PAR_END, P, P_END, SUM, SUM_END = (Tag(t) for t in (PARALLEL, PARALLEL_END, PATH, PATH_END, SUMMARY, SUMMARY_END))
 
 
-@pytest.mark.parametrize("text,gold,schedule,reward,metrics", [
-    (GOOD, "42", "parallel", 1.0, dict(correct=True, has_block=True, format_ok=True, num_blocks=1)),
-    (GOOD, "41", "parallel", -1.0, dict(correct=False, has_block=True, format_ok=True, num_blocks=1)),
-    ("Final Answer: 42", "42", "parallel", -1.0, dict(correct=True, has_block=False, format_ok=True, num_blocks=0)),
-    (ONE_PATH, "42", "parallel", -1.0, dict(correct=True, has_block=False, format_ok=False, num_blocks=0)),
-    (ONE_PATH, "42", "acc", 1.0, dict(correct=True, has_block=False, format_ok=False)),
-    (GOOD + block(), "42", "tiered", 1.2, dict(correct=True, has_block=True, num_blocks=2)),
-    ("Final Answer: 42", "42", "tiered", 1.0, dict(has_block=False, answer="42", has_answer=True)),
-    ("", "42", "acc", -1.0, dict(correct=False, has_answer=False, answer=None, format_ok=True)),
-    # teacher text with newlines between tags is not canonical: no valid block until normalised
-    ("a<Parallel>\n<Path>p</Path>\n<Path>q</Path>\n</Parallel>\n<Summary>s</Summary>Final Answer: 42", "42",
-     "parallel", -1.0, dict(correct=True, has_block=False, format_ok=False)),
-])
-def test_compute_reward(text, gold, schedule, reward, metrics):
-    r, m = compute_reward(text, gold, schedule)
-    assert r == reward and m["reward"] == reward
-    assert {k: m[k] for k in metrics} == metrics
+def real_block(p1="a", p2="b", s="s"):
+    return [PAR, P, p1, P_END, P, p2, P_END, PAR_END, SUM, s, SUM_END]
 
 
-def test_compute_reward_schedule_and_step():
-    assert compute_reward(GOOD, "42", "alternating", step=9)[0] == 1.2
-    assert compute_reward(GOOD, "42", "alternating", step=8)[0] == 1.0
-    assert compute_reward(GOOD, "42", "scaffold", step=10, scaffold_until=5)[0] == 1.0
-    for name in SCHEDULES:
-        compute_reward(GOOD, "42", name)
+def rollout(tokenizer, pieces):
+    """A rollout (ending in EOS) from pieces: a Tag is its tag token, a string its ordinary sub-word tokens."""
+    tags, ids = tag_ids(tokenizer), []
+    for piece in pieces:
+        if isinstance(piece, Tag):
+            ids.append(tags[piece.text])
+        else:
+            spelled = tokenizer(piece, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            assert not set(spelled) & set(tags.values()), piece  # really spelled: no tag token in it
+            ids += spelled
+    return make_rollout(tokenizer, tokenizer("Q:")["input_ids"], ids + [tokenizer.eos_token_id], "eos")
+
+
+CHECK = ["Let me check.", *real_block("3*7=21", "4*7=28", "both fine"), "So\nFinal Answer: 42"]  # a real block
+SPELLED = ["Let me check." + block("3*7=21", "4*7=28", "both fine") + "So\nFinal Answer: 42"]  # same text, no tags
+
+# (pieces, gold, schedule, (reward, has_block, format_ok, num_blocks, correct))
+ROLLOUT_CASES = {
+    # a real block
+    "real": (CHECK, "42", "parallel", (1.0, True, True, 1, True)),
+    "real-tiered": (CHECK, "42", "tiered", (1.2, True, True, 1, True)),
+    "real-wrong": (CHECK, "41", "parallel", (-1.0, True, True, 1, False)),
+    "real-two-blocks": (CHECK[:-1] + real_block() + CHECK[-1:], "42", "tiered", (1.2, True, True, 2, True)),
+    "no-block": (["Final Answer: 42"], "42", "parallel", (-1.0, False, True, 0, True)),
+    # the same block spelled with sub-word pieces: no block, no parallel reward; the answer still counts
+    "spelled-parallel": (SPELLED, "42", "parallel", (-1.0, False, True, 0, True)),
+    "spelled-tiered": (SPELLED, "42", "tiered", (1.0, False, True, 0, True)),
+    "spelled-acc": (SPELLED, "42", "acc", (1.0, False, True, 0, True)),
+    # spelled tags after a real block neither break it nor hide the answer
+    "real+spelled-path-end": (CHECK[:-1] + ["So</Path> done\nFinal Answer: 42"], "42", "parallel",
+                              (1.0, True, True, 1, True)),
+    "real+spelled-parallel": (CHECK[:-1] + ["So <Parallel><Path>hmm</Path>\nFinal Answer: 42"], "42", "parallel",
+                              (1.0, True, True, 1, True)),
+    "real+spelled-block": (CHECK[:-1] + [block() + "Final Answer: 42"], "42", "tiered", (1.2, True, True, 1, True)),
+    # a spelled summary or unclosed spelled block is main text: a Final Answer in it counts
+    "spelled-summary": (["So <Summary>Final Answer: 42</Summary>"], "42", "acc", (1.0, False, True, 0, True)),
+    "real+spelled-summary": (CHECK[:-1] + ["<Summary>\nFinal Answer: 42\n</Summary>"], "42", "parallel",
+                             (1.0, True, True, 1, True)),
+    "spelled-unclosed": (["x<Parallel><Path>\nFinal Answer: 42"], "42", "acc", (1.0, False, True, 0, True)),
+    # a Final Answer only inside a real path or summary does not count
+    "answer-in-path": (["x", *real_block(p1="Final Answer: 42"), "so"], "42", "acc", (-1.0, True, True, 1, False)),
+    "answer-in-summary": (["x", *real_block(s="Final Answer: 42"), "so"], "42", "parallel",
+                          (-1.0, True, True, 1, False)),
+    "answer-in-path-wrong-main": (["x", *real_block(p2="Final Answer: 42"), "Final Answer: 41"], "42", "tiered",
+                                  (-1.0, True, True, 1, False)),
+    # malformed real tags: no block (the answer outside them still counts)
+    "one-path": ([PAR, P, "a", P_END, PAR_END, SUM, "s", SUM_END, "Final Answer: 42"], "42", "parallel",
+                 (-1.0, False, False, 0, True)),
+    "one-path-acc": ([PAR, P, "a", P_END, PAR_END, SUM, "s", SUM_END, "Final Answer: 42"], "42", "acc",
+                     (1.0, False, False, 0, True)),
+    "unclosed-block": (["Final Answer: 42", PAR, P, "a", P_END, P, "b"], "42", "tiered", (1.0, False, False, 0, True)),
+    "unclosed-hides-answer": (["x", PAR, P, "a", P_END, P, "Final Answer: 42"], "42", "acc",
+                              (-1.0, False, False, 0, False)),
+    "real-stray-path-end": (CHECK[:-1] + [P_END, "Final Answer: 42"], "42", "tiered", (1.0, False, False, 0, True)),
+    "real-no-summary": (["x", PAR, P, "a", P_END, P, "b", P_END, PAR_END, "Final Answer: 42"], "42", "parallel",
+                        (-1.0, False, False, 0, True)),
+    "text-between-paths": (["x", PAR, P, "a", P_END, "\n", P, "b", P_END, PAR_END, SUM, "s", SUM_END,
+                            "Final Answer: 42"], "42", "parallel", (-1.0, False, False, 0, True)),
+    "good-then-one-path": (CHECK[:-1] + [PAR, P, "c", P_END, PAR_END, SUM, "s", SUM_END, "Final Answer: 42"], "42",
+                           "tiered", (1.0, False, False, 0, True)),
+    "empty": ([], "42", "acc", (-1.0, False, True, 0, False)),
+}
+
+
+@pytest.mark.parametrize("pieces,gold,schedule,expected", ROLLOUT_CASES.values(), ids=ROLLOUT_CASES.keys())
+def test_reward_rollout(bpe_tokenizer, pieces, gold, schedule, expected):
+    r, m = reward_rollout(rollout(bpe_tokenizer, pieces), gold, schedule)
+    assert (r, m["has_block"], m["format_ok"], m["num_blocks"], m["correct"]) == expected
+    assert m["reward"] == r and m["has_answer"] == (m["answer"] is not None)
+    assert set(m) == {"reward", "correct", "answer", "has_answer", "format_ok", "has_block", "num_blocks", "reward_fn"}
+
+
+def test_spelled_block_decodes_like_a_real_one_but_earns_nothing(bpe_tokenizer):
+    real, spelled = rollout(bpe_tokenizer, CHECK), rollout(bpe_tokenizer, SPELLED)
+    assert real.text == spelled.text and real.ids != spelled.ids  # the text cannot tell them apart
+    assert grade(real.text, "42") and check_format(real.text) is None  # judged from text, both would have a block
+    assert reward_rollout(real, "42", "parallel")[0] == 1.0
+    assert reward_rollout(spelled, "42", "parallel")[0] == -1.0
+    assert real.main_text == "Let me check.So\nFinal Answer: 42" and spelled.main_text == spelled.text
+
+
+def test_reward_rollout_schedule_and_step(bpe_tokenizer):
+    good = rollout(bpe_tokenizer, CHECK)
+    assert reward_rollout(good, "42", "alternating", step=9)[0] == 1.2
+    assert reward_rollout(good, "42", "alternating", step=8)[0] == 1.0
+    assert reward_rollout(good, "42", "scaffold", step=10, scaffold_until=5)[0] == 1.0
+    assert [reward_rollout(good, "42", name)[1]["reward_fn"] for name in SCHEDULES] == \
+        ["r_acc", "parallel_reward", "tiered_reward", "r_acc", "r_acc"]
     with pytest.raises(ValueError, match="unknown reward schedule"):
-        compute_reward(GOOD, "42", "accuracy")
+        reward_rollout(good, "42", "accuracy")
 
 # -----------------------------------------------------------------------------
 # real data
 
 
-def test_teacher_traces_grade_correct():
-    """The 341 real teacher traces: every final answer that exists grades correct against `answer`."""
+def test_teacher_traces_grade_correct(bpe_tokenizer):
+    """The 341 real teacher traces: every final answer that exists grades correct against `answer`, and with
+    real tag tokens (the tags tokenize as special tokens) the token route agrees with the text route."""
     rows = [json.loads(line) for line in shared_file("parallel_gsm8k_sample.jsonl").read_text().split("\n") if line]
-    results = [compute_reward(normalize(r["response"]), r["answer"])[1] for r in rows]
+    texts = [normalize(r["response"]) for r in rows]
+    eos = [bpe_tokenizer.eos_token_id]
+    results = [reward_rollout(make_rollout(bpe_tokenizer, eos, bpe_tokenizer(t, add_special_tokens=False)["input_ids"]
+                                           + eos), r["answer"])[1] for t, r in zip(texts, rows)]
     correct = sum(m["correct"] for m in results)
     print(f"\n{correct} of {len(rows)} teacher traces grade correct; "
           f"{sum(m['has_block'] for m in results)} have a valid block")
@@ -254,3 +386,8 @@ def test_teacher_traces_grade_correct():
     # measured: 340; the one other trace writes its answer inside an unclosed summary
     assert correct == 340
     assert sum(not m["has_answer"] for m in results) == 1
+    for t, r, m in zip(texts, rows, results):
+        ok = check_format(t) is None
+        assert (m["correct"], m["format_ok"], m["num_blocks"]) == (grade(t, r["answer"]), ok,
+                                                                    len(parse(t).blocks) if ok else 0)
+        assert m["answer"] == extract_answer(main_text(t))

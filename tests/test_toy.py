@@ -7,8 +7,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from nanopr1 import toy
-from nanopr1.format import ANSWER_PREFIX, TAGS, chat_prompt_ids, check_format, final_answer, parse
+from nanopr1.format import ANSWER_PREFIX, TAGS, chat_prompt_ids, check_format, main_text, parse
 from nanopr1.model import add_tags, load, tag_ids
+from nanopr1.rewards import extract_answer
+
+
+def answer_of(text):
+    """The answer of a teacher trace, as the grader reads it: from its main text."""
+    return extract_answer(main_text(text))
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +75,10 @@ def test_every_teacher_trace_is_valid_and_answers(corpus):
         assert check_format(r) is None, r
         cands = toy.parse_question(ex["question"])[0]
         if "guess" in r:  # only the hard-level teacher guesses, and only among the candidates
-            assert len(cands) == toy.LEVELS["hard"] and int(final_answer(r)) in cands
+            assert len(cands) == toy.LEVELS["hard"] and int(answer_of(r)) in cands
         else:
-            assert final_answer(r) == ex["answer"], r
-        assert r.endswith(f"{ANSWER_PREFIX} {final_answer(r)}")
+            assert answer_of(r) == ex["answer"], r
+        assert r.endswith(f"{ANSWER_PREFIX} {answer_of(r)}")
 
 
 def test_corpus_mixes_blocks_and_plain_steps(corpus):
@@ -111,7 +117,7 @@ def test_easy_and_hard_differ_as_designed():
     acc, checks = {}, {}
     for level in ["easy", "hard"]:
         traces = [(p, toy.teacher_trace(p, rng)) for p in toy.problems(level, 400, seed=1)]
-        acc[level] = sum(final_answer(r) == p["answer"] for p, r in traces) / len(traces)
+        acc[level] = sum(answer_of(r) == p["answer"] for p, r in traces) / len(traces)
         checks[level] = max(r.count("*") for _, r in traces)
     assert acc["easy"] == 1.0 and 0.5 < acc["hard"] < 0.75  # room for RL on the hard level
     # easy: each block checks 1 or 2 new candidates, so up to 2 per candidate; hard: budget 6, +1 overshoot
