@@ -1,0 +1,129 @@
+"""
+plot.py: PNG figures of RL runs (training curves) and of eval results (bar charts).
+
+    python plot.py out/toy-easy --out plots
+    python plot.py out/rl-seen out/rl-unseen --labels seen,unseen --smooth 5 --out plots
+    python plot.py --eval out/eval/rl-easy/summary.json out/eval/rl-hard/summary.json --out plots
+
+One process (no `accelerate launch`: it only reads files); matplotlib is an optional extra
+(pip install -e ".[plot]"). Each RUN_DIR's metrics.jsonl (train_rl.py, one row per step) gives
+OUT/<metric>.png for each metric in METRICS that some run logged: x = step, one line per run.
+The --eval files (eval.py's summary.json) give OUT/eval.png: accuracy (mean@n) and parallel
+rate per dataset, one bar per model (named by the summary's directory).
+
+Simplifications:
+1. a fixed list of metrics; other keys in metrics.jsonl are not plotted;
+2. --smooth is a trailing moving average (a point never uses later steps), not an EMA;
+3. a step logged twice (a resumed run) keeps its last row; a torn last line is ignored.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+METRICS = ["reward", "accuracy", "parallel_rate", "first_block_pos", "latency_ratio", "blocks_per_rollout",
+           "path_diversity"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run dirs holding metrics.jsonl")
+    p.add_argument("--labels", help="comma-separated legend names, one per RUN_DIR (default: the dir names)")
+    p.add_argument("--smooth", type=int, default=1, metavar="K", help="moving average over the last K steps")
+    p.add_argument("--eval", nargs="+", default=[], metavar="SUMMARY", help="eval.py summary.json files")
+    p.add_argument("--out", required=True, help="directory for the PNG files")
+    args = p.parse_args(argv)
+    if not args.runs and not args.eval:
+        p.error("give at least one RUN_DIR or --eval file")
+    if args.labels and len(args.labels.split(",")) != len(args.runs):
+        p.error(f"--labels has {len(args.labels.split(','))} names for {len(args.runs)} run dirs")
+    if args.smooth < 1:
+        p.error("--smooth K needs K >= 1")
+    return args
+
+
+def read_metrics(run_dir):
+    """{step: row} from run_dir/metrics.jsonl."""
+    rows, lines = {}, [ln for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break  # torn last line: the run was killed while writing it
+            raise ValueError(f"{run_dir}/metrics.jsonl line {i + 1} is not JSON")
+        rows[row["step"]] = row
+    return rows
+
+
+def smooth(ys, k):
+    """Trailing moving average: point i is the mean of ys[i-k+1..i] (fewer points at the start)."""
+    return [sum(w) / len(w) for w in (ys[max(0, i - k + 1):i + 1] for i in range(len(ys)))]
+
+
+def plot_runs(plt, runs, labels, k, out):
+    written = []
+    for metric in METRICS:
+        curves = []
+        for rows, label in zip(runs, labels):
+            steps = sorted(s for s, r in rows.items() if r.get(metric) is not None)  # None: e.g. no block that step
+            if steps:
+                curves.append((label, steps, [rows[s][metric] for s in steps]))
+        if not curves:
+            continue  # no run logged it
+        fig, ax = plt.subplots(figsize=(6, 4), layout="tight")
+        for label, steps, ys in curves:
+            ax.plot(steps, smooth(ys, k), label=label)
+        ax.set(xlabel="step", ylabel=metric, title=metric + (f" (moving average of {k})" if k > 1 else ""))
+        ax.grid(alpha=0.3)
+        ax.legend()
+        written.append(save(plt, fig, out / f"{metric}.png"))
+    return written
+
+
+def plot_eval(plt, files, out):
+    """Accuracy (mean@n) and parallel rate: one bar per model and dataset."""
+    models = {Path(f).parent.name: json.loads(Path(f).read_text())["datasets"] for f in files}
+    datasets = list(dict.fromkeys(d for sets in models.values() for d in sets))  # in first-seen order
+    panels = [("accuracy (mean@n)", lambda s: s[next(k for k in s if k.startswith("mean@"))]),
+              ("parallel (share of rollouts with a block)", lambda s: s["parallel"])]
+    width = 0.8 / len(models)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), layout="tight")
+    for ax, (title, value) in zip(axes, panels):
+        for j, (model, sets) in enumerate(models.items()):
+            have = [i for i, d in enumerate(datasets) if d in sets]  # a model may lack a dataset
+            ax.bar([i + j * width for i in have], [value(sets[datasets[i]]) for i in have], width, label=model)
+        ax.set_xticks([i + (len(models) - 1) * width / 2 for i in range(len(datasets))], datasets)
+        ax.set(title=title, ylim=(0, 1))
+        ax.legend()
+    return [save(plt, fig, out / "eval.png")]
+
+
+def save(plt, fig, path):
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        import matplotlib
+    except ImportError:
+        sys.exit('error: plotting needs matplotlib: pip install -e ".[plot]"')
+    matplotlib.use("Agg")  # files only, no window
+    import matplotlib.pyplot as plt
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    labels = args.labels.split(",") if args.labels else [Path(r.rstrip("/")).name for r in args.runs]
+    written = plot_runs(plt, [read_metrics(r) for r in args.runs], labels, args.smooth, out)
+    written += plot_eval(plt, args.eval, out) if args.eval else []
+    for path in written:
+        print(path)
+    return written
+
+
+if __name__ == "__main__":
+    main()
