@@ -44,9 +44,12 @@ opens only if each path would get 3 tokens. EOS in a path or a summary is
 replaced by its closing tag. Runtime-inserted tokens are `forced`: no policy
 loss, log-prob 0.
 
-A sampled token's log-prob is log_softmax(tag-masked logits / temperature)
-(temperature 1 when greedy); top-p changes what is sampled, not what is
-recorded. Seen rollouts record sequential positions (the scorer's); paths 2..N
+Sampling is Gumbel-max with noise that is a hash of (seed of the prompt, rollout
+of its group, path, token index, vocabulary id): a rollout's tokens do not depend
+on which other rows share its steps, so the same seeds give the same rollouts
+whatever the row cap, the batch or the number of processes. A sampled token's
+log-prob is log_softmax(tag-masked logits / temperature) (temperature 1 when
+greedy); top-p changes what is sampled, not what is recorded. Seen rollouts record sequential positions (the scorer's); paths 2..N
 of a Seen block were sampled without seeing path 1, so only their log-probs
 differ from a plain causal forward (by design: the Seen model is trained on
 paths as plain text).
@@ -97,7 +100,7 @@ class Options:
     reserve: int = None             # tokens a block leaves for its summary and the answer (None: min(64, budget/8))
     temperature: float = 1.0        # 0 = greedy
     top_p: float = 1.0
-    seed: int = None
+    seed: object = None             # an int, or one int per prompt (None: drawn from torch's generator)
     variant: str = "seen"           # how paths are merged: "seen" (re-encoded in sequence) or "unseen"
     parallel: bool = True           # False: no forking, tags are ordinary tokens
     force_block: object = False     # True: open a block after the first line (or 32 tokens); n: after n tokens
@@ -149,6 +152,7 @@ class _Block:  # the block a rollout is writing
 @dataclass(eq=False)
 class _Rollout:  # one rollout being written
     prompt: list
+    key: int                                    # the seed of its random stream (prompt seed, rollout of its group)
     force: object                               # None, or when to force the first <Parallel>: n tokens or "line"
     out: _Seg = field(default_factory=_Seg)     # the response so far, canonical layout
     phase: str = MAIN                           # MAIN, PATHS or SUMMARY_PHASE
@@ -181,11 +185,13 @@ class _Sampler:
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         self.eos = {e for e in eos + [tokenizer.eos_token_id] if e is not None}
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos, default=0)
-        self.gen = None if o.seed is None else torch.Generator(device=self.device).manual_seed(o.seed)
         self.reserve = o.reserve if o.reserve is not None else min(64, o.max_new_tokens // 8)
         force = None if o.force_block is False else ("line" if o.force_block is True else int(o.force_block))
         self.prompts, self.G = prompts, group_size
-        self.rollouts = [_Rollout(list(p), force) for p in prompts for _ in range(group_size)]  # prompt-major
+        seeds = o.seed if isinstance(o.seed, (list, tuple)) else [
+            mix(o.seed if o.seed is not None else int(torch.randint(1 << 62, ())), i) for i in range(len(prompts))]
+        self.rollouts = [_Rollout(list(p), mix(seeds[i], g), force)  # prompt-major
+                         for i, p in enumerate(prompts) for g in range(group_size)]
         self.pending = list(range(len(self.rollouts)))  # rollouts not yet admitted, in order
         self.per_rollout = o.num_paths if o.parallel else 1  # rows each admitted rollout reserves
         self.reserved = 0
@@ -330,12 +336,14 @@ class _Sampler:
         if T == 0:
             tok = logp.argmax(-1)
         else:  # one token per row from exp(logp), restricted to the smallest set of mass >= top_p
-            probs = logp.exp()  # (R, V)
+            scores = logp
             if top_p < 1.0:
-                sorted_p, idx = probs.sort(-1, descending=True)
-                sorted_p[(sorted_p.cumsum(-1) - sorted_p) >= top_p] = 0.0
-                probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
-            tok = torch.multinomial(probs, 1, generator=self.gen)[:, 0]
+                sorted_p, idx = logp.exp().sort(-1, descending=True)
+                cut = (sorted_p.cumsum(-1) - sorted_p) >= top_p  # (R, V) outside the top-p set
+                scores = logp.masked_fill(torch.zeros_like(cut).scatter_(-1, idx, cut), float("-inf"))
+            keys = [mix(w.ro.key, -1 if w.path is None else w.path, len(w.seg.ids)) if w is not None else 0
+                    for w in self.rows]
+            tok = (scores + gumbel(torch.tensor(keys, device=self.device), logp.shape[1])).argmax(-1)
         out = torch.stack([tok.to(logp.dtype), logp.gather(1, tok[:, None])[:, 0]]).tolist()  # one host sync
         return [int(t) for t in out[0]], out[1], bits
 
@@ -404,6 +412,32 @@ class _Sampler:
                          ro.out.positions, ro.out.allowed)
         assert not self.o.parallel or (r.blocks == ro.blocks and r.format_error is None), "sampler bug"
         return r
+
+
+# -----------------------------------------------------------------------------
+# random streams that do not depend on the batch: hashes of integers
+
+M64 = (1 << 64) - 1
+
+
+def mix(*xs):
+    """A 64-bit hash of a few integers (splitmix64 steps), as a signed int64."""
+    h = 0x9E3779B97F4A7C15
+    for x in xs:
+        h = (h ^ (x & M64)) * 0xBF58476D1CE4E5B9 & M64
+        h = (h ^ (h >> 27)) * 0x94D049BB133111EB & M64
+        h ^= h >> 31
+    return h - (1 << 64) if h >> 63 else h
+
+
+def gumbel(keys, V):
+    """(R, V) Gumbel noise that is a hash of (keys[r], v) alone: argmax(log p + noise) samples from p."""
+    x = keys[:, None] * V + torch.arange(V, device=keys.device)  # int64, wrapping
+    for k, m in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB), (31, 0)):  # splitmix64's finaliser
+        x = x ^ ((x >> k) & ((1 << (64 - k)) - 1))  # a logical shift (>> on int64 keeps the sign)
+        x = x * (m - (1 << 64) if m >> 63 else m) if m else x
+    u = ((x >> 40) & 0xFFFFFF).float().add_(0.5).div_(1 << 24)  # 24 random bits -> (0, 1)
+    return -torch.log(-torch.log(u))
 
 
 def make_rollout(tokenizer, prompt, ids, stop_reason="eos", forced=None, logprobs=None, positions=None, allowed=None):

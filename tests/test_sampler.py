@@ -9,7 +9,7 @@ from conftest import tiny_model
 from nanopr1.attention import build_inputs
 from nanopr1.format import PARALLEL, PARALLEL_END, PATH, PATH_END, SUMMARY, SUMMARY_END, check_format
 from nanopr1.model import tag_ids
-from nanopr1.sampler import ALL_TAGS, BIT, apply_tag_mask, sample
+from nanopr1.sampler import ALL_TAGS, BIT, apply_tag_mask, gumbel, mix, sample
 
 TEXTS = ["How many clips did she sell altogether in April?", "Natalia", "Let x be the number of cats. Then"]
 
@@ -122,6 +122,32 @@ def test_seeds(bpe_tokenizer):
     for g in range(2):  # the rows of one group differ at temperature 1
         group = [tuple(r.ids) for r in a[3 * g:3 * g + 3]]
         assert len(set(group)) == 3
+
+def test_gumbel_noise_samples_the_softmax():
+    """argmax(log p + noise) over 40,000 keys: each token's frequency within 4 standard errors of p."""
+    p = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03])
+    n = 40_000
+    keys = torch.tensor([mix(123, k) for k in range(n)])
+    tok = (p.log() + gumbel(keys, len(p))).argmax(-1)
+    freq = torch.bincount(tok, minlength=len(p)).float() / n
+    assert ((freq - p).abs() <= 4 * (p * (1 - p) / n).sqrt()).all(), freq
+    assert not torch.equal(gumbel(keys[:3], 5), gumbel(keys[3:6], 5))
+
+
+def test_a_rollout_does_not_depend_on_its_batch(bpe_tokenizer):
+    """Sampling noise is a hash of (prompt seed, rollout, path, token index): at temperature 1 a prompt
+    gives the same rollouts alone, with other prompts, or under any row cap."""
+    tok = bpe_tokenizer
+    model = biased(tok, par=3.0, path_end=2.0, summary_end=2.0)
+    prompts, seeds = prompts_of(tok), [11, 22, 33]
+    kw = dict(max_new_tokens=50, variant="unseen", top_p=0.9)
+    together = sample(model, tok, prompts, 3, seed=seeds, **kw)
+    capped = sample(model, tok, prompts, 3, seed=seeds, max_rows=4, **kw)
+    alone = sample(model, tok, prompts[2:], 3, seed=seeds[2:], **kw)
+    assert sum(len(r.blocks) for r in together) >= 3
+    assert [r.ids for r in together] == [r.ids for r in capped]
+    assert [r.ids for r in together[6:]] == [r.ids for r in alone]
+
 
 # -----------------------------------------------------------------------------
 # out-of-place tags and budgets
