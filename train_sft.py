@@ -24,17 +24,19 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from tqdm import tqdm
 
-from nanopr1 import data, format, rewards
-from nanopr1.attention import build_inputs
-from nanopr1.grpo import token_logprobs
+from nanopr1 import UsageError, data, format, rewards, toy
+from nanopr1.cli import parse_with_preset
+from nanopr1.scoring import collate, micro_batches, sequence_nll
 from nanopr1.model import apply_lora, load, resume_step, save_checkpoint, tag_ids
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,8 +46,7 @@ p.add_argument("--model", default="Qwen/Qwen3-4B-Base", help="hub id or local di
 p.add_argument("--variant", choices=["seen", "unseen"], default="seen", help="unseen: path-isolating attention")
 p.add_argument("--lora", action="store_true", help="train LoRA adapters (and the six tag rows) only")
 p.add_argument("--lora-r", type=int, default=64)
-p.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
-               help="gradient checkpointing (default: on with a GPU)")
+p.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, help="gradient checkpointing (default: on a GPU)")
 # data
 p.add_argument("--data", default="out/parallel_gsm8k.jsonl", help="JSONL with question and response")
 p.add_argument("--prompt-file", help="prompt template with a {problem} slot (default: the parallel prompt)")
@@ -59,7 +60,7 @@ p.add_argument("--gen-max-new-tokens", type=int, default=8192, help="teacher bud
 p.add_argument("--gen-batch", type=int, default=16, help="problems per sampler call")
 # optimisation
 p.add_argument("--batch-size", type=int, default=128, help="sequences per optimizer step (all ranks)")
-p.add_argument("--micro-batch", type=int, default=4, help="sequences per forward on one rank")
+p.add_argument("--micro-batch-tokens", type=int, default=16384, help="rows x padded length of one forward")
 p.add_argument("--lr", type=float, default=1e-5)
 p.add_argument("--weight-decay", type=float, default=0.01)
 p.add_argument("--warmup", type=float, default=0.1, help="share of steps with linear warm-up")
@@ -67,53 +68,18 @@ p.add_argument("--epochs", type=int, default=3)
 p.add_argument("--max-steps", type=int, default=0, help="stop after N steps (the schedule still spans --epochs)")
 p.add_argument("--seed", type=int, default=0)
 # logging and checkpoints
-p.add_argument("--out", default="out/sft", help="output dir: the model, metrics.jsonl, state/")
+p.add_argument("--out", help="output dir: the model, metrics.jsonl, state/ (default: out/sft, out/sft-unseen)")
 p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (and at the end)")
 p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-TOY = dict(model=None, data=None, out="out/toy-sft", max_len=512, batch_size=32, micro_batch=32, lr=3e-3,
+# memory plan
+p.add_argument("--plan", action="store_true", help="print the per-GPU memory plan and exit (needs only a config.json)")
+p.add_argument("--gpu-memory-gb", type=float, help="for the plan: memory of one GPU (default: this device's)")
+p.add_argument("--num-gpus", type=int, help="for the plan: GPUs of the run (default: this launch's processes)")
+TOY = dict(model=None, data=None, max_len=512, batch_size=32, micro_batch_tokens=8192, lr=3e-3,
            warmup=0.04, epochs=1, save_every=400, grad_ckpt=False)  # 800 steps over toy.sft_corpus(25600)
 
 # -----------------------------------------------------------------------------
 # data: (prompt ids, response ids) examples
-
-
-def make_examples(rows, tokenizer, template, max_len):
-    """Tokenise rows into (prompt, response + EOS) id lists. Malformed or too-long traces
-    are dropped and counted by reason; the prompt is tokenised apart and never parsed."""
-    examples, dropped = [], {}
-    for row in rows:
-        response = format.normalize(row["response"])
-        why = format.check_format(response)
-        if why is None:
-            prompt = format.chat_prompt_ids(tokenizer, template, row["question"])
-            resp = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            why = f"longer than --max-len {max_len}" if len(prompt) + len(resp) > max_len else None
-        if why is not None:
-            key = why.split(":")[0]
-            dropped[key] = dropped.get(key, 0) + 1
-            continue
-        examples.append((prompt, resp))
-    return examples, dropped
-
-
-def collate(examples, tags, variant, pad_id):
-    """A padded batch plus the targets and loss mask of the response tokens."""
-    prompts, responses = [e[0] for e in examples], [e[1] for e in examples]
-    batch = build_inputs(prompts, responses, tags, variant, pad_id)
-    targets = batch["input_ids"][:, 1:]  # (B, T-1) token t+1 is predicted at t
-    loss_mask = torch.zeros_like(targets, dtype=torch.bool)
-    for b, (p_, r) in enumerate(zip(prompts, responses)):
-        loss_mask[b, len(p_) - 1:len(p_) + len(r) - 1] = True  # exactly the response, EOS included
-    return batch, targets, loss_mask
-
-
-def sequence_nll(model, batch, targets, loss_mask):
-    """(B,) summed negative log-likelihood of each sequence's response tokens; logits are
-    computed from the first position that predicts a response token on."""
-    first = int(loss_mask.any(0).nonzero()[0])
-    logits = model(**batch, logits_to_keep=targets.shape[1] + 1 - first).logits[:, :-1]  # (B, T-1-first, V)
-    logp = token_logprobs(logits, targets[:, first:])  # fp32, upcast a chunk at a time
-    return -(logp * loss_mask[:, first:]).sum(1)
 
 
 def batches(n, batch_size, seed, epoch):
@@ -165,45 +131,43 @@ def generate_corpus(args):
 def main(args):
     if args.generate:
         return generate_corpus(args)
-    acc = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
+    cuda = torch.cuda.is_available()
+    acc = Accelerator(mixed_precision="bf16" if cuda else "no")
+    world, rank = acc.num_processes, acc.process_index
+    acc.print(f"{world} process{'es' if world > 1 else ''} ({acc.device}, {acc.distributed_type.value})")
     torch.manual_seed(args.seed)
     out = Path(args.out)
+    template = toy.TEMPLATE if args.preset == "toy" else (format.load_template(args.prompt_file) if args.prompt_file
+                                                         else format.PARALLEL_PROMPT)
+    rows = data.load(args.data) if args.data else toy.sft_corpus(25600, seed=args.seed)  # no --data: the toy corpus
     if args.model is None:  # the toy model starts from scratch: an untrained model dir
-        from nanopr1 import toy
         args.model = str(out / "init")
         if acc.is_main_process and not (out / "init").is_dir():
             toy.init_dir(args.model, seed=args.seed)
         acc.wait_for_everyone()
-    model, tokenizer = load(args.model)  # on --resume, load_state below restores the trained weights
+    model, tokenizer = load(args.model, "bfloat16" if cuda and args.lora else "float32")  # LoRA: a frozen bf16 base
     tags = tag_ids(tokenizer)
-    template = format.load_template(args.prompt_file) if args.prompt_file else format.PARALLEL_PROMPT
-    if args.preset == "toy":
-        from nanopr1 import toy
-        template = toy.TEMPLATE
-        rows = data.load(args.data) if args.data else toy.sft_corpus(25600, seed=args.seed)
-    else:
-        rows = data.load(args.data)
-    examples, dropped = make_examples(rows, tokenizer, template, args.max_len)
+    examples, dropped = data.sft_examples(rows, tokenizer, template, args.max_len)
     acc.print(f"{len(examples)}/{len(rows)} traces kept; dropped: {dropped or 'none'}")
-    if args.lora:
-        model = apply_lora(model, r=args.lora_r, alpha=2 * args.lora_r, train_tokens=list(tags.values()))
-    if args.grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    world, rank = acc.num_processes, acc.process_index
-    if args.batch_size % (world * args.micro_batch):
-        raise SystemExit(f"error: --batch-size {args.batch_size} must be a multiple of "
-                         f"processes x --micro-batch = {world * args.micro_batch}")
+    if args.batch_size % world:
+        raise UsageError(f"--batch-size {args.batch_size} must divide over {world} processes")
     per_epoch = len(examples) // args.batch_size
     if per_epoch == 0:
-        raise SystemExit(f"error: {len(examples)} examples is fewer than one batch of {args.batch_size}")
+        raise UsageError(f"{len(examples)} examples is fewer than one batch of {args.batch_size}")
+    if args.lora:
+        model = apply_lora(model, r=args.lora_r, alpha=2 * args.lora_r, train_tokens=list(tags.values()))
+    if args.grad_ckpt or args.grad_ckpt is None and cuda:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     total = per_epoch * args.epochs  # the LR schedule's length
     stop = min(args.max_steps or total, total)
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=args.lr,
                             betas=(0.9, 0.95), weight_decay=args.weight_decay)
-    warm = max(1, int(args.warmup * total))
+    model, opt = acc.prepare(model, opt)
+    warm = max(1, int(args.warmup * total))  # linear warm-up, then cosine to 0 at the end of the last epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, 0.5 * (1 + math.cos(
         math.pi * max(0, s + 1 - warm) / max(1, total - warm)))))
-    model, opt, sched = acc.prepare(model, opt, sched)
+    acc.register_for_checkpointing(sched)  # not prepared: accelerate would step it once per process per step
+    out.mkdir(parents=True, exist_ok=True)
     step = resume_step(acc, out, args.resume)
     bar = tqdm(total=stop, initial=step, desc="sft", disable=not acc.is_main_process)
     while step < stop:
@@ -212,13 +176,16 @@ def main(args):
         idx = batches(len(examples), args.batch_size, args.seed, epoch)[k]
         mine = [examples[i] for i in idx[rank::world]]  # this rank's share of the step
         n_tokens = sum(len(examples[i][1]) for i in idx)  # response tokens of the WHOLE step, all ranks
+        chunks = micro_batches([len(p_) + len(r) for p_, r in mine], args.micro_batch_tokens)
+        n = int(acc.reduce(torch.tensor(len(chunks), device=acc.device), "max").item())
+        chunks += [[]] * (n - len(chunks))  # as many forwards on every rank (FSDP: each is a collective)
         nll_sum = 0.0
-        for j in range(0, len(mine), args.micro_batch):
-            batch, targets, loss_mask = collate(mine[j:j + args.micro_batch], tags, args.variant, tokenizer.pad_token_id)
+        for j, chunk in enumerate(chunks):
+            batch, targets, loss_mask = collate([mine[i] for i in chunk or [0]], tags, args.variant, tokenizer.pad_token_id)
             batch = {key: v.to(acc.device) for key, v in batch.items()}
-            last = j + args.micro_batch >= len(mine)
-            with nullcontext() if last else acc.no_sync(model):  # all-reduce gradients once per step
-                nll = sequence_nll(model, batch, targets.to(acc.device), loss_mask.to(acc.device)).sum()
+            last = j == len(chunks) - 1  # DDP: all-reduce once per step; FSDP: reduce-scatter each micro-batch
+            with nullcontext() if last or acc.distributed_type == DistributedType.FSDP else acc.no_sync(model):
+                nll = sequence_nll(model, batch, targets.to(acc.device), loss_mask.to(acc.device)).sum() * bool(chunk)
                 acc.backward(nll * world / n_tokens)  # DDP averages over ranks: * world makes it a sum
             nll_sum += nll.item()
         grad_norm = acc.clip_grad_norm_(model.parameters(), 1.0)
@@ -241,18 +208,45 @@ def main(args):
     acc.print(f"done: {step} steps, model in {out}")
 
 
+def plan_only(args):
+    """--plan: the memory plan from the model config alone, then exit."""
+    from transformers import AutoConfig
+    from nanopr1.plan import GB, memory_plan
+    try:
+        config = AutoConfig.from_pretrained(args.model)
+    except OSError as e:
+        raise UsageError(f"--plan: no model config at {args.model!r} ({str(e).splitlines()[0][:120]})") from None
+    world = args.num_gpus or int(os.environ.get("WORLD_SIZE", 1))
+    gpu = args.gpu_memory_gb * GB if args.gpu_memory_gb else (
+        torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None)
+    if gpu is None:
+        raise UsageError("no GPU here: pass --gpu-memory-gb (e.g. 80) to plan for one")
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", str(world > 1 and not args.lora)).lower() == "true"
+    plan = memory_plan(config, gpu_bytes=gpu, world=world, fsdp=fsdp, lora_r=args.lora_r if args.lora else 0,
+                       grad_ckpt=args.grad_ckpt is not False, micro_batch_tokens=args.micro_batch_tokens,
+                       unseen=args.variant == "unseen", sampling=False)
+    print(f"memory plan per GPU: {args.model}, SFT, {'LoRA' if args.lora else 'full fine-tune'}, {world} GPU(s)\n{plan}")
+
+
 def parse_args(argv=None):
-    args = p.parse_args(argv)
-    if args.preset == "toy":  # swap in the toy defaults, then let explicit flags win again
-        p.set_defaults(**TOY)
-        args = p.parse_args(argv)
+    args = parse_with_preset(p, argv, TOY)
+    if args.out is None:
+        args.out = ("out/toy-sft" if args.preset == "toy" else "out/sft") + ("-unseen" if args.variant == "unseen" else "")
+    checks = [(args.batch_size >= 1 and args.micro_batch_tokens >= 1, "--batch-size and --micro-batch-tokens must be 1 or more"),
+              (args.epochs >= 1 and args.max_steps >= 0, "--epochs must be 1 or more and --max-steps 0 or more"),
+              (args.save_every >= 1, f"--save-every {args.save_every}: must be 1 or more"),
+              (args.lr > 0 and 0 <= args.warmup < 1, "--lr must be above 0 and --warmup in [0, 1)"),
+              (args.max_len >= 2, "--max-len must be 2 or more"),
+              (args.gen_batch >= 1 and args.gen_max_new_tokens >= 1, "--gen-batch and --gen-max-new-tokens must be 1 or more")]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
     return args
 
 
 if __name__ == "__main__":
-    args = parse_args()
-    Path(args.out).mkdir(parents=True, exist_ok=True)
     try:
-        main(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        raise SystemExit(f"error: {e}")
+        args = parse_args()
+        plan_only(args) if args.plan else main(args)
+    except UsageError as e:
+        sys.exit(f"error: {e}")

@@ -13,12 +13,12 @@ switched off so every rollout runs to its budget. What it prints:
       batch 1, 64, 256, prompt 512, 1,024 new tokens (prefill included), plus 2-path blocks at batch 64;
   (2) the bandwidth floor of each batch (weight bytes + KV bytes read per step / measured copy bandwidth)
       and the share of it the fast sampler's decode reaches (its prefill timed apart and subtracted);
-  (3) one GRPO step (train_rl.score + grpo.policy_loss, gradient checkpointing, bf16 autocast): LoRA, and the
+  (3) one GRPO step (scoring.score + grpo.policy_loss, gradient checkpointing, bf16 autocast): LoRA, and the
       full fine-tune with AdamW (fp32 master weights, as train_rl) if it fits: peak memory, time, tokens/s, MFU;
-  (4) SFT tokens/s (train_sft.sequence_nll), same setting as the largest GRPO step that fitted;
+  (4) SFT tokens/s (scoring.sequence_nll), same setting as the largest GRPO step that fitted;
   (5) the Unseen mask, attention forward+backward: sdpa with the dense bool mask vs flex attention with a
       block mask built from the same block structure (flex has no backward on a CPU);
-  (6) per-GPU memory of the FSDP full fine-tune on 8 GPUs, reasoned from (3) (not measured).
+  (6) the memory plan's estimate (nanopr1/plan.py) of the step of (3) next to its measured peak.
 MFU = 6 * parameters * tokens / time / peak (--peak-tflops, 989 for H100/H200 bf16 dense); with gradient
 checkpointing the real work is ~8 * N per token, with LoRA ~4 * N (no weight gradients).
 """
@@ -26,23 +26,20 @@ checkpointing the real work is ~8 * N per token, with LoRA ~4 * N (no weight gra
 import argparse
 import gc
 import json
-import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from transformers import AutoModelForCausalLM, Qwen3Config
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # train_rl, train_sft
-import train_rl  # noqa: E402
-import train_sft  # noqa: E402
-from nanopr1.attention import find_blocks, unseen_mask  # noqa: E402
-from nanopr1.format import PARALLEL, PARALLEL_END, PATH, PATH_END, SUMMARY, SUMMARY_END, TAGS  # noqa: E402
-from nanopr1.grpo import policy_loss  # noqa: E402
-from nanopr1.kvcache import StaticRows  # noqa: E402
-from nanopr1.model import apply_lora  # noqa: E402
-from nanopr1.sampler import Rollout, sample  # noqa: E402
+from nanopr1.attention import find_blocks, unseen_mask
+from nanopr1.format import PARALLEL, PARALLEL_END, PATH, PATH_END, SUMMARY, SUMMARY_END, TAGS
+from nanopr1.grpo import policy_loss
+from nanopr1.model import apply_lora
+from nanopr1.plan import activation_bytes_per_token
+from nanopr1.sampler import Rollout, sample
+from nanopr1.scoring import LOGITS_CHUNK_TOKENS, collate, score, sequence_nll
+from nanopr1.staticcache import StaticRows
 
 QWEN3_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
                 num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
@@ -194,12 +191,11 @@ def rollout(tok, P, N, g):
 
 
 def grpo_step(model, opt, rollouts, tags, micro, device):
-    args = SimpleNamespace(variant="seen", temperature=1.0)
     n_tokens = sum(sum(not f for f in r.forced) for r in rollouts)
     adv = torch.randn(len(rollouts))
     for i in range(0, len(rollouts), micro):
         with autocast(device):
-            logp, mask = train_rl.score(model, rollouts[i:i + micro], tags, args, 0, device)
+            logp, mask = score(model, rollouts[i:i + micro], tags, "seen", 1.0, 0, device)
             loss, _ = policy_loss(logp, logp.detach() + 0.01, adv[i:i + micro].to(logp), mask, n_tokens)
         loss.backward()
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
@@ -210,9 +206,9 @@ def grpo_step(model, opt, rollouts, tags, micro, device):
 def sft_step(model, opt, rollouts, tags, micro, device):
     for i in range(0, len(rollouts), micro):
         examples = [(r.prompt_ids, r.ids) for r in rollouts[i:i + micro]]
-        batch, targets, mask = train_sft.collate(examples, tags, "seen", 0)
+        batch, targets, mask = collate(examples, tags, "seen", 0)
         with autocast(device):
-            nll = train_sft.sequence_nll(model, {k: v.to(device) for k, v in batch.items()}, targets.to(device),
+            nll = sequence_nll(model, {k: v.to(device) for k, v in batch.items()}, targets.to(device),
                                          mask.to(device)).sum() / mask.sum()
         nll.backward()
     opt.step()
@@ -257,25 +253,21 @@ def train_bench(cfg, tok, args, device):
     return fitted, n_params
 
 
-def fsdp_reasoning(cfg, fitted, N):
-    """Per-GPU memory of the 8-GPU FSDP full fine-tune (configs/fsdp_8gpu.yaml), from the 1-GPU measurements."""
-    states = 16 * N  # fp32 weights + fp32 gradients + two fp32 AdamW moments
-    if "grpo/full" in fitted:
-        act = fitted["grpo/full"] - states
-    elif "grpo/lora" in fitted:
-        act = fitted["grpo/lora"] - 2 * N  # minus the bf16 base weights (the adapters are small)
-    else:
-        return
-    if act != act:  # nan: no CUDA peak memory (CPU run)
-        return print("\n(6) FSDP reasoning: needs the CUDA peak memory of (3); skipped")
-    copy = 2 * N  # train_rl.sampling_model: one full bf16 copy per rank for the sampler
-    kv_row = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * cfg["head_dim"] * 2 * 5000  # one row, 5,000 tokens
-    print("\n(6) FSDP full fine-tune on 8 GPUs, per GPU (reasoned from (3), not measured):")
-    for gb in (40, 80):
-        left = gb * 1e9 - states / 8 - copy - act
-        report(f"fsdp/{gb}", f"  8x{gb} GB: sharded states {states / 8 / 1e9:.1f} GB + sampling copy {copy / 1e9:.1f} GB + "
-               f"activations of this micro-batch {act / 1e9:.1f} GB -> {left / 1e9:5.1f} GB left for the sampler's KV "
-               f"cache = {max(left, 0) / kv_row:5.0f} rows of 2,000+3,000 tokens", left_gb=left / 1e9, rows=left / kv_row)
+def plan_check(cfg, fitted, args):
+    """(6) nanopr1/plan.py's estimate of the same GRPO step next to the measured peak: the plan's
+    activation figure is an estimate, this is where it is checked."""
+    from nanopr1.plan import memory_plan
+    T = args.micro_batch * (args.prompt + args.new_tokens)
+    print(f"\n(6) the memory plan vs the measured GRPO step (micro-batch of {T:,} tokens, one GPU, no sampling):")
+    for mode in ("lora", "full"):
+        peak = fitted.get(f"grpo/{mode}", float("nan"))
+        if peak != peak:
+            continue
+        plan = memory_plan(Qwen3Config(**cfg), gpu_bytes=1e15, lora_r=64 if mode == "lora" else 0,
+                           micro_batch_tokens=T, sampling=False)
+        estimate = sum(b for what, b in plan.items if not what.startswith("CUDA context"))  # as allocated
+        report(f"plan/{mode}", f"  {mode}: measured peak {peak / 1e9:6.1f} GB, plan {estimate / 1e9:6.1f} GB "
+               f"({estimate / peak:5.0%})", measured_gb=peak / 1e9, plan_gb=estimate / 1e9)
 
 # -----------------------------------------------------------------------------
 # (5) Unseen attention: sdpa vs flex
@@ -375,7 +367,7 @@ def main():
     big = None
     free()
     if "train" not in skip:
-        fsdp_reasoning(cfg, *train_bench(cfg, tok, args, device))
+        plan_check(cfg, train_bench(cfg, tok, args, device)[0], args)
     if "attention" not in skip:
         attention_bench(cfg, tok, args, device)
     print(f"\ntotal {time.time() - t0:.0f} s")

@@ -2,19 +2,28 @@
 bench/bench_sampler.py: how fast is the branching sampler? (a benchmark script, not a test)
 
     python bench/bench_sampler.py                      # the toy-sized Qwen3 (random weights), CPU
-    python bench/bench_sampler.py --hidden 256 --layers 8
-    python bench/bench_sampler.py --model out/toy-sft --device cuda
+    python bench/bench_sampler.py --hidden 256 --layers 24 --only a,d   # a deeper model
+    python bench/bench_sampler.py --model DIR          # a real model directory (its own vocabulary)
 
 In one run, on one model and the same prompts:
   (a) tokens/s of the sampler with parallel off vs `model.generate`, greedy, batch 1, 8, 32
       (greedy, so both decode exactly the same tokens);
   (b) a fork after a long prefix: cloning the prefix's KV cache into N path rows vs
       re-prefilling the prefix once per path (the fork alone, and the fork + the paths' first tokens);
-  (c) N paths decoded together (one forward per step) vs the same paths one after another.
+  (c) N paths decoded together (one forward per step) vs the same paths one after another;
+  (d) one decode step of 32 rows with 256, 1,024 and 2,048 columns in the cache: the simple cache
+      (kvcache.KVRows) vs the static one (staticcache.StaticRows, eager on a CPU);
+  (e) whole sample() calls, 64 rollouts with blocks: tokens/s without a row cap and with --max-rows;
+  (f) peak memory of one sample() call of 32 vs 256 rollouts with the same --max-rows (peak RSS of a
+      fresh process on a CPU, peak allocated on a GPU).
 Each figure is the best of --repeats runs. Random weights are fine: speed does not depend on them.
 """
 
 import argparse
+import json
+import resource
+import subprocess
+import sys
 import time
 
 import torch
@@ -23,6 +32,7 @@ from nanopr1.format import PARALLEL, PATH
 from nanopr1.model import load, tag_ids
 from nanopr1.kvcache import KVRows
 from nanopr1.sampler import sample
+from nanopr1.staticcache import StaticRows
 
 
 def best(fn, repeats):
@@ -35,8 +45,10 @@ def best(fn, repeats):
 
 
 def random_prompts(n, lengths, vocab, seed=0):
+    """n prompts of ordinary token ids (`vocab`: a list of the ids to draw from)."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(vocab[0], vocab[1], (lengths[i % len(lengths)],), generator=g).tolist() for i in range(n)]
+    return [[vocab[j] for j in torch.randint(len(vocab), (lengths[i % len(lengths)],), generator=g).tolist()]
+            for i in range(n)]
 
 
 def bench_generate(model, tok, prompts, max_new, repeats):
@@ -64,7 +76,7 @@ def bench_fork(model, prefix, n_paths, path_tokens, tags, repeats):
     """(b) fork by cloning vs re-prefilling; times in seconds (fork only, fork + path tokens)."""
     dev = model.device
     L = len(prefix)
-    kv = KVRows([], torch.zeros(1, 0, dtype=torch.bool, device=dev))
+    kv = KVRows(valid=torch.zeros(1, 0, dtype=torch.bool, device=dev))
     kv.forward(model, torch.tensor([prefix], device=dev), torch.arange(L, device=dev)[None],
                torch.ones(1, L, dtype=torch.bool, device=dev))  # the main line's prefill: paid once either way
 
@@ -81,7 +93,7 @@ def bench_fork(model, prefix, n_paths, path_tokens, tags, repeats):
 
     def reprefill(then_decode):
         ids = torch.tensor([prefix + [tags[PATH]]] * n_paths, device=dev)
-        rows = KVRows([], torch.zeros(n_paths, 0, dtype=torch.bool, device=dev))
+        rows = KVRows(valid=torch.zeros(n_paths, 0, dtype=torch.bool, device=dev))
         rows.forward(model, ids, torch.arange(L + 1, device=dev).repeat(n_paths, 1),
                      torch.ones(n_paths, L + 1, dtype=torch.bool, device=dev))
         if then_decode:
@@ -95,7 +107,7 @@ def bench_fork(model, prefix, n_paths, path_tokens, tags, repeats):
 def bench_together(model, prefix, n_paths, path_tokens, repeats):
     """(c) N paths in one batch vs one after another; times in seconds."""
     dev, L = model.device, len(prefix)
-    kv = KVRows([], torch.zeros(1, 0, dtype=torch.bool, device=dev))
+    kv = KVRows(valid=torch.zeros(1, 0, dtype=torch.bool, device=dev))
     kv.forward(model, torch.tensor([prefix], device=dev), torch.arange(L, device=dev)[None],
                torch.ones(1, L, dtype=torch.bool, device=dev))
 
@@ -109,6 +121,74 @@ def bench_together(model, prefix, n_paths, path_tokens, repeats):
     return best(lambda: run(n_paths, 1), repeats), best(lambda: run(1, n_paths), repeats)
 
 
+@torch.inference_mode()
+def bench_step(model, cols, rows, steps, vocab, repeats):
+    """(d) seconds per decode step of `rows` rows whose caches hold `cols` columns: simple vs static."""
+    dev, out = model.device, {}
+    ids = torch.tensor(random_prompts(rows, [cols], vocab), device=dev)
+    pos, ones = torch.arange(cols, device=dev).repeat(rows, 1), torch.ones(rows, cols, dtype=torch.bool, device=dev)
+    step = lambda j: (torch.full((rows, 1), vocab[j % len(vocab)], device=dev), torch.full((rows, 1), cols + j, device=dev),
+                      torch.ones(rows, 1, dtype=torch.bool, device=dev))
+    for name in ("simple", "static"):
+        def run():
+            if name == "simple":
+                kv = KVRows(device=dev)
+                kv.add_rows(rows)
+                kv.prefill(model, ids, pos, ones, list(range(rows)))
+            else:
+                kv = StaticRows(rows, cols + steps + 1, dev)
+                kv.reset(model)
+                kv.add_rows(rows)
+                kv.prefill(model, ids, pos, ones, list(range(rows)))
+            t0 = time.perf_counter()
+            for j in range(steps):
+                kv.step(model, *step(j))
+            return (time.perf_counter() - t0) / steps
+        out[name] = min(run() for _ in range(repeats))
+    return out
+
+
+def bench_throughput(model, tok, prompts, max_new, caps, repeats):
+    """(e) tokens/s of whole sample() calls with blocks (forced after 8 tokens), per row cap."""
+    out = {}
+    for cap in caps:
+        run = lambda: sample(model, tok, prompts, 4, max_new_tokens=max_new, seed=0, force_block=8, max_rows=cap,
+                             path_max_tokens=max_new // 4)
+        t = best(lambda: out.__setitem__(("n", cap), sum(len(r.ids) for r in run())), repeats)
+        out[cap] = out[("n", cap)] / t
+    return {cap: out[cap] for cap in caps}
+
+
+def peak_of_one_call(args, rollouts, cap):
+    """(f) the peak memory of one sample() call, in a fresh process (peak RSS only ever grows)."""
+    cmd = [sys.executable, __file__, "--peak", str(rollouts), "--peak-rows", str(cap or 0), "--device", args.device,
+           "--threads", str(args.threads or torch.get_num_threads())]
+    return json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+
+
+PEAK_MODEL = dict(hidden=128, layers=8, heads=8, kv_heads=8)  # (f): a model whose KV cache dominates memory
+
+
+def peak_child(args):
+    from transformers import AutoModelForCausalLM
+    from nanopr1 import toy
+    from nanopr1.model import tiny_qwen3_config
+    tok = toy.build_tokenizer()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_qwen3_config(len(tok), **PEAK_MODEL), attn_implementation="sdpa")
+    model = model.to(args.device).eval()
+    lo = max(tag_ids(tok).values()) + 1
+    prompts = random_prompts(args.peak // 4, [64], list(range(lo, len(tok))))
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rollouts = sample(model, tok, prompts, 4, max_new_tokens=256, seed=0, force_block=16, path_max_tokens=64,
+                      max_rows=args.peak_rows or None)
+    peak = (torch.cuda.max_memory_allocated() if args.device == "cuda" else
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    print(json.dumps({"peak": peak, "before": base, "tokens": sum(len(r.ids) for r in rollouts)}))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="hub id or local directory (default: a random toy-sized Qwen3)")
@@ -116,14 +196,21 @@ def main():
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="(a) tokens per rollout")
+    p.add_argument("--only", default="a,b,c,d,e,f", help="which parts to run")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="(a, e) tokens per rollout")
     p.add_argument("--prefixes", default="250,1000,2000", help="(b) prefix lengths")
     p.add_argument("--num-paths", type=int, default=4, help="(b) paths per block")
     p.add_argument("--path-tokens", type=int, default=32, help="(b, c) tokens per path")
+    p.add_argument("--max-rows", type=int, default=16, help="(e, f) the row cap")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--peak", type=int, help=argparse.SUPPRESS)  # (f) the child process: one call of N rollouts
+    p.add_argument("--peak-rows", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.peak:
+        return peak_child(args)
+    only = set(args.only.split(","))
     if args.model:
         model, tok = load(args.model, device=args.device)
     else:
@@ -136,33 +223,62 @@ def main():
                                                  attn_implementation="sdpa").to(args.device)
     model.eval()
     tags = tag_ids(tok)
-    lo = max(tags.values()) + 1  # ordinary tokens only: no tags, no special tokens in the prompts
-    vocab = (lo, len(tok))
+    special = set(tags.values()) | set(tok.all_special_ids)
+    vocab = [i for i in range(min(len(tok), model.config.vocab_size)) if i not in special]  # ordinary tokens only
     n_params = sum(q.numel() for q in model.parameters())
     print(f"model: {args.model or 'random Qwen3'} ({n_params / 1e6:.2f} M parameters, hidden {model.config.hidden_size}, "
           f"{model.config.num_hidden_layers} layers, vocab {len(tok)}), device {args.device}, "
           f"{torch.get_num_threads()} threads, best of {args.repeats}")
 
-    print(f"\n(a) parallel off vs model.generate, greedy, {args.max_new_tokens} new tokens, prompts of 20-40 tokens")
-    for batch in (1, 8, 32):
-        prompts = random_prompts(batch, [20, 33, 27, 40], vocab)
-        ours, gen = bench_generate(model, tok, prompts, args.max_new_tokens, args.repeats)
-        print(f"  batch {batch:3d}: sampler {ours:8.0f} tok/s   generate {gen:8.0f} tok/s   ratio {ours / gen:5.2f}x")
+    if "a" in only:
+        print(f"\n(a) parallel off vs model.generate, greedy, {args.max_new_tokens} new tokens, prompts of 20-40 tokens")
+        for batch in (1, 8, 32):
+            prompts = random_prompts(batch, [20, 33, 27, 40], vocab)
+            ours, gen = bench_generate(model, tok, prompts, args.max_new_tokens, args.repeats)
+            print(f"  batch {batch:3d}: sampler {ours:8.0f} tok/s   generate {gen:8.0f} tok/s   ratio {ours / gen:5.2f}x")
 
-    print(f"\n(b) fork into {args.num_paths} paths after a long prefix: KV cloning vs re-prefilling the prefix per path")
-    for L in [int(x) for x in args.prefixes.split(",")]:
-        prefix = random_prompts(1, [L - 1], vocab)[0] + [tags[PARALLEL]]
-        (c0, c1), (r0, r1) = bench_fork(model, prefix, args.num_paths, args.path_tokens, tags, args.repeats)
-        print(f"  prefix {L:5d}: fork {c0 * 1e3:8.2f} ms vs {r0 * 1e3:8.2f} ms ({r0 / c0:7.1f}x)   "
-              f"fork + {args.path_tokens} tokens/path {c1 * 1e3:8.1f} ms vs {r1 * 1e3:8.1f} ms ({r1 / c1:5.2f}x)")
+    if "b" in only:
+        print(f"\n(b) fork into {args.num_paths} paths after a long prefix: KV cloning vs re-prefilling the prefix per path")
+        for L in [int(x) for x in args.prefixes.split(",")]:
+            prefix = random_prompts(1, [L - 1], vocab)[0] + [tags[PARALLEL]]
+            (c0, c1), (r0, r1) = bench_fork(model, prefix, args.num_paths, args.path_tokens, tags, args.repeats)
+            print(f"  prefix {L:5d}: fork {c0 * 1e3:8.2f} ms vs {r0 * 1e3:8.2f} ms ({r0 / c0:7.1f}x)   "
+                  f"fork + {args.path_tokens} tokens/path {c1 * 1e3:8.1f} ms vs {r1 * 1e3:8.1f} ms ({r1 / c1:5.2f}x)")
 
-    L = int(args.prefixes.split(",")[0])
-    print(f"\n(c) N paths of {args.path_tokens} tokens after a {L}-token prefix: together vs one after another")
-    prefix = random_prompts(1, [L], vocab)[0]
-    for n in (2, 4, 8):
-        together, serial = bench_together(model, prefix, n, args.path_tokens, args.repeats)
-        print(f"  {n} paths: together {together * 1e3:8.1f} ms   one after another {serial * 1e3:8.1f} ms   "
-              f"ratio {serial / together:5.2f}x")
+    if "c" in only:
+        L = int(args.prefixes.split(",")[0])
+        print(f"\n(c) N paths of {args.path_tokens} tokens after a {L}-token prefix: together vs one after another")
+        prefix = random_prompts(1, [L], vocab)[0]
+        for n in (2, 4, 8):
+            together, serial = bench_together(model, prefix, n, args.path_tokens, args.repeats)
+            print(f"  {n} paths: together {together * 1e3:8.1f} ms   one after another {serial * 1e3:8.1f} ms   "
+                  f"ratio {serial / together:5.2f}x")
+
+    if "d" in only:
+        print("\n(d) one decode step of 32 rows: simple cache (in-place columns) vs static cache (eager on a CPU)")
+        for cols in (256, 1024, 2048):
+            t = bench_step(model, cols, 32, 16, vocab, args.repeats)
+            print(f"  {cols:5d} columns: simple {t['simple'] * 1e3:7.2f} ms   static {t['static'] * 1e3:7.2f} ms   "
+                  f"simple/static {t['simple'] / t['static']:5.2f}x")
+
+    if "e" in only:
+        print(f"\n(e) sample(): 16 prompts x 4 rollouts, forced 2-path blocks, {args.max_new_tokens} new tokens")
+        rates = bench_throughput(model, tok, random_prompts(16, [20, 33, 27, 40], vocab), args.max_new_tokens,
+                                 [None, args.max_rows], args.repeats)
+        print(f"  no row cap {rates[None]:8.0f} tok/s   --max-rows {args.max_rows}: {rates[args.max_rows]:8.0f} tok/s   "
+              f"ratio {rates[args.max_rows] / rates[None]:5.2f}x")
+
+    if "f" in only:
+        print(f"\n(f) peak memory of one sample() call (fresh process each; model {PEAK_MODEL}, 64-token prompts, "
+              f"256 new tokens, 2-path blocks)")
+        runs = {(n, cap): peak_of_one_call(args, n, cap) for n, cap in ((32, args.max_rows), (256, args.max_rows),
+                                                                         (32, None), (256, None))}
+        for (n, cap), r in runs.items():
+            print(f"  {n:4d} rollouts, max_rows {cap or 'unbounded':>9}: peak {r['peak'] / 2**20:8.0f} MiB "
+                  f"(before the call {r['before'] / 2**20:6.0f} MiB)")
+        ratio = runs[(256, args.max_rows)]["peak"] / runs[(32, args.max_rows)]["peak"]
+        print(f"  with max_rows {args.max_rows}: 256 / 32 rollouts = {ratio:.2f}x;   unbounded: "
+              f"{runs[(256, None)]['peak'] / runs[(32, None)]['peak']:.2f}x")
 
 
 if __name__ == "__main__":

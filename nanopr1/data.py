@@ -25,6 +25,9 @@ import json
 import re
 from pathlib import Path
 
+from nanopr1 import UsageError
+from nanopr1.format import chat_prompt_ids, check_format, normalize
+
 # short name -> (hub id, config, split, file name in a data dir); `split` only chooses between
 # gsm8k's train and test (and fills in its file name)
 HUB = {
@@ -79,9 +82,9 @@ def to_records(rows, source):
     for i, raw in enumerate(rows):
         q, a = _question(raw), _answer(raw)
         if q is None:
-            raise ValueError(f"{source}: record {i} has no question (looked for {', '.join(QUESTION_KEYS)})")
+            raise UsageError(f"{source}: record {i} has no question (looked for {', '.join(QUESTION_KEYS)})")
         if a is None:
-            raise ValueError(f"{source}: record {i} has no answer (looked for {', '.join(ANSWER_KEYS)})")
+            raise UsageError(f"{source}: record {i} has no answer (looked for {', '.join(ANSWER_KEYS)})")
         record = dict(raw, question=q, answer=a)
         if "####" in a:  # GSM8K layout: the answer field is the whole solution
             record["solution"], record["answer"] = a, gsm8k_answer(a)
@@ -93,14 +96,14 @@ def read_file(path):
     """Raw dicts from a .jsonl / .json / .parquet file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+        raise UsageError(f"data file {str(path)!r} does not exist")
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
         return pq.read_table(path).to_pylist()
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"data file {str(path)!r} is not UTF-8 text (bad byte at offset {e.start}): "
+        raise UsageError(f"data file {str(path)!r} is not UTF-8 text (bad byte at offset {e.start}): "
                          f"re-save it as UTF-8") from None
     if path.suffix == ".json" and text.lstrip().startswith("["):
         return json.loads(text)
@@ -110,7 +113,7 @@ def read_file(path):
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {n} is not JSON ({e.msg})") from None
+                raise UsageError(f"{path}: line {n} is not JSON ({e.msg})") from None
     return rows
 
 
@@ -122,7 +125,7 @@ def read_hub(name, hub_id, config, split):
     except Exception as e:  # offline, missing, gated, renamed: all end the same way for the user
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         local = LOCAL_FILES.get(name, "FILE.jsonl").format(split=split)
-        raise RuntimeError(f"dataset {name!r}: could not load {hub_id} (split {split}) from the hub ({first}). "
+        raise UsageError(f"dataset {name!r}: could not load {hub_id} (split {split}) from the hub ({first}). "
                            f"Offline? Put the records in a local JSONL/parquet file and pass --data-dir DIR "
                            f"(expects DIR/{local}) or the file path instead of the name") from None
 
@@ -143,7 +146,7 @@ def load(source, split=None, data_dir=None):
         if data_dir is not None:
             path = Path(data_dir) / local.format(split=split)
             if not path.is_file():
-                raise FileNotFoundError(f"dataset {source!r}: {path} does not exist "
+                raise UsageError(f"dataset {source!r}: {path} does not exist "
                                         f"(with --data-dir, {source} is read from {local})")
             return to_records(read_file(path), f"{source} ({path})")
         rows = read_hub(source, hub_id, config, split)
@@ -160,5 +163,26 @@ def load(source, split=None, data_dir=None):
         return to_records(read_file(source), source)
     if "/" in source:
         return to_records(read_hub(source, source, None, split or "train"), source)
-    raise ValueError(f"unknown dataset {source!r}: use one of {', '.join(list(HUB) + list(TOY))}, "
+    raise UsageError(f"unknown dataset {source!r}: use one of {', '.join(list(HUB) + list(TOY))}, "
                      f"a .jsonl/.json/.parquet file, or a hub id owner/name")
+
+
+def sft_examples(rows, tokenizer, template, max_len):
+    """Tokenise rows into (prompt, response + EOS) id lists. Malformed or too-long traces
+    are dropped and counted by reason; the prompt is tokenised apart and never parsed."""
+    examples, dropped = [], {}
+    for i, row in enumerate(rows):
+        if not isinstance(row.get("response"), str):
+            raise UsageError(f"SFT record {i} has no 'response' text (an SFT file holds question and response)")
+        response = normalize(row["response"])
+        why = check_format(response)
+        if why is None:
+            prompt = chat_prompt_ids(tokenizer, template, row["question"])
+            resp = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            why = f"longer than --max-len {max_len}" if len(prompt) + len(resp) > max_len else None
+        if why is not None:
+            key = why.split(":")[0]
+            dropped[key] = dropped.get(key, 0) + 1
+            continue
+        examples.append((prompt, resp))
+    return examples, dropped

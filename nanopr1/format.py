@@ -18,6 +18,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path as FilePath
 
+from nanopr1 import UsageError
+
 # The six tags, in the order they are added to the tokenizer (official order:
 # on Qwen3 they become ids 151669..151674).
 PATH, PATH_END = "<Path>", "</Path>"
@@ -48,10 +50,10 @@ Think step by step and give the final answer after "{ANSWER_PREFIX}"."""
 def load_template(path):
     """Read a user prompt template; it must contain a {problem} slot."""
     if not FilePath(path).is_file():
-        raise FileNotFoundError(f"prompt template {path!r} does not exist")
+        raise UsageError(f"prompt template {path!r} does not exist")
     text = FilePath(path).read_text(encoding="utf-8")
     if "{problem}" not in text:
-        raise ValueError(f"prompt template {path!r} has no {{problem}} slot: add one where the problem goes")
+        raise UsageError(f"prompt template {path!r} has no {{problem}} slot: add one where the problem goes")
     return text
 
 
@@ -64,7 +66,7 @@ def chat_prompt_ids(tokenizer, template, problem):
     """The token ids of one user turn through the chat template, generation prompt on."""
     if not getattr(tokenizer, "chat_template", None):
         name = getattr(tokenizer, "name_or_path", "") or "this tokenizer"
-        raise ValueError(f"tokenizer {name!r} has no chat template: set tokenizer.chat_template "
+        raise UsageError(f"tokenizer {name!r} has no chat template: set tokenizer.chat_template "
                          f"or load a tokenizer that ships one")
     messages = [{"role": "user", "content": render_prompt(template, problem)}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -65,6 +65,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+from nanopr1 import UsageError
 from nanopr1.attention import BlockSpan, main_line, structure
 from nanopr1.format import PARALLEL, PARALLEL_END, PATH, PATH_END, SUMMARY, SUMMARY_END, TAGS
 from nanopr1.kvcache import KVRows
@@ -468,9 +469,9 @@ def _check(model, prompts, o):
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     for p in prompts:
         if o.max_prompt_tokens and len(p) > o.max_prompt_tokens:
-            raise ValueError(f"prompt of {len(p)} tokens is longer than max_prompt_tokens={o.max_prompt_tokens}")
+            raise UsageError(f"prompt of {len(p)} tokens is longer than max_prompt_tokens={o.max_prompt_tokens}")
         if limit and len(p) + o.max_new_tokens > limit:
-            raise ValueError(f"prompt of {len(p)} tokens + max_new_tokens={o.max_new_tokens} exceeds the "
+            raise UsageError(f"prompt of {len(p)} tokens + max_new_tokens={o.max_new_tokens} exceeds the "
                              f"model's {limit} positions: shorten the prompt or lower max_new_tokens")
 
 

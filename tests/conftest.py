@@ -2,6 +2,9 @@
 subword tokenizer with a chat template, EOS and the six tags) and tiny models."""
 
 import os
+import socket
+import subprocess
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub (set before transformers loads)
 
@@ -71,3 +74,24 @@ def tiny_model(tokenizer, arch="qwen3", seed=0, **kw):
 @pytest.fixture
 def tiny_qwen3(bpe_tokenizer):
     return tiny_model(bpe_tokenizer)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+
+
+def run(script, *args, procs=1, check=True):
+    """Run a script as a user would: one process, or `procs` real processes (torchrun, gloo on the CPU)."""
+    if procs == 1:
+        cmd = [sys.executable, str(script), *args]
+    else:
+        with socket.socket() as s:  # a free port for the rendezvous
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port",
+               str(port), str(script), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(ENV, ACCELERATE_USE_CPU="1"), capture_output=True, text=True,
+                          timeout=900)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nanopr1.format import TAGS
-from nanopr1.grpo import group_advantages, policy_loss, token_logprobs
+from nanopr1.grpo import group_advantages, policy_loss
 
 
 def test_group_advantages_closed_form_and_flat_groups():
@@ -43,12 +43,18 @@ def test_on_policy_ratio_is_one_and_nothing_clipped():
     assert math.isclose(loss.item(), -(1.0 - 0.5 + 0.0) * 5 / 15, rel_tol=1e-6)
 
 
-def test_k3_kl_is_zero_at_the_reference_and_positive_elsewhere():
-    logp, adv, mask = torch.randn(2, 4), torch.zeros(2), torch.ones(2, 4)
-    loss, _ = policy_loss(logp, logp, adv, mask, 8, ref_logp=logp, kl_coef=0.1)
-    assert loss.item() == 0
-    loss, _ = policy_loss(logp, logp, adv, mask, 8, ref_logp=logp + 0.3 * torch.randn(2, 4), kl_coef=0.1)
+def test_k3_kl_value_and_gradient_closed_form():
+    """k3 = exp(ref - logp) - (ref - logp) - 1 per loss token, times kl_coef, token-mean; its gradient
+    with respect to logp is kl_coef * (1 - exp(ref - logp)) / num_tokens; masked tokens add nothing."""
+    logp = torch.tensor([[0.0, -1.0, -2.0], [-0.5, -0.5, -3.0]], requires_grad=True)
+    ref = torch.tensor([[0.0, -0.5, -3.0], [-1.5, 0.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    loss, _ = policy_loss(logp, logp.detach(), torch.zeros(2), mask, 5, ref_logp=ref, kl_coef=0.1)
+    d = (ref - logp.detach()) * mask
+    assert math.isclose(loss.item(), 0.1 * float((torch.exp(d) - d - 1).sum()) / 5, rel_tol=1e-6)
     assert loss.item() > 0
+    loss.backward()
+    torch.testing.assert_close(logp.grad, 0.1 * (1 - torch.exp(d)) * mask / 5)
 
 
 @pytest.mark.parametrize("splits", [1, 2, 4])
@@ -65,22 +71,3 @@ def test_micro_batches_sum_to_the_step_loss(splits):
     torch.testing.assert_close(g_split, g_full)
 
 
-def test_token_logprobs_chunked_with_tag_mask():
-    torch.manual_seed(0)
-    logits = torch.randn(2, 7, 11).to(torch.bfloat16)
-    targets = torch.randint(0, 11, (2, 7))
-    tag_ids = [5, 6, 7, 8, 9, 10]
-    tags = dict(zip(TAGS, tag_ids))
-    allowed = torch.randint(0, 64, (2, 7))
-    allowed |= torch.where(targets >= 5, 1 << (targets - 5).clamp(min=0), 0)  # the sampled tag was allowed
-    got = token_logprobs(logits, targets, temperature=0.7, allowed=allowed, tags=tags, chunk=3)
-    ref = logits.float() / 0.7
-    for b in range(2):
-        for t in range(7):
-            for i, tid in enumerate(tag_ids):
-                if not (allowed[b, t] >> i) & 1:
-                    ref[b, t, tid] = float("-inf")
-    ref = torch.log_softmax(ref, -1).gather(-1, targets[..., None]).squeeze(-1)
-    torch.testing.assert_close(got, ref)
-    plain = token_logprobs(logits, targets, chunk=2)
-    torch.testing.assert_close(plain, torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None]).squeeze(-1))

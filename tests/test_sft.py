@@ -1,15 +1,14 @@
 import json
-import os
-import subprocess
-import sys
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
 import train_sft
-from conftest import build_bpe_tokenizer, shared_file, tiny_model
-from nanopr1 import format, toy
+from conftest import build_bpe_tokenizer, run, shared_file, tiny_model
+from nanopr1 import data, format, toy
+from nanopr1.scoring import collate, sequence_nll
 from nanopr1.attention import build_inputs, find_blocks
 from nanopr1.model import load, tag_ids
 
@@ -28,7 +27,7 @@ QUESTIONS = ["What is (3 + 4) * 2?", "How many cats?", "What is 5?"]
 
 def examples(tokenizer, responses=RESPONSES, questions=QUESTIONS):
     rows = [{"question": q, "response": r} for q, r in zip(questions, responses)]
-    ex, dropped = train_sft.make_examples(rows, tokenizer, format.PARALLEL_PROMPT, max_len=4096)
+    ex, dropped = data.sft_examples(rows, tokenizer, format.PARALLEL_PROMPT, max_len=4096)
     assert not dropped
     return ex
 
@@ -53,7 +52,7 @@ def test_unseen_forward_equals_each_path_alone(bpe_tokenizer):
     separate forward of what precedes its block + that path alone (fp32, <= 1e-4)."""
     model, tags = tiny_model(bpe_tokenizer), tag_ids(bpe_tokenizer)
     ex = examples(bpe_tokenizer)
-    batch, _, _ = train_sft.collate(ex, tags, "unseen", bpe_tokenizer.pad_token_id)
+    batch, _, _ = collate(ex, tags, "unseen", bpe_tokenizer.pad_token_id)
     with torch.no_grad():
         logits = model(**batch).logits  # (B, T, V)
         checked = 0
@@ -76,17 +75,17 @@ def test_padded_batch_loss_equals_unpadded_singles(bpe_tokenizer):
     assert len({len(p) + len(r) for p, r in ex}) == 3  # lengths differ: the batch is padded
     with torch.no_grad():
         for variant in ("seen", "unseen"):
-            together = train_sft.sequence_nll(model, *train_sft.collate(ex, tags, variant, bpe_tokenizer.pad_token_id))
-            alone = torch.cat([train_sft.sequence_nll(model, *train_sft.collate([e], tags, variant, 0)) for e in ex])
+            together = sequence_nll(model, *collate(ex, tags, variant, bpe_tokenizer.pad_token_id))
+            alone = torch.cat([sequence_nll(model, *collate([e], tags, variant, 0)) for e in ex])
             torch.testing.assert_close(together, alone, atol=1e-4, rtol=1e-5)
         # the unseen loss differs from the seen one exactly where a block is
-        seen = train_sft.sequence_nll(model, *train_sft.collate(ex, tags, "seen", 0))
+        seen = sequence_nll(model, *collate(ex, tags, "seen", 0))
         assert (seen - together)[:2].abs().min() > 1e-3 and (seen - together)[2].abs() < 1e-4
 
 
 def test_loss_mask_is_exactly_the_response_with_eos(bpe_tokenizer):
     ex = examples(bpe_tokenizer)
-    _, targets, mask = train_sft.collate(ex, tag_ids(bpe_tokenizer), "seen", bpe_tokenizer.pad_token_id)
+    _, targets, mask = collate(ex, tag_ids(bpe_tokenizer), "seen", bpe_tokenizer.pad_token_id)
     for b, (prompt, response) in enumerate(ex):
         assert targets[b][mask[b]].tolist() == response and response[-1] == bpe_tokenizer.eos_token_id
         assert mask[b].sum() == len(response)
@@ -97,7 +96,7 @@ def test_malformed_and_long_traces_are_dropped_and_counted(bpe_tokenizer):
             {"question": "q", "response": "<Parallel><Path>a</Path></Parallel><Summary>s</Summary>"},
             {"question": "q", "response": "x <Parallel><Path>a</Path><Path>b</Path>"},
             {"question": "q", "response": "word " * 3000}]
-    ex, dropped = train_sft.make_examples(rows, bpe_tokenizer, format.PARALLEL_PROMPT, max_len=1024)
+    ex, dropped = data.sft_examples(rows, bpe_tokenizer, format.PARALLEL_PROMPT, max_len=1024)
     assert len(ex) == 1
     assert dropped == {"a block with 1 path(s)": 1, "unclosed block": 1, "longer than --max-len 1024": 1}
 
@@ -108,9 +107,9 @@ def test_real_teacher_traces_become_training_examples():
     rows = [json.loads(line) for line in open(shared_file("parallel_gsm8k_sample.jsonl"), encoding="utf-8")]
     tokenizer = build_bpe_tokenizer([r["question"] + "\n" + r["response"] for r in rows], vocab_size=2000)
     tags = tag_ids(tokenizer)
-    ex, dropped = train_sft.make_examples(rows, tokenizer, format.PARALLEL_PROMPT, max_len=4096)
+    ex, dropped = data.sft_examples(rows, tokenizer, format.PARALLEL_PROMPT, max_len=4096)
     assert len(ex) == 338 and sum(dropped.values()) == 3  # the 3 malformed traces (see test_format)
-    short, _ = train_sft.make_examples(rows, tokenizer, format.PARALLEL_PROMPT, max_len=1024)
+    short, _ = data.sft_examples(rows, tokenizer, format.PARALLEL_PROMPT, max_len=1024)
     assert 0 < len(short) < len(ex)  # the length filter drops whole sequences
     tag_set = set(tags.values())
     prompt_tags = 0
@@ -124,7 +123,7 @@ def test_real_teacher_traces_become_training_examples():
             assert [tokenizer.decode(response[s + 1:e - 1]) for s, e in b.paths] == tb.paths
         prompt_tags += sum(t in tag_set for t in prompt)
     assert prompt_tags > 0  # the instruction names the tags: the prompt does hold tag tokens...
-    batch, targets, mask = train_sft.collate(ex[:4], tags, "unseen", tokenizer.pad_token_id)
+    batch, targets, mask = collate(ex[:4], tags, "unseen", tokenizer.pad_token_id)
     for b, (prompt, response) in enumerate(ex[:4]):  # ...yet is numbered 0..P-1, plain causal
         assert batch["position_ids"][b, :len(prompt)].tolist() == list(range(len(prompt)))
         assert batch["attention_mask"][b, 0, :len(prompt), :len(prompt)].equal(torch.ones(len(prompt), len(prompt)).tril().bool())
@@ -136,26 +135,32 @@ def run_sft(out, *extra, procs=1):
     if not toy_data.exists():
         toy_data.write_text("".join(json.dumps(r) + "\n" for r in toy.sft_corpus(64, seed=1)))
     args = ["--preset", "toy", "--data", str(toy_data), "--out", str(out), "--batch-size", "8",
-            "--micro-batch", "2", "--epochs", "1", "--max-steps", "6", "--save-every", "3", *extra]
-    launch = [sys.executable, str(ROOT / "train_sft.py")] if procs == 1 else [
-        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(procs), "--cpu",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train_sft.py")]
-    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
-    subprocess.run(launch + args, check=True, cwd=ROOT, env=env, capture_output=True, timeout=600)
-    return [json.loads(line)["loss"] for line in open(out / "metrics.jsonl")]
+            "--micro-batch-tokens", "300", "--epochs", "1", "--max-steps", "6", "--save-every", "3", *extra]
+    log = run(ROOT / "train_sft.py", *args, procs=procs).stdout
+    assert f"{procs} process" in log  # the world size the run saw
+    return [json.loads(line) for line in open(out / "metrics.jsonl")]
 
 
-def test_resume_and_two_processes_reproduce_the_loss_curve(tmp_path):
+def test_resume_and_two_processes_reproduce_the_run(tmp_path):
+    """6 of the 8 steps of one epoch (batch 8 of 64 examples, micro-batches of ~2 sequences): the LR
+    follows its schedule exactly (warm-up 1 step, then cosine over 8, stepped once per step); a run
+    resumed from step 3 and a run on two real processes (torchrun, gloo) reproduce the losses, the LR
+    sequence and the weights of the uninterrupted single-process run."""
     full = run_sft(tmp_path / "full")
-    assert len(full) == 6 and full[-1] < full[0]
+    lr = [3e-3 * min(s + 1, 0.5 * (1 + math.cos(math.pi * s / 7))) for s in range(6)]
+    assert [r["lr"] for r in full] == pytest.approx(lr, rel=1e-9)
+    assert len(full) == 6 and full[-1]["loss"] < full[0]["loss"]
     # interrupted after the checkpoint at step 3, then resumed: the same later losses
     part = run_sft(tmp_path / "part", "--max-steps", "3")
     resumed = run_sft(tmp_path / "part", "--resume")
     assert len(part) == 3 and resumed[:3] == part  # the log goes on where the checkpoint was taken
-    assert resumed[3:] == pytest.approx(full[3:], rel=1e-5, abs=1e-6)
-    # two processes (gloo), same global batch: the same curve within fp tolerance
     two = run_sft(tmp_path / "two", procs=2)
-    assert two == pytest.approx(full, rel=1e-4, abs=1e-5)
+    for rows in (resumed, two):
+        assert [r["lr"] for r in rows] == pytest.approx(lr, rel=1e-9)
+        assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in full], rel=1e-4, abs=1e-5)
+    w = lambda d: torch.cat([q.flatten() for q in load(str(d))[0].state_dict().values()])
+    torch.testing.assert_close(w(tmp_path / "part"), w(tmp_path / "full"), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(w(tmp_path / "two"), w(tmp_path / "full"), atol=1e-5, rtol=1e-4)
 
 
 def test_lora_trains_adapters_only_and_checkpoint_reloads(tmp_path):

@@ -1,0 +1,117 @@
+"""
+The trainer's view of a sequence: log-probabilities of its response tokens, for
+GRPO (rollouts) and SFT (teacher traces) alike, and the micro-batches they are
+computed in.
+
+Why not `model(...).logits`: at 4B one micro-batch of 8 x 3,000 response tokens
+has 8 x 3,000 x 151,936 logits: 7 GB in bf16 and 15 GB more once upcast to fp32,
+and autograd keeps them alive until backward (chunking the upcast does not help:
+every chunk is saved). Instead, for one forward, the model's output head computes
+the log-probs of the target tokens directly, a chunk of positions at a time,
+each chunk under activation checkpointing: only one chunk of logits exists at any
+moment, in the forward and again when backward recomputes it, and autograd
+saves the chunk's hidden states (which the model keeps anyway), not its logits.
+The head is swapped inside the model's own forward (the model still calls its
+head module), so wrappers that hook it keep working (FSDP2 gathers its weight
+there). This assumes a plain linear head (Qwen3, Llama): a model that
+post-processes its logits (e.g. soft-capping) would need that step here too.
+
+Micro-batches are sized by a token budget (rows x padded length), not by a
+count: 8 rollouts of 300 tokens and 2 of 4,000 cost about the same memory.
+"""
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from nanopr1.attention import build_inputs
+from nanopr1.sampler import ALL_TAGS, apply_tag_mask
+
+LOGITS_CHUNK_TOKENS = 1024  # rows x positions of logits computed at once (fp32: 1024 x V x 4 bytes)
+
+
+def _chunk_logprobs(h, weight, bias, targets, allowed, tags, temperature):
+    """log p(targets) of one chunk: h (B, c, H) -> (B, c) fp32; the (B, c, V) logits live only in here."""
+    logits = F.linear(h, weight, bias).float() / temperature  # (B, c, V)
+    if allowed is not None:
+        logits = apply_tag_mask(logits, allowed, tags)
+    return logits.gather(-1, targets[..., None])[..., 0] - logits.logsumexp(-1)
+
+
+@contextmanager
+def _head_returns_logprobs(model, targets, allowed, tags, temperature):
+    """While active, the model's output head turns hidden states (B, 1 + T, H) into the log-probs (B, T) of
+    `targets`: position t of the hidden states predicts targets[:, t]."""
+    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    head = inner.get_output_embeddings()
+
+    def forward(h):
+        h, c = h[:, :-1], max(1, LOGITS_CHUNK_TOKENS // h.shape[0])  # c positions per chunk
+        return torch.cat([checkpoint(_chunk_logprobs, h[:, s:s + c], head.weight, head.bias, targets[:, s:s + c],
+                                     None if allowed is None else allowed[:, s:s + c], tags, temperature,
+                                     use_reentrant=False) for s in range(0, h.shape[1], c)], 1)
+    head.forward = forward
+    try:
+        yield
+    finally:
+        del head.forward  # back to the class's forward
+
+
+def token_logprobs(model, batch, first, allowed=None, tags=None, temperature=1.0):
+    """log p of input_ids[:, first+1:] (B, L-1-first) fp32, from one forward of `batch` (model inputs).
+
+    allowed (B, L-1-first): the sampler's tag mask of each predicted token (sampler.apply_tag_mask),
+    so the log-probs are those of the distribution the rollout was sampled from."""
+    targets = batch["input_ids"][:, first + 1:]
+    with _head_returns_logprobs(model, targets, allowed, tags, temperature):
+        return model(**batch, logits_to_keep=batch["input_ids"].shape[1] - first).logits
+
+
+def score(model, rollouts, tags, variant, temperature, pad_id, device):
+    """The trainer's log-probs of every response token (B, T) and the loss mask (sampled, not forced,
+    not padding). Positions and the Unseen mask come from attention.py; the sampler's tag mask is
+    applied; logits are computed from the first position that predicts a response token on."""
+    batch = build_inputs([r.prompt_ids for r in rollouts], [r.ids for r in rollouts], tags, variant, pad_id)
+    B, L = batch["input_ids"].shape
+    T, first = max(len(r.ids) for r in rollouts), min(len(r.prompt_ids) for r in rollouts) - 1
+    start = torch.tensor([len(r.prompt_ids) - 1 - first for r in rollouts])  # (B,) row of response token 0
+    forced = torch.tensor([r.forced + [True] * (T - len(r.ids)) for r in rollouts])  # (B, T) padding: as forced
+    allowed = torch.full((B, L - 1 - first), ALL_TAGS)  # (B, L-1-first) all tags outside responses
+    for b, r in enumerate(rollouts):  # forced tokens: no mask (and no loss)
+        allowed[b, start[b]:start[b] + len(r.ids)] = torch.tensor(r.allowed).masked_fill(forced[b, :len(r.ids)], ALL_TAGS)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    logp = token_logprobs(model, batch, first, allowed.to(device), tags, temperature)  # (B, L-1-first)
+    idx = (start[:, None] + torch.arange(T)).clamp(max=L - 2 - first)  # (B, T)
+    return logp.gather(1, idx.to(device)), ~forced.to(device)  # (B, T) response tokens only
+
+
+def collate(examples, tags, variant, pad_id):
+    """An SFT batch of (prompt ids, response ids) examples: model inputs, targets and the loss mask."""
+    prompts, responses = [e[0] for e in examples], [e[1] for e in examples]
+    batch = build_inputs(prompts, responses, tags, variant, pad_id)
+    targets = batch["input_ids"][:, 1:]  # (B, T-1) token t+1 is predicted at t
+    loss_mask = torch.zeros_like(targets, dtype=torch.bool)
+    for b, (p, r) in enumerate(zip(prompts, responses)):
+        loss_mask[b, len(p) - 1:len(p) + len(r) - 1] = True  # exactly the response, EOS included
+    return batch, targets, loss_mask
+
+
+def sequence_nll(model, batch, targets, loss_mask):
+    """(B,) summed negative log-likelihood of each sequence's response tokens."""
+    first = int(loss_mask.any(0).nonzero()[0])
+    return -(token_logprobs(model, batch, first) * loss_mask[:, first:]).sum(1)
+
+
+def micro_batches(lengths, max_tokens):
+    """Split sequence indices into micro-batches of similar length whose padded size
+    (rows x longest) stays within max_tokens; a longer sequence gets a micro-batch alone."""
+    out, rows, longest = [], [], 0
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if rows and (len(rows) + 1) * max(longest, lengths[i]) > max_tokens:
+            out.append(rows)
+            rows, longest = [], 0
+        rows.append(i)
+        longest = max(longest, lengths[i])
+    return out + [rows] if rows else out

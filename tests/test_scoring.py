@@ -1,0 +1,125 @@
+"""Tests for nanopr1/scoring.py: the chunked, checkpointed log-prob head against full logits
+(values and gradients), the bytes autograd saves for it, and token-budget micro-batches."""
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from test_sampler import biased, prompts_of
+from nanopr1 import scoring
+from nanopr1.attention import build_inputs
+from nanopr1.model import tag_ids
+from nanopr1.sampler import ALL_TAGS, apply_tag_mask, sample
+
+
+def reference_logprobs(model, rollouts, tags, variant, temperature):
+    """The plain way: full logits of every position, masked, log_softmax, gather. (B, T) and the mask."""
+    batch = build_inputs([r.prompt_ids for r in rollouts], [r.ids for r in rollouts], tags, variant, pad_id=0)
+    logits = model(**batch).logits.float()  # (B, L, V)
+    T = max(len(r.ids) for r in rollouts)
+    out, mask = torch.zeros(len(rollouts), T), torch.zeros(len(rollouts), T, dtype=torch.bool)
+    rows = []
+    for b, r in enumerate(rollouts):
+        P, n = len(r.prompt_ids), len(r.ids)
+        allowed = torch.tensor([ALL_TAGS if f else a for a, f in zip(r.allowed, r.forced)])
+        lp = torch.log_softmax(apply_tag_mask(logits[b, P - 1:P + n - 1], allowed, tags) / temperature, -1)
+        rows.append(torch.nn.functional.pad(lp.gather(1, torch.tensor(r.ids)[:, None])[:, 0], (0, T - n)))
+        mask[b, :n] = ~torch.tensor(r.forced)
+    return torch.stack(rows), mask
+
+
+def rollouts_of(tok, model, variant):
+    ros = sample(model, tok, prompts_of(tok), 2, max_new_tokens=40, seed=5, variant=variant, force_block=3)
+    assert all(r.blocks for r in ros) and len({len(r.prompt_ids + r.ids) for r in ros}) > 1  # blocks, padding
+    return ros
+
+
+@pytest.mark.parametrize("variant", ["seen", "unseen"])
+def test_values_and_gradients_equal_full_logits(bpe_tokenizer, monkeypatch, variant):
+    tok, tags = bpe_tokenizer, tag_ids(bpe_tokenizer)
+    sampler_model = biased(tok, par=3.0, path_end=2.0, summary_end=2.0, eos=1.0)
+    ros, model = rollouts_of(tok, sampler_model, variant), sampler_model.model  # scored by the plain model
+    monkeypatch.setattr(scoring, "LOGITS_CHUNK_TOKENS", 16)  # many chunks of 16 / 6 rows = 2 positions
+    weights = torch.randn(len(ros), max(len(r.ids) for r in ros))
+    grads = []
+    for how in ("chunked", "reference"):
+        model.zero_grad()
+        if how == "chunked":
+            logp, mask = scoring.score(model, ros, tags, variant, 0.7, 0, "cpu")
+        else:
+            logp, mask = reference_logprobs(model, ros, tags, variant, 0.7)
+        (logp * mask * weights).sum().backward()
+        grads.append((logp.detach() * mask, mask, [q.grad.clone() for q in model.parameters()]))
+    (a, ma, ga), (b, mb, gb) = grads
+    assert torch.equal(ma, mb)
+    assert (a - b).abs().max() <= 1e-6
+    scale = max(x.abs().max() for x in ga)
+    assert scale > 1.0  # the gradients are not trivially small
+    assert max((x - y).abs().max() for x, y in zip(ga, gb)) <= 1e-6 * scale  # summation order only
+
+
+class SavedBytes:
+    """Bytes of the distinct storages autograd saves for backward, parameters excluded."""
+
+    def __init__(self, model):
+        self.params = {q.untyped_storage().data_ptr() for q in model.parameters()}
+        self.storages = {}
+
+    def pack(self, x):
+        s = x.untyped_storage()
+        if s.data_ptr() not in self.params:
+            self.storages[s.data_ptr()] = s.nbytes()
+        return x
+
+    def total(self):
+        return sum(self.storages.values())
+
+
+def saved_bytes(model, fn):
+    counter = SavedBytes(model)
+    with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda x: x):
+        fn()
+    return counter.total()
+
+
+def test_autograd_saves_at_most_one_chunk_of_logits(bpe_tokenizer, monkeypatch):
+    """What the log-prob head adds to the bytes saved for backward (over the transformer body alone)
+    stays within one chunk of fp32 logits; full logits would cost the whole (B, T, V)."""
+    tok, tags = bpe_tokenizer, tag_ids(bpe_tokenizer)
+    model = tiny_model(tok).train()
+    ros = rollouts_of(tok, biased(tok, eos=1.0), "seen")
+    monkeypatch.setattr(scoring, "LOGITS_CHUNK_TOKENS", 24)
+    batch = build_inputs([r.prompt_ids for r in ros], [r.ids for r in ros], tags, "seen", pad_id=0)
+    B, L = batch["input_ids"].shape
+    V = model.config.vocab_size
+    body = saved_bytes(model, lambda: model(**batch, logits_to_keep=1))  # the body, one position's logits
+    chunked = saved_bytes(model, lambda: scoring.score(model, ros, tags, "seen", 1.0, 0, "cpu"))
+    full = saved_bytes(model, lambda: reference_logprobs(model, ros, tags, "seen", 1.0))
+    one_chunk = 24 * V * 4  # (rows x positions) x V fp32
+    assert chunked - body <= one_chunk
+    assert full - body >= sum(len(r.ids) for r in ros) * V * 4  # the reference keeps every response token's
+
+
+def test_sequence_nll_equals_full_logits(bpe_tokenizer):
+    tok, tags = bpe_tokenizer, tag_ids(bpe_tokenizer)
+    model = tiny_model(tok)
+    examples = [(p, p[::-1] + [tok.eos_token_id]) for p in prompts_of(tok)]
+    batch, targets, mask = scoring.collate(examples, tags, "seen", 0)
+    with torch.no_grad():
+        got = scoring.sequence_nll(model, batch, targets, mask)
+        logp = torch.log_softmax(model(**batch).logits[:, :-1].float(), -1).gather(2, targets[..., None])[..., 0]
+    torch.testing.assert_close(got, -(logp * mask).sum(1), atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("lengths, budget, expected", [
+    ([5, 3, 8, 2], 100, [[3, 1, 0, 2]]),            # all fit: one micro-batch, shortest first
+    ([5, 3, 8, 2], 10, [[3, 1], [0], [2]]),         # 2 x 3 fits, 3 x 5 and 2 x 8 do not
+    ([10, 10, 10], 20, [[0, 1], [2]]),
+    ([50, 4], 20, [[1], [0]]),                      # longer than the budget: alone
+    ([], 10, []),
+])
+def test_micro_batches_by_tokens(lengths, budget, expected):
+    got = scoring.micro_batches(lengths, budget)
+    assert sorted(i for mb in got for i in mb) == list(range(len(lengths)))
+    assert all(len(mb) * max(lengths[i] for i in mb) <= budget or len(mb) == 1 for mb in got)
+    assert got == expected
