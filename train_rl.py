@@ -364,14 +364,16 @@ def log_row(acc, step, args, rollouts, graded, flat, groups, stats, t_rollout, t
 
 
 def run_eval(model, tokenizer, template, args, acc):
-    """The --eval-every hook: eval.py's evaluate() on a held-out set, on the main process."""
-    from eval import evaluate
-    if not acc.is_main_process:
-        return {}
+    """The --eval-every hook: each rank evaluates its share of a held-out set; the rows are
+    gathered and every rank returns the same summary (the main one logs it)."""
+    from accelerate.utils import gather_object
+
+    from nanopr1.evaluation import evaluate, merge, summarize
     problems = data.load(args.eval_data, split="test", data_dir=args.data_dir)[:args.eval_limit]
-    _, summary = evaluate(model, tokenizer, problems, args.eval_n, template=template, progress=False,
-                          max_new_tokens=args.max_new_tokens, num_paths=args.num_paths, max_blocks=args.max_blocks,
-                          variant=args.variant, seed=args.seed)
+    rows, _ = evaluate(model, tokenizer, problems, args.eval_n, template=template, progress=False,
+                       max_new_tokens=args.max_new_tokens, num_paths=args.num_paths, max_blocks=args.max_blocks,
+                       variant=args.variant, seed=args.seed, rank=acc.process_index, world=acc.num_processes)
+    summary = summarize(merge([gather_object(rows)]), args.eval_n)
     return {f"eval_{k}": v for k, v in summary.items() if isinstance(v, (int, float))}
 
 

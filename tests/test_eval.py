@@ -1,23 +1,33 @@
-"""Tests for eval.py: the unbiased Pass@k against brute force, the summary and table,
-grading and resuming with a stand-in sampler, and real end-to-end runs on tiny models."""
+"""Tests for nanopr1/evaluation.py and eval.py: the unbiased Pass@k against brute force, the summary and
+table, grading and resuming with a stand-in sampler, the run key, argument checks, and real runs on
+tiny models, in one process and in two (torchrun)."""
 
-import importlib.util
 import itertools
 import json
+import os
 import random
+import re
+import runpy
+import subprocess
+import sys
+from argparse import Namespace
 from pathlib import Path
 
 import pytest
+from accelerate import Accelerator
 
 import nanopr1.model
 import nanopr1.sampler
 from conftest import tiny_model
+from nanopr1 import UsageError, toy
+from nanopr1 import evaluation as ev
 from nanopr1.format import PARALLEL_PROMPT, SEQUENTIAL_PROMPT
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("nanopr1_eval", ROOT / "eval.py")
-ev = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ev)
+sys.path.insert(0, str(ROOT))
+import eval as script  # noqa: E402  (the script: its files, flags and table)
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}")
 
 # -----------------------------------------------------------------------------
 # metrics
@@ -65,6 +75,27 @@ def test_summarize():
     assert table.splitlines()[0].split() == ["dataset", "problems", "mean@2", "pass@1", "pass@2", "parallel%",
                                              "format%", "length"]
     assert table.splitlines()[1].split() == ["aime25", "2", "25.0", "25.0", "50.0", "50.0", "75.0", "25"]
+
+
+def test_table_of_datasets_with_different_n():
+    """MATH300 at Mean@1 beside AIME at Mean@4: every mean@n / pass@k column, "-" where a dataset has none."""
+    aime = ev.summarize([row(0, j, j == 0) for j in range(4)], 4)
+    math = ev.summarize([row(0, 0, True), row(1, 0, False)], 1)
+    lines = [line.split() for line in ev.format_table({"aime25": aime, "math300": math}).splitlines()]
+    assert lines[0] == ["dataset", "problems", "mean@4", "mean@1", "pass@1", "pass@2", "pass@4", "parallel%",
+                        "format%", "length"]
+    assert lines[1] == ["aime25", "1", "25.0", "-", "25.0", "50.0", "100.0", "0.0", "100.0", "10"]
+    assert lines[2] == ["math300", "2", "-", "50.0", "50.0", "-", "-", "0.0", "100.0", "10"]
+
+
+@pytest.mark.parametrize("num_problems,batch_size,world,shares", [
+    (5, 2, 1, [[[0, 1], [2, 3], [4]]]),
+    (5, 2, 2, [[[0, 1], [4]], [[2, 3]]]),
+    (5, 1, 3, [[[0], [3]], [[1], [4]], [[2]]]),
+    (2, 4, 3, [[[0, 1]], [], []]),  # more ranks than batches: the others have nothing to do
+])
+def test_shard_batches_do_not_depend_on_the_world_size(num_problems, batch_size, world, shares):
+    assert [ev.shard(num_problems, batch_size, r, world) for r in range(world)] == shares
 
 # -----------------------------------------------------------------------------
 # grading and resuming, with a stand-in sampler
@@ -120,59 +151,175 @@ def test_evaluate_grades_like_rl(fake_sampler, bpe_tokenizer):
     assert s["parallel"] == 0.5 and s["format_ok"] == 1.0 and s["length"] == sum(lengths) / 20
 
 
-def run_main(args, monkeypatch, capsys):
-    summaries = ev.main(args)
-    return summaries, capsys.readouterr().out
+def test_evaluate_shares_merge_to_the_whole(fake_sampler, bpe_tokenizer):
+    """Each rank samples only its share; merged, the shares are the single-process rows."""
+    model = tiny_model(bpe_tokenizer)
+    whole, s = ev.evaluate(model, bpe_tokenizer, PROBLEMS, n=2, batch_size=2, progress=False)
+    fake_sampler.clear()
+    shares = [ev.evaluate(model, bpe_tokenizer, PROBLEMS, n=2, batch_size=2, progress=False, rank=r, world=2)[0]
+              for r in range(2)]
+    assert fake_sampler == [PROBLEMS[i]["question"] for i in (0, 1, 4, 2, 3)]  # each problem once
+    assert sorted({r["problem"] for r in shares[1]}) == [2, 3]
+    assert ev.merge(shares) == whole and ev.summarize(ev.merge(shares), 2) == s
 
 
-def test_resume_from_a_truncated_jsonl(fake_sampler, problems_file, tmp_path, monkeypatch, capsys):
+def run_main(args, capsys):
+    summaries = script.main(args)
+    captured = capsys.readouterr()
+    return summaries, captured.out + captured.err
+
+
+def model_dir(out):
+    """The one model sub-directory of an --out."""
+    (sub,) = [p for p in Path(out).iterdir() if p.is_dir()]
+    return sub
+
+
+def kill_torn_merged(d, lines):
+    """Killed while the merged file was written: problems 0-2 complete, problem 3 half, a torn last line."""
+    (d / "set.jsonl").write_text("".join(lines[:14]) + lines[14][:30])
+
+
+def kill_rank_files(d, lines):
+    """A 2-process run killed mid-way: problem 0 merged earlier, problems 1-2 and half of 3 in rank files
+    (one of them ending in a torn line)."""
+    (d / "set.jsonl").write_text("".join(lines[:4]))
+    (d / "set.rank0.jsonl").write_text("".join(lines[8:14]) + lines[14][:30])
+    (d / "set.rank1.jsonl").write_text("".join(lines[4:8]) + lines[16][:10])
+
+
+def kill_before_any_merge(d, lines):
+    """A 2-process run killed before its first merge: only rank files, torn, with no merged file at all."""
+    (d / "set.jsonl").unlink()
+    (d / "set.rank0.jsonl").write_text("".join(lines[:4] + lines[8:12]) + lines[14][:30])
+    (d / "set.rank1.jsonl").write_text("".join(lines[4:8] + lines[12:14]) + lines[16][:10])
+
+
+@pytest.mark.parametrize("kill", [kill_torn_merged, kill_rank_files, kill_before_any_merge])
+def test_resume_after_a_kill(fake_sampler, problems_file, tmp_path, capsys, kill):
     out = tmp_path / "out"
     args = ["--model", "m", "--datasets", str(problems_file), "--n", "4", "--batch-size", "2", "--out", str(out),
             "--no-progress"]
-    first, printed = run_main(args, monkeypatch, capsys)
+    first, printed = run_main(args, capsys)
     assert "set" in printed and "mean@4" in printed and "50.0" in printed
-    jsonl = out / "set.jsonl"
+    d = model_dir(out)
+    jsonl = d / "set.jsonl"
     full = jsonl.read_text()
     assert len(full.splitlines()) == 20 and len(fake_sampler) == 5
-    # kill it mid-write: problems 0-2 complete, problem 3 half written, a torn last line
-    lines = full.splitlines(keepends=True)
-    jsonl.write_text("".join(lines[:14]) + lines[14][:30])
+    kill(d, full.splitlines(keepends=True))
     fake_sampler.clear()
-    second, _ = run_main(args, monkeypatch, capsys)
+    second, printed = run_main(args, capsys)
     assert fake_sampler == [PROBLEMS[3]["question"], PROBLEMS[4]["question"]]  # only the unfinished problems
-    assert second == first
-    assert sorted(jsonl.read_text().splitlines()) == sorted(full.splitlines())
-    assert json.loads((out / "summary.json").read_text())["datasets"]["set"] == first["set"]
+    assert second == first and "recomputing" not in printed
+    assert jsonl.read_text() == full and not list(d.glob("set.rank*"))
+    assert json.loads((d / "summary.json").read_text())["datasets"]["set"] == first["set"]
     # a third run has nothing left to sample
     fake_sampler.clear()
-    assert run_main(args, monkeypatch, capsys)[0] == first and fake_sampler == []
+    assert run_main(args, capsys)[0] == first and fake_sampler == []
 
 
-def test_resume_refuses_other_settings_or_problems(fake_sampler, problems_file, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("change,field", [
+    (["--temperature", "0.6"], "temperature"), (["--seed", "1"], "seed"), (["--limit", "4"], "limit, problems"),
+    (["--max-new-tokens", "100"], "max_new_tokens"), (["--n", "3"], "n"), (["--variant", "unseen"], "variant"),
+    (["--dtype", "bfloat16"], "dtype"), ("new questions", "problems")])
+def test_other_settings_or_problems_are_recomputed(fake_sampler, problems_file, tmp_path, capsys, change, field):
     out = tmp_path / "out"
     args = ["--model", "m", "--datasets", str(problems_file), "--n", "2", "--out", str(out), "--no-progress"]
-    run_main(args, monkeypatch, capsys)
-    with pytest.raises(SystemExit, match="other settings"):
-        run_main(args + ["--temperature", "0.6"], monkeypatch, capsys)
-    problems_file.write_text("".join(json.dumps(dict(p, question=p["question"] + "!")) + "\n" for p in PROBLEMS))
-    with pytest.raises(SystemExit, match="other problems"):
-        run_main(args, monkeypatch, capsys)
+    run_main(args, capsys)
+    fake_sampler.clear()
+    run_main(args, capsys)
+    assert fake_sampler == []  # the same key: nothing to sample
+    if change == "new questions":
+        problems_file.write_text("".join(json.dumps(dict(p, question=p["question"] + "!")) + "\n" for p in PROBLEMS))
+        change = []
+    *_, printed = run_main(args + change, capsys)
+    assert len(fake_sampler) == (4 if field.startswith("limit") else 5)  # every problem sampled again
+    line = next(line for line in printed.splitlines() if "recomputing" in line)
+    assert f"set was evaluated with other settings ({field})" in line
+    rows = script.read_rows(model_dir(out) / "set.jsonl")
+    assert len(rows) == len(fake_sampler) * (3 if field == "n" else 2)
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--datasets", "aime25"], "--model is required"),
-    (["--model", "/nonexistent/model", "--datasets", "toy-easy"], "no such model directory"),
-    (["--model", "/nonexistent/model", "--datasets", "toy-easy,nope"], "unknown dataset 'nope'"),
+def write_sets(data_dir):
+    """Tiny local copies of aime25 and math300, named as data.HUB expects them."""
+    data_dir.mkdir()
+    for name in ("eval_aime25.jsonl", "eval_math300.jsonl"):
+        (data_dir / name).write_text("".join(json.dumps(p) + "\n" for p in PROBLEMS[:2]))
+    return data_dir
+
+
+@pytest.mark.parametrize("extra,ns", [([], {"aime25": 16, "math300": 1}), (["--n", "2"], {"aime25": 2, "math300": 2})])
+def test_n_per_dataset(fake_sampler, tmp_path, capsys, extra, ns):
+    """The paper's n: Mean@16 on AIME, Mean@1 on MATH300; an explicit --n applies to every dataset."""
+    out = tmp_path / "out"
+    summaries, printed = run_main(["--model", "m", "--datasets", "aime25,math300", "--out", str(out),
+                                   "--data-dir", str(write_sets(tmp_path / "data")), "--no-progress"] + extra, capsys)
+    assert {name: s["n"] for name, s in summaries.items()} == ns
+    assert all(s["rollouts"] == 2 * ns[name] and f"mean@{ns[name]}" in s for name, s in summaries.items())
+    d = model_dir(out)
+    assert [len(script.read_rows(d / f"{name}.jsonl")) for name in ns] == [2 * n for n in ns.values()]
+    saved = json.loads((d / "summary.json").read_text())
+    assert saved["datasets"] == summaries and {k: v["n"] for k, v in saved["keys"].items()} == ns
+    assert ("mean@16" in printed and "mean@1 " in printed) == (extra == [])
+
+# -----------------------------------------------------------------------------
+# argument checks: one line, exit status 1, OUT untouched
+
+
+@pytest.fixture(scope="module")
+def toy_model(tmp_path_factory):
+    return toy.init_dir(tmp_path_factory.mktemp("toy") / "toy-model")
+
+
+def snapshot(out):
+    return {str(p): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(Path(out).rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("change,message", [
+    (["--n", "0"], "--n 0: at least 1 rollout per problem"),
+    (["--temperature", "0"], "--temperature 0 is greedy decoding: n identical rollouts are not a Mean@n"),
+    (["--temperature", "-0.5"], "--temperature -0.5: must be positive"),
+    (["--top-p", "0"], r"--top-p 0.0: must be in \(0, 1\]"),
+    (["--top-p", "1.5"], r"--top-p 1.5: must be in \(0, 1\]"),
+    (["--num-paths", "1"], "--num-paths 1: a parallel block needs at least 2 paths"),
+    (["--max-new-tokens", "0"], "--max-new-tokens 0: must be at least 1"),
+    (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+    (["--limit", "0"], "--limit 0: must be at least 1"),
+    (["--datasets", "toy-easy,nope"], "unknown dataset 'nope'"),
+    (["--model", "/nonexistent/model"], "no such model directory"),
+    (None, "--model is required"),  # None: no --model at all
 ])
-def test_clear_errors(argv, message, tmp_path):
-    with pytest.raises(SystemExit, match=message):
-        ev.main(argv + ["--out", str(tmp_path / "o")])
+def test_bad_arguments(toy_model, tmp_path, monkeypatch, capsys, change, message):
+    """Each mistake: `error: <one line>` from the script's top level (exit status 1), and OUT as it was."""
+    out = tmp_path / "out"
+    (out / "earlier").mkdir(parents=True)
+    (out / "earlier" / "set.jsonl").write_text("{}\n")
+    before = snapshot(out)
+    model, change = ([], []) if change is None else (["--model", toy_model], change)
+    argv = model + ["--datasets", "toy-easy", "--limit", "2", "--n", "2", "--max-new-tokens", "8", "--out", str(out),
+                    "--no-progress"] + change
+    monkeypatch.setattr(sys, "argv", ["eval.py"] + argv)
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(ROOT / "eval.py"), run_name="__main__")
+    assert isinstance(e.value.code, str)  # a string exit code: printed to stderr, exit status 1
+    assert e.value.code.startswith("error: ") and "\n" not in e.value.code
+    assert re.search(message, e.value.code), e.value.code
+    assert snapshot(out) == before
+
+
+def test_bad_argument_exit_status_of_the_process(tmp_path):
+    """The same, as a user sees it: status 1, one stderr line, no OUT created."""
+    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--model", "m", "--temperature", "0",
+                           "--out", str(tmp_path / "out")], cwd=tmp_path, env=ENV, capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.startswith("error: --temperature 0 is greedy decoding") and proc.stderr.count("\n") == 1
+    assert not (tmp_path / "out").exists()
 
 
 def test_toy_preset_without_a_toy_model(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit, match=r"no toy model yet: run `python train_sft.py --preset toy` first"):
-        ev.main(["--preset", "toy"])
+    with pytest.raises(UsageError, match=r"no toy model yet: run `python train_sft.py --preset toy` first"):
+        script.main(["--preset", "toy"])
 
 # -----------------------------------------------------------------------------
 # real end to end: the branching sampler on tiny random models
@@ -184,32 +331,104 @@ def test_toy_preset_without_a_toy_model(tmp_path, monkeypatch):
                          ids=["parallel", "sequential", "prompt-file", "unseen"])
 def test_end_to_end_tiny_model(problems_file, tmp_path, capsys, bpe_tokenizer, extra, template):
     tokenizer = bpe_tokenizer
-    model_dir = tmp_path / "model"
-    tiny_model(tokenizer).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    model = tmp_path / "model"
+    tiny_model(tokenizer).save_pretrained(model)
+    tokenizer.save_pretrained(model)
     (tmp_path / "prompt.txt").write_text("Q: {problem}\nA:")
     extra = [str(tmp_path / "prompt.txt") if a == "PROMPT" else a for a in extra]
     out = tmp_path / "out"
-    summaries = ev.main(["--model", str(model_dir), "--datasets", str(problems_file), "--limit", "3", "--n", "2",
-                         "--max-new-tokens", "24", "--out", str(out), "--no-progress"] + extra)
-    printed = capsys.readouterr().out
-    rows = [json.loads(line) for line in (out / "set.jsonl").read_text().splitlines()]
+    summaries, printed = run_main(["--model", str(model), "--datasets", str(problems_file), "--limit", "3", "--n",
+                                   "2", "--max-new-tokens", "24", "--out", str(out), "--no-progress"] + extra, capsys)
+    d = model_dir(out)
+    assert d.name.startswith("model-sequential-" if "--no-parallel" in extra else "model-")
+    rows = script.read_rows(d / "set.jsonl")
     assert len(rows) == 6 and all(1 <= r["length"] <= 24 for r in rows)
-    config = json.loads((out / "config.json").read_text())
-    assert config["template"] == template and config["parallel"] == ("--no-parallel" not in extra)
-    assert config["variant"] == ("unseen" if "unseen" in extra else "seen")
+    key = json.loads((d / "keys.json").read_text())["set"]
+    assert key["template"] == template and key["parallel"] == ("--no-parallel" not in extra)
+    assert key["variant"] == ("unseen" if "unseen" in extra else "seen")
     s = summaries["set"]
     assert s == ev.summarize(rows, 2) and s["problems"] == 3
     assert "mean@2" in printed and "pass@2" in printed and "\nset " in printed
 
 
 def test_toy_preset_end_to_end(tmp_path, monkeypatch, capsys):
-    from nanopr1 import toy
     monkeypatch.chdir(tmp_path)
     toy.init_dir(tmp_path / "out" / "toy-sft")
-    summaries = ev.main(["--preset", "toy", "--limit", "2", "--max-new-tokens", "24", "--no-progress"])
-    printed = capsys.readouterr().out
+    summaries, printed = run_main(["--preset", "toy", "--limit", "2", "--max-new-tokens", "24", "--no-progress"],
+                                  capsys)
     assert list(summaries) == ["toy-easy", "toy-hard"]
     assert all(s["problems"] == 2 and s["rollouts"] == 8 for s in summaries.values())  # n = 4 in the toy preset
-    assert printed.startswith("out/toy-sft (parallel, seen), n=4")
-    assert (tmp_path / "out" / "eval" / "toy-sft" / "toy-hard.jsonl").is_file()
+    assert "out/toy-sft (parallel, seen), n=4" in printed
+    assert len(list((tmp_path / "out" / "eval").glob("toy-sft-*/toy-hard.jsonl"))) == 1
+
+
+TOY_ARGS = ["--preset", "toy", "--datasets", "toy-easy", "--limit", "5", "--n", "2", "--batch-size", "2",
+            "--max-new-tokens", "24", "--no-progress"]
+
+
+def rows_of(out):
+    return [(r["problem"], r["sample"], r["text"]) for r in script.read_rows(model_dir(out) / "toy-easy.jsonl")]
+
+
+def test_new_weights_or_seed_are_recomputed(tmp_path, capsys):
+    """Same --out, same model path: new weights, then another seed, each give the rows of a fresh run."""
+    model = toy.init_dir(tmp_path / "model", seed=0)
+    shared = ["--model", model, "--out", str(tmp_path / "out")] + TOY_ARGS
+    first, printed = run_main(shared, capsys)
+    again, printed = run_main(shared, capsys)
+    assert again == first and "recomputing" not in printed
+    old = rows_of(tmp_path / "out")
+    toy.init_dir(tmp_path / "model", seed=1)  # retrained in place
+    cases = [([], "weights"), (["--seed", "1"], "seed")]
+    for i, (extra, field) in enumerate(cases):
+        summaries, printed = run_main(shared + extra, capsys)
+        assert f"toy-easy was evaluated with other settings ({field})" in printed
+        fresh, _ = run_main(["--model", model, "--out", str(tmp_path / f"fresh{i}")] + TOY_ARGS + extra, capsys)
+        assert summaries == fresh and rows_of(tmp_path / "out") == rows_of(tmp_path / f"fresh{i}") != old
+        old = rows_of(tmp_path / "out")
+
+
+def test_two_models_share_an_out(tmp_path, capsys):
+    """Two models named alike (a/model, b/model) into one --out: a sub-directory each; the first is not redone."""
+    a, b = toy.init_dir(tmp_path / "a" / "model", seed=0), toy.init_dir(tmp_path / "b" / "model", seed=1)
+    out = tmp_path / "out"
+    first, _ = run_main(["--model", a, "--out", str(out)] + TOY_ARGS, capsys)
+    (d,) = out.iterdir()
+    before = snapshot(d)
+    table, printed = run_main(["--model", f"{a},{b}", "--out", str(out)] + TOY_ARGS, capsys)
+    assert sorted(table) == [f"{a}/toy-easy", f"{b}/toy-easy"] and table[f"{a}/toy-easy"] == first["toy-easy"]
+    dirs = sorted(out.iterdir())
+    assert len(dirs) == 2 and all(p.name.startswith("model-") for p in dirs)
+    assert {k: v[0] for k, v in snapshot(d).items() if k.endswith(".jsonl")} == \
+        {k: v[0] for k, v in before.items() if k.endswith(".jsonl")}  # a's rows kept, not resampled
+    rows = [script.read_rows(p / "toy-easy.jsonl") for p in dirs]
+    assert len(rows[0]) == len(rows[1]) == 10 and rows[0] != rows[1]
+
+
+def test_two_processes_equal_one(toy_model, tmp_path, capsys):
+    """torchrun, 2 CPU processes (gloo): one merged table, the same rows and summary as one process; and
+    train_rl's --eval-every hook returns the single-process summary on both ranks."""
+    argv = ["--model", toy_model] + TOY_ARGS + ["--datasets", "toy-easy,toy-hard"]
+    argv[argv.index("--n")] = "--rollouts"  # torchrun would read --n as an abbreviation of its own flags
+    one, _ = run_main(argv + ["--out", str(tmp_path / "one")], capsys)
+    hook = Namespace(eval_data="toy-easy", data_dir=None, eval_limit=5, eval_n=2, max_new_tokens=24, num_paths=2,
+                     max_blocks=4, variant="seen", seed=0)
+    import train_rl
+    model, tokenizer = nanopr1.model.load(toy_model)
+    hook_summary = train_rl.run_eval(model, tokenizer, toy.TEMPLATE, hook, Accelerator())
+    two = tmp_path / "two"
+    two.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "dist_eval.py"), str(two)] + argv + ["--out", str(two)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(ENV, ACCELERATE_USE_CPU="1"), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(2 processes)" in proc.stderr  # the script saw a world of 2
+    d1, d2 = model_dir(tmp_path / "one"), model_dir(two)
+    for name in ("toy-easy", "toy-hard"):
+        assert (d2 / f"{name}.jsonl").read_text() == (d1 / f"{name}.jsonl").read_text()
+    assert json.loads((d2 / "summary.json").read_text()) == json.loads((d1 / "summary.json").read_text())
+    assert not list(d2.glob("*.rank*"))
+    for r in range(2):
+        got = json.loads((two / f"run_eval.rank{r}.json").read_text())
+        assert got.pop("world") == 2 and got == hook_summary

@@ -1,0 +1,146 @@
+"""
+Evaluation: n rollouts per problem from the branching sampler, graded like RL, summarised as
+Mean@n, Pass@k (unbiased), parallel rate, format-valid rate and response length.
+
+eval.py (the benchmark table, its resume files) and train_rl.py (the --eval-every hook) both
+call `evaluate`. Several processes split the problems by batch: batch b holds problems
+[b * batch_size, (b + 1) * batch_size) whatever the world size, rank b % world samples it, and
+its seed is tied to its problems, so a problem's rows are the same on 1 rank or 8 (on a CPU,
+bit for bit; a GPU may differ in the last bits). Gathering the ranks' rows is the caller's
+job (`merge` puts them back in order).
+"""
+
+from math import comb
+
+import torch
+from tqdm import tqdm
+
+from nanopr1 import sampler
+from nanopr1.format import PARALLEL_PROMPT, chat_prompt_ids
+from nanopr1.rewards import reward_rollout
+
+# -----------------------------------------------------------------------------
+# metrics
+
+
+def pass_at_k(n, c, k):
+    """Unbiased Pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k)."""
+    if n - c < k:
+        return 1.0  # every k-subset holds a correct sample
+    return 1.0 - comb(n - c, k) / comb(n, k)
+
+
+def ks_for(n):
+    """The k reported for n samples: powers of two below n, and n itself."""
+    return sorted({2 ** i for i in range(n.bit_length()) if 2 ** i < n} | {n})
+
+
+def _mean(xs):
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+def summarize(rows, n):
+    """One dataset's metrics from its graded rollout rows (n per problem)."""
+    by_problem = {}
+    for r in rows:
+        by_problem.setdefault(r["problem"], []).append(r["correct"])
+    counts = [(len(v), sum(v)) for v in by_problem.values()]  # (samples, correct) per problem
+    s = {"problems": len(counts), "rollouts": len(rows), "n": n, f"mean@{n}": _mean([c / m for m, c in counts])}
+    for k in ks_for(n):
+        s[f"pass@{k}"] = _mean([pass_at_k(m, c, k) for m, c in counts])
+    s["parallel"] = _mean([r["has_block"] for r in rows])   # share of rollouts with a valid block
+    s["format_ok"] = _mean([r["format_ok"] for r in rows])
+    s["length"] = _mean([r["length"] for r in rows])        # response tokens
+    return s
+
+
+def format_table(summaries):
+    """{dataset: summary} -> a printable table: rates in %, length in tokens.
+
+    Datasets may have different n (the paper: MATH300 Mean@1, AIME Mean@16): the columns are every
+    mean@n and pass@k that some dataset has, and a dataset shows "-" where its n defines none.
+    """
+    if not summaries:
+        return "(no datasets)"
+    keys = [k for s in summaries.values() for k in s if "@" in k]
+    means = list(dict.fromkeys(k for k in keys if k.startswith("mean@")))
+    passes = sorted({k for k in keys if k.startswith("pass@")}, key=lambda k: int(k[5:]))
+    rates = means + passes + ["parallel", "format_ok"]
+    head = ["dataset", "problems"] + [{"parallel": "parallel%", "format_ok": "format%"}.get(k, k) for k in rates]
+    lines = [head + ["length"]]
+    for name, s in summaries.items():
+        lines.append([name, str(s["problems"])] + [f"{100 * s[k]:.1f}" if k in s else "-" for k in rates]
+                     + [f"{s['length']:.0f}"])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+                     for line in lines)
+
+# -----------------------------------------------------------------------------
+# grading, resuming, sharding
+
+
+def grade_rollout(problem, index, sample_index, rollout):
+    """One JSONL row: the rollout's text and its grade under R_acc."""
+    _, m = reward_rollout(rollout, problem["answer"], "acc")
+    return {"problem": index, "sample": sample_index, "question": problem["question"], "gold": problem["answer"],
+            **{k: m[k] for k in ("answer", "correct", "has_block", "format_ok", "num_blocks")},
+            "length": len(rollout.ids), "stop_reason": rollout.stop_reason, "text": rollout.text}
+
+
+def complete_rows(rows, problems, n):
+    """The rows of problems whose n rollouts are all present (a half-done problem is redone)."""
+    by_problem = {}
+    for r in rows:
+        i = r["problem"]
+        if i >= len(problems) or r["question"] != problems[i]["question"]:
+            raise ValueError(f"rollout rows for problem {i} do not match this dataset: "
+                             f"they were written for other problems, use another --out")
+        if r["sample"] < n:
+            by_problem.setdefault(i, {})[r["sample"]] = r
+    return [r for i in sorted(by_problem) if len(by_problem[i]) == n
+            for _, r in sorted(by_problem[i].items())]
+
+
+def merge(rows_lists):
+    """The rows of several ranks (or files) as one list, in (problem, sample) order."""
+    return sorted((r for rows in rows_lists for r in rows), key=lambda r: (r["problem"], r["sample"]))
+
+
+def shard(num_problems, batch_size, rank=0, world=1):
+    """The batches of problem indices that `rank` samples: every world-th batch, starting at its own."""
+    batches = [list(range(s, min(s + batch_size, num_problems))) for s in range(0, num_problems, batch_size)]
+    return batches[rank::world]
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, problems, n=16, *, template=PARALLEL_PROMPT, parallel=True, batch_size=4,
+             done=(), on_rows=None, progress=True, desc="eval", seed=None, rank=0, world=1, **sampling):
+    """Sample n rollouts per problem of this rank's share, grade them, return (rows, summary) of the share.
+
+    `done`: rows of an earlier run (resume); complete problems are kept, the rest of the share is
+    sampled. `on_rows(new_rows)` is called after each batch (eval.py appends them to a JSONL).
+    `sampling`: keyword arguments of sampler.sample.
+    """
+    batches = shard(len(problems), batch_size, rank, world)
+    mine = {i for batch in batches for i in batch}
+    rows = [r for r in complete_rows(list(done), problems, n) if r["problem"] in mine]
+    finished = {r["problem"] for r in rows}
+    was_training = model.training
+    model.eval()
+    with tqdm(total=len(mine), initial=len(finished), desc=desc, unit="problem", disable=not progress) as bar:
+        for batch in batches:
+            batch = [i for i in batch if i not in finished]
+            if not batch:
+                continue
+            prompts = [chat_prompt_ids(tokenizer, template, problems[i]["question"]) for i in batch]
+            # one generator per batch, seeded by its first problem: independent of the world size
+            rollouts = sampler.sample(model, tokenizer, prompts, group_size=n, parallel=parallel,
+                                      seed=None if seed is None else seed + batch[0], **sampling)
+            new = [grade_rollout(problems[i], i, j, rollouts[b * n + j]) for b, i in enumerate(batch) for j in range(n)]
+            rows += new
+            if on_rows is not None:
+                on_rows(new)
+            bar.update(len(batch))
+    model.train(was_training)
+    rows = merge([rows])
+    return rows, summarize(rows, n)
