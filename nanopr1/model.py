@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen3Config
 
+from nanopr1.checkpoint import model_dir
 from nanopr1.format import TAGS
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -25,10 +26,12 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 
 def load(name_or_path, dtype="float32", device="cpu", attn="sdpa"):
-    """(model, tokenizer) from a hub id or a local directory, with the tags added."""
+    """(model, tokenizer) from a hub id, a local directory or a run dir (its checkpoint), with the tags added."""
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     local = Path(name_or_path).expanduser()
     looks_local = str(name_or_path).startswith((".", "/", "~")) or local.exists()
+    if looks_local:
+        local = model_dir(local)  # a run dir: its checkpoint/ (or checkpoint.old/ after a kill mid-swap)
     if looks_local and not (local / "config.json").is_file():
         raise FileNotFoundError(f"model {name_or_path!r}: no such model directory "
                                 f"(expected {local / 'config.json'})")
