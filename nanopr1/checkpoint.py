@@ -95,7 +95,7 @@ def save(out, step, acc, write, args=None):
         else:  # damaged or absent: checkpoint.old, if any, stays the fallback
             shutil.rmtree(new, ignore_errors=True)
         tmp.rename(new)
-        _fsync(out)
+        _fsync(out)  # the renames themselves durable
         _done(new)
         shutil.rmtree(old, ignore_errors=True)
     acc.wait_for_everyone()
@@ -115,7 +115,8 @@ def validate(path):
                 return f"{f}: missing"
             if f.stat().st_size != size:
                 return f"{f}: {f.stat().st_size} bytes, the manifest says {size}"
-        if _json(path / "step.json").get("step") != manifest["step"]:
+        saved = _json(path / "step.json")
+        if not isinstance(saved, dict) or saved.get("step") != manifest["step"]:
             return f"{path / 'step.json'}: not the manifest's step {manifest['step']}"
         if (path / "args.json").is_file():
             _json(path / "args.json")
@@ -221,7 +222,10 @@ def prepare_out(out, args, acc, resume=False, overwrite=False, same=(), may_chan
         raise UsageError(f"{out} already holds a run ({', '.join(held)}): --resume continues it, --overwrite starts over")
     if acc.is_main_process:
         for n in held:
-            shutil.rmtree(out / n) if (out / n).is_dir() else (out / n).unlink()
+            if (out / n).is_dir():
+                shutil.rmtree(out / n)
+            else:
+                (out / n).unlink()
         out.mkdir(parents=True, exist_ok=True)
     acc.wait_for_everyone()
     return None, f"--overwrite: removed {', '.join(held)} from {out}" if held else ""
