@@ -198,6 +198,7 @@ DAMAGE = [  # (file of the checkpoint, damage, what the reason says)
     ("state/optimizer.bin", lambda f: f.unlink(), "missing"),
     ("step.json", lambda f: f.write_text(""), "0 bytes, the manifest says"),
     ("step.json", lambda f: f.write_text(" " * f.stat().st_size), "not JSON (Expecting value"),
+    ("step.json", lambda f: f.write_text("[" + " " * (f.stat().st_size - 2) + "]"), "not the manifest's step 2"),
     ("manifest.json", lambda f: f.unlink(), "missing"),
     ("manifest.json", lambda f: f.write_text("[]"), "not a manifest"),
 ]
@@ -241,6 +242,9 @@ GUARD = [  # (dir holds, new args, flags, refused because / note says)
     ("metrics", SAVED, {"resume": True}, "--resume: no valid checkpoint in", None),
     ("nothing", SAVED, {"resume": True}, "checkpoint: missing", None),
     ("run", SAVED, {"resume": True, "overwrite": True}, "--resume and --overwrite exclude each other", None),
+    ("old layout", SAVED, {"resume": True}, "state is an older nanopr1's checkpoint and cannot be resumed", None),
+    ("old layout", SAVED, {}, "already holds a run (args.json, state)", None),
+    ("old layout", SAVED, {"overwrite": True}, None, "--overwrite: removed args.json, state"),
 ]
 
 
@@ -252,6 +256,10 @@ def test_output_dir_guard(tmp_path, holds, args, flags, refused, note):
         (out / "notes.txt").write_text("the user's, not ours")
     if holds in ("run", "sft run"):
         save(out, 12, acc, lambda d: (d / "config.json").write_text("{}"), args=SFT if holds == "sft run" else SAVED)
+    if holds == "old layout":  # the model and its state/ directly in OUT
+        (out / "state").mkdir()
+        (out / "state" / "step.json").write_text('{"step": 12}')
+        (out / "args.json").write_text(json.dumps(SAVED))
     if holds in ("run", "sft run", "metrics"):
         (out / "metrics.jsonl").write_text(json.dumps({"step": 12}) + "\n")
     before = snapshot(out) if out.exists() else None
