@@ -19,6 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen3Config
 
 from nanopr1 import UsageError
+from nanopr1.checkpoint import model_dir
 from nanopr1.format import TAGS
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -26,13 +27,14 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 
 def load(name_or_path, dtype="float32", device="cpu", attn="sdpa"):
-    """(model, tokenizer) from a hub id or a local directory, with the tags added."""
+    """(model, tokenizer) from a hub id, a local directory or a run dir (its checkpoint), with the tags added."""
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     local = Path(name_or_path).expanduser()
     looks_local = str(name_or_path).startswith((".", "/", "~")) or local.exists()
+    if looks_local:
+        local = model_dir(local)  # a run dir: its checkpoint/ (or checkpoint.old/ after a kill mid-swap)
     if looks_local and not (local / "config.json").is_file():
-        raise UsageError(f"model {name_or_path!r}: no such model directory "
-                                f"(expected {local / 'config.json'})")
+        raise UsageError(f"model {name_or_path!r}: no such model directory (expected {local / 'config.json'})")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(local) if looks_local else name_or_path)
         model = AutoModelForCausalLM.from_pretrained(str(local) if looks_local else name_or_path,
@@ -40,7 +42,7 @@ def load(name_or_path, dtype="float32", device="cpu", attn="sdpa"):
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"model {name_or_path!r} could not be loaded: not a local directory, and the hub "
-                                f"copy is unreachable or missing ({first}); pass a local directory with --model") from None
+                         f"copy is unreachable or missing ({first}); pass a local directory with --model") from None
     add_tags(model, tokenizer)
     return model.to(device), tokenizer
 
