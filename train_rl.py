@@ -50,10 +50,10 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from tqdm import tqdm
 
-from nanopr1 import UsageError, data, format, metrics, rewards, toy
+from nanopr1 import UsageError, checkpoint, data, format, metrics, rewards, toy
 from nanopr1.cli import parse_with_preset
 from nanopr1.grpo import group_advantages, policy_loss
-from nanopr1.model import apply_lora, load, refresh_copy, resume_step, sampling_copy, save_checkpoint, tag_ids
+from nanopr1.model import apply_lora, load, refresh_copy, sampling_copy, save, tag_ids
 from nanopr1.sampler import mix, sample
 from nanopr1.scoring import micro_batches, score
 
@@ -77,6 +77,10 @@ TOY_RECIPES = {  # the CPU-sized curriculum (nanopr1/toy.py)
     ("easy", "unseen"): dict(init="out/toy-sft-unseen", out="out/toy-easy-unseen", data="toy:easy",
                              reward="parallel", group_size=8, prompts_per_step=16, steps=35, clip_high=0.28),
 }
+SAME = ("script", "stage", "variant", "data", "init", "prompts_per_step", "group_size", "num_paths", "reward",
+        "max_new_tokens", "lora", "lora_r", "seed")  # what --resume refuses to change
+MAY_CHANGE = ("lr", "steps", "save_every", "eval_every", "eval_data", "eval_n", "eval_limit", "micro_batch_tokens",
+              "kv_memory_gb", "max_rows")  # what it applies, and says so
 TOY = dict(lr=5e-5, max_new_tokens=toy.MAX_NEW_TOKENS, answer_reserve=8, micro_batch_tokens=16384,
            eval_data="toy-hard", eval_n=4, eval_limit=100, save_every=25, max_prompt_tokens=64)
 
@@ -129,7 +133,8 @@ p.add_argument("--num-gpus", type=int, help="for the plan: GPUs of the run (defa
 # logging, checkpoints, eval
 p.add_argument("--out", help="output dir (default: by stage and variant)")
 p.add_argument("--save-every", type=int, default=20)
-p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+p.add_argument("--resume", action="store_true", help="continue the run in --out (may change: " + ", ".join(MAY_CHANGE) + ")")
+p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run")
 p.add_argument("--eval-every", type=int, default=0, help="run eval on --eval-data every N steps (0: off)")
 p.add_argument("--eval-data", default="aime25", help="held-out set for --eval-every")
 p.add_argument("--eval-n", type=int, default=4)
@@ -147,6 +152,9 @@ def main(args):
     torch.manual_seed(args.seed)
     template = toy.TEMPLATE if args.preset == "toy" else (format.load_template(args.prompt_file) if args.prompt_file
                                                          else format.PARALLEL_PROMPT)
+    out = Path(args.out)
+    _, note = checkpoint.prepare_out(out, args, acc, args.resume, args.overwrite, SAME, MAY_CHANGE)
+    acc.print(note) if note else None
     problems = load_problems(args, world)
     model, tokenizer = load(args.init, "bfloat16" if cuda and args.lora else "float32")  # LoRA: a frozen bf16 base
     prompts = [format.chat_prompt_ids(tokenizer, template, r["question"]) for r in problems]
@@ -156,9 +164,11 @@ def main(args):
     sampling = dict(num_paths=args.num_paths, max_blocks=args.max_blocks, max_new_tokens=args.max_new_tokens,
                     reserve=args.answer_reserve, temperature=args.temperature, top_p=args.top_p,
                     variant=args.variant, max_rows=args.max_rows)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    step = resume_step(acc, out, args.resume)
+    step = 0
+    if args.resume:  # model, optimizer and RNG as saved; the data position is the step
+        step, _ = checkpoint.load_state(out, acc)
+        checkpoint.apply_lr(opt, args.lr)
     bar = tqdm(total=args.steps, initial=step, desc=f"rl-{args.stage}", disable=not acc.is_main_process)
     while step < args.steps:
         step += 1
@@ -222,8 +232,9 @@ def main(args):
                 f.write(json.dumps(row) + "\n")
         bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.3f}", par=f"{row['parallel_rate']:.2f}")
         bar.update()
-        if step % args.save_every == 0 or step == args.steps:
-            save_checkpoint(acc, model, tokenizer, out, args, step)
+        if step % args.save_every == 0 or step == args.steps:  # every rank (FSDP gathers); the previous survives a kill
+            checkpoint.save(out, step, acc, lambda d: save(acc.unwrap_model(model), tokenizer, d, state_dict=acc.get_state_dict(
+                model), is_main=acc.is_main_process), args=vars(args))
     bar.close()
     acc.print(f"done: {step} steps, model in {out}")
 
@@ -381,6 +392,7 @@ def parse_args(argv=None):
     """Flags, then the preset's and the (stage, variant) recipe's defaults for whatever was not given;
     every check that needs no file runs here, before anything loads."""
     args = parse_with_preset(p, argv, TOY)
+    args.script = "train_rl"
     for k, v in (TOY_RECIPES if args.preset == "toy" else RECIPES)[(args.stage, args.variant)].items():
         if getattr(args, k) is None:  # the recipe fills whatever was not given
             setattr(args, k, v)

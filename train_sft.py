@@ -34,11 +34,13 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from tqdm import tqdm
 
-from nanopr1 import UsageError, data, format, rewards, toy
+from nanopr1 import UsageError, checkpoint, data, format, rewards, toy
 from nanopr1.cli import parse_with_preset
 from nanopr1.scoring import collate, micro_batches, sequence_nll
-from nanopr1.model import apply_lora, load, resume_step, save_checkpoint, tag_ids
+from nanopr1.model import apply_lora, load, save, tag_ids
 
+SAME = ("script", "model", "data", "variant", "batch_size", "epochs", "warmup", "max_len", "lora", "lora_r", "seed")
+MAY_CHANGE = ("lr", "max_steps", "save_every", "micro_batch_tokens")  # what --resume applies (and says so)
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--preset", choices=["toy"], help="toy: the CPU-sized world (defaults below swapped for toy ones)")
 # model
@@ -70,7 +72,8 @@ p.add_argument("--seed", type=int, default=0)
 # logging and checkpoints
 p.add_argument("--out", help="output dir: the model, metrics.jsonl, state/ (default: out/sft, out/sft-unseen)")
 p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (and at the end)")
-p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+p.add_argument("--resume", action="store_true", help="continue the run in --out (may change: " + ", ".join(MAY_CHANGE) + ")")
+p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run")
 # memory plan
 p.add_argument("--plan", action="store_true", help="print the per-GPU memory plan and exit (needs only a config.json)")
 p.add_argument("--gpu-memory-gb", type=float, help="for the plan: memory of one GPU (default: this device's)")
@@ -137,15 +140,18 @@ def main(args):
     acc.print(f"{world} process{'es' if world > 1 else ''} ({acc.device}, {acc.distributed_type.value})")
     torch.manual_seed(args.seed)
     out = Path(args.out)
+    _, note = checkpoint.prepare_out(out, args, acc, args.resume, args.overwrite, SAME, MAY_CHANGE)
+    acc.print(note) if note else None
     template = toy.TEMPLATE if args.preset == "toy" else (format.load_template(args.prompt_file) if args.prompt_file
                                                          else format.PARALLEL_PROMPT)
     rows = data.load(args.data) if args.data else toy.sft_corpus(25600, seed=args.seed)  # no --data: the toy corpus
-    if args.model is None:  # the toy model starts from scratch: an untrained model dir
-        args.model = str(out / "init")
+    model_path = args.model
+    if model_path is None:  # the toy model starts from scratch: an untrained model dir
+        model_path = str(out / "init")
         if acc.is_main_process and not (out / "init").is_dir():
-            toy.init_dir(args.model, seed=args.seed)
+            toy.init_dir(model_path, seed=args.seed)
         acc.wait_for_everyone()
-    model, tokenizer = load(args.model, "bfloat16" if cuda and args.lora else "float32")  # LoRA: a frozen bf16 base
+    model, tokenizer = load(model_path, "bfloat16" if cuda and args.lora else "float32")  # LoRA: a frozen bf16 base
     tags = tag_ids(tokenizer)
     examples, dropped = data.sft_examples(rows, tokenizer, template, args.max_len)
     acc.print(f"{len(examples)}/{len(rows)} traces kept; dropped: {dropped or 'none'}")
@@ -168,7 +174,10 @@ def main(args):
         math.pi * max(0, s + 1 - warm) / max(1, total - warm)))))
     acc.register_for_checkpointing(sched)  # not prepared: accelerate would step it once per process per step
     out.mkdir(parents=True, exist_ok=True)
-    step = resume_step(acc, out, args.resume)
+    step = 0
+    if args.resume:  # model, optimizer, schedule and RNG as saved; the data position is the step
+        step, _ = checkpoint.load_state(out, acc)
+        checkpoint.apply_lr(opt, args.lr, sched)
     bar = tqdm(total=stop, initial=step, desc="sft", disable=not acc.is_main_process)
     while step < stop:
         t0 = time.time()
@@ -202,8 +211,9 @@ def main(args):
                 f.write(json.dumps(row) + "\n")
         bar.set_postfix(loss=f"{loss:.4f}")
         bar.update()
-        if step % args.save_every == 0 or step == stop:
-            save_checkpoint(acc, model, tokenizer, out, args, step)
+        if step % args.save_every == 0 or step == stop:  # every rank (FSDP gathers); the previous survives a kill
+            checkpoint.save(out, step, acc, lambda d: save(acc.unwrap_model(model), tokenizer, d, state_dict=acc.get_state_dict(
+                model), is_main=acc.is_main_process), args=vars(args))
     bar.close()
     acc.print(f"done: {step} steps, model in {out}")
 
@@ -230,6 +240,7 @@ def plan_only(args):
 
 def parse_args(argv=None):
     args = parse_with_preset(p, argv, TOY)
+    args.script = "train_sft"
     if args.out is None:
         args.out = ("out/toy-sft" if args.preset == "toy" else "out/sft") + ("-unseen" if args.variant == "unseen" else "")
     checks = [(args.batch_size >= 1 and args.micro_batch_tokens >= 1, "--batch-size and --micro-batch-tokens must be 1 or more"),

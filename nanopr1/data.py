@@ -147,7 +147,7 @@ def load(source, split=None, data_dir=None):
             path = Path(data_dir) / local.format(split=split)
             if not path.is_file():
                 raise UsageError(f"dataset {source!r}: {path} does not exist "
-                                        f"(with --data-dir, {source} is read from {local})")
+                                 f"(with --data-dir, {source} is read from {local.format(split=split)})")
             return to_records(read_file(path), f"{source} ({path})")
         rows = read_hub(source, hub_id, config, split)
         if source == "dapo":  # the hub copy repeats each problem ~100 times: keep the first copy

@@ -65,32 +65,6 @@ def save(model, tokenizer, path, args=None, state_dict=None, is_main=True):
         (Path(path) / "args.json").write_text(json.dumps(args, indent=1, default=str))
 
 
-def save_checkpoint(acc, model, tokenizer, out, args, step):
-    """The model dir that load() reads, plus what --resume needs: accelerate's state
-    (optimizer, schedule, RNG) and the step. Every rank calls it (FSDP gathers)."""
-    save(acc.unwrap_model(model), tokenizer, out, vars(args), acc.get_state_dict(model), is_main=acc.is_main_process)
-    acc.save_state(str(Path(out) / "state"))
-    if acc.is_main_process:
-        (Path(out) / "state" / "step.json").write_text(json.dumps({"step": step}))
-
-
-def resume_step(acc, out, resume):
-    """The step to start from: 0, or the checkpoint's step with accelerate's state restored.
-    Metrics rows after it are dropped, so a resumed run appends with no duplicated steps."""
-    out, step = Path(out), 0
-    if resume:
-        if not (out / "state").is_dir():
-            raise SystemExit(f"error: --resume, but {out / 'state'} does not exist")
-        acc.load_state(str(out / "state"))
-        step = json.loads((out / "state" / "step.json").read_text())["step"]
-        acc.print(f"resumed from {out} at step {step}")
-    metrics = out / "metrics.jsonl"
-    if acc.is_main_process and metrics.is_file():
-        rows = [r for r in metrics.read_text().splitlines() if r and json.loads(r)["step"] <= step]
-        metrics.write_text("".join(r + "\n" for r in rows))
-    return step
-
-
 def sampling_copy(model, dtype, device):
     """A plain model of `model`'s architecture for the sampler (weights: refresh_copy). RL samples from
     this copy, in bf16 on a GPU: no autocast re-casting every weight at every token, CUDA graphs

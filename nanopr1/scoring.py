@@ -23,7 +23,6 @@ count: 8 rollouts of 300 tokens and 2 of 4,000 cost about the same memory.
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from nanopr1.attention import build_inputs
@@ -32,9 +31,9 @@ from nanopr1.sampler import ALL_TAGS, apply_tag_mask
 LOGITS_CHUNK_TOKENS = 1024  # rows x positions of logits computed at once (fp32: 1024 x V x 4 bytes)
 
 
-def _chunk_logprobs(h, weight, bias, targets, allowed, tags, temperature):
+def _chunk_logprobs(head, h, targets, allowed, tags, temperature):
     """log p(targets) of one chunk: h (B, c, H) -> (B, c) fp32; the (B, c, V) logits live only in here."""
-    logits = F.linear(h, weight, bias).float() / temperature  # (B, c, V)
+    logits = type(head).forward(head, h).float() / temperature  # (B, c, V) the head's own forward, hooks aside
     if allowed is not None:
         logits = apply_tag_mask(logits, allowed, tags)
     return logits.gather(-1, targets[..., None])[..., 0] - logits.logsumexp(-1)
@@ -49,7 +48,7 @@ def _head_returns_logprobs(model, targets, allowed, tags, temperature):
 
     def forward(h):
         h, c = h[:, :-1], max(1, LOGITS_CHUNK_TOKENS // h.shape[0])  # c positions per chunk
-        return torch.cat([checkpoint(_chunk_logprobs, h[:, s:s + c], head.weight, head.bias, targets[:, s:s + c],
+        return torch.cat([checkpoint(_chunk_logprobs, head, h[:, s:s + c], targets[:, s:s + c],
                                      None if allowed is None else allowed[:, s:s + c], tags, temperature,
                                      use_reentrant=False) for s in range(0, h.shape[1], c)], 1)
     head.forward = forward

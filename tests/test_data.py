@@ -6,6 +6,7 @@ import json
 import pytest
 
 from conftest import SHARED, shared_file
+from nanopr1 import UsageError
 from nanopr1 import data
 
 
@@ -68,14 +69,14 @@ def test_short_names_read_the_data_dir(tmp_path):
 
 
 @pytest.mark.parametrize("make,args,error,words", [
-    (None, ("nope",), ValueError, ["unknown dataset 'nope'", "gsm8k", "toy-easy"]),
-    (None, ("aime24", None, "DIR"), FileNotFoundError, ["'aime24'", "eval_aime24.jsonl"]),
-    (None, ("DIR/missing.jsonl",), FileNotFoundError, ["missing.jsonl", "does not exist"]),
-    ([{"answer": "1"}], ("DIR/d.jsonl",), ValueError, ["d.jsonl", "record 0 has no question"]),
-    ([{"question": "q", "answer": "1"}, {"question": "q2"}], ("DIR/d.jsonl",), ValueError,
+    (None, ("nope",), UsageError, ["unknown dataset 'nope'", "gsm8k", "toy-easy"]),
+    (None, ("aime24", None, "DIR"), UsageError, ["'aime24'", "eval_aime24.jsonl"]),
+    (None, ("DIR/missing.jsonl",), UsageError, ["missing.jsonl", "does not exist"]),
+    ([{"answer": "1"}], ("DIR/d.jsonl",), UsageError, ["d.jsonl", "record 0 has no question"]),
+    ([{"question": "q", "answer": "1"}, {"question": "q2"}], ("DIR/d.jsonl",), UsageError,
      ["d.jsonl", "record 1 has no answer"]),
-    ([{"question": "q", "answer": ""}], ("DIR/d.jsonl",), ValueError, ["record 0 has no answer"]),
-    ("{not json", ("DIR/d.jsonl",), ValueError, ["d.jsonl", "line 1 is not JSON"]),
+    ([{"question": "q", "answer": ""}], ("DIR/d.jsonl",), UsageError, ["record 0 has no answer"]),
+    ("{not json", ("DIR/d.jsonl",), UsageError, ["d.jsonl", "line 1 is not JSON"]),
 ])
 def test_clear_errors(tmp_path, make, args, error, words):
     if isinstance(make, list):
@@ -95,7 +96,7 @@ def test_offline_hub_says_how_to_use_a_local_file(monkeypatch):
     def unreachable(*a, **kw):
         raise ConnectionError("Couldn't reach 'math-ai/aime25' on the Hub (LocalEntryNotFoundError)")
     monkeypatch.setattr(datasets, "load_dataset", unreachable)
-    with pytest.raises(RuntimeError) as e:
+    with pytest.raises(UsageError) as e:
         data.load("aime25")
     msg = str(e.value)
     for w in ["'aime25'", "math-ai/aime25", "Couldn't reach", "--data-dir", "eval_aime25.jsonl"]:
@@ -157,5 +158,5 @@ def test_teacher_traces_keep_their_response():
 def test_non_utf8_file_is_a_clear_error(tmp_path):
     bad = tmp_path / "traces.jsonl"
     bad.write_bytes(b'{"question": "q", "answer": "1", "response": "caf\xe9"}\n')
-    with pytest.raises(ValueError, match=r"not UTF-8 text \(bad byte at offset 49\): re-save it as UTF-8"):
+    with pytest.raises(UsageError, match=r"not UTF-8 text \(bad byte at offset 49\): re-save it as UTF-8"):
         data.load(str(bad))

@@ -3,6 +3,7 @@ import json
 import pytest
 
 from conftest import shared_file
+from nanopr1 import UsageError
 from nanopr1.format import (PARALLEL_PROMPT, SEQUENTIAL_PROMPT, TAGS, Block, Trace, check_format, load_template,
                             main_text, normalize, parse, render, render_prompt)
 
@@ -100,9 +101,9 @@ def test_template_file(tmp_path):
     assert render_prompt(load_template(good), "2+2") == "Solve: 2+2\nuse {braces} \\frac{1}{2}"
     bad = tmp_path / "bad.txt"
     bad.write_text("no slot here")
-    with pytest.raises(ValueError, match=r"no \{problem\} slot"):
+    with pytest.raises(UsageError, match=r"no \{problem\} slot"):
         load_template(bad)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(UsageError, match="does not exist"):
         load_template(tmp_path / "missing.txt")
 
 

@@ -4,6 +4,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from conftest import CHAT_TEMPLATE, tiny_model
+from nanopr1 import UsageError
 from nanopr1.format import PARALLEL_PROMPT, TAGS, chat_prompt_ids
 from nanopr1.model import add_tags, apply_lora, load, tag_ids, tiny_llama_config, tiny_qwen3_config
 
@@ -63,19 +64,19 @@ def test_save_load_round_trip_identical_logits(tmp_path, bpe_tokenizer):
 
 
 def test_missing_model_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no such model directory"):
+    with pytest.raises(UsageError, match="no such model directory"):
         load(str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(UsageError, match="config.json"):
         load(str(tmp_path / "empty"))
-    with pytest.raises(FileNotFoundError, match="could not be loaded"):
+    with pytest.raises(UsageError, match="could not be loaded"):
         load("no-such-org/no-such-model-xyz")
 
 
 def test_tokenizer_without_chat_template_is_a_clear_error():
     tokenizer = plain_tokenizer()
     tokenizer.chat_template = None
-    with pytest.raises(ValueError, match="has no chat template"):
+    with pytest.raises(UsageError, match="has no chat template"):
         chat_prompt_ids(tokenizer, PARALLEL_PROMPT, "2+2")
 
 

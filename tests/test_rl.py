@@ -114,12 +114,14 @@ def test_a_step_does_not_depend_on_micro_batches_or_processes(sft_dir, tmp_path)
     assert "1 process" in log1 and "2 processes" in log2  # what each run saw
     start = weights(sft_dir)
     w1 = weights(tmp_path / "one")
-    assert (w1 - start).abs().max() > 1e-4  # the steps moved the weights
+    assert (w1 - start).abs().max() > 3e-4  # the steps moved the weights (Adam: about lr per step)
     for rows, path in ((small, "small"), (two, "two")):
         for a, b in zip(one, rows, strict=True):
             assert (a["reward"], a["accuracy"], a["length"]) == (b["reward"], b["accuracy"], b["length"])
             assert b["loss"] == pytest.approx(a["loss"], abs=1e-6)
-        torch.testing.assert_close(weights(tmp_path / path), w1, atol=1e-6, rtol=1e-5)
+        # Adam normalises each update, so summation-order noise in tiny gradients shows at ~1e-6 of
+        # updates of ~1e-3: compare the updates to 1% of their size
+        torch.testing.assert_close(weights(tmp_path / path) - start, w1 - start, atol=1e-5, rtol=0)
 
 
 def test_old_policy_epochs_clip_and_match_the_sampler(sft_dir, tmp_path):

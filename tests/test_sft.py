@@ -167,7 +167,7 @@ def test_lora_trains_adapters_only_and_checkpoint_reloads(tmp_path):
     base = tmp_path / "base"
     toy.init_dir(str(base), seed=0)
     run_sft(tmp_path / "lora", "--model", str(base), "--lora", "--lora-r", "4", "--max-steps", "3", "--lr", "1e-2")
-    args = json.loads((tmp_path / "lora" / "args.json").read_text())
+    args = json.loads((tmp_path / "lora" / "checkpoint" / "args.json").read_text())
     assert args["lora"] is True
     before, _ = load(str(base))
     after, tokenizer = load(str(tmp_path / "lora"))
