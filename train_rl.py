@@ -38,7 +38,6 @@ Simplifications relative to the paper / official code:
 
 import argparse
 import json
-import os
 import random
 import sys
 import time
@@ -289,7 +288,7 @@ def setup(model, args, acc, longest_prompt):
     kv = None
     if cuda:  # one static cache for the whole run, sized by the plan (or --kv-memory-gb)
         from nanopr1.staticcache import StaticRows
-        plan = run_plan(args, acc.unwrap_model(model).config, acc.num_processes, longest_prompt)
+        plan = run_plan(args, acc.unwrap_model(model).config, longest_prompt)
         acc.print(f"memory plan per GPU:\n{plan}")
         if not plan.fits:
             raise UsageError(plan.verdict)
@@ -297,13 +296,9 @@ def setup(model, args, acc, longest_prompt):
     return model, opt, reference, policy, kv
 
 
-def run_plan(args, config, world, longest_prompt=None):
-    from nanopr1.plan import GB, memory_plan
-    gpu = args.gpu_memory_gb * GB if args.gpu_memory_gb else (
-        torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None)
-    if gpu is None:
-        raise UsageError("no GPU here: pass --gpu-memory-gb (e.g. 80) to plan for one")
-    fsdp = os.environ.get("ACCELERATE_USE_FSDP", str(world > 1 and not args.lora)).lower() == "true"
+def run_plan(args, config, longest_prompt=None):
+    from nanopr1.plan import GB, memory_plan, run_setup
+    gpu, world, fsdp = run_setup(args.gpu_memory_gb, args.num_gpus, args.lora)
     rollouts = args.prompts_per_step * args.group_size // world
     return memory_plan(config, gpu_bytes=gpu, world=world, fsdp=fsdp, lora_r=args.lora_r if args.lora else 0,
                        grad_ckpt=args.grad_ckpt is not False, micro_batch_tokens=args.micro_batch_tokens,
@@ -418,14 +413,9 @@ def parse_args(argv=None):
 
 def plan_only(args):
     """--plan: the memory plan from the model config alone, then exit."""
-    from transformers import AutoConfig
-    try:
-        config = AutoConfig.from_pretrained(args.init)
-    except OSError as e:
-        raise UsageError(f"--plan: no model config at {args.init!r} ({str(e).splitlines()[0][:120]})") from None
-    world = args.num_gpus or int(os.environ.get("WORLD_SIZE", 1))
-    plan = run_plan(args, config, world)
-    print(f"memory plan per GPU: {args.init}, {'LoRA' if args.lora else 'full fine-tune'}, {world} GPU(s)\n{plan}")
+    from nanopr1.plan import load_config
+    plan = run_plan(args, load_config(args.init))
+    print(f"memory plan per GPU: {args.init}, {'LoRA' if args.lora else 'full fine-tune'}\n{plan}")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ Simplifications relative to the paper:
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from contextlib import nullcontext
@@ -220,22 +219,12 @@ def main(args):
 
 def plan_only(args):
     """--plan: the memory plan from the model config alone, then exit."""
-    from transformers import AutoConfig
-    from nanopr1.plan import GB, memory_plan
-    try:
-        config = AutoConfig.from_pretrained(args.model)
-    except OSError as e:
-        raise UsageError(f"--plan: no model config at {args.model!r} ({str(e).splitlines()[0][:120]})") from None
-    world = args.num_gpus or int(os.environ.get("WORLD_SIZE", 1))
-    gpu = args.gpu_memory_gb * GB if args.gpu_memory_gb else (
-        torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None)
-    if gpu is None:
-        raise UsageError("no GPU here: pass --gpu-memory-gb (e.g. 80) to plan for one")
-    fsdp = os.environ.get("ACCELERATE_USE_FSDP", str(world > 1 and not args.lora)).lower() == "true"
-    plan = memory_plan(config, gpu_bytes=gpu, world=world, fsdp=fsdp, lora_r=args.lora_r if args.lora else 0,
-                       grad_ckpt=args.grad_ckpt is not False, micro_batch_tokens=args.micro_batch_tokens,
-                       unseen=args.variant == "unseen", sampling=False)
-    print(f"memory plan per GPU: {args.model}, SFT, {'LoRA' if args.lora else 'full fine-tune'}, {world} GPU(s)\n{plan}")
+    from nanopr1.plan import load_config, memory_plan, run_setup
+    gpu, world, fsdp = run_setup(args.gpu_memory_gb, args.num_gpus, args.lora)
+    plan = memory_plan(load_config(args.model), gpu_bytes=gpu, world=world, fsdp=fsdp,
+                       lora_r=args.lora_r if args.lora else 0, grad_ckpt=args.grad_ckpt is not False,
+                       micro_batch_tokens=args.micro_batch_tokens, unseen=args.variant == "unseen", sampling=False)
+    print(f"memory plan per GPU: {args.model}, SFT, {'LoRA' if args.lora else 'full fine-tune'}\n{plan}")
 
 
 def parse_args(argv=None):

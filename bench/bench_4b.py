@@ -36,9 +36,8 @@ from nanopr1.attention import find_blocks, unseen_mask
 from nanopr1.format import PARALLEL, PARALLEL_END, PATH, PATH_END, SUMMARY, SUMMARY_END, TAGS
 from nanopr1.grpo import policy_loss
 from nanopr1.model import apply_lora
-from nanopr1.plan import activation_bytes_per_token
 from nanopr1.sampler import Rollout, sample
-from nanopr1.scoring import LOGITS_CHUNK_TOKENS, collate, score, sequence_nll
+from nanopr1.scoring import collate, score, sequence_nll
 from nanopr1.staticcache import StaticRows
 
 QWEN3_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,

@@ -22,6 +22,7 @@ The hub ids are our choice where the paper names none. Three sets need care:
 """
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -97,6 +98,9 @@ def read_file(path):
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"data file {str(path)!r} does not exist")
+    if path.suffix not in (".jsonl", ".json", ".parquet", ".txt", ""):
+        raise UsageError(f"data file {str(path)!r}: a {path.suffix} file; use JSONL (one JSON object a line), "
+                         f"a JSON list or parquet")
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
         return pq.read_table(path).to_pylist()
@@ -117,9 +121,27 @@ def read_file(path):
     return rows
 
 
+def offline_if_unreachable():
+    """If the hub's host cannot be reached (no network), put the hub libraries in offline mode: a cached
+    copy still loads, a missing one fails at once instead of after a minute of retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=5).close()
+    except OSError:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        constants.HF_HUB_OFFLINE = True
+
+
 def read_hub(name, hub_id, config, split):
     """Raw dicts of a hub dataset; a clear message when the hub cannot be reached."""
     import datasets
+    offline_if_unreachable()
     try:  # an iterable of dicts, not a list: the DAPO copy has ~1.8M rows
         return datasets.load_dataset(hub_id, config, split=split)
     except Exception as e:  # offline, missing, gated, renamed: all end the same way for the user

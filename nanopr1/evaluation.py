@@ -4,10 +4,10 @@ Mean@n, Pass@k (unbiased), parallel rate, format-valid rate and response length.
 
 eval.py (the benchmark table, its resume files) and train_rl.py (the --eval-every hook) both
 call `evaluate`. Several processes split the problems by batch: batch b holds problems
-[b * batch_size, (b + 1) * batch_size) whatever the world size, rank b % world samples it, and
-its seed is tied to its problems, so a problem's rows are the same on 1 rank or 8 (on a CPU,
-bit for bit; a GPU may differ in the last bits). Gathering the ranks' rows is the caller's
-job (`merge` puts them back in order).
+[b * batch_size, (b + 1) * batch_size), rank b % world samples it. Each problem samples from its
+own seed (seed, problem index), so its rows are the same whatever the batch size, the number of
+ranks or a resume in between (on a CPU, bit for bit; a GPU may differ in the last bits).
+Gathering the ranks' rows is the caller's job (`merge` puts them back in order).
 """
 
 from math import comb
@@ -133,9 +133,8 @@ def evaluate(model, tokenizer, problems, n=16, *, template=PARALLEL_PROMPT, para
             if not batch:
                 continue
             prompts = [chat_prompt_ids(tokenizer, template, problems[i]["question"]) for i in batch]
-            # one generator per batch, seeded by its first problem: independent of the world size
-            rollouts = sampler.sample(model, tokenizer, prompts, group_size=n, parallel=parallel,
-                                      seed=None if seed is None else seed + batch[0], **sampling)
+            rollouts = sampler.sample(model, tokenizer, prompts, group_size=n, parallel=parallel,  # a seed per problem
+                                      seed=None if seed is None else [sampler.mix(seed, i) for i in batch], **sampling)
             new = [grade_rollout(problems[i], i, j, rollouts[b * n + j]) for b, i in enumerate(batch) for j in range(n)]
             rows += new
             if on_rows is not None:

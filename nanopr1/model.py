@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen3
 
 from nanopr1 import UsageError
 from nanopr1.checkpoint import model_dir
+from nanopr1.data import offline_if_unreachable
 from nanopr1.format import TAGS
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -35,6 +36,8 @@ def load(name_or_path, dtype="float32", device="cpu", attn="sdpa"):
         local = model_dir(local)  # a run dir: its checkpoint/ (or checkpoint.old/ after a kill mid-swap)
     if looks_local and not (local / "config.json").is_file():
         raise UsageError(f"model {name_or_path!r}: no such model directory (expected {local / 'config.json'})")
+    if not looks_local:
+        offline_if_unreachable()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(local) if looks_local else name_or_path)
         model = AutoModelForCausalLM.from_pretrained(str(local) if looks_local else name_or_path,

@@ -34,10 +34,14 @@ counts. Estimates, not measurements: the activation figure is the one to check
 on a GPU first (bench/bench_4b.py measures a GRPO step's peak memory).
 """
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from nanopr1 import UsageError
 
 from nanopr1.model import LORA_TARGETS
 from nanopr1.scoring import LOGITS_CHUNK_TOKENS
@@ -64,6 +68,34 @@ class Plan:
         lines = [f"  {what:<62s} {b / GB:8.2f} GB" for what, b in self.items]
         lines.append(f"  {'total':<62s} {self.total / GB:8.2f} GB of {self.gpu_bytes / GB:.1f} GB")
         return "\n".join(lines + [self.verdict])
+
+
+def load_config(name):
+    """The model config of a hub id, a model dir or a run dir (its checkpoint): config.json alone is read."""
+    from nanopr1.checkpoint import model_dir
+    from nanopr1.data import offline_if_unreachable
+    local = Path(name).expanduser()
+    if local.exists():
+        local = model_dir(local)
+    else:
+        offline_if_unreachable()
+    try:
+        return AutoConfig.from_pretrained(str(local) if local.exists() else name)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--plan: no model config at {name!r} ({str(e).strip().splitlines()[0][:120]})") from None
+
+
+def run_setup(gpu_memory_gb, num_gpus, lora):
+    """(GPU bytes, ranks, FSDP?) of the run being planned: the flags, else this machine and this launch
+    (accelerate's FSDP config sets ACCELERATE_USE_FSDP; without a launch, a full fine-tune over several
+    GPUs is assumed to use FSDP, as configs/fsdp_8gpu.yaml does)."""
+    gpu = gpu_memory_gb * GB if gpu_memory_gb else (
+        torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None)
+    if gpu is None:
+        raise UsageError("no GPU here: pass --gpu-memory-gb (e.g. 80) to plan for one")
+    world = num_gpus or int(os.environ.get("WORLD_SIZE", 1))
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", str(world > 1 and not lora)).lower() == "true"
+    return gpu, world, fsdp
 
 
 def count_parameters(config, lora_r=0):

@@ -3,7 +3,6 @@ import math
 import pytest
 import torch
 
-from nanopr1.format import TAGS
 from nanopr1.grpo import group_advantages, policy_loss
 
 

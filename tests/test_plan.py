@@ -2,11 +2,10 @@
 allocates on a small model; the README's three setups of the paper's recipe fit; --plan runs offline
 from a directory that holds only a config.json."""
 
-import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Qwen3Config
+from transformers import Qwen3Config
 
 from conftest import ROOT, run, tiny_model
 from nanopr1 import scoring

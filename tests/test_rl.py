@@ -10,7 +10,7 @@ import torch
 
 from conftest import run
 from nanopr1 import format, toy
-from nanopr1.grpo import group_advantages, policy_loss
+from nanopr1.grpo import policy_loss
 from nanopr1.model import load, tag_ids
 from nanopr1.sampler import sample
 from nanopr1.scoring import score

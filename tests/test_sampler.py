@@ -234,6 +234,30 @@ def test_budgets(bpe_tokenizer, max_new, path_max, num_paths, variant):
         assert all(a & BIT[PARALLEL] for i, a, f in zip(r.ids, r.allowed, r.forced) if i == tag_ids(tok)[PARALLEL] and not f)
 
 
+@pytest.mark.parametrize("variant", ["seen", "unseen"])
+def test_a_block_opened_anywhere_leaves_room_for_the_answer(bpe_tokenizer, variant):
+    """Paths and summary that never close by themselves, a block forced at every response index 0..budget:
+    whenever the block opens, at least reserve // 2 tokens are left after its summary, enough for the
+    final line; with reserve 0 a late block can eat the budget."""
+    tok = bpe_tokenizer
+    answer = len(tok("\nFinal Answer: 42", add_special_tokens=False)["input_ids"])
+    model = biased(tok, path_end=-50.0, summary_end=-50.0, eos=-50.0)
+    budget, reserve = 48, 2 * answer
+    opened, starved = 0, 0
+    for k in range(budget + 1):
+        for r in sample(model, tok, prompts_of(tok)[:1], max_new_tokens=budget, reserve=reserve, force_block=k,
+                        max_blocks=1, variant=variant, seed=k):
+            assert len(r.ids) == budget and r.format_error is None
+            if r.blocks:
+                opened += 1
+                assert len(r.ids) - r.blocks[0].summary[1] >= reserve // 2 >= answer
+        r = sample(model, tok, prompts_of(tok)[:1], max_new_tokens=budget, reserve=0, force_block=k, max_blocks=1,
+                   variant=variant, seed=k)[0]
+        starved += bool(r.blocks) and len(r.ids) - r.blocks[0].summary[1] < answer
+    assert opened >= budget // 2  # every early opening point was tried
+    assert starved > 0  # without the reserve some block leaves no room: the test can tell
+
+
 @pytest.mark.parametrize("prompts, kw, message", [
     ([[]], {}, "at least one token"),
     ([[5] * 4000], dict(max_new_tokens=200), "exceeds the model's 4096 positions"),

@@ -17,7 +17,7 @@ def reference_logprobs(model, rollouts, tags, variant, temperature):
     batch = build_inputs([r.prompt_ids for r in rollouts], [r.ids for r in rollouts], tags, variant, pad_id=0)
     logits = model(**batch).logits.float()  # (B, L, V)
     T = max(len(r.ids) for r in rollouts)
-    out, mask = torch.zeros(len(rollouts), T), torch.zeros(len(rollouts), T, dtype=torch.bool)
+    mask = torch.zeros(len(rollouts), T, dtype=torch.bool)
     rows = []
     for b, r in enumerate(rollouts):
         P, n = len(r.prompt_ids), len(r.ids)

@@ -14,7 +14,6 @@ from conftest import tiny_model
 from test_sampler import TEXTS, biased, prompts_of
 from nanopr1 import staticcache
 from nanopr1.staticcache import StaticRows, bucket
-from nanopr1.model import tag_ids
 from nanopr1.sampler import sample
 
 MORE = TEXTS + ["Final Answer: 42", "Dogs and cats have four legs.", "First, compute", "x = 4"]
