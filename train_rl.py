@@ -149,10 +149,10 @@ def main(args):
     acc.print(f"{world} process{'es' if world > 1 else ''} ({acc.device}, {acc.distributed_type.value})")
     random.seed(args.seed + rank)
     torch.manual_seed(args.seed)
-    template = toy.TEMPLATE if args.preset == "toy" else (format.load_template(args.prompt_file) if args.prompt_file
-                                                         else format.PARALLEL_PROMPT)
+    template = (format.load_template(args.prompt_file) if args.prompt_file  # an explicit flag beats the preset
+                else toy.TEMPLATE if args.preset == "toy" else format.PARALLEL_PROMPT)
     out = Path(args.out)
-    _, note = checkpoint.prepare_out(out, args, acc, args.resume, args.overwrite, SAME, MAY_CHANGE)
+    saved, note = checkpoint.prepare_out(out, args, acc, args.resume, args.overwrite, SAME, MAY_CHANGE)
     acc.print(note) if note else None
     problems = load_problems(args, world)
     model, tokenizer = load(args.init, "bfloat16" if cuda and args.lora else "float32")  # LoRA: a frozen bf16 base
@@ -165,7 +165,7 @@ def main(args):
                     variant=args.variant, max_rows=args.max_rows)
     out.mkdir(parents=True, exist_ok=True)
     step = 0
-    if args.resume:  # model, optimizer and RNG as saved; the data position is the step
+    if saved is not None:  # --resume: model, optimizer and RNG as saved; the data position is the step
         step, _ = checkpoint.load_state(out, acc)
         checkpoint.apply_lr(opt, args.lr)
     bar = tqdm(total=args.steps, initial=step, desc=f"rl-{args.stage}", disable=not acc.is_main_process)
@@ -242,6 +242,8 @@ def main(args):
 
 
 def load_problems(args, world):
+    if args.data in data.TOY:
+        raise UsageError(f"--data {args.data} is the toy's held-out evaluation set; train on toy:{args.data[4:]}")
     if args.data.startswith("toy:"):
         problems = toy.problems(args.data[4:], 20000, seed=args.seed + 1)
     else:

@@ -139,18 +139,16 @@ def main(args):
     acc.print(f"{world} process{'es' if world > 1 else ''} ({acc.device}, {acc.distributed_type.value})")
     torch.manual_seed(args.seed)
     out = Path(args.out)
-    _, note = checkpoint.prepare_out(out, args, acc, args.resume, args.overwrite, SAME, MAY_CHANGE)
+    saved, note = checkpoint.prepare_out(out, args, acc, args.resume, args.overwrite, SAME, MAY_CHANGE)
     acc.print(note) if note else None
-    template = toy.TEMPLATE if args.preset == "toy" else (format.load_template(args.prompt_file) if args.prompt_file
-                                                         else format.PARALLEL_PROMPT)
-    rows = data.load(args.data) if args.data else toy.sft_corpus(25600, seed=args.seed)  # no --data: the toy corpus
-    model_path = args.model
-    if model_path is None:  # the toy model starts from scratch: an untrained model dir
-        model_path = str(out / "init")
-        if acc.is_main_process and not (out / "init").is_dir():
-            toy.init_dir(model_path, seed=args.seed)
-        acc.wait_for_everyone()
-    model, tokenizer = load(model_path, "bfloat16" if cuda and args.lora else "float32")  # LoRA: a frozen bf16 base
+    template = (format.load_template(args.prompt_file) if args.prompt_file  # an explicit flag beats the preset
+                else toy.TEMPLATE if args.preset == "toy" else format.PARALLEL_PROMPT)
+    rows = data.load(args.data, fields=("response",)) if args.data else toy.sft_corpus(25600, seed=args.seed)
+    if args.model is None:  # the toy preset starts from scratch: an untrained toy model
+        tokenizer = toy.build_tokenizer()
+        model = toy.new_model(tokenizer, seed=args.seed)
+    else:
+        model, tokenizer = load(args.model, "bfloat16" if cuda and args.lora else "float32")  # LoRA: a frozen bf16 base
     tags = tag_ids(tokenizer)
     examples, dropped = data.sft_examples(rows, tokenizer, template, args.max_len)
     acc.print(f"{len(examples)}/{len(rows)} traces kept; dropped: {dropped or 'none'}")
@@ -174,7 +172,7 @@ def main(args):
     acc.register_for_checkpointing(sched)  # not prepared: accelerate would step it once per process per step
     out.mkdir(parents=True, exist_ok=True)
     step = 0
-    if args.resume:  # model, optimizer, schedule and RNG as saved; the data position is the step
+    if saved is not None:  # --resume: model, optimizer, schedule and RNG as saved; the data position is the step
         step, _ = checkpoint.load_state(out, acc)
         checkpoint.apply_lr(opt, args.lr, sched)
     bar = tqdm(total=stop, initial=step, desc="sft", disable=not acc.is_main_process)

@@ -24,6 +24,7 @@ The package never imports accelerate: `acc` is whatever the script made.
 import json
 import os
 import shutil
+import signal
 from argparse import Namespace
 from pathlib import Path
 
@@ -36,11 +37,15 @@ CHECKPOINTS = ("checkpoint", "checkpoint.old")  # in the order `latest` tries th
 RUN_FILES = ("checkpoint", "checkpoint.old", "checkpoint.tmp", "metrics.jsonl", "metrics.jsonl.tmp",
              "args.json", "state")  # what --overwrite removes; args.json and state/: the older layout
 _after_file = None  # tests: called with each path a save has just written or renamed, to inject a kill
+_kill_after = [int(os.environ.get("NANOPR1_KILL_AFTER", 0))]  # tests of the scripts: SIGKILL at the N-th such path
 
 
 def _done(path):
     if _after_file is not None:
         _after_file(path)
+    _kill_after[0] -= 1
+    if _kill_after[0] == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _fsync(path):
@@ -208,6 +213,11 @@ def prepare_out(out, args, acc, resume=False, overwrite=False, same=(), may_chan
         raise UsageError("--resume and --overwrite exclude each other")
     if resume:
         found = latest(out)
+        started = [n for n in ("metrics.jsonl", "checkpoint.tmp") if (out / n).exists()]
+        if found is None and started and not any((out / n).exists() for n in CHECKPOINTS):
+            if acc.is_main_process:  # killed before its first checkpoint: nothing to keep, start again
+                trim_metrics(out, 0)
+            return None, f"--resume: {out} has no checkpoint yet: starting from step 0"
         if found is None:
             raise UsageError(f"--resume: {_why(out)}")
         saved = _json(found[0] / "args.json") if (found[0] / "args.json").is_file() else {}
@@ -226,7 +236,6 @@ def prepare_out(out, args, acc, resume=False, overwrite=False, same=(), may_chan
                 shutil.rmtree(out / n)
             else:
                 (out / n).unlink()
-        out.mkdir(parents=True, exist_ok=True)
     acc.wait_for_everyone()
     return None, f"--overwrite: removed {', '.join(held)} from {out}" if held else ""
 

@@ -77,10 +77,14 @@ def _answer(raw):
     return None if a is None or str(a).strip() == "" else str(a).strip()
 
 
-def to_records(rows, source):
-    """Raw dicts -> {question, answer, ...} records; a clear error naming the source and row."""
+def to_records(rows, source, fields=()):
+    """Raw dicts -> {question, answer, ...} records; a clear error naming the source and row.
+    `fields`: text fields every record must also have (an SFT file: "response")."""
     out = []
     for i, raw in enumerate(rows):
+        for f in fields:
+            if not isinstance(raw.get(f), str):
+                raise UsageError(f"{source}: record {i} has no {f!r} text")
         q, a = _question(raw), _answer(raw)
         if q is None:
             raise UsageError(f"{source}: record {i} has no question (looked for {', '.join(QUESTION_KEYS)})")
@@ -152,7 +156,7 @@ def read_hub(name, hub_id, config, split):
                            f"(expects DIR/{local}) or the file path instead of the name") from None
 
 
-def load(source, split=None, data_dir=None):
+def load(source, split=None, data_dir=None, fields=()):
     """A list of {question, answer, ...} records from a short name, a file or a hub id.
 
     split: for gsm8k "train" (default) or "test"; the other named sets have one
@@ -161,7 +165,7 @@ def load(source, split=None, data_dir=None):
     source = str(source)
     if source in TOY:
         from nanopr1 import toy  # lazily: the toy world is not needed for real data
-        return to_records(toy.eval_set(source.split("-", 1)[1]), source)
+        return to_records(toy.eval_set(source.split("-", 1)[1]), source, fields)
     if source in HUB:
         hub_id, config, default_split, local = HUB[source]
         split = (split or default_split) if source == "gsm8k" else default_split
@@ -170,21 +174,21 @@ def load(source, split=None, data_dir=None):
             if not path.is_file():
                 raise UsageError(f"dataset {source!r}: {path} does not exist "
                                  f"(with --data-dir, {source} is read from {local.format(split=split)})")
-            return to_records(read_file(path), f"{source} ({path})")
+            return to_records(read_file(path), f"{source} ({path})", fields)
         rows = read_hub(source, hub_id, config, split)
         if source == "dapo":  # the hub copy repeats each problem ~100 times: keep the first copy
             first = {}
             for raw in rows:  # streamed: the full list would not fit comfortably
                 first.setdefault(_question(raw), raw)
             rows = list(first.values())
-        records = to_records(rows, f"{source} ({hub_id})")
+        records = to_records(rows, f"{source} ({hub_id})", fields)
         if source == "math300":  # the integer-answer subset of MATH-500
             records = [r for r in records if re.fullmatch(r"-?\d+", r["answer"])]
         return records
     if Path(source).suffix in (".jsonl", ".json", ".parquet") or Path(source).exists():
-        return to_records(read_file(source), source)
+        return to_records(read_file(source), source, fields)
     if "/" in source:
-        return to_records(read_hub(source, source, None, split or "train"), source)
+        return to_records(read_hub(source, source, None, split or "train"), source, fields)
     raise UsageError(f"unknown dataset {source!r}: use one of {', '.join(list(HUB) + list(TOY))}, "
                      f"a .jsonl/.json/.parquet file, or a hub id owner/name")
 
@@ -193,9 +197,7 @@ def sft_examples(rows, tokenizer, template, max_len):
     """Tokenise rows into (prompt, response + EOS) id lists. Malformed or too-long traces
     are dropped and counted by reason; the prompt is tokenised apart and never parsed."""
     examples, dropped = [], {}
-    for i, row in enumerate(rows):
-        if not isinstance(row.get("response"), str):
-            raise UsageError(f"SFT record {i} has no 'response' text (an SFT file holds question and response)")
+    for row in rows:
         response = normalize(row["response"])
         why = check_format(response)
         if why is None:

@@ -80,7 +80,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
 
 
-def run(script, *args, procs=1, check=True):
+def run(script, *args, procs=1, check=True, env=None):
     """Run a script as a user would: one process, or `procs` real processes (torchrun, gloo on the CPU)."""
     if procs == 1:
         cmd = [sys.executable, str(script), *args]
@@ -90,8 +90,8 @@ def run(script, *args, procs=1, check=True):
             port = s.getsockname()[1]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port",
                str(port), str(script), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=dict(ENV, ACCELERATE_USE_CPU="1"), capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(ENV, ACCELERATE_USE_CPU="1", **(env or {})), capture_output=True,
+                          text=True, timeout=900)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
