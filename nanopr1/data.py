@@ -171,6 +171,20 @@ def load(source, split=None, data_dir=None):
                      f"a .jsonl/.json/.parquet file, or a hub id owner/name")
 
 
+def read_rows(path):
+    """Rows of a JSONL file a run appends to (none if it is absent); a torn line (the run was killed
+    mid-write) is skipped, so the row it held is simply decided again."""
+    if not Path(path).is_file():
+        return []
+    rows = []
+    for line in Path(path).read_text(encoding="utf-8").split("\n"):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return rows
+
+
 def judge_trace(text, gold):
     """A teacher's trace for the SFT corpus: (response, None) to keep it, or (None, reason).
 
