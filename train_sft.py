@@ -21,10 +21,13 @@ Simplifications relative to the paper:
 """
 
 import argparse
+import glob
+import hashlib
 import json
 import math
 import sys
 import time
+from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -33,7 +36,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from tqdm import tqdm
 
-from nanopr1 import UsageError, checkpoint, data, format, rewards, toy
+from nanopr1 import UsageError, checkpoint, data, format, toy
 from nanopr1.cli import parse_with_preset
 from nanopr1.scoring import collate, micro_batches, sequence_nll
 from nanopr1.model import apply_lora, load, save, tag_ids
@@ -53,7 +56,7 @@ p.add_argument("--data", default="out/parallel_gsm8k.jsonl", help="JSONL with qu
 p.add_argument("--prompt-file", help="prompt template with a {problem} slot (default: the parallel prompt)")
 p.add_argument("--max-len", type=int, default=4096, help="drop longer prompt+response sequences")
 # cold-start corpus generation (--generate)
-p.add_argument("--generate", action="store_true", help="write a corpus with --teacher instead of training")
+p.add_argument("--generate", action="store_true", help="write a corpus with --teacher (idempotent: a rerun resumes)")
 p.add_argument("--teacher", default="deepseek-ai/DeepSeek-R1-0528-Qwen3-8B")
 p.add_argument("--source", default="gsm8k", help="problems for --generate (name or file)")
 p.add_argument("--data-dir", help="read short dataset names from local files in this dir")
@@ -72,7 +75,8 @@ p.add_argument("--seed", type=int, default=0)
 p.add_argument("--out", help="output dir: the model, metrics.jsonl, state/ (default: out/sft, out/sft-unseen)")
 p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (and at the end)")
 p.add_argument("--resume", action="store_true", help="continue the run in --out (may change: " + ", ".join(MAY_CHANGE) + ")")
-p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run")
+p.add_argument("--overwrite", action="store_true",
+               help="start over in an --out that holds a run (with --generate: the corpus at --data)")
 # memory plan
 p.add_argument("--plan", action="store_true", help="print the per-GPU memory plan and exit (needs only a config.json)")
 p.add_argument("--gpu-memory-gb", type=float, help="for the plan: memory of one GPU (default: this device's)")
@@ -96,36 +100,82 @@ def batches(n, batch_size, seed, epoch):
 
 
 def generate_corpus(args):
-    """Sample one trace per problem with the teacher (parallel forking off: it writes the
-    whole trace), keep it if well formed and correct, write JSONL, report counts."""
+    """Sample one trace per problem with the teacher (parallel forking off: it writes the whole trace)
+    and keep it if well formed and correct (data.judge_trace). Problem i is sampled on rank i % world
+    with seed --seed + i, so the corpus depends on neither the number of processes nor --gen-batch.
+    Each rank appends every decision to <data>.rank<r>.jsonl as it goes, and a rerun skips the decided
+    problems: generation is idempotent and resumes. At the end rank 0 writes the kept traces to <data>
+    in problem order, the rejections and the settings to <data>.meta.json, and reports the counts."""
     from nanopr1.sampler import sample
-    model, tokenizer = load(args.teacher, "bfloat16" if torch.cuda.is_available() else "float32",
-                            "cuda" if torch.cuda.is_available() else "cpu")
+    acc = Accelerator()
+    world, rank = acc.num_processes, acc.process_index
+    procs = f"{world} process{'es' if world > 1 else ''}"
+    out, meta_file = Path(args.data), Path(f"{args.data}.meta.json")
+    rank_files = lambda: sorted(out.parent.glob(glob.escape(out.name) + ".rank*.jsonl"))
     template = format.load_template(args.prompt_file) if args.prompt_file else format.PARALLEL_PROMPT
     problems = data.load(args.source, split="train", data_dir=args.data_dir)
-    Path(args.data).parent.mkdir(parents=True, exist_ok=True)
-    kept, rejected = 0, {}
-    with open(args.data, "w", encoding="utf-8") as f:
-        for i in tqdm(range(0, len(problems), args.gen_batch), desc="teacher"):
-            chunk = problems[i:i + args.gen_batch]
-            prompts = [format.chat_prompt_ids(tokenizer, template, r["question"]) for r in chunk]
-            rollouts = sample(model, tokenizer, prompts, parallel=False, max_new_tokens=args.gen_max_new_tokens,
-                              temperature=0.6, seed=args.seed + i)
-            for row, ro in zip(chunk, rollouts):
-                text = ro.text.split("</think>")[-1].strip()  # drop the teacher's thinking, if any
-                response = format.normalize(text)
-                why = format.check_format(response)
-                if why is None and not format.parse(response).blocks:
-                    why = "no parallel block"
-                if why is None and not rewards.grade(response, row["answer"]):
-                    why = "wrong final answer"
-                if why is None:
-                    f.write(json.dumps({"question": row["question"], "answer": row["answer"], "response": response}) + "\n")
-                    kept += 1
-                else:
-                    key = why.split(":")[0]
-                    rejected[key] = rejected.get(key, 0) + 1
-    print(f"kept {kept}/{len(problems)} ({kept / max(len(problems), 1):.1%}) -> {args.data}; rejected: {rejected}")
+    digest = lambda x: hashlib.sha256(json.dumps(x).encode()).hexdigest()[:16]
+    settings = {"source": args.source, "teacher": args.teacher, "seed": args.seed, "prompt": digest(template),
+                "max_new_tokens": args.gen_max_new_tokens, "problems": digest([[r["question"], r["answer"]]
+                                                                               for r in problems])}
+
+    def replace(path, text):  # written aside and renamed: a kill leaves the old file whole
+        Path(f"{path}.tmp").write_text(text, encoding="utf-8")
+        Path(f"{path}.tmp").replace(path)
+
+    # 1) an earlier corpus at --data: resumed if it was made with these settings, else refused (or --overwrite)
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else None
+    if (out.is_file() or meta or rank_files()) and not args.overwrite and (meta or {}).get("settings") != settings:
+        differs = ("other settings (" + ", ".join(k for k in settings if meta["settings"].get(k) != settings[k]) + ")"
+                   if meta else f"unknown settings (no {meta_file.name})")
+        raise UsageError(f"{out} holds a corpus generated with {differs}: pass --overwrite to replace it, or another --data")
+    acc.wait_for_everyone()  # every rank has looked before rank 0 deletes or writes anything
+    if acc.is_main_process and (args.overwrite or meta is None):
+        for f in [out, meta_file, *rank_files()]:
+            f.unlink(missing_ok=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        replace(meta_file, json.dumps({"settings": settings, "rejected": []}))
+    acc.wait_for_everyone()
+    # 2) the decisions of earlier runs (kept in <data>, rejected in the meta file, any in rank files of killed runs)
+    old = data.read_rows(out) + json.loads(meta_file.read_text())["rejected"]
+    decided = {r["index"]: r for r in old + [r for f in rank_files() for r in data.read_rows(f)]}
+    todo = [i for i in range(rank, len(problems), world) if i not in decided]  # this rank's share of the rest
+    acc.print(f"{len(decided)}/{len(problems)} problems decided before; sampling {len(problems) - len(decided)} on {procs}")
+    acc.wait_for_everyone()  # every rank has read the files before any appends to them
+    # 3) sample this rank's share, appending each batch's decisions as soon as they are made
+    if todo:
+        model, tokenizer = load(args.teacher, "bfloat16" if acc.device.type == "cuda" else "float32", str(acc.device))
+        mine = Path(f"{out}.rank{rank}.jsonl")
+        bar = tqdm(total=len(todo), desc="teacher", disable=not acc.is_main_process)
+        with open(mine, "a", encoding="utf-8") as f:
+            if f.tell() and not mine.read_bytes().endswith(b"\n"):
+                f.write("\n")  # a line torn by a kill stays apart from the rows appended now
+            for k in range(0, len(todo), args.gen_batch):
+                chunk = todo[k:k + args.gen_batch]
+                prompts = [format.chat_prompt_ids(tokenizer, template, problems[i]["question"]) for i in chunk]
+                rollouts = sample(model, tokenizer, prompts, parallel=False, max_new_tokens=args.gen_max_new_tokens,
+                                  temperature=0.6, seed=[args.seed + i for i in chunk])  # one seed per problem
+                for i, ro in zip(chunk, rollouts):
+                    response, why = data.judge_trace(ro.text, problems[i]["answer"])
+                    row = {"index": i, "rejected": why} if why else {"index": i, "question": problems[i]["question"],
+                                                                     "answer": problems[i]["answer"], "response": response}
+                    f.write(json.dumps(row) + "\n")
+                f.flush()
+                bar.update(len(chunk))
+        bar.close()
+    # 4) rank 0 merges every decision: the kept traces into <data>, the rejections into the meta file
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        new = [r for f in rank_files() for r in data.read_rows(f) if r["index"] not in decided]
+        rows = [r for _, r in sorted({**decided, **{r["index"]: r for r in new}}.items())]
+        kept, rejected = [r for r in rows if "rejected" not in r], [r for r in rows if "rejected" in r]
+        replace(meta_file, json.dumps({"settings": settings, "rejected": rejected}))
+        replace(out, "".join(json.dumps(r) + "\n" for r in kept))
+        for f in rank_files():
+            f.unlink()
+        reasons = dict(Counter(r["rejected"] for r in rejected).most_common())
+        print(f"kept {len(kept)}/{len(problems)} ({len(kept) / max(len(problems), 1):.1%}) -> {out}; rejected: "
+              f"{reasons}; {len(new)} sampled now on {procs}")
 
 # -----------------------------------------------------------------------------
 

@@ -19,6 +19,9 @@ The hub ids are our choice where the paper names none. Three sets need care:
 - math300: the paper evaluates on a ~300-problem integer-answer subset of
   MATH; we take the integer-answer problems of MATH-500 (the shared offline
   copy has 316 problems).
+
+For the cold-start corpus, `judge_trace` decides whether a teacher's trace is kept;
+`sft_examples` turns the kept traces into token ids.
 """
 
 import json
@@ -27,7 +30,8 @@ import re
 from pathlib import Path
 
 from nanopr1 import UsageError
-from nanopr1.format import chat_prompt_ids, check_format, normalize
+from nanopr1.format import chat_prompt_ids, check_format, normalize, parse
+from nanopr1.rewards import grade
 
 # short name -> (hub id, config, split, file name in a data dir); `split` only chooses between
 # gsm8k's train and test (and fills in its file name)
@@ -191,6 +195,35 @@ def load(source, split=None, data_dir=None, fields=()):
         return to_records(read_hub(source, source, None, split or "train"), source, fields)
     raise UsageError(f"unknown dataset {source!r}: use one of {', '.join(list(HUB) + list(TOY))}, "
                      f"a .jsonl/.json/.parquet file, or a hub id owner/name")
+
+
+def read_rows(path):
+    """Rows of a JSONL file a run appends to (none if it is absent); a torn line (the run was killed
+    mid-write) is skipped, so the row it held is simply decided again."""
+    if not Path(path).is_file():
+        return []
+    rows = []
+    for line in Path(path).read_text(encoding="utf-8").split("\n"):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return rows
+
+
+def judge_trace(text, gold):
+    """A teacher's trace for the SFT corpus: (response, None) to keep it, or (None, reason).
+
+    The teacher's thinking (everything up to its last </think>) is dropped and the rest normalised;
+    the trace is kept if it is well formed, has at least one block and its final answer is right
+    (the paper's filter). The reason is cut at ':' so that rejections count by kind."""
+    response = normalize(text.split("</think>")[-1].strip())
+    why = check_format(response)
+    if why is None and not parse(response).blocks:
+        why = "no parallel block"
+    if why is None and not grade(response, gold):
+        why = "wrong final answer"
+    return (response, None) if why is None else (None, why.split(":")[0])
 
 
 def sft_examples(rows, tokenizer, template, max_len):

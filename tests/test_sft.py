@@ -178,36 +178,3 @@ def test_lora_trains_adapters_only_and_checkpoint_reloads(tmp_path):
     moved = set(torch.nonzero(emb_diff).flatten().tolist())
     assert moved and moved <= set(tag_ids(tokenizer).values())
 
-
-def test_corpus_generation_keeps_well_formed_correct_traces(tmp_path, monkeypatch, capsys):
-    """--generate: the teacher's thinking is dropped, the trace normalised, and only
-    well-formed traces with a block and the right final answer are kept, counted by reason."""
-    from nanopr1 import sampler
-    good = "Think.\n<Parallel>\n<Path>a = 3</Path>\n<Path>b = 3</Path>\n</Parallel>\n<Summary>3</Summary>\nFinal Answer: 3"
-    texts = {"q1": "<think>let me see</think>" + good,  # thinking dropped, then normalised: kept
-             "q2": good.replace("Final Answer: 3", "Final Answer: 4"),  # wrong answer
-             "q3": "<Parallel><Path>a</Path></Parallel><Summary>s</Summary>Final Answer: 3",  # one path
-             "q4": "No block at all.\nFinal Answer: 3"}
-    problems = [{"question": q, "answer": "3"} for q in texts]
-    (tmp_path / "problems.jsonl").write_text("".join(json.dumps(r) + "\n" for r in problems))
-    toy.init_dir(str(tmp_path / "teacher"))
-
-    def fake_sample(model, tokenizer, prompts, **kw):  # the teacher "writes" the texts above, in order
-        assert kw["parallel"] is False
-        chunk = [texts[q] for q in list(texts)[fake_sample.calls:fake_sample.calls + len(prompts)]]
-        fake_sample.calls += len(prompts)
-        return [sampler.Rollout(p, [], [], [], [], [], [], t, "eos") for p, t in zip(prompts, chunk)]
-    fake_sample.calls = 0
-    monkeypatch.setattr(sampler, "sample", fake_sample)
-    args = train_sft.parse_args(["--generate", "--teacher", str(tmp_path / "teacher"), "--source",
-                                 str(tmp_path / "problems.jsonl"), "--data", str(tmp_path / "corpus.jsonl"),
-                                 "--prompt-file", str(tmp_path / "t.txt"), "--gen-batch", "3"])
-    (tmp_path / "t.txt").write_text("{problem}")
-    train_sft.generate_corpus(args)
-    kept = [json.loads(line) for line in open(tmp_path / "corpus.jsonl")]
-    assert [r["question"] for r in kept] == ["q1"]
-    assert kept[0]["response"] == format.normalize(good) and format.check_format(kept[0]["response"]) is None
-    report = capsys.readouterr().out
-    assert "kept 1/4 (25.0%)" in report
-    assert "'wrong final answer': 1" in report and "'a block with 1 path(s)': 1" in report
-    assert "'no parallel block': 1" in report
