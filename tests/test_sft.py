@@ -5,7 +5,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import train_sft
 from conftest import build_bpe_tokenizer, run, shared_file, tiny_model
 from nanopr1 import data, format, toy
 from nanopr1.scoring import collate, sequence_nll
