@@ -37,9 +37,8 @@ from pathlib import Path
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
-from nanopr1 import UsageError, data
+from nanopr1 import UsageError, data, recipes, toy
 from nanopr1.evaluation import complete_rows, evaluate, format_table, merge, summarize
-from nanopr1.format import PARALLEL_PROMPT, SEQUENTIAL_PROMPT, load_template
 
 MEAN_AT = {"math300": 1}  # the paper's n where it is not 16: MATH300 is reported as Mean@1
 MIB = 1 << 20
@@ -165,10 +164,7 @@ def parse_args(argv=None):
     # output
     p.add_argument("--out", default="out/eval", help="output directory; each model gets a sub-directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    if p.parse_known_args(argv)[0].preset == "toy":
-        from nanopr1 import toy
-        p.set_defaults(datasets="toy-easy,toy-hard", n=4, max_new_tokens=toy.MAX_NEW_TOKENS, batch_size=16)
-    args = p.parse_args(argv)
+    args = recipes.parse(p, argv, "eval")
     # a mistake costs a line here, not a model load and a half-written OUT
     checks = [
         (args.n is not None and args.n < 1, f"--n {args.n}: at least 1 rollout per problem"),
@@ -190,17 +186,12 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    template = SEQUENTIAL_PROMPT if args.no_parallel else PARALLEL_PROMPT
-    if args.preset == "toy":
-        from nanopr1 import toy
-        template = toy.TEMPLATE  # the question alone: toy models learn the format in SFT
-        args.model = toy.latest_model() if args.model is None else args.model
-        if args.model is None:
-            raise UsageError("no toy model yet: run `python train_sft.py --preset toy` first")
+    args.model = args.model or (toy.latest_model() if args.preset == "toy" else None)
     if args.model is None:
-        raise UsageError("--model is required (a hub id or a local directory)")
+        raise UsageError("no toy model yet: run `python train_sft.py --preset toy` first" if args.preset == "toy"
+                         else "--model is required (a hub id or a local directory)")
     try:  # the data first: a typo in --datasets should not wait for a 4B model to load
-        template = load_template(args.prompt_file) if args.prompt_file else template
+        template = recipes.template(args)
         # keyed by a short label (a file's stem); split "test" only matters for gsm8k
         sets = {Path(name).stem: data.load(name, split="test", data_dir=args.data_dir)[:args.limit]
                 for name in args.datasets.split(",")}

@@ -20,7 +20,8 @@ import sys
 
 import torch
 
-from nanopr1.format import PARALLEL_PROMPT, SEQUENTIAL_PROMPT, chat_prompt_ids, load_template
+from nanopr1 import recipes, toy
+from nanopr1.format import chat_prompt_ids
 from nanopr1.model import load
 from nanopr1.rewards import extract_answer
 from nanopr1.sampler import sample
@@ -42,7 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--n", type=int, default=1, help="rollouts of the prompt")
     p.add_argument("--num-paths", type=int, default=2, help="paths per parallel block")
     p.add_argument("--max-blocks", type=int, default=4, help="parallel blocks per rollout")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="response budget (default 3000; toy: toy budget)")
+    p.add_argument("--max-new-tokens", type=int, default=3000, help="response budget, everything included")
     p.add_argument("--path-max-tokens", type=int, default=None, help="budget of one path, its tags included")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -53,7 +54,7 @@ def parse_args(argv=None):
                    help="open a block after the first line of the main text, or after N response tokens")
     # output
     p.add_argument("--json", action="store_true", help="one JSON object per rollout")
-    return p.parse_args(argv)
+    return recipes.parse(p, argv, "sample")
 
 
 def structure(rollout, tokenizer):
@@ -91,26 +92,20 @@ def show_tree(i, n, rollout, tokenizer):
 
 def main(argv=None):
     args = parse_args(argv)
-    template = SEQUENTIAL_PROMPT if args.no_parallel else PARALLEL_PROMPT
-    name, budget = args.model, args.max_new_tokens or 3000
-    if args.preset == "toy":
-        from nanopr1 import toy
-        template, budget = toy.TEMPLATE, args.max_new_tokens or toy.MAX_NEW_TOKENS
-        name = toy.latest_model() if name is None else name
-        if name is None:
-            sys.exit("no toy model yet: run `python train_sft.py --preset toy` first")
+    name = args.model or (toy.latest_model() if args.preset == "toy" else None)
     if name is None:
-        sys.exit("error: pass --model (a hub id or a local directory) or --preset toy")
+        sys.exit("no toy model yet: run `python train_sft.py --preset toy` first" if args.preset == "toy"
+                 else "error: pass --model (a hub id or a local directory) or --preset toy")
     force_block = False if args.force_block is None else (True if args.force_block < 0 else args.force_block)
     try:  # the template first: a bad --prompt-file should not wait for the model to load
-        template = load_template(args.prompt_file) if args.prompt_file else template
+        template = recipes.template(args)
         model, tokenizer = load(name, dtype=args.dtype, device=args.device)
         prompt = chat_prompt_ids(tokenizer, template, args.prompt)
         rollouts = sample(model.eval(), tokenizer, [prompt], args.n, num_paths=args.num_paths,
-                          max_blocks=args.max_blocks, max_new_tokens=budget, path_max_tokens=args.path_max_tokens,
+                          max_blocks=args.max_blocks, max_new_tokens=args.max_new_tokens, path_max_tokens=args.path_max_tokens,
                           temperature=args.temperature, top_p=args.top_p, seed=args.seed, variant=args.variant,
                           parallel=not args.no_parallel, force_block=force_block)
-    except (FileNotFoundError, ValueError) as e:
+    except ValueError as e:  # UsageError, or a prompt the sampler refuses
         sys.exit(f"error: {e}")
     for i, r in enumerate(rollouts):
         if args.json:

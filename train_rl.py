@@ -11,14 +11,8 @@ Each step reads top to bottom: prompts -> rollouts (the branching sampler,
 group_size per prompt) -> rewards -> group advantages -> log-probs -> clipped
 loss -> backward -> optimizer step -> log -> checkpoint. Each stage starts by
 default from the previous stage's output dir, so the curriculum chains with no
-paths typed. The defaults of each (stage, variant) are the paper's recipes:
-
-    stage  variant  starts from        data   reward                     group  prompts  steps  clip-high
-    easy   seen     out/sft            gsm8k  parallel (correct+block)   5      1024     35     0.2
-    hard   seen     out/rl-easy        dapo   acc                        8      512      300    0.2
-    hard   unseen   out/sft-unseen     dapo   alternating (S2)           8      512      300    0.28
-    easy   unseen   out/sft-unseen     gsm8k  parallel                   5      1024     35     0.28   (not in the paper)
-Explicit flags win; `--reward scaffold --scaffold-switch 200` is the paper's exploration scaffold.
+paths typed. The defaults of each (stage, variant) are the paper's recipes
+(nanopr1/recipes.py; `--help` prints the table); explicit flags win.
 
 Memory (see nanopr1/plan.py): rollouts are sampled from a bf16 copy of the model
 refreshed once per rollout phase, with a KV cache of a fixed number of rows
@@ -49,42 +43,18 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from tqdm import tqdm
 
-from nanopr1 import UsageError, checkpoint, data, format, metrics, rewards, toy
-from nanopr1.cli import parse_with_preset
+from nanopr1 import UsageError, checkpoint, data, format, metrics, recipes, rewards, toy
 from nanopr1.grpo import group_advantages, policy_loss
 from nanopr1.model import apply_lora, load, refresh_copy, sampling_copy, save, tag_ids
 from nanopr1.sampler import mix, sample
 from nanopr1.scoring import micro_batches, score
 
-RECIPES = {  # (stage, variant): the paper's settings (see the docstring's table)
-    ("easy", "seen"): dict(init="out/sft", out="out/rl-easy", data="gsm8k", reward="parallel", group_size=5,
-                           prompts_per_step=1024, steps=35, clip_high=0.2),
-    ("hard", "seen"): dict(init="out/rl-easy", out="out/rl-hard", data="dapo", reward="acc", group_size=8,
-                           prompts_per_step=512, steps=300, clip_high=0.2),
-    ("hard", "unseen"): dict(init="out/sft-unseen", out="out/rl-unseen", data="dapo", reward="alternating",
-                             group_size=8, prompts_per_step=512, steps=300, clip_high=0.28),
-    ("easy", "unseen"): dict(init="out/sft-unseen", out="out/rl-easy-unseen", data="gsm8k", reward="parallel",
-                             group_size=5, prompts_per_step=1024, steps=35, clip_high=0.28),
-}
-TOY_RECIPES = {  # the CPU-sized curriculum (nanopr1/toy.py)
-    ("easy", "seen"): dict(init="out/toy-sft", out="out/toy-easy", data="toy:easy", reward="parallel", group_size=8,
-                           prompts_per_step=16, steps=35, clip_high=0.2),
-    ("hard", "seen"): dict(init="out/toy-easy", out="out/toy-hard", data="toy:hard", reward="acc", group_size=8,
-                           prompts_per_step=16, steps=40, clip_high=0.2),
-    ("hard", "unseen"): dict(init="out/toy-sft-unseen", out="out/toy-unseen", data="toy:hard", reward="alternating",
-                             group_size=8, prompts_per_step=16, steps=40, clip_high=0.28),
-    ("easy", "unseen"): dict(init="out/toy-sft-unseen", out="out/toy-easy-unseen", data="toy:easy",
-                             reward="parallel", group_size=8, prompts_per_step=16, steps=35, clip_high=0.28),
-}
 SAME = ("script", "stage", "variant", "data", "init", "prompts_per_step", "group_size", "num_paths", "reward",
         "max_new_tokens", "lora", "lora_r", "seed")  # what --resume refuses to change
 MAY_CHANGE = ("lr", "steps", "save_every", "eval_every", "eval_data", "eval_n", "eval_limit", "micro_batch_tokens",
               "kv_memory_gb", "max_rows")  # what it applies, and says so
-TOY = dict(lr=5e-5, max_new_tokens=toy.MAX_NEW_TOKENS, answer_reserve=8, micro_batch_tokens=16384,
-           eval_data="toy-hard", eval_n=4, eval_limit=100, save_every=25, max_prompt_tokens=64)
-
-p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2].split("\n\nMemory")[0],
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                            epilog="\n\n".join(recipes.__doc__.split("\n\n")[2:4]))
 p.add_argument("--preset", choices=["toy"], help="toy: the CPU-sized world")
 p.add_argument("--stage", choices=["easy", "hard"], default="hard", help="easy: GSM8K; hard: DAPO-Math-17k")
 # model
@@ -149,8 +119,7 @@ def main(args):
     acc.print(f"{world} process{'es' if world > 1 else ''} ({acc.device}, {acc.distributed_type.value})")
     random.seed(args.seed + rank)
     torch.manual_seed(args.seed)
-    template = (format.load_template(args.prompt_file) if args.prompt_file  # an explicit flag beats the preset
-                else toy.TEMPLATE if args.preset == "toy" else format.PARALLEL_PROMPT)
+    template = recipes.template(args)
     out = Path(args.out)
     saved, note = checkpoint.prepare_out(out, args, acc, args.resume, args.overwrite, SAME, MAY_CHANGE)
     acc.print(note) if note else None
@@ -173,7 +142,7 @@ def main(args):
         step += 1
         t0 = time.time()
         # 1) prompts: this rank's share of the step's prompts (whole groups stay on one rank)
-        idx = step_prompts(len(problems), args.prompts_per_step, args.seed, step - 1)[rank::world]
+        idx = data.step_problems(len(problems), args.prompts_per_step, args.seed, step - 1)[rank::world]
         rows = [problems[i] for i in idx]
         # 2) rollouts: the branching sampler on the sampling copy, refreshed from the trained weights
         refresh_copy(policy, acc.unwrap_model(model))  # every rank: a collective under FSDP
@@ -310,16 +279,6 @@ def run_plan(args, config, longest_prompt=None):
                        kv_bytes=args.kv_memory_gb * GB if args.kv_memory_gb else None)
 
 
-def step_prompts(n_problems, per_step, seed, step):
-    """Problem indices of an RL step: the problems in a fixed random order per epoch, read on from where
-    the last step stopped (across epoch boundaries), so a resumed run sees the same prompts."""
-    order = lambda epoch: torch.randperm(n_problems, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
-    first, last = step * per_step, (step + 1) * per_step  # positions in the endless sequence of epochs
-    epochs = range(first // n_problems, (last - 1) // n_problems + 1)
-    seq = torch.cat([order(e) for e in epochs]).tolist()
-    return seq[first - epochs[0] * n_problems:last - epochs[0] * n_problems]
-
-
 def even_micro_batches(acc, lengths, max_tokens):
     """scoring.micro_batches, padded with empty ones so that every rank runs as many forwards: under FSDP
     each forward and backward is a collective."""
@@ -388,11 +347,7 @@ def run_eval(model, tokenizer, template, args, acc):
 def parse_args(argv=None):
     """Flags, then the preset's and the (stage, variant) recipe's defaults for whatever was not given;
     every check that needs no file runs here, before anything loads."""
-    args = parse_with_preset(p, argv, TOY)
-    args.script = "train_rl"
-    for k, v in (TOY_RECIPES if args.preset == "toy" else RECIPES)[(args.stage, args.variant)].items():
-        if getattr(args, k) is None:  # the recipe fills whatever was not given
-            setattr(args, k, v)
+    args = recipes.parse(p, argv, "train_rl")
     checks = [(args.group_size >= 2, f"--group-size {args.group_size}: GRPO compares rollouts of a prompt, it needs 2 or more"),
               (args.temperature > 0, f"--temperature {args.temperature}: RL samples, it must be above 0"),
               (0 < args.top_p <= 1, f"--top-p {args.top_p}: must be in (0, 1]"),

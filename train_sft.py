@@ -36,8 +36,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from tqdm import tqdm
 
-from nanopr1 import UsageError, checkpoint, data, format, toy
-from nanopr1.cli import parse_with_preset
+from nanopr1 import UsageError, checkpoint, data, format, recipes, toy
 from nanopr1.scoring import collate, micro_batches, sequence_nll
 from nanopr1.model import apply_lora, load, save, tag_ids
 
@@ -81,19 +80,6 @@ p.add_argument("--overwrite", action="store_true",
 p.add_argument("--plan", action="store_true", help="print the per-GPU memory plan and exit (needs only a config.json)")
 p.add_argument("--gpu-memory-gb", type=float, help="for the plan: memory of one GPU (default: this device's)")
 p.add_argument("--num-gpus", type=int, help="for the plan: GPUs of the run (default: this launch's processes)")
-TOY = dict(model=None, data=None, max_len=512, batch_size=32, micro_batch_tokens=8192, lr=3e-3,
-           warmup=0.04, epochs=1, save_every=400, grad_ckpt=False)  # 800 steps over toy.sft_corpus(25600)
-
-# -----------------------------------------------------------------------------
-# data: (prompt ids, response ids) examples
-
-
-def batches(n, batch_size, seed, epoch):
-    """The step batches of one epoch: a fixed permutation per (seed, epoch), so resuming
-    at any step sees the same data order as the uninterrupted run."""
-    g = torch.Generator().manual_seed(seed * 1000 + epoch)
-    order = torch.randperm(n, generator=g).tolist()
-    return [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
 
 # -----------------------------------------------------------------------------
 # cold-start corpus generation
@@ -112,7 +98,7 @@ def generate_corpus(args):
     procs = f"{world} process{'es' if world > 1 else ''}"
     out, meta_file = Path(args.data), Path(f"{args.data}.meta.json")
     rank_files = lambda: sorted(out.parent.glob(glob.escape(out.name) + ".rank*.jsonl"))
-    template = format.load_template(args.prompt_file) if args.prompt_file else format.PARALLEL_PROMPT
+    template = recipes.template(args)
     problems = data.load(args.source, split="train", data_dir=args.data_dir)
     digest = lambda x: hashlib.sha256(json.dumps(x).encode()).hexdigest()[:16]
     settings = {"source": args.source, "teacher": args.teacher, "seed": args.seed, "prompt": digest(template),
@@ -191,8 +177,7 @@ def main(args):
     out = Path(args.out)
     saved, note = checkpoint.prepare_out(out, args, acc, args.resume, args.overwrite, SAME, MAY_CHANGE)
     acc.print(note) if note else None
-    template = (format.load_template(args.prompt_file) if args.prompt_file  # an explicit flag beats the preset
-                else toy.TEMPLATE if args.preset == "toy" else format.PARALLEL_PROMPT)
+    template = recipes.template(args)
     rows = data.load(args.data, fields=("response",)) if args.data else toy.sft_corpus(25600, seed=args.seed)
     if args.model is None:  # the toy preset starts from scratch: an untrained toy model
         tokenizer = toy.build_tokenizer()
@@ -229,7 +214,7 @@ def main(args):
     while step < stop:
         t0 = time.time()
         epoch, k = divmod(step, per_epoch)
-        idx = batches(len(examples), args.batch_size, args.seed, epoch)[k]
+        idx = data.epoch_batches(len(examples), args.batch_size, args.seed, epoch)[k]
         mine = [examples[i] for i in idx[rank::world]]  # this rank's share of the step
         n_tokens = sum(len(examples[i][1]) for i in idx)  # response tokens of the WHOLE step, all ranks
         chunks = micro_batches([len(p_) + len(r) for p_, r in mine], args.micro_batch_tokens)
@@ -276,10 +261,7 @@ def plan_only(args):
 
 
 def parse_args(argv=None):
-    args = parse_with_preset(p, argv, TOY)
-    args.script = "train_sft"
-    if args.out is None:
-        args.out = ("out/toy-sft" if args.preset == "toy" else "out/sft") + ("-unseen" if args.variant == "unseen" else "")
+    args = recipes.parse(p, argv, "train_sft")
     checks = [(args.batch_size >= 1 and args.micro_batch_tokens >= 1, "--batch-size and --micro-batch-tokens must be 1 or more"),
               (args.epochs >= 1 and args.max_steps >= 0, "--epochs must be 1 or more and --max-steps 0 or more"),
               (args.save_every >= 1, f"--save-every {args.save_every}: must be 1 or more"),

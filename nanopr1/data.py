@@ -29,6 +29,8 @@ import os
 import re
 from pathlib import Path
 
+import torch
+
 from nanopr1 import UsageError
 from nanopr1.format import chat_prompt_ids, check_format, normalize, parse
 from nanopr1.rewards import grade
@@ -243,3 +245,21 @@ def sft_examples(rows, tokenizer, template, max_len):
             continue
         examples.append((prompt, resp))
     return examples, dropped
+
+
+def step_problems(n_problems, per_step, seed, step):
+    """Problem indices of RL step `step` (from 0): the problems in a fixed random order per epoch, read on
+    from where the last step stopped (across epoch boundaries), so a resumed run sees the same prompts."""
+    order = lambda epoch: torch.randperm(n_problems, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+    first, last = step * per_step, (step + 1) * per_step  # positions in the endless sequence of epochs
+    epochs = range(first // n_problems, (last - 1) // n_problems + 1)
+    seq = torch.cat([order(e) for e in epochs]).tolist()
+    return seq[first - epochs[0] * n_problems:last - epochs[0] * n_problems]
+
+
+def epoch_batches(n, batch_size, seed, epoch):
+    """The step batches of one epoch: a fixed permutation per (seed, epoch), so resuming
+    at any step sees the same data order as the uninterrupted run."""
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    order = torch.randperm(n, generator=g).tolist()
+    return [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]

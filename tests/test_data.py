@@ -6,8 +6,7 @@ import json
 import pytest
 
 from conftest import SHARED, shared_file
-from nanopr1 import UsageError
-from nanopr1 import data
+from nanopr1 import UsageError, data
 
 
 def write_jsonl(path, rows):
@@ -160,3 +159,15 @@ def test_non_utf8_file_is_a_clear_error(tmp_path):
     bad.write_bytes(b'{"question": "q", "answer": "1", "response": "caf\xe9"}\n')
     with pytest.raises(UsageError, match=r"not UTF-8 text \(bad byte at offset 49\): re-save it as UTF-8"):
         data.load(str(bad))
+
+
+def test_step_problems_cross_epochs_without_repeats_or_skips():
+    """Steps of 4 over 10 problems: the steps read the epochs' orders one after another; each epoch's
+    order is a permutation; step k does not depend on the steps before it (resume)."""
+    seq = sum((data.step_problems(10, 4, seed=3, step=s) for s in range(5)), [])  # 20 = two whole epochs
+    assert sorted(seq[:10]) == list(range(10)) and sorted(seq[10:]) == list(range(10))
+    assert seq[:10] != seq[10:]  # a new order each epoch
+    assert data.step_problems(10, 4, seed=3, step=2) == seq[8:12]  # across the epoch boundary
+    assert data.step_problems(10, 25, seed=3, step=0)[:20] == seq  # bigger than an epoch: reads on
+    batches = data.epoch_batches(10, 4, seed=3, epoch=1)
+    assert [len(b) for b in batches] == [4, 4] and len(set(sum(batches, []))) == 8  # the last partial batch dropped
