@@ -101,6 +101,8 @@ p.add_argument("--gpu-memory-gb", type=float, help="for the plan: memory of one 
 p.add_argument("--num-gpus", type=int, help="for the plan: GPUs of the run (default: this launch's processes)")
 # logging, checkpoints, eval
 p.add_argument("--out", help="output dir (default: by stage and variant)")
+p.add_argument("--report-to", choices=["none", "tensorboard", "wandb"], default="none",
+               help="also log metrics.jsonl's rows to a tracker (through accelerate; tensorboard: OUT/trackers)")
 p.add_argument("--save-every", type=int, default=20)
 p.add_argument("--resume", action="store_true", help="continue the run in --out (may change: " + ", ".join(MAY_CHANGE) + ")")
 p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run")
@@ -114,7 +116,8 @@ p.add_argument("--eval-limit", type=int, default=None, help="only the first N ev
 
 def main(args):
     cuda = torch.cuda.is_available()
-    acc = Accelerator(mixed_precision="bf16" if cuda else "no")
+    acc = Accelerator(mixed_precision="bf16" if cuda else "no", project_dir=args.out,
+                      log_with=None if args.report_to == "none" else args.report_to)
     world, rank, G = acc.num_processes, acc.process_index, args.group_size
     acc.print(f"{world} process{'es' if world > 1 else ''} ({acc.device}, {acc.distributed_type.value})")
     random.seed(args.seed + rank)
@@ -137,6 +140,7 @@ def main(args):
     if saved is not None:  # --resume: model, optimizer and RNG as saved; the data position is the step
         step, _ = checkpoint.load_state(out, acc)
         checkpoint.apply_lr(opt, args.lr)
+    checkpoint.start_trackers(acc, args)
     bar = tqdm(total=args.steps, initial=step, desc=f"rl-{args.stage}", disable=not acc.is_main_process)
     while step < args.steps:
         step += 1
@@ -195,15 +199,14 @@ def main(args):
         if args.eval_every and step % args.eval_every == 0:
             refresh_copy(policy, acc.unwrap_model(model))
             row.update(run_eval(policy, tokenizer, template, args, acc))
-        if acc.is_main_process:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+        checkpoint.log_metrics(acc, out, row)
         bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.3f}", par=f"{row['parallel_rate']:.2f}")
         bar.update()
         if step % args.save_every == 0 or step == args.steps:  # every rank (FSDP gathers); the previous survives a kill
             checkpoint.save(out, step, acc, lambda d: save(acc.unwrap_model(model), tokenizer, d, state_dict=acc.get_state_dict(
                 model), is_main=acc.is_main_process), args=vars(args))
     bar.close()
+    acc.end_training()
     acc.print(f"done: {step} steps, model in {out}")
 
 # -----------------------------------------------------------------------------

@@ -72,6 +72,8 @@ p.add_argument("--max-steps", type=int, default=0, help="stop after N steps (the
 p.add_argument("--seed", type=int, default=0)
 # logging and checkpoints
 p.add_argument("--out", help="output dir: the model, metrics.jsonl, state/ (default: out/sft, out/sft-unseen)")
+p.add_argument("--report-to", choices=["none", "tensorboard", "wandb"], default="none",
+               help="also log metrics.jsonl's rows to a tracker (through accelerate; tensorboard: OUT/trackers)")
 p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (and at the end)")
 p.add_argument("--resume", action="store_true", help="continue the run in --out (may change: " + ", ".join(MAY_CHANGE) + ")")
 p.add_argument("--overwrite", action="store_true",
@@ -170,7 +172,8 @@ def main(args):
     if args.generate:
         return generate_corpus(args)
     cuda = torch.cuda.is_available()
-    acc = Accelerator(mixed_precision="bf16" if cuda else "no")
+    acc = Accelerator(mixed_precision="bf16" if cuda else "no", project_dir=args.out,
+                      log_with=None if args.report_to == "none" else args.report_to)
     world, rank = acc.num_processes, acc.process_index
     acc.print(f"{world} process{'es' if world > 1 else ''} ({acc.device}, {acc.distributed_type.value})")
     torch.manual_seed(args.seed)
@@ -210,6 +213,7 @@ def main(args):
     if saved is not None:  # --resume: model, optimizer, schedule and RNG as saved; the data position is the step
         step, _ = checkpoint.load_state(out, acc)
         checkpoint.apply_lr(opt, args.lr, sched)
+    checkpoint.start_trackers(acc, args)
     bar = tqdm(total=stop, initial=step, desc="sft", disable=not acc.is_main_process)
     while step < stop:
         t0 = time.time()
@@ -238,15 +242,14 @@ def main(args):
         loss = acc.reduce(torch.tensor(nll_sum, device=acc.device), "sum").item() / n_tokens
         row = {"step": step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
                "tokens": n_tokens, "seconds": time.time() - t0}
-        if acc.is_main_process:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+        checkpoint.log_metrics(acc, out, row)
         bar.set_postfix(loss=f"{loss:.4f}")
         bar.update()
         if step % args.save_every == 0 or step == stop:  # every rank (FSDP gathers); the previous survives a kill
             checkpoint.save(out, step, acc, lambda d: save(acc.unwrap_model(model), tokenizer, d, state_dict=acc.get_state_dict(
                 model), is_main=acc.is_main_process), args=vars(args))
     bar.close()
+    acc.end_training()
     acc.print(f"done: {step} steps, model in {out}")
 
 

@@ -34,7 +34,7 @@ from nanopr1 import UsageError
 
 MANIFEST = "manifest.json"
 CHECKPOINTS = ("checkpoint", "checkpoint.old")  # in the order `latest` tries them
-RUN_FILES = ("checkpoint", "checkpoint.old", "checkpoint.tmp", "metrics.jsonl", "metrics.jsonl.tmp",
+RUN_FILES = ("checkpoint", "checkpoint.old", "checkpoint.tmp", "metrics.jsonl", "metrics.jsonl.tmp", "trackers",
              "args.json", "state")  # what --overwrite removes; args.json and state/: the older layout
 _after_file = None  # tests: called with each path a save has just written or renamed, to inject a kill
 _kill_after = [int(os.environ.get("NANOPR1_KILL_AFTER", 0))]  # tests of the scripts: SIGKILL at the N-th such path
@@ -171,6 +171,23 @@ def load_state(out, acc):
     if acc.is_main_process:
         trim_metrics(out, step)
     return step, _json(path / "args.json") if (path / "args.json").is_file() else {}
+
+
+def start_trackers(acc, args):
+    """--report-to tensorboard|wandb: accelerate's trackers get the run's flags (they log what
+    metrics.jsonl holds, see log_metrics); tensorboard writes under OUT/trackers."""
+    if args.report_to != "none":
+        flags = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        acc.init_trackers("trackers", config=flags)
+
+
+def log_metrics(acc, out, row):
+    """One step's row: appended to OUT/metrics.jsonl, and its numbers to the trackers if any."""
+    if acc.is_main_process:
+        with open(Path(out) / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+    if acc.log_with:
+        acc.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=row["step"])
 
 
 def trim_metrics(out, step):

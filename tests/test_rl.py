@@ -155,3 +155,15 @@ def test_lora_steps_train_adapters_and_checkpoint_loads(sft_dir, tmp_path):
     before, after = load(sft_dir)[0].state_dict(), load(str(tmp_path / "lora"))[0].state_dict()
     moved = {k for k in before if not torch.equal(before[k], after[k])}
     assert moved and all("proj" in k for k in moved)  # the merged adapters moved the projections, nothing else
+
+
+def test_metrics_reach_tensorboard(sft_dir, tmp_path):
+    """--report-to tensorboard: every number of every metrics.jsonl row, read back from the event file."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    rows, _ = rl(tmp_path / "tb", sft_dir, "--steps", "2", "--report-to", "tensorboard")
+    events = EventAccumulator(str(next((tmp_path / "tb" / "trackers").glob("events.out.tfevents.*"))))
+    events.Reload()
+    for key in ("reward", "accuracy", "parallel_rate", "blocks_per_rollout", "latency_ratio", "loss"):
+        logged = events.Scalars(key)
+        assert [e.step for e in logged] == [r["step"] for r in rows]
+        assert [e.value for e in logged] == pytest.approx([r[key] for r in rows], rel=1e-6)  # float32 there
