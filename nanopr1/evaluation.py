@@ -15,7 +15,7 @@ from math import comb
 import torch
 from tqdm import tqdm
 
-from nanopr1 import sampler
+from nanopr1 import metrics, sampler
 from nanopr1.format import PARALLEL_PROMPT, chat_prompt_ids
 from nanopr1.rewards import reward_rollout
 
@@ -51,7 +51,11 @@ def summarize(rows, n):
     s["parallel"] = _mean([r["has_block"] for r in rows])   # share of rollouts with a valid block
     s["format_ok"] = _mean([r["format_ok"] for r in rows])
     s["length"] = _mean([r["length"] for r in rows])        # response tokens
-    return s
+    sums = {}  # the behaviour metrics (blocks, where they open, latency ratio, ...): reduced from per-row sums
+    for r in rows:
+        for k, v in r.get("behaviour", {}).items():
+            sums[k] = sums.get(k, 0) + v
+    return {**s, **(metrics.from_sums(sums) if sums else {})}
 
 
 def format_table(summaries):
@@ -67,10 +71,11 @@ def format_table(summaries):
     passes = sorted({k for k in keys if k.startswith("pass@")}, key=lambda k: int(k[5:]))
     rates = means + passes + ["parallel", "format_ok"]
     head = ["dataset", "problems"] + [{"parallel": "parallel%", "format_ok": "format%"}.get(k, k) for k in rates]
-    lines = [head + ["length"]]
+    lines = [head + ["length", "blocks", "latency"]]  # blocks per rollout; length / critical path
+    show = lambda s, k: "-" if s.get(k) is None else f"{s[k]:.2f}"
     for name, s in summaries.items():
         lines.append([name, str(s["problems"])] + [f"{100 * s[k]:.1f}" if k in s else "-" for k in rates]
-                     + [f"{s['length']:.0f}"])
+                     + [f"{s['length']:.0f}", show(s, "blocks_per_rollout"), show(s, "latency_ratio")])
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
                      for line in lines)
@@ -84,7 +89,8 @@ def grade_rollout(problem, index, sample_index, rollout):
     _, m = reward_rollout(rollout, problem["answer"], "acc")
     return {"problem": index, "sample": sample_index, "question": problem["question"], "gold": problem["answer"],
             **{k: m[k] for k in ("answer", "correct", "has_block", "format_ok", "num_blocks")},
-            "length": len(rollout.ids), "stop_reason": rollout.stop_reason, "text": rollout.text}
+            "length": len(rollout.ids), "stop_reason": rollout.stop_reason, "behaviour": metrics.sums([rollout]),
+            "text": rollout.text}
 
 
 def complete_rows(rows, problems, n):

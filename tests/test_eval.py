@@ -73,8 +73,29 @@ def test_summarize():
                  "parallel": 0.5, "format_ok": 0.75, "length": 25.0}
     table = ev.format_table({"aime25": s})
     assert table.splitlines()[0].split() == ["dataset", "problems", "mean@2", "pass@1", "pass@2", "parallel%",
-                                             "format%", "length"]
-    assert table.splitlines()[1].split() == ["aime25", "2", "25.0", "25.0", "50.0", "50.0", "75.0", "25"]
+                                             "format%", "length", "blocks", "latency"]
+    assert table.splitlines()[1].split() == ["aime25", "2", "25.0", "25.0", "50.0", "50.0", "75.0", "25", "-", "-"]
+
+
+def test_behaviour_metrics_of_the_table_equal_metrics_summarize(bpe_tokenizer):
+    """Each row keeps its rollout's behaviour sums; a dataset's summary reduces them exactly as
+    nanopr1.metrics does for the rollouts themselves (blocks, first block, latency ratio, ...)."""
+    from nanopr1 import metrics
+    from nanopr1.model import tag_ids
+    from nanopr1.sampler import make_rollout
+    t = tag_ids(bpe_tokenizer)
+    block = [t["<Parallel>"], t["<Path>"], 40, 41, t["</Path>"], t["<Path>"], 42, t["</Path>"], t["</Parallel>"],
+             t["<Summary>"], 43, t["</Summary>"]]
+    ros = [make_rollout(bpe_tokenizer, [5, 6], [30, 31] + block + [32, bpe_tokenizer.eos_token_id]),
+           make_rollout(bpe_tokenizer, [5, 6], [33] * 7 + [bpe_tokenizer.eos_token_id]),
+           make_rollout(bpe_tokenizer, [5, 6], block + block + [34, bpe_tokenizer.eos_token_id])]
+    rows = [ev.grade_rollout({"question": "q", "answer": "1"}, i, 0, r) for i, r in enumerate(ros)]
+    s = ev.summarize(rows, 1)
+    expected = metrics.summarize(ros)
+    assert {k: s[k] for k in expected} == pytest.approx(expected)
+    assert s["blocks_per_rollout"] == 1.0 and s["latency_ratio"] > 1
+    line = ev.format_table({"x": s}).splitlines()[1].split()
+    assert line[-2:] == ["1.00", f"{s['latency_ratio']:.2f}"]
 
 
 def test_table_of_datasets_with_different_n():
@@ -83,9 +104,9 @@ def test_table_of_datasets_with_different_n():
     math = ev.summarize([row(0, 0, True), row(1, 0, False)], 1)
     lines = [line.split() for line in ev.format_table({"aime25": aime, "math300": math}).splitlines()]
     assert lines[0] == ["dataset", "problems", "mean@4", "mean@1", "pass@1", "pass@2", "pass@4", "parallel%",
-                        "format%", "length"]
-    assert lines[1] == ["aime25", "1", "25.0", "-", "25.0", "50.0", "100.0", "0.0", "100.0", "10"]
-    assert lines[2] == ["math300", "2", "-", "50.0", "50.0", "-", "-", "0.0", "100.0", "10"]
+                        "format%", "length", "blocks", "latency"]
+    assert lines[1] == ["aime25", "1", "25.0", "-", "25.0", "50.0", "100.0", "0.0", "100.0", "10", "-", "-"]
+    assert lines[2] == ["math300", "2", "-", "50.0", "50.0", "-", "-", "0.0", "100.0", "10", "-", "-"]
 
 
 @pytest.mark.parametrize("num_problems,batch_size,world,shares", [
