@@ -38,32 +38,13 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
 from nanopr1 import UsageError, data, recipes, toy
-from nanopr1.evaluation import complete_rows, evaluate, format_table, merge, summarize
+from nanopr1.evaluation import complete_rows, evaluate, format_table, merge, paired_difference, summarize
 
 MEAN_AT = {"math300": 1}  # the paper's n where it is not 16: MATH300 is reported as Mean@1
 MIB = 1 << 20
 
 # -----------------------------------------------------------------------------
 # resume files: rows, keys, one directory per model
-
-
-def read_rows(path):
-    """Rows of a rollout JSONL; a torn line (the run was killed mid-write) is skipped."""
-    rows = []
-    for line in Path(path).read_text(encoding="utf-8").split("\n"):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return rows
-
-
-def write_rows(path, rows, mode="w"):
-    """Append rows (mode "a"), or replace the file: written aside and renamed, so a kill leaves the old one."""
-    tmp = Path(f"{path}.tmp") if mode == "w" else Path(path)
-    with open(tmp, mode, encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    tmp.replace(path)
 
 
 def local_dir(model_path):
@@ -111,12 +92,12 @@ def start(out, name, key, problems, n):
     keys_file, merged = out / "keys.json", out / f"{name}.jsonl"
     keys = json.loads(keys_file.read_text()) if keys_file.is_file() else {}
     ranks = sorted(out.glob(f"{name}.rank*.jsonl"))
-    old = [r for f in [merged] + ranks if f.is_file() for r in read_rows(f)]
+    old = [r for f in [merged] + ranks if f.is_file() for r in data.read_rows(f)]
     if old and keys.get(name) != key:
         changed = [k for k in key if keys[name].get(k) != key[k]] if name in keys else ["no key stored"]
         print(f"{out}: {name} was evaluated with other settings ({', '.join(changed)}): recomputing", file=sys.stderr)
         old = []
-    write_rows(merged, complete_rows(old, problems, n))  # half-done problems and torn lines dropped
+    data.write_rows(merged, complete_rows(old, problems, n))  # half-done problems and torn lines dropped
     for f in ranks:
         f.unlink()
     keys_file.write_text(json.dumps({**keys, name: key}, indent=1))
@@ -125,8 +106,8 @@ def start(out, name, key, problems, n):
 def finish(out, name, problems, n):
     """Main process, after every rank is done: all rows of the dataset in one file, sorted."""
     merged, ranks = out / f"{name}.jsonl", sorted(out.glob(f"{name}.rank*.jsonl"))
-    rows = merge([complete_rows([r for f in [merged] + ranks for r in read_rows(f)], problems, n)])
-    write_rows(merged, rows)
+    rows = merge([complete_rows([r for f in [merged] + ranks for r in data.read_rows(f)], problems, n)])
+    data.write_rows(merged, rows)
     for f in ranks:
         f.unlink()
     return rows
@@ -207,9 +188,9 @@ def main(argv=None):
     models = args.model.split(",")  # several models: one table, e.g. before/after a stage
     labels = [Path(m.rstrip("/")).name for m in models]
     labels = labels if len(set(labels)) == len(labels) else models  # a/model and b/model: the paths given
-    table = {}
+    table, rows = {}, {}
     for model, label in zip(models, labels):
-        summaries = evaluate_model(model, args, sets, ns, template, sampling, acc)
+        summaries, rows[label] = evaluate_model(model, args, sets, ns, template, sampling, acc)
         table.update({(label + "/" if len(models) > 1 else "") + k: v for k, v in summaries.items()})
     if acc.is_main_process:
         values = sorted(set(ns.values()))
@@ -217,6 +198,14 @@ def main(argv=None):
         print(f"{args.model} ({'sequential' if args.no_parallel else 'parallel, ' + args.variant}), {n}, "
               f"temperature {args.temperature}, budget {args.max_new_tokens} tokens")
         print(format_table(table))
+        if len(models) > 1:  # before/after: the differences, paired over the same problems
+            print(f"differences from {labels[0]}, paired over problems (± one standard error), in points:")
+            for label in labels[1:]:
+                for name in sets:
+                    diff = {k: paired_difference(rows[labels[0]][name], rows[label][name], k)
+                            for k in ("correct", "has_block")}
+                    print(f"  {label}/{name}: accuracy {100 * diff['correct'][0]:+.1f} ± {100 * diff['correct'][1]:.1f}"
+                          f"   parallel {100 * diff['has_block'][0]:+.1f} ± {100 * diff['has_block'][1]:.1f}")
     return table
 
 
@@ -230,7 +219,7 @@ def evaluate_model(model_path, args, sets, ns, template, sampling, acc):
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         raise UsageError(str(e)) from None
     weights = fingerprint(model_path, model)
-    keys, summaries = {}, {}
+    keys, summaries, rows = {}, {}, {}
     for name, problems in sets.items():
         n = ns[name]
         keys[name] = run_key(weights, args, template, sampling, n, problems)
@@ -240,17 +229,18 @@ def evaluate_model(model_path, args, sets, ns, template, sampling, acc):
         acc.wait_for_everyone()
         mine = out / f"{name}.rank{acc.process_index}.jsonl"
         evaluate(model, tokenizer, problems, n, template=template, parallel=not args.no_parallel,
-                 batch_size=args.batch_size, done=read_rows(out / f"{name}.jsonl"),
-                 on_rows=lambda new: write_rows(mine, new, "a"), progress=not args.no_progress, desc=name,
+                 batch_size=args.batch_size, done=data.read_rows(out / f"{name}.jsonl"),
+                 on_rows=lambda new: data.write_rows(mine, new, "a"), progress=not args.no_progress, desc=name,
                  seed=args.seed, rank=acc.process_index, world=acc.num_processes, **sampling)
         acc.wait_for_everyone()
         if acc.is_main_process:
-            summaries[name] = summarize(finish(out, name, problems, n), n)
+            rows[name] = finish(out, name, problems, n)
+            summaries[name] = summarize(rows[name], n)
     if acc.is_main_process:
         (out / "summary.json").write_text(json.dumps({"keys": keys, "datasets": summaries}, indent=1))
         world = f"{acc.num_processes} processes" if acc.num_processes > 1 else "1 process"
         print(f"rollouts and summary.json in {out} ({world})", file=sys.stderr)
-    return summaries
+    return summaries, rows
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ Simplifications relative to the paper / official code:
 """
 
 import argparse
-import json
 import random
 import sys
 import time
@@ -334,16 +333,14 @@ def log_row(acc, step, args, rollouts, graded, flat, groups, stats, t_rollout, t
 
 
 def run_eval(model, tokenizer, template, args, acc):
-    """The --eval-every hook: each rank evaluates its share of a held-out set; the rows are
-    gathered and every rank returns the same summary (the main one logs it)."""
+    """The --eval-every hook: each rank evaluates its share of a held-out set; every rank gets the summary."""
     from accelerate.utils import gather_object
-
-    from nanopr1.evaluation import evaluate, merge, summarize
+    from nanopr1.evaluation import evaluate_everywhere
     problems = data.load(args.eval_data, split="test", data_dir=args.data_dir)[:args.eval_limit]
-    rows, _ = evaluate(model, tokenizer, problems, args.eval_n, template=template, progress=False,
-                       max_new_tokens=args.max_new_tokens, num_paths=args.num_paths, max_blocks=args.max_blocks,
-                       variant=args.variant, seed=args.seed, rank=acc.process_index, world=acc.num_processes)
-    summary = summarize(merge([gather_object(rows)]), args.eval_n)
+    summary = evaluate_everywhere(model, tokenizer, problems, args.eval_n, gather_object, acc.process_index,
+                                  acc.num_processes, template=template, max_new_tokens=args.max_new_tokens,
+                                  num_paths=args.num_paths, max_blocks=args.max_blocks, reserve=args.answer_reserve,
+                                  variant=args.variant, seed=args.seed)
     return {f"eval_{k}": v for k, v in summary.items() if isinstance(v, (int, float))}
 
 

@@ -21,7 +21,6 @@ Each figure is the best of --repeats runs. Random weights are fine: speed does n
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ import torch
 
 from nanopr1.format import PARALLEL, PATH
 from nanopr1.model import load, tag_ids
-from nanopr1.kvcache import KVRows
+from nanopr1.kvcache import CACHE_KW, KVRows
 from nanopr1.sampler import sample
 from nanopr1.staticcache import StaticRows
 
@@ -129,8 +128,19 @@ def bench_step(model, cols, rows, steps, vocab, repeats):
     pos, ones = torch.arange(cols, device=dev).repeat(rows, 1), torch.ones(rows, cols, dtype=torch.bool, device=dev)
     step = lambda j: (torch.full((rows, 1), vocab[j % len(vocab)], device=dev), torch.full((rows, 1), cols + j, device=dev),
                       torch.ones(rows, 1, dtype=torch.bool, device=dev))
-    for name in ("simple", "static"):
+    for name in ("concat", "simple", "static"):
         def run():
+            if name == "concat":  # the baseline: transformers' DynamicCache grows every row by torch.cat each token
+                past = lambda out: getattr(out, "cache", None) or out.past_key_values  # renamed in transformers 5.24
+                cache = past(model(input_ids=ids, position_ids=pos, use_cache=True))
+                mask = torch.ones(rows, cols, dtype=torch.long, device=dev)
+                t0 = time.perf_counter()
+                for j in range(steps):
+                    tok, p_, _ = step(j)
+                    mask = torch.cat([mask, mask[:, :1]], 1)
+                    cache = past(model(input_ids=tok, position_ids=p_, attention_mask=mask, **{CACHE_KW: cache},
+                                       use_cache=True))
+                return (time.perf_counter() - t0) / steps
             if name == "simple":
                 kv = KVRows(device=dev)
                 kv.add_rows(rows)
@@ -166,6 +176,13 @@ def peak_of_one_call(args, rollouts, cap):
     return json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
 
 
+def peak_rss():
+    """This process's peak resident memory in bytes (VmHWM: unlike ru_maxrss it is not inherited from the
+    parent across fork + exec)."""
+    line = next(x for x in open("/proc/self/status") if x.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
 PEAK_MODEL = dict(hidden=128, layers=8, heads=8, kv_heads=8)  # (f): a model whose KV cache dominates memory
 
 
@@ -181,11 +198,10 @@ def peak_child(args):
     prompts = random_prompts(args.peak // 4, [64], list(range(lo, len(tok))))
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base = peak_rss()
     rollouts = sample(model, tok, prompts, 4, max_new_tokens=256, seed=0, force_block=16, path_max_tokens=64,
                       max_rows=args.peak_rows or None)
-    peak = (torch.cuda.max_memory_allocated() if args.device == "cuda" else
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else peak_rss()
     print(json.dumps({"peak": peak, "before": base, "tokens": sum(len(r.ids) for r in rollouts)}))
 
 
@@ -255,11 +271,13 @@ def main():
                   f"ratio {serial / together:5.2f}x")
 
     if "d" in only:
-        print("\n(d) one decode step of 32 rows: simple cache (in-place columns) vs static cache (eager on a CPU)")
+        print("\n(d) one decode step of 32 rows: a cache grown by torch.cat each token (transformers' DynamicCache, "
+              "the old KVRows) vs the simple cache (columns written in place) vs the static one (eager on a CPU)")
         for cols in (256, 1024, 2048):
             t = bench_step(model, cols, 32, 16, vocab, args.repeats)
-            print(f"  {cols:5d} columns: simple {t['simple'] * 1e3:7.2f} ms   static {t['static'] * 1e3:7.2f} ms   "
-                  f"simple/static {t['simple'] / t['static']:5.2f}x")
+            print(f"  {cols:5d} columns: concat {t['concat'] * 1e3:7.2f} ms   simple {t['simple'] * 1e3:7.2f} ms   "
+                  f"static {t['static'] * 1e3:7.2f} ms   simple/static {t['simple'] / t['static']:5.2f}x   "
+                  f"concat/static {t['concat'] / t['static']:5.2f}x")
 
     if "e" in only:
         print(f"\n(e) sample(): 16 prompts x 4 rollouts, forced 2-path blocks, {args.max_new_tokens} new tokens")
@@ -276,9 +294,11 @@ def main():
         for (n, cap), r in runs.items():
             print(f"  {n:4d} rollouts, max_rows {cap or 'unbounded':>9}: peak {r['peak'] / 2**20:8.0f} MiB "
                   f"(before the call {r['before'] / 2**20:6.0f} MiB)")
-        ratio = runs[(256, args.max_rows)]["peak"] / runs[(32, args.max_rows)]["peak"]
-        print(f"  with max_rows {args.max_rows}: 256 / 32 rollouts = {ratio:.2f}x;   unbounded: "
-              f"{runs[(256, None)]['peak'] / runs[(32, None)]['peak']:.2f}x")
+        grow = lambda n, cap: runs[(n, cap)]["peak"] - runs[(n, cap)]["before"]  # what the call itself added
+        for cap in (args.max_rows, None):
+            print(f"  max_rows {cap or 'unbounded'}: 256 / 32 rollouts = "
+                  f"{runs[(256, cap)]['peak'] / runs[(32, cap)]['peak']:.2f}x the peak, "
+                  f"{grow(256, cap) / grow(32, cap):.2f}x what the call added")
 
 
 if __name__ == "__main__":

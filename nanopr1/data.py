@@ -199,6 +199,14 @@ def load(source, split=None, data_dir=None, fields=()):
                      f"a .jsonl/.json/.parquet file, or a hub id owner/name")
 
 
+def write_rows(path, rows, mode="w"):
+    """Append rows (mode "a"), or replace the file: written aside and renamed, so a kill leaves the old one."""
+    tmp = Path(f"{path}.tmp") if mode == "w" else Path(path)
+    with open(tmp, mode, encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    tmp.replace(path)
+
+
 def read_rows(path):
     """Rows of a JSONL file a run appends to (none if it is absent); a torn line (the run was killed
     mid-write) is skipped, so the row it held is simply decided again."""

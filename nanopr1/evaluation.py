@@ -58,6 +58,18 @@ def summarize(rows, n):
     return {**s, **(metrics.from_sums(sums) if sums else {})}
 
 
+def paired_difference(rows_a, rows_b, key="correct"):
+    """(mean of b - a, its standard error) over the problems both share: each problem's difference of
+    its rollouts' mean `key` (correct, has_block), paired because both models saw the same problems."""
+    per = lambda rows: {p: _mean([r[key] for r in rows if r["problem"] == p]) for p in {r["problem"] for r in rows}}
+    a, b = per(rows_a), per(rows_b)
+    d = [b[p] - a[p] for p in sorted(set(a) & set(b))]
+    if len(d) < 2:
+        return _mean(d), float("nan")
+    m = _mean(d)
+    return m, (sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5
+
+
 def format_table(summaries):
     """{dataset: summary} -> a printable table: rates in %, length in tokens.
 
@@ -149,3 +161,10 @@ def evaluate(model, tokenizer, problems, n=16, *, template=PARALLEL_PROMPT, para
     model.train(was_training)
     rows = merge([rows])
     return rows, summarize(rows, n)
+
+
+def evaluate_everywhere(model, tokenizer, problems, n, gather, rank=0, world=1, **kw):
+    """Every rank evaluates its share; `gather` (e.g. accelerate.utils.gather_object) collects every
+    rank's rows; every rank returns the summary of the whole set (train_rl.py's --eval-every hook)."""
+    rows, _ = evaluate(model, tokenizer, problems, n, rank=rank, world=world, progress=False, **kw)
+    return summarize(merge([gather(rows)]), n)

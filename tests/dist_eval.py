@@ -1,23 +1,21 @@
-"""Run by test_eval.py under `torchrun --nproc_per_node N` (ACCELERATE_USE_CPU=1: gloo): eval.py's
-main on this rank's share, then train_rl's --eval-every hook; each rank writes what the hook
-returned to OUT/run_eval.rank<r>.json. Not a test itself."""
+"""Run by test_eval.py under `torchrun --nproc_per_node 2` (ACCELERATE_USE_CPU=1: gloo): train_rl.py's
+--eval-every hook, evaluation.evaluate_everywhere, on each rank's share; each rank writes the summary
+it got to OUT/run_eval.rank<r>.json. Not a test itself."""
 import json
 import sys
-from argparse import Namespace
 from pathlib import Path
 
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 
-import eval as eval_script
-import train_rl
-from nanopr1 import toy
+from nanopr1 import data, toy
+from nanopr1.evaluation import evaluate_everywhere
 from nanopr1.model import load
 
-out, argv = Path(sys.argv[1]), sys.argv[2:]
-eval_script.main(argv)  # the same code as `torchrun eval.py ARGV`
+out, model_dir = Path(sys.argv[1]), sys.argv[2]
 acc = Accelerator()
-model, tokenizer = load(argv[argv.index("--model") + 1])
-hook_args = Namespace(eval_data="toy-easy", data_dir=None, eval_limit=5, eval_n=2, max_new_tokens=24, num_paths=2,
-                      max_blocks=4, variant="seen", seed=0)
-summary = train_rl.run_eval(model, tokenizer, toy.TEMPLATE, hook_args, acc)
+model, tokenizer = load(model_dir)
+problems = data.load("toy-easy")[:5]
+summary = evaluate_everywhere(model, tokenizer, problems, 2, gather_object, acc.process_index, acc.num_processes,
+                              template=toy.TEMPLATE, max_new_tokens=24, seed=0)
 (out / f"run_eval.rank{acc.process_index}.json").write_text(json.dumps({"world": acc.num_processes, **summary}))

@@ -10,22 +10,20 @@ import re
 import runpy
 import subprocess
 import sys
-from argparse import Namespace
 from pathlib import Path
 
 import pytest
-from accelerate import Accelerator
 
 import nanopr1.model
 import nanopr1.sampler
-from conftest import tiny_model
+from conftest import run, tiny_model
+import nanopr1.data
 from nanopr1 import UsageError, toy
 from nanopr1 import evaluation as ev
 from nanopr1.format import PARALLEL_PROMPT, SEQUENTIAL_PROMPT
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import eval as script  # noqa: E402  (the script: its files, flags and table)
+main = runpy.run_path(str(ROOT / "eval.py"))["main"]  # the script's main(argv), run in this process as a user runs it
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}")
 
@@ -185,7 +183,7 @@ def test_evaluate_shares_merge_to_the_whole(fake_sampler, bpe_tokenizer):
 
 
 def run_main(args, capsys):
-    summaries = script.main(args)
+    summaries = main(args)
     captured = capsys.readouterr()
     return summaries, captured.out + captured.err
 
@@ -257,7 +255,7 @@ def test_other_settings_or_problems_are_recomputed(fake_sampler, problems_file, 
     assert len(fake_sampler) == (4 if field.startswith("limit") else 5)  # every problem sampled again
     line = next(line for line in printed.splitlines() if "recomputing" in line)
     assert f"set was evaluated with other settings ({field})" in line
-    rows = script.read_rows(model_dir(out) / "set.jsonl")
+    rows = nanopr1.data.read_rows(model_dir(out) / "set.jsonl")
     assert len(rows) == len(fake_sampler) * (3 if field == "n" else 2)
 
 
@@ -278,7 +276,7 @@ def test_n_per_dataset(fake_sampler, tmp_path, capsys, extra, ns):
     assert {name: s["n"] for name, s in summaries.items()} == ns
     assert all(s["rollouts"] == 2 * ns[name] and f"mean@{ns[name]}" in s for name, s in summaries.items())
     d = model_dir(out)
-    assert [len(script.read_rows(d / f"{name}.jsonl")) for name in ns] == [2 * n for n in ns.values()]
+    assert [len(nanopr1.data.read_rows(d / f"{name}.jsonl")) for name in ns] == [2 * n for n in ns.values()]
     saved = json.loads((d / "summary.json").read_text())
     assert saved["datasets"] == summaries and {k: v["n"] for k, v in saved["keys"].items()} == ns
     assert ("mean@16" in printed and "mean@1 " in printed) == (extra == [])
@@ -340,7 +338,7 @@ def test_bad_argument_exit_status_of_the_process(tmp_path):
 def test_toy_preset_without_a_toy_model(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UsageError, match=r"no toy model yet: run `python train_sft.py --preset toy` first"):
-        script.main(["--preset", "toy"])
+        main(["--preset", "toy"])
 
 # -----------------------------------------------------------------------------
 # real end to end: the branching sampler on tiny random models
@@ -362,7 +360,7 @@ def test_end_to_end_tiny_model(problems_file, tmp_path, capsys, bpe_tokenizer, e
                                    "2", "--max-new-tokens", "24", "--out", str(out), "--no-progress"] + extra, capsys)
     d = model_dir(out)
     assert d.name.startswith("model-sequential-" if "--no-parallel" in extra else "model-")
-    rows = script.read_rows(d / "set.jsonl")
+    rows = nanopr1.data.read_rows(d / "set.jsonl")
     assert len(rows) == 6 and all(1 <= r["length"] <= 24 for r in rows)
     key = json.loads((d / "keys.json").read_text())["set"]
     assert key["template"] == template and key["parallel"] == ("--no-parallel" not in extra)
@@ -388,7 +386,7 @@ TOY_ARGS = ["--preset", "toy", "--datasets", "toy-easy", "--limit", "5", "--n", 
 
 
 def rows_of(out):
-    return [(r["problem"], r["sample"], r["text"]) for r in script.read_rows(model_dir(out) / "toy-easy.jsonl")]
+    return [(r["problem"], r["sample"], r["text"]) for r in nanopr1.data.read_rows(model_dir(out) / "toy-easy.jsonl")]
 
 
 def test_new_weights_or_seed_are_recomputed(tmp_path, capsys):
@@ -422,34 +420,40 @@ def test_two_models_share_an_out(tmp_path, capsys):
     assert len(dirs) == 2 and all(p.name.startswith("model-") for p in dirs)
     assert {k: v[0] for k, v in snapshot(d).items() if k.endswith(".jsonl")} == \
         {k: v[0] for k, v in before.items() if k.endswith(".jsonl")}  # a's rows kept, not resampled
-    rows = [script.read_rows(p / "toy-easy.jsonl") for p in dirs]
+    rows = [nanopr1.data.read_rows(p / "toy-easy.jsonl") for p in dirs]
     assert len(rows[0]) == len(rows[1]) == 10 and rows[0] != rows[1]
 
 
 def test_two_processes_equal_one(toy_model, tmp_path, capsys):
-    """torchrun, 2 CPU processes (gloo): one merged table, the same rows and summary as one process; and
-    train_rl's --eval-every hook returns the single-process summary on both ranks."""
+    """torchrun, 2 CPU processes (gloo): eval.py writes one merged table with the same rows and summary
+    as one process; train_rl's --eval-every hook (evaluation.evaluate_everywhere) returns the
+    single-process summary on both ranks."""
     argv = ["--model", toy_model] + TOY_ARGS + ["--datasets", "toy-easy,toy-hard"]
     argv[argv.index("--n")] = "--rollouts"  # torchrun would read --n as an abbreviation of its own flags
-    one, _ = run_main(argv + ["--out", str(tmp_path / "one")], capsys)
-    hook = Namespace(eval_data="toy-easy", data_dir=None, eval_limit=5, eval_n=2, max_new_tokens=24, num_paths=2,
-                     max_blocks=4, variant="seen", seed=0)
-    import train_rl
+    run_main(argv + ["--out", str(tmp_path / "one")], capsys)
     model, tokenizer = nanopr1.model.load(toy_model)
-    hook_summary = train_rl.run_eval(model, tokenizer, toy.TEMPLATE, hook, Accelerator())
+    hook = ev.evaluate_everywhere(model, tokenizer, nanopr1.data.load("toy-easy")[:5], 2, lambda rows: rows,
+                                  template=toy.TEMPLATE, max_new_tokens=24, seed=0)
     two = tmp_path / "two"
-    two.mkdir()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "dist_eval.py"), str(two)] + argv + ["--out", str(two)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=dict(ENV, ACCELERATE_USE_CPU="1"), capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run(ROOT / "eval.py", *argv, "--out", str(two), procs=2)
     assert "(2 processes)" in proc.stderr  # the script saw a world of 2
     d1, d2 = model_dir(tmp_path / "one"), model_dir(two)
     for name in ("toy-easy", "toy-hard"):
         assert (d2 / f"{name}.jsonl").read_text() == (d1 / f"{name}.jsonl").read_text()
     assert json.loads((d2 / "summary.json").read_text()) == json.loads((d1 / "summary.json").read_text())
     assert not list(d2.glob("*.rank*"))
+    run(ROOT / "tests" / "dist_eval.py", str(two), toy_model, procs=2, env={"PYTHONPATH": str(ROOT)})
     for r in range(2):
         got = json.loads((two / f"run_eval.rank{r}.json").read_text())
-        assert got.pop("world") == 2 and got == hook_summary
+        assert got.pop("world") == 2 and got == hook
+
+
+def test_paired_difference_closed_form():
+    """Per-problem means (2 samples each) of a and b: differences 0.5, 0, -0.5, 1 -> mean 0.25,
+    standard error sd / sqrt(4) with the sample sd."""
+    a = [row(p, j, c) for p, cs in enumerate([(0, 0), (1, 0), (1, 1), (0, 0)]) for j, c in enumerate(cs)]
+    b = [row(p, j, c) for p, cs in enumerate([(1, 0), (1, 0), (1, 0), (1, 1)]) for j, c in enumerate(cs)]
+    m, se = ev.paired_difference(a, b)
+    d = [0.5, 0.0, -0.5, 1.0]
+    sd = (sum((x - 0.25) ** 2 for x in d) / 3) ** 0.5
+    assert m == pytest.approx(0.25) and se == pytest.approx(sd / 2)
