@@ -31,7 +31,6 @@ Simplifications relative to the paper / official code:
 """
 
 import argparse
-import random
 import sys
 import time
 from contextlib import nullcontext
@@ -42,11 +41,12 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from tqdm import tqdm
 
-from nanopr1 import UsageError, checkpoint, data, format, metrics, recipes, rewards, toy
+from nanopr1 import UsageError, checkpoint, data, format, metrics, recipes, rewards
 from nanopr1.grpo import group_advantages, policy_loss
 from nanopr1.model import apply_lora, load, refresh_copy, sampling_copy, save, tag_ids
-from nanopr1.sampler import mix, sample
-from nanopr1.scoring import micro_batches, score
+from nanopr1.rollout import mix
+from nanopr1.sampler import sample
+from nanopr1.scoring import micro_batches, pad_rows, sampler_gap, score
 
 SAME = ("script", "stage", "variant", "data", "init", "prompts_per_step", "group_size", "num_paths", "reward",
         "max_new_tokens", "lora", "lora_r", "seed")  # what --resume refuses to change
@@ -72,7 +72,8 @@ p.add_argument("--group-size", type=int, help="rollouts per prompt (default: by 
 p.add_argument("--num-paths", type=int, default=2)
 p.add_argument("--max-blocks", type=int, default=4)
 p.add_argument("--max-new-tokens", type=int, default=3000, help="response budget, everything included")
-p.add_argument("--answer-reserve", type=int, default=64, help="tokens a block leaves for its summary and the answer")
+p.add_argument("--answer-reserve", type=int, help="tokens a block leaves for its summary and the answer "
+               "(default: min(64, max-new-tokens / 8), the 3,000-token budget keeps 64)")
 p.add_argument("--temperature", type=float, default=1.0)
 p.add_argument("--top-p", type=float, default=1.0)
 p.add_argument("--kv-memory-gb", type=float, help="GPU: the KV cache's size (default: what the memory plan leaves)")
@@ -119,13 +120,16 @@ def main(args):
                       log_with=None if args.report_to == "none" else args.report_to)
     world, rank, G = acc.num_processes, acc.process_index, args.group_size
     acc.print(f"{world} process{'es' if world > 1 else ''} ({acc.device}, {acc.distributed_type.value})")
-    random.seed(args.seed + rank)
     torch.manual_seed(args.seed)
     template = recipes.template(args)
     out = Path(args.out)
     saved, note = checkpoint.prepare_out(out, args, acc, args.resume, args.overwrite, SAME, MAY_CHANGE)
     acc.print(note) if note else None
-    problems = load_problems(args, world)
+    problems = data.training_problems(args.data, args.seed + 1, args.data_dir)
+    if args.prompts_per_step > len(problems) or args.prompts_per_step % world:
+        raise UsageError(f"--prompts-per-step {args.prompts_per_step}: more than the {len(problems)} problems of "
+                         f"{args.data}, a step would repeat prompts" if args.prompts_per_step > len(problems) else
+                         f"--prompts-per-step {args.prompts_per_step} must divide over {world} processes")
     model, tokenizer = load(args.init, "bfloat16" if cuda and args.lora else "float32")  # LoRA: a frozen bf16 base
     prompts = [format.chat_prompt_ids(tokenizer, template, r["question"]) for r in problems]
     problems, prompts = keep_short_prompts(problems, prompts, args, acc)
@@ -173,8 +177,8 @@ def main(args):
                     with sync_gradients(acc, model, last=j == len(chunks) - 1):
                         logp, mask = score(model, [rollouts[i] for i in ids], tags, args.variant, args.temperature,
                                            pad, acc.device)  # (B, T) trainer log-probs, loss mask
-                        old_lp = logp.detach() if old is None else padded([old[i] for i in ids], logp)
-                        ref_lp = None if ref is None else padded([ref[i] for i in ids], logp)
+                        old_lp = logp.detach() if old is None else pad_rows([old[i] for i in ids], logp)
+                        ref_lp = None if ref is None else pad_rows([ref[i] for i in ids], logp)
                         mask = mask if chunk else torch.zeros_like(mask)
                         loss, s = policy_loss(logp, old_lp, adv[ids].to(logp), mask, n_tokens,
                                               args.clip_low, args.clip_high, args.dual_clip, ref_lp, args.kl_coef)
@@ -183,16 +187,13 @@ def main(args):
                         stats[k] += s[k]
                     stats["loss"] += loss.item()
                     if epoch == 0 and old is None and chunk:  # on-policy: this forward is the trainer's view
-                        sampled = padded([rollouts[i].logprobs for i in ids], logp)
-                        stats["gap_sum"] += float(((logp.detach() - sampled).abs() * mask).sum())
-                        stats["gap_tokens"] += float(mask.sum())
+                        gap = sampler_gap(logp.detach(), [rollouts[i] for i in ids])
+                        stats["gap_sum"], stats["gap_tokens"] = stats["gap_sum"] + gap[0], stats["gap_tokens"] + gap[1]
                 acc.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
         if old is not None:  # the old policy's forward was the trainer's view of the rollouts
-            stats["gap_sum"] = sum(float((o - torch.tensor(r.logprobs).to(o)).abs()[~torch.tensor(r.forced)].sum())
-                                   for o, r in zip(old, rollouts))
-            stats["gap_tokens"] = float(sum(sum(not f for f in r.forced) for r in rollouts))
+            stats["gap_sum"], stats["gap_tokens"] = sampler_gap(old, rollouts)
         # 7) log (reduced over ranks), evaluate, checkpoint
         row = log_row(acc, step, args, rollouts, graded, flat, len(rows), stats, t_rollout, time.time() - t0 - t_rollout)
         if args.eval_every and step % args.eval_every == 0:
@@ -210,21 +211,6 @@ def main(args):
 
 # -----------------------------------------------------------------------------
 # the pieces main() calls
-
-
-def load_problems(args, world):
-    if args.data in data.TOY:
-        raise UsageError(f"--data {args.data} is the toy's held-out evaluation set; train on toy:{args.data[4:]}")
-    if args.data.startswith("toy:"):
-        problems = toy.problems(args.data[4:], 20000, seed=args.seed + 1)
-    else:
-        problems = data.load(args.data, split="train", data_dir=args.data_dir)
-    if args.prompts_per_step > len(problems):
-        raise UsageError(f"--prompts-per-step {args.prompts_per_step} is more than the {len(problems)} problems of "
-                         f"{args.data}: a step would repeat prompts")
-    if args.prompts_per_step % world:
-        raise UsageError(f"--prompts-per-step {args.prompts_per_step} must divide over {world} processes")
-    return problems
 
 
 def keep_short_prompts(problems, prompts, args, acc):
@@ -260,25 +246,14 @@ def setup(model, args, acc, longest_prompt):
     policy = sampling_copy(acc.unwrap_model(model), dtype, acc.device)
     kv = None
     if cuda:  # one static cache for the whole run, sized by the plan (or --kv-memory-gb)
+        from nanopr1.plan import plan_for
         from nanopr1.staticcache import StaticRows
-        plan = run_plan(args, acc.unwrap_model(model).config, longest_prompt)
+        plan = plan_for(args, acc.unwrap_model(model).config, longest_prompt=longest_prompt)
         acc.print(f"memory plan per GPU:\n{plan}")
         if not plan.fits:
             raise UsageError(plan.verdict)
         kv = StaticRows(min(plan.rows, args.max_rows or plan.rows), plan.cols, acc.device)
     return model, opt, reference, policy, kv
-
-
-def run_plan(args, config, longest_prompt=None):
-    from nanopr1.plan import GB, memory_plan, run_setup
-    gpu, world, fsdp = run_setup(args.gpu_memory_gb, args.num_gpus, args.lora)
-    rollouts = args.prompts_per_step * args.group_size // world
-    return memory_plan(config, gpu_bytes=gpu, world=world, fsdp=fsdp, lora_r=args.lora_r if args.lora else 0,
-                       grad_ckpt=args.grad_ckpt is not False, micro_batch_tokens=args.micro_batch_tokens,
-                       unseen=args.variant == "unseen", max_prompt_tokens=longest_prompt or args.max_prompt_tokens,
-                       max_new_tokens=args.max_new_tokens, num_paths=args.num_paths,
-                       max_rows=rollouts * args.num_paths, reference=args.kl_coef > 0 and not args.lora,
-                       kv_bytes=args.kv_memory_gb * GB if args.kv_memory_gb else None)
 
 
 def even_micro_batches(acc, lengths, max_tokens):
@@ -293,11 +268,6 @@ def sync_gradients(acc, model, last):
     """DDP: all-reduce once per optimizer step (on the last micro-batch). FSDP: reduce-scatter every
     micro-batch into the sharded gradient, never accumulate an unsharded one (8 GB at 4B)."""
     return nullcontext() if last or acc.distributed_type == DistributedType.FSDP else acc.no_sync(model)
-
-
-def padded(rows, like):
-    return torch.stack([torch.nn.functional.pad(torch.as_tensor(r, dtype=torch.float32), (0, like.shape[1] - len(r)))
-                        for r in rows]).to(like)
 
 
 @torch.no_grad()
@@ -325,8 +295,7 @@ def log_row(acc, step, args, rollouts, graded, flat, groups, stats, t_rollout, t
     return {"step": step, "reward": m["reward"] / n, "accuracy": m["correct"] / n,
             "parallel_rate": m["has_block"] / n, "format_ok": m["format_ok"] / n, "length": m["length"] / n,
             "zero_adv_groups": m["flat_groups"] / m["groups"], "clip_frac": m["clipped_tokens"] / max(m["tokens"], 1),
-            "ratio": m["ratio_sum"] / max(m["tokens"], 1),
-            "logp_gap": m["gap_sum"] / max(m["gap_tokens"], 1), "loss": m["loss"],
+            "ratio": m["ratio_sum"] / max(m["tokens"], 1), "logp_gap": m["gap_sum"] / max(m["gap_tokens"], 1), "loss": m["loss"],
             **metrics.from_sums({k[2:]: v for k, v in m.items() if k.startswith("b_")}),
             "reward_fn": rewards.reward_fn(args.reward, step, args.scaffold_switch).__name__,
             "rollout_s": t_rollout, "update_s": t_update, "tokens_per_s": m["length"] / max(t_rollout, 1e-9) / acc.num_processes}
@@ -345,15 +314,14 @@ def run_eval(model, tokenizer, template, args, acc):
 
 
 def parse_args(argv=None):
-    """Flags, then the preset's and the (stage, variant) recipe's defaults for whatever was not given;
-    every check that needs no file runs here, before anything loads."""
+    """Flags, the preset's and the recipe's defaults; every check that needs no file, before anything loads."""
     args = recipes.parse(p, argv, "train_rl")
     checks = [(args.group_size >= 2, f"--group-size {args.group_size}: GRPO compares rollouts of a prompt, it needs 2 or more"),
               (args.temperature > 0, f"--temperature {args.temperature}: RL samples, it must be above 0"),
               (0 < args.top_p <= 1, f"--top-p {args.top_p}: must be in (0, 1]"),
               (args.num_paths >= 2, f"--num-paths {args.num_paths}: a parallel block needs 2 or more paths"),
               (args.max_new_tokens >= 1 and args.max_prompt_tokens >= 1, "--max-new-tokens and --max-prompt-tokens must be 1 or more"),
-              (args.answer_reserve >= 0, "--answer-reserve must be 0 or more"),
+              (args.answer_reserve is None or args.answer_reserve >= 0, "--answer-reserve must be 0 or more"),
               (args.prompts_per_step >= 1 and args.steps >= 1, "--prompts-per-step and --steps must be 1 or more"),
               (args.save_every >= 1, f"--save-every {args.save_every}: must be 1 or more"),
               (args.ppo_epochs >= 1 and args.mini_batches >= 1, "--ppo-epochs and --mini-batches must be 1 or more"),
@@ -370,8 +338,8 @@ def parse_args(argv=None):
 
 def plan_only(args):
     """--plan: the memory plan from the model config alone, then exit."""
-    from nanopr1.plan import load_config
-    plan = run_plan(args, load_config(args.init))
+    from nanopr1.plan import load_config, plan_for
+    plan = plan_for(args, load_config(args.init))
     print(f"memory plan per GPU: {args.init}, {'LoRA' if args.lora else 'full fine-tune'}\n{plan}")
 
 

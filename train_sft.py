@@ -255,11 +255,8 @@ def main(args):
 
 def plan_only(args):
     """--plan: the memory plan from the model config alone, then exit."""
-    from nanopr1.plan import load_config, memory_plan, run_setup
-    gpu, world, fsdp = run_setup(args.gpu_memory_gb, args.num_gpus, args.lora)
-    plan = memory_plan(load_config(args.model), gpu_bytes=gpu, world=world, fsdp=fsdp,
-                       lora_r=args.lora_r if args.lora else 0, grad_ckpt=args.grad_ckpt is not False,
-                       micro_batch_tokens=args.micro_batch_tokens, unseen=args.variant == "unseen", sampling=False)
+    from nanopr1.plan import load_config, plan_for
+    plan = plan_for(args, load_config(args.model), sampling=False)
     print(f"memory plan per GPU: {args.model}, SFT, {'LoRA' if args.lora else 'full fine-tune'}\n{plan}")
 
 

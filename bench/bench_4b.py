@@ -36,7 +36,8 @@ from nanopr1.attention import find_blocks, unseen_mask
 from nanopr1.format import PARALLEL, PARALLEL_END, PATH, PATH_END, SUMMARY, SUMMARY_END, TAGS
 from nanopr1.grpo import policy_loss
 from nanopr1.model import apply_lora
-from nanopr1.sampler import Rollout, sample
+from nanopr1.rollout import Rollout
+from nanopr1.sampler import sample
 from nanopr1.scoring import collate, score, sequence_nll
 from nanopr1.staticcache import StaticRows
 

@@ -236,6 +236,17 @@ def judge_trace(text, gold):
     return (response, None) if why is None else (None, why.split(":")[0])
 
 
+def training_problems(source, seed=0, data_dir=None):
+    """Problems to train on: a name, file or hub id (its train split), or toy:easy / toy:hard, the toy
+    world's training problems (toy-easy / toy-hard are its held-out evaluation sets: refused)."""
+    if source in TOY:
+        raise UsageError(f"--data {source} is the toy's held-out evaluation set; train on toy:{source[4:]}")
+    if source.startswith("toy:"):
+        from nanopr1 import toy
+        return to_records(toy.problems(source[4:], 20000, seed=seed), source)
+    return load(source, split="train", data_dir=data_dir)
+
+
 def sft_examples(rows, tokenizer, template, max_len):
     """Tokenise rows into (prompt, response + EOS) id lists. Malformed or too-long traces
     are dropped and counted by reason; the prompt is tokenised apart and never parsed."""

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from nanopr1 import metrics, sampler
 from nanopr1.format import PARALLEL_PROMPT, chat_prompt_ids
 from nanopr1.rewards import reward_rollout
+from nanopr1.rollout import mix
 
 # -----------------------------------------------------------------------------
 # metrics
@@ -152,7 +153,7 @@ def evaluate(model, tokenizer, problems, n=16, *, template=PARALLEL_PROMPT, para
                 continue
             prompts = [chat_prompt_ids(tokenizer, template, problems[i]["question"]) for i in batch]
             rollouts = sampler.sample(model, tokenizer, prompts, group_size=n, parallel=parallel,  # a seed per problem
-                                      seed=None if seed is None else [sampler.mix(seed, i) for i in batch], **sampling)
+                                      seed=None if seed is None else [mix(seed, i) for i in batch], **sampling)
             new = [grade_rollout(problems[i], i, j, rollouts[b * n + j]) for b, i in enumerate(batch) for j in range(n)]
             rows += new
             if on_rows is not None:

@@ -32,21 +32,6 @@ def group_advantages(rewards, group_size, eps=1e-6):
     return adv.view(-1), int(flat.sum())
 
 
-def token_logprobs(logits, targets, temperature=1.0, allowed=None, tags=None, chunk=1024):
-    """log p(targets) from logits (B, T, V) in any dtype, upcasting to fp32 one chunk of
-    positions at a time (never the whole (B, T, V) tensor). With `allowed` (B, T), the
-    sampler's tag mask (sampler.apply_tag_mask) is applied first, so the log-probs are
-    those of the distribution the rollout was sampled from. Returns (B, T) fp32."""
-    from nanopr1.sampler import apply_tag_mask
-    out = []
-    for s in range(0, logits.shape[1], chunk):
-        lg = logits[:, s:s + chunk].float() / temperature  # (B, t, V) fp32, one chunk
-        if allowed is not None:
-            lg = apply_tag_mask(lg, allowed[:, s:s + chunk], tags)
-        out.append(lg.gather(-1, targets[:, s:s + chunk, None]).squeeze(-1) - torch.logsumexp(lg, -1))
-    return torch.cat(out, 1)  # (B, T)
-
-
 def policy_loss(logp, old_logp, adv, mask, num_tokens, eps_low=0.2, eps_high=0.2, dual_clip=3.0,
                 ref_logp=None, kl_coef=0.0):
     """Clipped token-level GRPO loss for one micro-batch.

@@ -174,3 +174,25 @@ class KVRows:
         self.kv = [t[keep, :, :self.S].gather(2, order[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))
                    for t in self.kv]
         self.valid = valid.gather(1, order)
+
+
+def for_call(model, o, prompts, group_size, cache, fast):
+    """The KV cache of a sample() call (o: its sampler.Options) and its row cap: `cache` (a StaticRows kept
+    across calls), a new StaticRows (fast=True) or the simple KVRows; the cap from max_rows, the cache, or
+    (CUDA) what 80% of the free memory holds."""
+    device = next(model.parameters()).device
+    cols = max(len(p) for p in prompts) + o.max_new_tokens + 1  # a row's worst case, +1 for the last token fed
+    max_rows = o.max_rows or len(prompts) * group_size * (o.num_paths if o.parallel else 1)  # (None: all at once)
+    if o.max_rows is None and cache is None and device.type == "cuda":
+        from nanopr1.staticcache import rows_for_budget
+        budget = 0.8 * torch.cuda.mem_get_info(device)[0]
+        max_rows = min(max_rows, rows_for_budget(model.config, next(model.parameters()).dtype, cols, budget))
+    if cache is None and fast:
+        from nanopr1.staticcache import StaticRows
+        cache = StaticRows(max_rows, cols, device)
+    if cache is None:
+        return KVRows(device=device), max_rows
+    if cache.S - 1 < cols:
+        raise ValueError(f"the static KV cache holds {cache.S - 1} columns per row, this call needs {cols}")
+    cache.reset(model)
+    return cache, min(max_rows, cache.R)

@@ -178,3 +178,16 @@ def memory_plan(config, *, gpu_bytes, world=1, fsdp=False, lora_r=0, grad_ckpt=T
     else:
         p.verdict = f"fits: {(gpu_bytes - p.total) / GB:.1f} GB to spare"
     return p
+
+
+def plan_for(args, config, sampling=True, longest_prompt=None):
+    """The plan of a training script's run from its flags (train_rl.py or train_sft.py): GPU memory and GPU
+    count from --gpu-memory-gb / --num-gpus or this machine and launch."""
+    gpu, world, fsdp = run_setup(args.gpu_memory_gb, args.num_gpus, args.lora)
+    rl = dict(max_prompt_tokens=longest_prompt or args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
+              num_paths=args.num_paths, max_rows=args.prompts_per_step * args.group_size // world * args.num_paths,
+              reference=args.kl_coef > 0 and not args.lora,
+              kv_bytes=args.kv_memory_gb * GB if args.kv_memory_gb else None) if sampling else {}
+    return memory_plan(config, gpu_bytes=gpu, world=world, fsdp=fsdp, lora_r=args.lora_r if args.lora else 0,
+                       grad_ckpt=args.grad_ckpt is not False, micro_batch_tokens=args.micro_batch_tokens,
+                       unseen=args.variant == "unseen", sampling=sampling, **rl)

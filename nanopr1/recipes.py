@@ -45,7 +45,7 @@ TOY_RL = {  # the CPU-sized curriculum on the toy world (nanopr1/toy.py)
 TOY = {  # --preset toy, per script
     "train_sft": dict(model=None, data=None, max_len=512, batch_size=32, micro_batch_tokens=8192, lr=3e-3,
                       warmup=0.04, epochs=1, save_every=400, grad_ckpt=False),  # 800 steps of toy.sft_corpus(25600)
-    "train_rl": dict(lr=5e-5, max_new_tokens=toy.MAX_NEW_TOKENS, answer_reserve=8, micro_batch_tokens=16384,
+    "train_rl": dict(lr=5e-5, max_new_tokens=toy.MAX_NEW_TOKENS, micro_batch_tokens=16384,
                      eval_data="toy-hard", eval_n=4, eval_limit=100, save_every=25, max_prompt_tokens=64),
     "eval": dict(datasets="toy-easy,toy-hard", n=4, max_new_tokens=toy.MAX_NEW_TOKENS, batch_size=16),
     "sample": dict(max_new_tokens=toy.MAX_NEW_TOKENS),

@@ -3,7 +3,7 @@ Grading answers and turning grades into rewards.
 
 0) Structure from tokens. A rollout's blocks, its format check and its main
    text (`Rollout.blocks`, `.format_error`, `.main_text`, made by
-   sampler.make_rollout) are read from the six tag *token ids*, never from the
+   rollout.make_rollout) are read from the six tag *token ids*, never from the
    decoded text. Why: a tag can also be spelled with ordinary sub-word pieces
    (`<`, `Parallel`, `>`), which decodes to exactly the text of the real tag
    token. Judged from text, a policy could earn the parallel reward with a
@@ -201,7 +201,7 @@ def reward_fn(schedule, step, scaffold_until=200):
 
 
 def reward_rollout(rollout, gold, schedule="acc", step=1, scaffold_until=200):
-    """(reward, metrics) of one sampler.Rollout under a reward schedule at an RL step (from 1).
+    """(reward, metrics) of one rollout.Rollout under a reward schedule at an RL step (from 1).
 
     The structure comes from the rollout's tag tokens (module docstring, 0): format_ok = they are
     well formed; has_block = format_ok and a block of >= 2 paths; a malformed rollout counts 0 blocks.

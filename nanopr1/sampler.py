@@ -1,96 +1,49 @@
 """
 The branching sampler: every RL rollout and every evaluation goes through here.
-
-A rollout's tokens, what each changes, and where (methods of _Sampler):
+Each token of a rollout, what it changes, and where (methods of _Sampler):
 
     token fed             what changes                                            where
-    <Parallel> (main)     the row forks: N path rows share its KV cache, each     record -> fork
-                          gets a forced <Path>
-    </Path>   (a path)    the path row parks (kept, not fed) until its            decode
-                          siblings finish
-    last </Path>          the rollout merges into path 1's row and gets a         merge
-                          forced </Parallel><Summary>
+    <Parallel> (main)     the row forks: N path rows share its KV cache           record -> fork
+    </Path>   (a path)    the path row parks (kept, not fed) until its siblings   decode
+    last </Path>          the rollout merges into path 1's row                    merge
     </Summary>            the block is recorded; back to the main text            record
-    EOS (main text)       the rollout ends, its rows are freed, new rollouts      record -> admit
-                          may be admitted
+    EOS (main text)       the rollout ends, its rows free up for new rollouts     record -> admit
 
-- Rows in flight are bounded: at most `max_rows` cache rows exist at any time.
-  Rollouts are admitted as rows free up (continuous admission), each reserving
-  num_paths rows, so a fork never waits and nothing is ever preempted. Each
-  prompt is prefilled once per admission, its other rollouts copy the row.
-- Every live row (main line, path or summary of any rollout) is decoded
-  together: one forward per step.
-- Merge. unseen: the later paths' KV entries are appended after path 1's (no
-  recompute); positions by the Multiverse rule (every <Path> at p+1, </Parallel>
+- At most `max_rows` cache rows exist at once: rollouts are admitted as rows free
+  up, each reserving num_paths rows, so a fork never waits. A prompt is prefilled
+  once per admission (its other rollouts copy the row); all rows decode together.
+- Merge. unseen: the later paths' KV entries are appended to path 1's row (no
+  recompute), positions by the Multiverse rule (every <Path> at p+1, </Parallel>
   one past the longest path). seen: paths 2..N are re-encoded in path 1's row
-  with sequential positions, so what follows sees exactly what the Seen
-  trainer's causal forward sees.
+  with sequential positions, as the Seen trainer's causal forward sees them.
+- Tag mask (`tag_mask`): in the main text only <Parallel> may be sampled (while a
+  block fits), in a path only </Path>, in a summary only </Summary>; the runtime
+  inserts the others (`queue_due`), so every rollout is well formed. Each token
+  records what was allowed, for the trainer (parallel=False: tags are text).
+- Budgets: `max_new_tokens` counts every token. A block's paths share the budget
+  left minus `reserve`; a summary is closed once reserve // 2 tokens are left, so
+  the main text always has room for its `Final Answer:` line. EOS in a path or a
+  summary closes it. Inserted tokens are `forced`: no policy loss, log-prob 0.
+- Sampling is Gumbel-max with noise hashed from (prompt seed, rollout, path, token
+  index): the same seeds give the same rollouts whatever the batch, the row cap
+  or the number of processes. The recorded log-prob is that of the tag-masked
+  distribution at the temperature (1 when greedy); top-p changes only the draw.
 
-Tag mask (parallel=True): in the main text only <Parallel> may be sampled (not
-after `max_blocks` blocks, nor without room for a block), in a path only
-</Path>, in a summary only </Summary>; the other tags are only inserted by the
-runtime, so every rollout is well formed. Each token records the tags allowed
-when it was sampled (`allowed`, a bitmask over format.TAGS) and the trainer
-applies the same mask (`apply_tag_mask`). parallel=False: tags are ordinary
-tokens (the cold-start teacher writes them like any text).
-
-Budgets: `max_new_tokens` counts every response token. A block keeps `reserve`
-tokens for its summary and the final answer line: its paths share what is left
-of the budget minus the reserve (each at most `path_max_tokens`, its two tags
-included; then </Path> is forced), a summary is closed by force once only
-reserve // 2 tokens are left, so a block opened at any point leaves the main
-text at least reserve // 2 tokens to write its `Final Answer:` line. A block
-opens only if each path would get 3 tokens. EOS in a path or a summary is
-replaced by its closing tag. Runtime-inserted tokens are `forced`: no policy
-loss, log-prob 0.
-
-Sampling is Gumbel-max with noise that is a hash of (seed of the prompt, rollout
-of its group, path, token index, vocabulary id): a rollout's tokens do not depend
-on which other rows share its steps, so the same seeds give the same rollouts
-whatever the row cap, the batch or the number of processes. A sampled token's
-log-prob is log_softmax(tag-masked logits / temperature) (temperature 1 when
-greedy); top-p changes what is sampled, not what is recorded. Seen rollouts record sequential positions (the scorer's); paths 2..N
-of a Seen block were sampled without seeing path 1, so only their log-probs
-differ from a plain causal forward (by design: the Seen model is trained on
-paths as plain text).
-
-Adding a merge mode: a new `variant` changes merge() (what row continues the
-rollout and what it holds), the positions recorded there, and
-attention.build_inputs (what the trainer's forward sees); the sampler-scorer
-equivalence test then says whether the two agree.
+Adding a merge mode: change merge() (what the continuing row holds, which
+positions are recorded) and attention.build_inputs (what the trainer sees).
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
-from nanopr1 import UsageError
-from nanopr1.attention import BlockSpan, main_line, structure
-from nanopr1.format import PARALLEL, PARALLEL_END, PATH, PATH_END, SUMMARY, SUMMARY_END, TAGS
-from nanopr1.kvcache import KVRows
+from nanopr1 import UsageError, kvcache
+from nanopr1.attention import BlockSpan
+from nanopr1.format import PARALLEL, PARALLEL_END, PATH, PATH_END, SUMMARY, SUMMARY_END
 from nanopr1.model import tag_ids
-
-BIT = {t: 1 << i for i, t in enumerate(TAGS)}  # bit i of `allowed` = TAGS[i]
-ALL_TAGS = (1 << len(TAGS)) - 1
-MAIN, PATHS, SUMMARY_PHASE = "main", "paths", "summary"
-
-
-@dataclass
-class Rollout:
-    prompt_ids: list  # the prompt token ids
-    ids: list         # response token ids in canonical layout (prompt excluded)
-    forced: list      # bool per response token: True = inserted by the runtime (no policy loss)
-    logprobs: list    # float per response token: the sampler's log-prob (0.0 where forced)
-    positions: list   # position id of each response token (the prompt is 0..P-1)
-    allowed: list     # int per response token: bitmask over format.TAGS of the tags allowed when sampled
-    blocks: list      # BlockSpan list: the blocks the tag tokens form (none if they are malformed)
-    text: str         # decoded response, tags kept
-    stop_reason: str  # "eos" | "budget"
-    main_text: str = ""       # decoded main-line tokens (outside blocks and summaries, EOS excluded);
-                              # a tag spelled with ordinary sub-word pieces stays plain text here
-    format_error: str = None  # None if the tag tokens are well formed (always, when the sampler forks)
-
+from nanopr1.rollout import (ALL_TAGS, BIT, MAIN, PATHS, SUMMARY_PHASE, BlockState, RolloutState, RowState, Segment,
+                             apply_tag_mask, gumbel, make_rollout, mix)
 
 @dataclass(frozen=True)
 class Options:
@@ -105,73 +58,10 @@ class Options:
     variant: str = "seen"           # how paths are merged: "seen" (re-encoded in sequence) or "unseen"
     parallel: bool = True           # False: no forking, tags are ordinary tokens
     force_block: object = False     # True: open a block after the first line (or 32 tokens); n: after n tokens
+                                    # (0: the response starts with <Parallel>)
     max_prompt_tokens: int = None   # refuse longer prompts
-    max_rows: int = None            # cache rows in flight at most (None: unbounded on a CPU; on CUDA, what
-                                    # 80% of the free memory holds)
+    max_rows: int = None            # cache rows in flight (None: unbounded on a CPU, CUDA: 80% of free memory)
 
-
-def apply_tag_mask(logits, allowed, tags):
-    """Logits with the tags not in `allowed` set to -inf: what the sampler sampled from.
-
-    logits (..., V); allowed (...) int bitmask as in Rollout.allowed; tags = model.tag_ids(tokenizer).
-    The logits that predict response token t (at position P+t-1) take allowed[t].
-    """
-    bits = (allowed[..., None] >> torch.arange(len(TAGS), device=logits.device)) & 1  # (..., 6)
-    idx = torch.tensor([tags[t] for t in TAGS], device=logits.device)
-    logits = logits.clone()
-    logits[..., idx] = logits[..., idx].masked_fill(bits == 0, float("-inf"))
-    return logits
-
-# -----------------------------------------------------------------------------
-# the state of the rollouts in progress
-
-
-class _Seg:
-    """Tokens written by one row (the main line of a rollout, or one path), as five parallel lists."""
-
-    def __init__(self):
-        self.ids, self.forced, self.logprobs, self.positions, self.allowed = [], [], [], [], []
-
-    def add(self, tok, forced, logprob, pos, allowed):
-        for column, x in zip((self.ids, self.forced, self.logprobs, self.positions, self.allowed),
-                             (tok, forced, 0.0 if forced else logprob, pos, allowed)):
-            column.append(x)
-
-
-@dataclass
-class _Block:  # the block a rollout is writing
-    parallel: int     # response index of <Parallel>
-    p: int            # its position id
-    budget: int       # tokens per path, its two tags included
-    n_prefix: int     # valid cache entries before the paths (shared by all path rows)
-    paths: list       # one _Seg per path
-    done: int = 0     # paths finished (their rows park until the merge)
-    spans: list = None  # (start, end) of each path in the response, set at the merge
-    summary: int = 0  # response index of <Summary>
-
-
-@dataclass(eq=False)
-class _Rollout:  # one rollout being written
-    prompt: list
-    key: int                                    # the seed of its random stream (prompt seed, rollout of its group)
-    force: object                               # None, or when to force the first <Parallel>: n tokens or "line"
-    out: _Seg = field(default_factory=_Seg)     # the response so far, canonical layout
-    phase: str = MAIN                           # MAIN, PATHS or SUMMARY_PHASE
-    blocks: list = field(default_factory=list)  # finished blocks (BlockSpan)
-    block: _Block = None                        # the block being written
-    stop: str = None                            # "eos" | "budget" once finished
-
-
-@dataclass(eq=False)
-class _Row:  # one cache row: the main line of a rollout (path None) or one of its paths
-    ro: _Rollout
-    path: object                                # None or the path index
-    seg: _Seg                                   # where its tokens go: ro.out, or its path's segment
-    pos: int                                    # position id of the next token fed
-    queue: list = field(default_factory=list)   # forced tokens to insert next
-    fork: bool = False                          # <Parallel> was just fed: fork before the next token
-    closing: bool = False                       # </Path> is being fed: the path ends after this forward
-    parked: bool = False                        # a finished path: not fed, kept for the merge
 
 # -----------------------------------------------------------------------------
 # the sampler
@@ -191,12 +81,12 @@ class _Sampler:
         self.prompts, self.G = prompts, group_size
         seeds = o.seed if isinstance(o.seed, (list, tuple)) else [
             mix(o.seed if o.seed is not None else int(torch.randint(1 << 62, ())), i) for i in range(len(prompts))]
-        self.rollouts = [_Rollout(list(p), mix(seeds[i], g), force)  # prompt-major
+        self.rollouts = [RolloutState(list(p), mix(seeds[i], g), force)  # prompt-major
                          for i, p in enumerate(prompts) for g in range(group_size)]
         self.pending = list(range(len(self.rollouts)))  # rollouts not yet admitted, in order
         self.per_rollout = o.num_paths if o.parallel else 1  # rows each admitted rollout reserves
         self.reserved = 0
-        self.rows = []      # _Row (or None: a free row) per cache row
+        self.rows = []      # RowState (or None: a free row) per cache row
         self.logits = None  # (len(rows), V) the logits each row samples its next token from
         self.ready = []     # rollouts whose paths have all finished: merge them next step
 
@@ -238,7 +128,7 @@ class _Sampler:
             if j != first[i]:
                 self.kv.copy_row(first[i], j)
             ro = self.rollouts[r]
-            self.rows[j] = _Row(ro, None, ro.out, len(ro.prompt))
+            self.rows[j] = RowState(ro, None, ro.out, len(ro.prompt))
         self.logits[torch.tensor(slots)] = logits[torch.tensor([which[r // self.G] for r in new])]
 
     # 2) fork: clone the KV cache of the prefix into one row per path
@@ -248,12 +138,12 @@ class _Sampler:
             ro = w.ro
             left = self.o.max_new_tokens - len(ro.out.ids) - 3 - self.reserve  # keep </Parallel><Summary></Summary>
             budget = min(self.o.path_max_tokens or left, left // N)
-            b = ro.block = _Block(len(ro.out.ids) - 1, w.pos - 1, budget, int(self.kv.valid[i].sum()),
-                                  [_Seg() for _ in range(N)])
+            b = ro.block = BlockState(len(ro.out.ids) - 1, w.pos - 1, budget, int(self.kv.valid[i].sum()),
+                                  [Segment() for _ in range(N)])
             for k, j in enumerate([i] + self._alloc(N - 1)):
                 if j != i:
                     self.kv.copy_row(i, j)
-                self.rows[j] = _Row(ro, k, b.paths[k], b.p + 1, [self.tags[PATH]])
+                self.rows[j] = RowState(ro, k, b.paths[k], b.p + 1, [self.tags[PATH]])
 
     # 3) merge: each rollout whose paths have all finished continues in its first path's row
     def merge(self):
@@ -269,25 +159,25 @@ class _Sampler:
             later = [sum((seg.ids for seg in ro.block.paths[1:]), []) for ro in ready]
             start = [ro.block.p + len(ro.block.paths[0].ids) + 1 for ro in ready]
             Q = max(len(x) for x in later)
-            if Q:
-                ids = torch.tensor([x + [self.pad] * (Q - len(x)) for x in later])
-                pos = torch.tensor([[a + j for j in range(Q)] for a in start])
-                q_valid = torch.tensor([[j < len(x) for j in range(Q)] for x in later])
-                self.kv.extend(self.model, ids, pos, q_valid, [r[0] for r in rows])
+            if Q:  # (n, Q) right-padded
+                ids, pos = torch.tensor([x + [self.pad] * (Q - len(x)) for x in later]), torch.tensor(start)[:, None]
+                q_valid = torch.arange(Q)[None] < torch.tensor([len(x) for x in later])[:, None]
+                self.kv.extend(self.model, ids, pos + torch.arange(Q)[None], q_valid, [r[0] for r in rows])
         for ro, r in zip(ready, rows):  # the paths into the response, in canonical layout
             for j in r[1:]:
                 self.rows[j] = None
                 self.kv.free(j)
             b, nxt, spans = ro.block, ro.block.p + 1, []
             for seg in b.paths:
-                positions = seg.positions if unseen else list(range(nxt, nxt + len(seg.ids)))
-                spans.append((len(ro.out.ids), len(ro.out.ids) + len(seg.ids)))
-                for tok, f, lp, pos, a in zip(seg.ids, seg.forced, seg.logprobs, positions, seg.allowed):
-                    ro.out.add(tok, f, lp, pos, a)
-                nxt += len(seg.ids)
+                ids, forced, logprobs, positions, allowed = seg.columns()
+                positions = positions if unseen else range(nxt, nxt + len(ids))
+                spans.append((len(ro.out.ids), len(ro.out.ids) + len(ids)))
+                for column in zip(ids, forced, logprobs, positions, allowed):
+                    ro.out.add(*column)
+                nxt += len(ids)
             b.spans, b.summary = spans, len(ro.out.ids) + 1
             pos = b.p + 1 + max(len(seg.ids) for seg in b.paths) if unseen else nxt  # of </Parallel>
-            self.rows[r[0]] = _Row(ro, None, ro.out, pos, [self.tags[PARALLEL_END], self.tags[SUMMARY]])
+            self.rows[r[0]] = RowState(ro, None, ro.out, pos, [self.tags[PARALLEL_END], self.tags[SUMMARY]])
             ro.phase = SUMMARY_PHASE
 
     # 4) choose: the forced tokens that are due, the tag mask, then sample
@@ -342,8 +232,9 @@ class _Sampler:
                 sorted_p, idx = logp.exp().sort(-1, descending=True)
                 cut = (sorted_p.cumsum(-1) - sorted_p) >= top_p  # (R, V) outside the top-p set
                 scores = logp.masked_fill(torch.zeros_like(cut).scatter_(-1, idx, cut), float("-inf"))
-            keys = [mix(w.ro.key, -1 if w.path is None else w.path, len(w.seg.ids)) if w is not None else 0
-                    for w in self.rows]
+            keys = [(mix(w.ro.key, len(w.ro.out.ids)) if w.path is None  # the main line: its response index
+                     else mix(w.ro.key, len(w.ro.blocks), w.path, len(w.seg.ids), -1))  # a path: block, path, index
+                    if w is not None and not w.parked else 0 for w in self.rows]  # a fresh key for every draw
             tok = (scores + gumbel(torch.tensor(keys, device=self.device), logp.shape[1])).argmax(-1)
         out = torch.stack([tok.to(logp.dtype), logp.gather(1, tok[:, None])[:, 0]]).tolist()  # one host sync
         return [int(t) for t in out[0]], out[1], bits
@@ -409,65 +300,23 @@ class _Sampler:
             self.rows, self.logits = [self.rows[i] for i in keep], self.logits[keep]
 
     def rollout(self, ro):
-        r = make_rollout(self.tok, ro.prompt, ro.out.ids, ro.stop, ro.out.forced, ro.out.logprobs,
-                         ro.out.positions, ro.out.allowed)
+        r = make_rollout(self.tok, ro.prompt, ro.out.ids, ro.stop, *ro.out.columns()[1:])
         assert not self.o.parallel or (r.blocks == ro.blocks and r.format_error is None), "sampler bug"
         return r
 
 
-# -----------------------------------------------------------------------------
-# random streams that do not depend on the batch: hashes of integers
-
-M64 = (1 << 64) - 1
-
-
-def mix(*xs):
-    """A 64-bit hash of a few integers (splitmix64 steps), as a signed int64."""
-    h = 0x9E3779B97F4A7C15
-    for x in xs:
-        h = (h ^ (x & M64)) * 0xBF58476D1CE4E5B9 & M64
-        h = (h ^ (h >> 27)) * 0x94D049BB133111EB & M64
-        h ^= h >> 31
-    return h - (1 << 64) if h >> 63 else h
-
-
-def gumbel(keys, V):
-    """(R, V) Gumbel noise that is a hash of (keys[r], v) alone: argmax(log p + noise) samples from p."""
-    x = keys[:, None] * V + torch.arange(V, device=keys.device)  # int64, wrapping
-    for k, m in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB), (31, 0)):  # splitmix64's finaliser
-        x = x ^ ((x >> k) & ((1 << (64 - k)) - 1))  # a logical shift (>> on int64 keeps the sign)
-        x = x * (m - (1 << 64) if m >> 63 else m) if m else x
-    u = ((x >> 40) & 0xFFFFFF).float().add_(0.5).div_(1 << 24)  # 24 random bits -> (0, 1)
-    return -torch.log(-torch.log(u))
-
-
-def make_rollout(tokenizer, prompt, ids, stop_reason="eos", forced=None, logprobs=None, positions=None, allowed=None):
-    """A Rollout from its response token ids; its structure (blocks, format_error, main_text) is read
-    from the tag tokens alone. The sampler builds every rollout here; tests build rollouts by hand
-    (the per-token lists default to: sampled, log-prob 0, sequential positions, every tag allowed)."""
-    n, tags = len(ids), tag_ids(tokenizer)
-    blocks, error = structure(ids, tags)
-    end = n - (stop_reason == "eos")  # the EOS token is not text
-    main = [t for t, m in zip(ids[:end], main_line(ids[:end], tags)) if m]
-    decode = lambda x: tokenizer.decode(x, skip_special_tokens=False)
-    return Rollout(list(prompt), list(ids), forced or [False] * n, logprobs or [0.0] * n,
-                   positions or list(range(len(prompt), len(prompt) + n)), allowed or [ALL_TAGS] * n,
-                   blocks, decode(ids[:end]), stop_reason, decode(main), error)
-
-
 def _check(model, prompts, o):
-    if o.variant not in ("seen", "unseen"):
-        raise ValueError(f"variant must be 'seen' or 'unseen', not {o.variant!r}")
-    if o.parallel and o.num_paths < 2:
-        raise ValueError(f"num_paths={o.num_paths}: a parallel block needs at least 2 paths")
-    if o.path_max_tokens is not None and o.path_max_tokens < 2:
-        raise ValueError("path_max_tokens counts the path's two tags: it must be at least 2")
-    if o.max_rows is not None and o.max_rows < (o.num_paths if o.parallel else 1):
-        raise ValueError(f"max_rows={o.max_rows}: one rollout needs {o.num_paths if o.parallel else 1} rows")
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
+    checks = [(o.variant in ("seen", "unseen"), f"variant must be 'seen' or 'unseen', not {o.variant!r}"),
+              (not o.parallel or o.num_paths >= 2, f"num_paths={o.num_paths}: a parallel block needs at least 2 paths"),
+              (o.path_max_tokens is None or o.path_max_tokens >= 2, "path_max_tokens counts its two tags: at least 2"),
+              (o.max_rows is None or o.max_rows >= (o.num_paths if o.parallel else 1),
+               f"max_rows={o.max_rows}: one rollout needs {o.num_paths if o.parallel else 1} rows"),
+              (prompts and all(prompts), "every prompt needs at least one token")]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    for p in prompts:
+    for p in prompts:  # the user's prompts: one-line errors
         if o.max_prompt_tokens and len(p) > o.max_prompt_tokens:
             raise UsageError(f"prompt of {len(p)} tokens is longer than max_prompt_tokens={o.max_prompt_tokens}")
         if limit and len(p) + o.max_new_tokens > limit:
@@ -475,42 +324,17 @@ def _check(model, prompts, o):
                              f"model's {limit} positions: shorten the prompt or lower max_new_tokens")
 
 
-def _cache(model, o, prompts, group_size, cache, fast):
-    """The KV cache of this call and its row cap: `cache` (a StaticRows kept across calls), a new StaticRows
-    (fast=True) or the simple KVRows; the cap from max_rows, the cache, or (CUDA) 80% of the free memory."""
-    device = next(model.parameters()).device
-    cols = max(len(p) for p in prompts) + o.max_new_tokens + 1  # a row's worst case, +1 for the last token fed
-    max_rows = o.max_rows or len(prompts) * group_size * (o.num_paths if o.parallel else 1)  # (None: all at once)
-    if o.max_rows is None and cache is None and device.type == "cuda":
-        from nanopr1.staticcache import rows_for_budget
-        budget = 0.8 * torch.cuda.mem_get_info(device)[0]
-        max_rows = min(max_rows, rows_for_budget(model.config, next(model.parameters()).dtype, cols, budget))
-    if cache is None and fast:
-        from nanopr1.staticcache import StaticRows
-        cache = StaticRows(max_rows, cols, device)
-    if cache is None:
-        return KVRows(device=device), max_rows
-    if cache.S - 1 < cols:
-        raise ValueError(f"the static KV cache holds {cache.S - 1} columns per row, this call needs {cols}")
-    cache.reset(model)
-    return cache, min(max_rows, cache.R)
-
-
 @torch.inference_mode()
 def sample(model, tokenizer, prompts, group_size=1, *, cache=None, fast=False, progress=False, **options):
     """Rollouts for a batch of prompts (lists of token ids), `group_size` per prompt, prompt-major.
 
-    options: the fields of Options (num_paths, max_new_tokens, temperature, variant, max_rows, ...).
-    fast=True: staticcache.StaticRows (CUDA graphs), the same tokens and log-probs at temperature 0;
-    cache: a StaticRows to reuse (its graphs too), sized for the longest prompt + max_new_tokens.
-    force_block (to show or benchmark a block with any model; not for training): True = open a block
-    after the first line of the main text (or after 32 tokens); n = after n response tokens (0: the
-    response starts with <Parallel>). A model that would stop before that gets the block instead.
-    """
+    options: the fields of Options. fast=True: staticcache.StaticRows (CUDA graphs), the same tokens and
+    log-probs at temperature 0; cache: a StaticRows to reuse (its graphs too). force_block is for showing
+    a block with any model (a model that would stop first gets the block instead), not for training."""
     o = Options(**options)
     prompts = [list(p) for p in prompts]
     _check(model, prompts, o)
-    kv, max_rows = _cache(model, o, prompts, group_size, cache, fast)
+    kv, max_rows = kvcache.for_call(model, o, prompts, group_size, cache, fast)
     o = Options(**{**o.__dict__, "max_rows": max_rows})
     bar = tqdm(total=len(prompts) * group_size, desc="rollouts", disable=not progress)
     run = _Sampler(model, tokenizer, prompts, group_size, o, kv, bar)

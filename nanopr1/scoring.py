@@ -26,7 +26,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from nanopr1.attention import build_inputs
-from nanopr1.sampler import ALL_TAGS, apply_tag_mask
+from nanopr1.rollout import ALL_TAGS, apply_tag_mask
 
 LOGITS_CHUNK_TOKENS = 1024  # rows x positions of logits computed at once (fp32: 1024 x V x 4 bytes)
 
@@ -61,7 +61,7 @@ def _head_returns_logprobs(model, targets, allowed, tags, temperature):
 def token_logprobs(model, batch, first, allowed=None, tags=None, temperature=1.0):
     """log p of input_ids[:, first+1:] (B, L-1-first) fp32, from one forward of `batch` (model inputs).
 
-    allowed (B, L-1-first): the sampler's tag mask of each predicted token (sampler.apply_tag_mask),
+    allowed (B, L-1-first): the sampler's tag mask of each predicted token (rollout.apply_tag_mask),
     so the log-probs are those of the distribution the rollout was sampled from."""
     targets = batch["input_ids"][:, first + 1:]
     with _head_returns_logprobs(model, targets, allowed, tags, temperature):
@@ -84,6 +84,24 @@ def score(model, rollouts, tags, variant, temperature, pad_id, device):
     logp = token_logprobs(model, batch, first, allowed.to(device), tags, temperature)  # (B, L-1-first)
     idx = (start[:, None] + torch.arange(T)).clamp(max=L - 2 - first)  # (B, T)
     return logp.gather(1, idx.to(device)), ~forced.to(device)  # (B, T) response tokens only
+
+
+def pad_rows(rows, like):
+    """Per-rollout lists of floats (e.g. old log-probs) as a (B, T) tensor shaped, typed and placed like `like`."""
+    return torch.stack([torch.nn.functional.pad(torch.as_tensor(r, dtype=torch.float32), (0, like.shape[1] - len(r)))
+                        for r in rows]).to(like)
+
+
+def sampler_gap(logp, rollouts):
+    """(sum, count) of |trainer - sampler| log-prob over the rollouts' sampled tokens: ~0 when the trainer
+    sees what the sampler saw (Unseen: every token; Seen: all but paths after the first, by design).
+    logp: (B, T) or a list of per-rollout rows, from the trainer."""
+    total, count = 0.0, 0
+    for lp, r in zip(logp, rollouts):
+        sampled = ~torch.tensor(r.forced)
+        total += float((lp[:len(r.ids)].float().cpu() - torch.tensor(r.logprobs)).abs()[sampled].sum())
+        count += int(sampled.sum())
+    return total, count
 
 
 def collate(examples, tags, variant, pad_id):

@@ -56,7 +56,7 @@ BAD = [  # (command, extra flags, the message: the whole stderr line after "erro
     (RL, ["--save-every", "0"], "--save-every 0: must be 1 or more"),
     (RL, ["--steps", "0"], "--prompts-per-step and --steps must be 1 or more"),
     (RL, ["--max-rows", "1"], "--max-rows must hold one rollout (2 rows)"),
-    (RL, ["--prompts-per-step", "30000"], "--prompts-per-step 30000 is more than the 20000 problems of toy:easy: "
+    (RL, ["--prompts-per-step", "30000"], "--prompts-per-step 30000: more than the 20000 problems of toy:easy, "
                                           "a step would repeat prompts"),
     (RL, ["--data", "toy-hard"], "--data toy-hard is the toy's held-out evaluation set; train on toy:hard"),
     (RL, ["--data", "{d}/table.csv"], "data file '{d}/table.csv': a .csv file; use JSONL (one JSON object a line), "

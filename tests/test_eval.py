@@ -80,7 +80,7 @@ def test_behaviour_metrics_of_the_table_equal_metrics_summarize(bpe_tokenizer):
     nanopr1.metrics does for the rollouts themselves (blocks, first block, latency ratio, ...)."""
     from nanopr1 import metrics
     from nanopr1.model import tag_ids
-    from nanopr1.sampler import make_rollout
+    from nanopr1.rollout import make_rollout
     t = tag_ids(bpe_tokenizer)
     block = [t["<Parallel>"], t["<Path>"], 40, 41, t["</Path>"], t["<Path>"], 42, t["</Path>"], t["</Parallel>"],
              t["<Summary>"], 43, t["</Summary>"]]
@@ -146,7 +146,7 @@ def fake_sampler(monkeypatch, bpe_tokenizer):
             calls.append(question)
             for j in range(group_size):
                 ids = tokenizer(fake_text(question, j), add_special_tokens=False)["input_ids"]
-                out.append(nanopr1.sampler.make_rollout(tokenizer, p, ids + [tokenizer.eos_token_id], "eos"))
+                out.append(nanopr1.rollout.make_rollout(tokenizer, p, ids + [tokenizer.eos_token_id], "eos"))
         return out
     monkeypatch.setattr(nanopr1.sampler, "sample", sample)
     monkeypatch.setattr(nanopr1.model, "load", lambda *a, **kw: (tiny_model(bpe_tokenizer), bpe_tokenizer))

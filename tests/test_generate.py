@@ -5,15 +5,15 @@ test needs kept traces or a kill; the real sampler with an untrained toy teacher
 are nearly all rejected, for reasons that change with every seed: the decisions are compared)."""
 
 import json
+import runpy
 from pathlib import Path
 
 import pytest
 
-import train_sft
-from conftest import run
+from conftest import ROOT, run
 from nanopr1 import UsageError, data, sampler, toy
+from nanopr1.rollout import Rollout, mix
 
-ROOT = Path(__file__).resolve().parents[1]
 GOOD = "Think.\n<Parallel>\n<Path>a = 3</Path>\n<Path>b = 3</Path>\n</Parallel>\n<Summary>3</Summary>\nFinal Answer: 3"
 CANON = "Think.\n<Parallel><Path>a = 3</Path><Path>b = 3</Path></Parallel><Summary>3</Summary>\nFinal Answer: 3"
 ONE_PATH = "<Parallel><Path>a</Path></Parallel><Summary>s</Summary>Final Answer: 3"
@@ -60,7 +60,8 @@ def argv(tmp_path, teacher, out="corpus.jsonl", *extra):
 
 def generate(args, capsys):
     """Run the generator in-process; its printed report."""
-    train_sft.generate_corpus(train_sft.parse_args(args))
+    script = runpy.run_path(str(ROOT / "train_sft.py"))  # the script's functions, as `python train_sft.py` runs them
+    script["main"](script["parse_args"](args))
     return capsys.readouterr().out
 
 
@@ -79,10 +80,10 @@ def fake_teacher(monkeypatch, write, fail_at=None, log=None):
         assert kw["parallel"] is False
         if len(log) + 1 == fail_at:
             raise RuntimeError("killed")
-        seeds = kw["seed"] if isinstance(kw["seed"], list) else [sampler.mix(kw["seed"], j) for j in range(len(prompts))]
+        seeds = kw["seed"] if isinstance(kw["seed"], list) else [mix(kw["seed"], j) for j in range(len(prompts))]
         questions = [tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
         log.append(questions)
-        return [sampler.Rollout(p, [], [], [], [], [], [], write(q, s), "eos") for p, q, s in zip(prompts, questions, seeds)]
+        return [Rollout(p, [], [], [], [], [], [], write(q, s), "eos") for p, q, s in zip(prompts, questions, seeds)]
     monkeypatch.setattr(sampler, "sample", sample)
     return log
 

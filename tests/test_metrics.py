@@ -6,7 +6,7 @@ import pytest
 from nanopr1.format import PARALLEL, PARALLEL_END, PATH, PATH_END, SUMMARY, SUMMARY_END
 from nanopr1.metrics import from_sums, rollout_metrics, summarize, sums
 from nanopr1.model import tag_ids
-from nanopr1.sampler import make_rollout
+from nanopr1.rollout import make_rollout
 
 # text tokens are small ids (byte-level pieces of the test BPE): never a tag, never EOS (id 0)
 

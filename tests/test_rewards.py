@@ -14,7 +14,7 @@ from nanopr1.format import (PARALLEL, PARALLEL_END, PATH, PATH_END, SUMMARY, SUM
 from nanopr1.model import tag_ids
 from nanopr1.rewards import (SCHEDULES, clean_answer, extract_answer, grade, is_tiered_step, last_boxed,
                              parse_number, reward_fn, reward_rollout)
-from nanopr1.sampler import make_rollout
+from nanopr1.rollout import make_rollout
 
 BLOCK = "<Parallel><Path>{p1}</Path><Path>{p2}</Path></Parallel><Summary>{s}</Summary>"
 

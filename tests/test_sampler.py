@@ -9,7 +9,8 @@ from conftest import tiny_model
 from nanopr1.attention import build_inputs
 from nanopr1.format import PARALLEL, PARALLEL_END, PATH, PATH_END, SUMMARY, SUMMARY_END, check_format
 from nanopr1.model import tag_ids
-from nanopr1.sampler import ALL_TAGS, BIT, apply_tag_mask, gumbel, mix, sample
+from nanopr1.rollout import ALL_TAGS, BIT, apply_tag_mask, gumbel, mix
+from nanopr1.sampler import sample
 
 TEXTS = ["How many clips did she sell altogether in April?", "Natalia", "Let x be the number of cats. Then"]
 
@@ -132,6 +133,20 @@ def test_gumbel_noise_samples_the_softmax():
     freq = torch.bincount(tok, minlength=len(p)).float() / n
     assert ((freq - p).abs() <= 4 * (p * (1 - p) / n).sqrt()).all(), freq
     assert not torch.equal(gumbel(keys[:3], 5), gumbel(keys[3:6], 5))
+
+
+def test_every_draw_of_a_rollout_has_its_own_noise(bpe_tokenizer, monkeypatch):
+    """The noise key of each sampled token is new within its rollout: paths of a second block at the same
+    index as the first block's paths, the main line after a block, all draw fresh noise."""
+    import nanopr1.sampler
+    tok, seen = bpe_tokenizer, []
+    real = nanopr1.sampler.gumbel
+    monkeypatch.setattr(nanopr1.sampler, "gumbel", lambda keys, V: seen.append(keys.tolist()) or real(keys, V))
+    model = biased(tok, par=6.0, path_end=6.0, summary_end=6.0)
+    ros = sample(model, tok, prompts_of(tok)[:1], 1, max_new_tokens=80, seed=3, variant="unseen")
+    assert len(ros[0].blocks) >= 2
+    keys = [k for step in seen for k in step if k != 0]  # one rollout: every row's key at every step
+    assert len(keys) == len(set(keys)) and len(keys) >= sum(not f for f in ros[0].forced)
 
 
 def test_a_rollout_does_not_depend_on_its_batch(bpe_tokenizer):

@@ -9,7 +9,8 @@ from test_sampler import biased, prompts_of
 from nanopr1 import scoring
 from nanopr1.attention import build_inputs
 from nanopr1.model import tag_ids
-from nanopr1.sampler import ALL_TAGS, apply_tag_mask, sample
+from nanopr1.rollout import ALL_TAGS, apply_tag_mask
+from nanopr1.sampler import sample
 
 
 def reference_logprobs(model, rollouts, tags, variant, temperature):
