@@ -38,6 +38,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
 from nanopr1 import UsageError, data, recipes, toy
+from nanopr1.checkpoint import model_dir
 from nanopr1.evaluation import complete_rows, evaluate, format_table, merge, paired_difference, summarize
 
 MEAN_AT = {"math300": 1}  # the paper's n where it is not 16: MATH300 is reported as Mean@1
@@ -48,8 +49,9 @@ MIB = 1 << 20
 
 
 def local_dir(model_path):
-    """The model's directory, or None for a hub id (as nanopr1.model.load decides)."""
+    """The directory the model loads from (a run dir: its checkpoint), or None for a hub id."""
     path = Path(model_path).expanduser()
+    path = model_dir(path) if path.exists() else path
     return path.resolve() if (path / "config.json").is_file() else None
 
 

@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from nanopr1 import UsageError, checkpoint, data, format, metrics, recipes, rewards
 from nanopr1.grpo import group_advantages, policy_loss
-from nanopr1.model import apply_lora, load, refresh_copy, sampling_copy, save, tag_ids
+from nanopr1.model import apply_lora, load, refresh_copy, sampling_copy, tag_ids
 from nanopr1.rollout import mix
 from nanopr1.sampler import sample
 from nanopr1.scoring import micro_batches, pad_rows, sampler_gap, score
@@ -104,7 +104,7 @@ p.add_argument("--out", help="output dir (default: by stage and variant)")
 p.add_argument("--report-to", choices=["none", "tensorboard", "wandb"], default="none",
                help="also log metrics.jsonl's rows to a tracker (through accelerate; tensorboard: OUT/trackers)")
 p.add_argument("--save-every", type=int, default=20)
-p.add_argument("--resume", action="store_true", help="continue the run in --out (may change: " + ", ".join(MAY_CHANGE) + ")")
+p.add_argument("--resume", action="store_true", help=f"continue the run in --out (may change: {', '.join(MAY_CHANGE)})")
 p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run")
 p.add_argument("--eval-every", type=int, default=0, help="run eval on --eval-data every N steps (0: off)")
 p.add_argument("--eval-data", default="aime25", help="held-out set for --eval-every")
@@ -132,7 +132,12 @@ def main(args):
                          f"--prompts-per-step {args.prompts_per_step} must divide over {world} processes")
     model, tokenizer = load(args.init, "bfloat16" if cuda and args.lora else "float32")  # LoRA: a frozen bf16 base
     prompts = [format.chat_prompt_ids(tokenizer, template, r["question"]) for r in problems]
-    problems, prompts = keep_short_prompts(problems, prompts, args, acc)
+    keep = [i for i, q in enumerate(prompts) if len(q) <= args.max_prompt_tokens]  # longer ones are left out
+    if len(keep) < len(prompts):
+        acc.print(f"{len(prompts) - len(keep)} prompts are longer than --max-prompt-tokens: left out")
+    if len(keep) < args.prompts_per_step:
+        raise UsageError(f"only {len(keep)} prompts fit --max-prompt-tokens {args.max_prompt_tokens}")
+    problems, prompts = [problems[i] for i in keep], [prompts[i] for i in keep]
     model, opt, reference, policy, kv = setup(model, args, acc, max(map(len, prompts)))
     tags, pad = tag_ids(tokenizer), tokenizer.pad_token_id
     sampling = dict(num_paths=args.num_paths, max_blocks=args.max_blocks, max_new_tokens=args.max_new_tokens,
@@ -159,7 +164,7 @@ def main(args):
         # 3) rewards, 4) group advantages
         graded = [rewards.reward_rollout(r, rows[i // G]["answer"], args.reward, step, args.scaffold_switch)
                   for i, r in enumerate(rollouts)]
-        adv, flat = group_advantages([g[0] for g in graded], G)
+        adv, zero_groups = group_advantages([g[0] for g in graded], G)
         # 5) log-probs that stay fixed during the update: the old policy's (if more than one optimizer
         #    step uses these rollouts; else the ratio is exactly 1) and the reference's (KL)
         old = logprobs(model, rollouts, tags, pad, args, acc) if args.ppo_epochs > 1 or args.mini_batches > 1 else None
@@ -195,7 +200,7 @@ def main(args):
         if old is not None:  # the old policy's forward was the trainer's view of the rollouts
             stats["gap_sum"], stats["gap_tokens"] = sampler_gap(old, rollouts)
         # 7) log (reduced over ranks), evaluate, checkpoint
-        row = log_row(acc, step, args, rollouts, graded, flat, len(rows), stats, t_rollout, time.time() - t0 - t_rollout)
+        row = log_row(acc, step, args, rollouts, graded, zero_groups, len(rows), stats, t0, t_rollout)
         if args.eval_every and step % args.eval_every == 0:
             refresh_copy(policy, acc.unwrap_model(model))
             row.update(run_eval(policy, tokenizer, template, args, acc))
@@ -203,24 +208,13 @@ def main(args):
         bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.3f}", par=f"{row['parallel_rate']:.2f}")
         bar.update()
         if step % args.save_every == 0 or step == args.steps:  # every rank (FSDP gathers); the previous survives a kill
-            checkpoint.save(out, step, acc, lambda d: save(acc.unwrap_model(model), tokenizer, d, state_dict=acc.get_state_dict(
-                model), is_main=acc.is_main_process), args=vars(args))
+            checkpoint.save_run(out, step, acc, model, tokenizer, args)
     bar.close()
     acc.end_training()
     acc.print(f"done: {step} steps, model in {out}")
 
 # -----------------------------------------------------------------------------
 # the pieces main() calls
-
-
-def keep_short_prompts(problems, prompts, args, acc):
-    keep = [i for i, q in enumerate(prompts) if len(q) <= args.max_prompt_tokens]
-    if len(keep) < len(prompts):
-        acc.print(f"{len(prompts) - len(keep)} of {len(prompts)} prompts are longer than --max-prompt-tokens "
-                  f"{args.max_prompt_tokens}: left out")
-    if len(keep) < args.prompts_per_step:
-        raise UsageError(f"only {len(keep)} prompts fit --max-prompt-tokens {args.max_prompt_tokens}")
-    return [problems[i] for i in keep], [prompts[i] for i in keep]
 
 
 def setup(model, args, acc, longest_prompt):
@@ -237,7 +231,8 @@ def setup(model, args, acc, longest_prompt):
     if args.kl_coef > 0 and not args.lora:
         frozen = sampling_copy(model, dtype, acc.device)
         refresh_copy(frozen, model)
-    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
+    trained = [q for q in model.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=args.lr, weight_decay=args.weight_decay)
     model, opt = acc.prepare(model, opt)
     model.train()
     reference = None
@@ -284,21 +279,23 @@ def logprobs(model, rollouts, tags, pad, args, acc, ctx=nullcontext):
     return out
 
 
-def log_row(acc, step, args, rollouts, graded, flat, groups, stats, t_rollout, t_update):
+def log_row(acc, step, args, rollouts, graded, zero_groups, groups, stats, t0, t_rollout):
     """The step's metrics row: sums reduced over ranks, then divided."""
     m = {k: sum(g[1][k] for g in graded) for k in ("correct", "has_block", "format_ok")}
-    m.update(reward=sum(g[0] for g in graded), length=sum(len(r.ids) for r in rollouts), flat_groups=flat,
+    m.update(reward=sum(g[0] for g in graded), length=sum(len(r.ids) for r in rollouts), zero_groups=zero_groups,
              groups=groups, **stats, **{f"b_{k}": v for k, v in metrics.sums(rollouts).items()})
     m = {k: v.item() for k, v in zip(m, acc.reduce(torch.tensor(list(m.values()), dtype=torch.float64,
                                                                  device=acc.device), "sum"))}
     n = m["b_rollouts"]
     return {"step": step, "reward": m["reward"] / n, "accuracy": m["correct"] / n,
             "parallel_rate": m["has_block"] / n, "format_ok": m["format_ok"] / n, "length": m["length"] / n,
-            "zero_adv_groups": m["flat_groups"] / m["groups"], "clip_frac": m["clipped_tokens"] / max(m["tokens"], 1),
-            "ratio": m["ratio_sum"] / max(m["tokens"], 1), "logp_gap": m["gap_sum"] / max(m["gap_tokens"], 1), "loss": m["loss"],
+            "zero_adv_groups": m["zero_groups"] / m["groups"], "clip_frac": m["clipped_tokens"] / max(m["tokens"], 1),
+            "ratio": m["ratio_sum"] / max(m["tokens"], 1), "logp_gap": m["gap_sum"] / max(m["gap_tokens"], 1),
+            "loss": m["loss"],
             **metrics.from_sums({k[2:]: v for k, v in m.items() if k.startswith("b_")}),
             "reward_fn": rewards.reward_fn(args.reward, step, args.scaffold_switch).__name__,
-            "rollout_s": t_rollout, "update_s": t_update, "tokens_per_s": m["length"] / max(t_rollout, 1e-9) / acc.num_processes}
+            "rollout_s": t_rollout, "update_s": time.time() - t0 - t_rollout,
+            "tokens_per_s": m["length"] / max(t_rollout, 1e-9) / acc.num_processes}  # rollout tokens per rank
 
 
 def run_eval(model, tokenizer, template, args, acc):
@@ -316,21 +313,21 @@ def run_eval(model, tokenizer, template, args, acc):
 def parse_args(argv=None):
     """Flags, the preset's and the recipe's defaults; every check that needs no file, before anything loads."""
     args = recipes.parse(p, argv, "train_rl")
-    checks = [(args.group_size >= 2, f"--group-size {args.group_size}: GRPO compares rollouts of a prompt, it needs 2 or more"),
-              (args.temperature > 0, f"--temperature {args.temperature}: RL samples, it must be above 0"),
-              (0 < args.top_p <= 1, f"--top-p {args.top_p}: must be in (0, 1]"),
-              (args.num_paths >= 2, f"--num-paths {args.num_paths}: a parallel block needs 2 or more paths"),
-              (args.max_new_tokens >= 1 and args.max_prompt_tokens >= 1, "--max-new-tokens and --max-prompt-tokens must be 1 or more"),
-              (args.answer_reserve is None or args.answer_reserve >= 0, "--answer-reserve must be 0 or more"),
-              (args.prompts_per_step >= 1 and args.steps >= 1, "--prompts-per-step and --steps must be 1 or more"),
-              (args.save_every >= 1, f"--save-every {args.save_every}: must be 1 or more"),
-              (args.ppo_epochs >= 1 and args.mini_batches >= 1, "--ppo-epochs and --mini-batches must be 1 or more"),
-              (args.mini_batches <= args.prompts_per_step * args.group_size, "--mini-batches is more than the rollouts of a step"),
-              (args.micro_batch_tokens >= 1, "--micro-batch-tokens must be 1 or more"),
-              (args.max_rows is None or args.max_rows >= args.num_paths, f"--max-rows must hold one rollout ({args.num_paths} rows)"),
-              (args.lr > 0 and args.kl_coef >= 0, "--lr must be above 0 and --kl-coef 0 or more"),
-              (args.eval_every >= 0 and args.eval_n >= 1, "--eval-every must be 0 or more and --eval-n 1 or more")]
-    for ok, message in checks:
+    for ok, message in [
+            (args.group_size >= 2, f"--group-size {args.group_size}: GRPO compares a prompt's rollouts, 2 or more"),
+            (args.temperature > 0, f"--temperature {args.temperature}: RL samples, it must be above 0"),
+            (0 < args.top_p <= 1, f"--top-p {args.top_p}: must be in (0, 1]"),
+            (args.num_paths >= 2, f"--num-paths {args.num_paths}: a parallel block needs 2 or more paths"),
+            (min(args.max_new_tokens, args.max_prompt_tokens) >= 1, "--max-new-tokens, --max-prompt-tokens: 1 or more"),
+            ((args.answer_reserve or 0) >= 0, "--answer-reserve must be 0 or more"),
+            (min(args.prompts_per_step, args.steps) >= 1, "--prompts-per-step and --steps must be 1 or more"),
+            (args.save_every >= 1, f"--save-every {args.save_every}: must be 1 or more"),
+            (min(args.ppo_epochs, args.mini_batches) >= 1, "--ppo-epochs and --mini-batches must be 1 or more"),
+            (args.mini_batches <= args.prompts_per_step * args.group_size, "--mini-batches: more than the rollouts"),
+            (args.micro_batch_tokens >= 1, "--micro-batch-tokens must be 1 or more"),
+            ((args.max_rows or 2 ** 30) >= args.num_paths, f"--max-rows: one rollout needs {args.num_paths} rows"),
+            (args.lr > 0 and args.kl_coef >= 0, "--lr must be above 0 and --kl-coef 0 or more"),
+            (args.eval_every >= 0 and args.eval_n >= 1, "--eval-every must be 0 or more and --eval-n 1 or more")]:
         if not ok:
             raise UsageError(message)
     return args

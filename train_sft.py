@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from nanopr1 import UsageError, checkpoint, data, format, recipes, toy
 from nanopr1.scoring import collate, micro_batches, sequence_nll
-from nanopr1.model import apply_lora, load, save, tag_ids
+from nanopr1.model import apply_lora, load, tag_ids
 
 SAME = ("script", "model", "data", "variant", "batch_size", "epochs", "warmup", "max_len", "lora", "lora_r", "seed")
 MAY_CHANGE = ("lr", "max_steps", "save_every", "micro_batch_tokens")  # what --resume applies (and says so)
@@ -75,7 +75,7 @@ p.add_argument("--out", help="output dir: the model, metrics.jsonl, state/ (defa
 p.add_argument("--report-to", choices=["none", "tensorboard", "wandb"], default="none",
                help="also log metrics.jsonl's rows to a tracker (through accelerate; tensorboard: OUT/trackers)")
 p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (and at the end)")
-p.add_argument("--resume", action="store_true", help="continue the run in --out (may change: " + ", ".join(MAY_CHANGE) + ")")
+p.add_argument("--resume", action="store_true", help=f"continue the run in --out (may change: {', '.join(MAY_CHANGE)})")
 p.add_argument("--overwrite", action="store_true",
                help="start over in an --out that holds a run (with --generate: the corpus at --data)")
 # memory plan
@@ -246,8 +246,7 @@ def main(args):
         bar.set_postfix(loss=f"{loss:.4f}")
         bar.update()
         if step % args.save_every == 0 or step == stop:  # every rank (FSDP gathers); the previous survives a kill
-            checkpoint.save(out, step, acc, lambda d: save(acc.unwrap_model(model), tokenizer, d, state_dict=acc.get_state_dict(
-                model), is_main=acc.is_main_process), args=vars(args))
+            checkpoint.save_run(out, step, acc, model, tokenizer, args)
     bar.close()
     acc.end_training()
     acc.print(f"done: {step} steps, model in {out}")

@@ -107,13 +107,22 @@ def prompts(n, length, tok, seed=0):
 # (0)-(2) the sampler
 
 
+CACHES = []  # the static caches made, to report whether CUDA graph capture worked
+
+
+def static(model, rows, cols):
+    CACHES.append(StaticRows(rows, cols, next(model.parameters()).device))
+    return CACHES[-1]
+
+
 def equivalence(model, tok, label, n, new):
     """Fast vs simple at temperature 0: parallel off, and forced 2-path blocks in both variants."""
     for name, kw in [("parallel off", dict(parallel=False)), ("seen blocks", dict(variant="seen", force_block=8)),
                      ("unseen blocks", dict(variant="unseen", force_block=8))]:
         ps = prompts(n, 24, tok, seed=1)
         a = sample(model, tok, ps, 2, max_new_tokens=new, temperature=0, path_max_tokens=12, **kw)
-        b = sample(model, tok, ps, 2, max_new_tokens=new, temperature=0, path_max_tokens=12, fast=True, **kw)
+        b = sample(model, tok, ps, 2, max_new_tokens=new, temperature=0, path_max_tokens=12, cache=static(model, 16, 64),
+                   **kw)
         same = sum(x == y for r, q in zip(a, b) for x, y in zip(r.ids, q.ids)) / sum(len(r.ids) for r in a)
         prefix = [next((i for i, (x, y) in enumerate(zip(r.ids, q.ids)) if x != y), len(r.ids)) for r, q in zip(a, b)]
         diff = max(abs(x - y) for r, q, k in zip(a, b, prefix) for x, y in zip(r.logprobs[:k], q.logprobs[:k]))
@@ -138,7 +147,8 @@ def decode_bench(model, tok, args, bw):
           f"kB/token, copy bandwidth {bw / 1e9:.0f} GB/s")
     for B in args.batches:
         ps, row = prompts(B, P, tok), {}
-        run = lambda fast, n=N: sample(model, tok, ps, 1, max_new_tokens=n, temperature=0, parallel=False, fast=fast)
+        run = lambda fast, n=N: sample(model, tok, ps, 1, max_new_tokens=n, temperature=0, parallel=False,
+                                       cache=static(model, B, P + N + 2) if fast else None)
         for name, fn in [("fast", lambda: run(True)), ("simple", lambda: run(False)), ("generate", lambda: generate(model, ps, N))]:
             if name in args.methods:
                 try:
@@ -160,7 +170,7 @@ def decode_bench(model, tok, args, bw):
     ps, row = prompts(B, P, tok), {}
     for name in ("fast", "simple"):
         out, t = timed(lambda: sample(model, tok, ps, 1, max_new_tokens=N, temperature=0, variant="unseen",
-                                      force_block=32, fast=name == "fast"))
+                                      force_block=32, cache=static(model, 2 * B, P + N + 2) if name == "fast" else None))
         row[name], blocks = sum(len(r.ids) for r in out) / t, sum(len(r.blocks) for r in out)
         free()
     report("decode/paths", f"  batch {B:4d}, 2-path blocks (unseen, {blocks} blocks): fast {row['fast']:9.1f} tok/s   "
@@ -356,14 +366,16 @@ def main():
     t0 = time.time()
     if "equal" not in skip:
         print("\n(0) fast sampler vs simple sampler, temperature 0, 2 rollouts x 4 prompts, 40 new tokens; "
-              f"CUDA graphs: {StaticRows.graphs if device == 'cuda' else 'off (CPU)'}")
+              f"CUDA graphs: {'on' if device == 'cuda' else 'off (CPU)'}")
         equivalence(build(TINY, torch.float32, device), IdTokenizer(TINY["vocab_size"]), "tiny fp32", 4, 40)
     big = build(cfg, torch.bfloat16 if device == "cuda" else torch.float32, device) if {"equal", "decode"} - set(skip) else None
     if "equal" not in skip:
         equivalence(big, tok, "model " + str(next(big.parameters()).dtype)[6:], 4, 40)
     if "decode" not in skip:
         decode_bench(big, tok, args, bandwidth(device))
-    print(f"  CUDA graph capture: {StaticRows.graph_error or 'ok'}" if device == "cuda" else "", end="")
+    errors = {c.graph_error for c in CACHES if c.graph_error}
+    print(f"  CUDA graph capture: {'; '.join(errors) or 'ok'}" if device == "cuda" else "", end="")
+    CACHES.clear()
     big = None
     free()
     if "train" not in skip:

@@ -10,7 +10,7 @@ for s in 1 2; do python train_rl.py --preset toy --stage hard --seed $s --out ou
 python train_sft.py --preset toy --variant unseen "$@"
 for s in 0 1; do
   python train_rl.py --preset toy --stage hard --variant unseen --seed $s --out out/toy-unseen-s$s "$@"
-  python train_rl.py --preset toy --stage hard --variant unseen --seed $s --reward acc --out out/toy-unseen-acc-s$s "$@"
+  python train_rl.py --preset toy --stage hard --variant unseen --seed $s --reward accuracy --out out/toy-unseen-acc-s$s "$@"
   python train_rl.py --preset toy --stage hard --variant unseen --seed $s --reward scaffold --scaffold-switch 20 \
     --out out/toy-unseen-scaffold-s$s "$@"
 done

@@ -107,6 +107,15 @@ def save(out, step, acc, write, args=None):
     return new
 
 
+def save_run(out, step, acc, model, tokenizer, args):
+    """A training script's checkpoint: the model dir model.load reads (LoRA merged, FSDP gathered: every
+    rank calls this), accelerate's state, the step and the run's flags, as one unit (`save`)."""
+    from nanopr1.model import save as save_model
+    write = lambda d: save_model(acc.unwrap_model(model), tokenizer, d, state_dict=acc.get_state_dict(model),
+                                 is_main=acc.is_main_process)
+    return save(out, step, acc, write, args=vars(args))
+
+
 def validate(path):
     """None if `path` is a complete checkpoint, else the reason in one line, naming the file."""
     path = Path(path)

@@ -99,7 +99,7 @@ def format_table(summaries):
 
 def grade_rollout(problem, index, sample_index, rollout):
     """One JSONL row: the rollout's text and its grade under R_acc."""
-    _, m = reward_rollout(rollout, problem["answer"], "acc")
+    _, m = reward_rollout(rollout, problem["answer"], "accuracy")
     return {"problem": index, "sample": sample_index, "question": problem["question"], "gold": problem["answer"],
             **{k: m[k] for k in ("answer", "correct", "has_block", "format_ok", "num_blocks")},
             "length": len(rollout.ids), "stop_reason": rollout.stop_reason, "behaviour": metrics.sums([rollout]),

@@ -26,10 +26,10 @@ import torch
 def group_advantages(rewards, group_size, eps=1e-6):
     """rewards (N,) prompt-major -> (advantages (N,), number of zero-variance groups)."""
     r = torch.as_tensor(rewards, dtype=torch.float32).view(-1, group_size)  # (groups, G)
-    flat = (r == r[:, :1]).all(1, keepdim=True)  # (groups, 1) all rewards equal (always, if G == 1)
+    same = (r == r[:, :1]).all(1, keepdim=True)  # (groups, 1) all rewards equal (always, if G == 1)
     mean, std = r.mean(1, keepdim=True), r.std(1, keepdim=True) if group_size > 1 else torch.ones_like(r[:, :1])
-    adv = torch.where(flat, torch.zeros_like(r), (r - mean) / (std + eps))
-    return adv.view(-1), int(flat.sum())
+    adv = torch.where(same, torch.zeros_like(r), (r - mean) / (std + eps))
+    return adv.view(-1), int(same.sum())
 
 
 def policy_loss(logp, old_logp, adv, mask, num_tokens, eps_low=0.2, eps_high=0.2, dual_clip=3.0,

@@ -9,7 +9,7 @@ is still unset. `template(args)` is the prompt template every script uses.
 
     stage  variant  starts from        data   reward                     group  prompts  steps  clip-high
     easy   seen     out/sft            gsm8k  parallel (correct+block)   5      1024     35     0.2
-    hard   seen     out/rl-easy        dapo   acc                        8      512      300    0.2
+    hard   seen     out/rl-easy        dapo   accuracy                   8      512      300    0.2
     hard   unseen   out/sft-unseen     dapo   alternating (S2)           8      512      300    0.28
     easy   unseen   out/sft-unseen     gsm8k  parallel                   5      1024     35     0.28   (not in the paper)
 
@@ -25,7 +25,7 @@ from nanopr1.format import PARALLEL_PROMPT, SEQUENTIAL_PROMPT, load_template
 RL = {  # (stage, variant): the paper's settings (the table above)
     ("easy", "seen"): dict(init="out/sft", out="out/rl-easy", data="gsm8k", reward="parallel", group_size=5,
                            prompts_per_step=1024, steps=35, clip_high=0.2),
-    ("hard", "seen"): dict(init="out/rl-easy", out="out/rl-hard", data="dapo", reward="acc", group_size=8,
+    ("hard", "seen"): dict(init="out/rl-easy", out="out/rl-hard", data="dapo", reward="accuracy", group_size=8,
                            prompts_per_step=512, steps=300, clip_high=0.2),
     ("hard", "unseen"): dict(init="out/sft-unseen", out="out/rl-unseen", data="dapo", reward="alternating",
                              group_size=8, prompts_per_step=512, steps=300, clip_high=0.28),
@@ -35,7 +35,7 @@ RL = {  # (stage, variant): the paper's settings (the table above)
 TOY_RL = {  # the CPU-sized curriculum on the toy world (nanopr1/toy.py)
     ("easy", "seen"): dict(init="out/toy-sft", out="out/toy-easy", data="toy:easy", reward="parallel", group_size=8,
                            prompts_per_step=16, steps=35, clip_high=0.2),
-    ("hard", "seen"): dict(init="out/toy-easy", out="out/toy-hard", data="toy:hard", reward="acc", group_size=8,
+    ("hard", "seen"): dict(init="out/toy-easy", out="out/toy-hard", data="toy:hard", reward="accuracy", group_size=8,
                            prompts_per_step=16, steps=40, clip_high=0.2),
     ("hard", "unseen"): dict(init="out/toy-sft-unseen", out="out/toy-unseen", data="toy:hard", reward="alternating",
                              group_size=8, prompts_per_step=16, steps=40, clip_high=0.28),

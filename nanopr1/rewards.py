@@ -181,26 +181,26 @@ def is_tiered_step(step, window=10, tiered=2):
     return (step - 1) % window >= window - tiered
 
 
-SCHEDULES = ("acc", "parallel", "tiered", "alternating", "scaffold")
+SCHEDULES = ("accuracy", "parallel", "tiered", "alternating", "scaffold")
 
 
 def reward_fn(schedule, step, scaffold_until=200):
     """The reward function a schedule uses at RL step `step` (counted from 1).
 
-    acc: R_acc always. parallel: the easy-stage reward always. tiered: always.
+    accuracy: R_acc always. parallel: the easy-stage reward always. tiered: always.
     alternating (S2): R_acc, except tiered on steps 9-10 of each window of 10.
     scaffold (paper): alternating for steps 1..scaffold_until, then R_acc.
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown reward schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
     if schedule == "scaffold":
-        schedule = "alternating" if step <= scaffold_until else "acc"
+        schedule = "alternating" if step <= scaffold_until else "accuracy"
     if schedule == "alternating":
         return tiered_reward if is_tiered_step(step) else r_acc
-    return {"acc": r_acc, "parallel": parallel_reward, "tiered": tiered_reward}[schedule]
+    return {"accuracy": r_acc, "parallel": parallel_reward, "tiered": tiered_reward}[schedule]
 
 
-def reward_rollout(rollout, gold, schedule="acc", step=1, scaffold_until=200):
+def reward_rollout(rollout, gold, schedule="accuracy", step=1, scaffold_until=200):
     """(reward, metrics) of one rollout.Rollout under a reward schedule at an RL step (from 1).
 
     The structure comes from the rollout's tag tokens (module docstring, 0): format_ok = they are

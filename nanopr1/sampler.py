@@ -222,9 +222,9 @@ class _Sampler:
                     self.queue_due(w)
                     bits[i] = self.tag_mask(w)
             logits = apply_tag_mask(logits, torch.tensor(bits, device=self.device), self.tags)
-        T, top_p = self.o.temperature, self.o.top_p
-        logp = torch.log_softmax(logits / (T or 1), -1)  # (R, V); greedy: temperature 1
-        if T == 0:
+        temperature, top_p = self.o.temperature, self.o.top_p
+        logp = torch.log_softmax(logits / (temperature or 1), -1)  # (R, V); greedy: temperature 1
+        if temperature == 0:
             tok = logp.argmax(-1)
         else:  # one token per row from exp(logp), restricted to the smallest set of mass >= top_p
             scores = logp

@@ -56,9 +56,9 @@ class StaticRows:
     where row r writes next; valid (R, S + 1)."""
 
     # the decode step: "cuda" = captured as CUDA graphs on a GPU (no autocast), eager elsewhere; "never";
-    # "always" = the bucketed step with static buffers on any device (on a CPU it is re-run, not replayed: tests)
+    # "always" = the bucketed step with static buffers on any device (on a CPU it is re-run, not replayed: tests).
+    # The default of new caches; a cache whose capture fails decodes eagerly from then on (graph_error says why).
     graphs = "cuda"
-    graph_error = None  # why capturing failed, if it did (the step then runs eagerly)
 
     def __init__(self, max_rows, max_cols, device):
         self.R, self.S = max_rows, max_cols + 1
@@ -68,6 +68,7 @@ class StaticRows:
         self.n = 0  # rows in use by the sampler (rows 0..n-1)
         self.feed = None  # (rows, cols, view, prefix) of the forward in progress
         self.captured, self.pool, self.model = {}, None, None  # (bucket, view) -> (replay, input buffer, logits)
+        self.graphs, self.graph_error = StaticRows.graphs, None
 
     def reset(self, model):
         """Start a sample() call: no rows in use; graphs are kept if the model is the same object."""
@@ -132,7 +133,7 @@ class StaticRows:
             replay, buf, logits = self._graph(model, Rb, view)
         except RuntimeError as e:  # e.g. an op that waits for the host inside the model: decode eagerly
             warnings.warn(f"CUDA graph capture failed, the static cache decodes eagerly: {e}")
-            StaticRows.graphs, StaticRows.graph_error = "never", str(e)
+            self.graphs, self.graph_error = "never", str(e)
             x = inp.to(self.valid.device)
             return self._forward(model, x[0, :, None], x[1, :, None], torch.arange(Rb, device=x.device),
                                  x[2, :, None], x[3, :, None].bool(), view, prefix=True)[:n]

@@ -51,11 +51,11 @@ BAD = [  # (command, extra flags, the message: the whole stderr line after "erro
     (RL, ["--top-p", "0"], "--top-p 0.0: must be in (0, 1]"),
     (RL, ["--temperature", "-1"], "--temperature -1.0: RL samples, it must be above 0"),
     (RL, ["--temperature", "0"], "--temperature 0.0: RL samples, it must be above 0"),
-    (RL, ["--group-size", "1"], "--group-size 1: GRPO compares rollouts of a prompt, it needs 2 or more"),
+    (RL, ["--group-size", "1"], "--group-size 1: GRPO compares a prompt's rollouts, 2 or more"),
     (RL, ["--num-paths", "1"], "--num-paths 1: a parallel block needs 2 or more paths"),
     (RL, ["--save-every", "0"], "--save-every 0: must be 1 or more"),
     (RL, ["--steps", "0"], "--prompts-per-step and --steps must be 1 or more"),
-    (RL, ["--max-rows", "1"], "--max-rows must hold one rollout (2 rows)"),
+    (RL, ["--max-rows", "1"], "--max-rows: one rollout needs 2 rows"),
     (RL, ["--prompts-per-step", "30000"], "--prompts-per-step 30000: more than the 20000 problems of toy:easy, "
                                           "a step would repeat prompts"),
     (RL, ["--data", "toy-hard"], "--data toy-hard is the toy's held-out evaluation set; train on toy:hard"),
@@ -110,7 +110,7 @@ def test_the_exit_status_of_a_real_process(dirs, tmp_path):
     proc = run(ROOT / "train_rl.py", "--preset", "toy", "--init", str(dirs / "init"), "--out", str(tmp_path / "o"),
                "--group-size", "1", check=False)
     assert proc.returncode == 1
-    assert proc.stderr.strip() == "error: --group-size 1: GRPO compares rollouts of a prompt, it needs 2 or more"
+    assert proc.stderr.strip() == "error: --group-size 1: GRPO compares a prompt's rollouts, 2 or more"
 
 
 def test_a_bug_keeps_its_traceback(dirs, tmp_path, monkeypatch):

@@ -407,6 +407,20 @@ def test_new_weights_or_seed_are_recomputed(tmp_path, capsys):
         old = rows_of(tmp_path / "out")
 
 
+def test_a_run_dir_with_a_new_checkpoint_is_recomputed(tmp_path, capsys):
+    """A training run's dir (its model in OUT/checkpoint/) evaluated, then checkpointed again with new
+    weights: the same --model path now means other weights, and eval recomputes."""
+    from accelerate import Accelerator
+    from nanopr1 import checkpoint
+    run_dir, acc = tmp_path / "run", Accelerator(cpu=True)
+    checkpoint.save(run_dir, 1, acc, lambda d: toy.init_dir(d, seed=0))
+    shared = ["--model", str(run_dir), "--out", str(tmp_path / "out")] + TOY_ARGS
+    run_main(shared, capsys)
+    checkpoint.save(run_dir, 2, acc, lambda d: toy.init_dir(d, seed=1))
+    _, printed = run_main(shared, capsys)
+    assert "toy-easy was evaluated with other settings (weights)" in printed
+
+
 def test_two_models_share_an_out(tmp_path, capsys):
     """Two models named alike (a/model, b/model) into one --out: a sub-directory each; the first is not redone."""
     a, b = toy.init_dir(tmp_path / "a" / "model", seed=0), toy.init_dir(tmp_path / "b" / "model", seed=1)

@@ -29,7 +29,7 @@ def rl_parser():
 @pytest.mark.parametrize("argv, expected", [
     (["--stage", "easy"], dict(init="out/sft", data="gsm8k", reward="parallel", clip_high=0.2, group_size=5,
                                prompts_per_step=1024, steps=35)),
-    (["--stage", "hard"], dict(init="out/rl-easy", data="dapo", reward="acc", clip_high=0.2, group_size=8,
+    (["--stage", "hard"], dict(init="out/rl-easy", data="dapo", reward="accuracy", clip_high=0.2, group_size=8,
                                prompts_per_step=512, steps=300)),
     (["--stage", "hard", "--variant", "unseen"], dict(init="out/sft-unseen", data="dapo", reward="alternating",
                                                       clip_high=0.28, group_size=8, out="out/rl-unseen")),

@@ -234,7 +234,7 @@ def test_last_boxed_nested_and_unclosed():
 
 # (schedule, step, correct, has_block, reward)
 REWARD_CASES = [
-    ("acc", 1, True, False, 1.0), ("acc", 1, True, True, 1.0), ("acc", 9, False, True, -1.0),
+    ("accuracy", 1, True, False, 1.0), ("accuracy", 1, True, True, 1.0), ("accuracy", 9, False, True, -1.0),
     ("parallel", 1, True, True, 1.0), ("parallel", 1, True, False, -1.0), ("parallel", 1, False, True, -1.0),
     ("parallel", 1, False, False, -1.0),
     ("tiered", 1, True, True, 1.2), ("tiered", 1, True, False, 1.0), ("tiered", 1, False, True, -1.0),
@@ -302,7 +302,7 @@ ROLLOUT_CASES = {
     # the same block spelled with sub-word pieces: no block, no parallel reward; the answer still counts
     "spelled-parallel": (SPELLED, "42", "parallel", (-1.0, False, True, 0, True)),
     "spelled-tiered": (SPELLED, "42", "tiered", (1.0, False, True, 0, True)),
-    "spelled-acc": (SPELLED, "42", "acc", (1.0, False, True, 0, True)),
+    "spelled-acc": (SPELLED, "42", "accuracy", (1.0, False, True, 0, True)),
     # spelled tags after a real block neither break it nor hide the answer
     "real+spelled-path-end": (CHECK[:-1] + ["So</Path> done\nFinal Answer: 42"], "42", "parallel",
                               (1.0, True, True, 1, True)),
@@ -310,12 +310,12 @@ ROLLOUT_CASES = {
                               (1.0, True, True, 1, True)),
     "real+spelled-block": (CHECK[:-1] + [block() + "Final Answer: 42"], "42", "tiered", (1.2, True, True, 1, True)),
     # a spelled summary or unclosed spelled block is main text: a Final Answer in it counts
-    "spelled-summary": (["So <Summary>Final Answer: 42</Summary>"], "42", "acc", (1.0, False, True, 0, True)),
+    "spelled-summary": (["So <Summary>Final Answer: 42</Summary>"], "42", "accuracy", (1.0, False, True, 0, True)),
     "real+spelled-summary": (CHECK[:-1] + ["<Summary>\nFinal Answer: 42\n</Summary>"], "42", "parallel",
                              (1.0, True, True, 1, True)),
-    "spelled-unclosed": (["x<Parallel><Path>\nFinal Answer: 42"], "42", "acc", (1.0, False, True, 0, True)),
+    "spelled-unclosed": (["x<Parallel><Path>\nFinal Answer: 42"], "42", "accuracy", (1.0, False, True, 0, True)),
     # a Final Answer only inside a real path or summary does not count
-    "answer-in-path": (["x", *real_block(p1="Final Answer: 42"), "so"], "42", "acc", (-1.0, True, True, 1, False)),
+    "answer-in-path": (["x", *real_block(p1="Final Answer: 42"), "so"], "42", "accuracy", (-1.0, True, True, 1, False)),
     "answer-in-summary": (["x", *real_block(s="Final Answer: 42"), "so"], "42", "parallel",
                           (-1.0, True, True, 1, False)),
     "answer-in-path-wrong-main": (["x", *real_block(p2="Final Answer: 42"), "Final Answer: 41"], "42", "tiered",
@@ -323,10 +323,10 @@ ROLLOUT_CASES = {
     # malformed real tags: no block (the answer outside them still counts)
     "one-path": ([PAR, P, "a", P_END, PAR_END, SUM, "s", SUM_END, "Final Answer: 42"], "42", "parallel",
                  (-1.0, False, False, 0, True)),
-    "one-path-acc": ([PAR, P, "a", P_END, PAR_END, SUM, "s", SUM_END, "Final Answer: 42"], "42", "acc",
+    "one-path-acc": ([PAR, P, "a", P_END, PAR_END, SUM, "s", SUM_END, "Final Answer: 42"], "42", "accuracy",
                      (1.0, False, False, 0, True)),
     "unclosed-block": (["Final Answer: 42", PAR, P, "a", P_END, P, "b"], "42", "tiered", (1.0, False, False, 0, True)),
-    "unclosed-hides-answer": (["x", PAR, P, "a", P_END, P, "Final Answer: 42"], "42", "acc",
+    "unclosed-hides-answer": (["x", PAR, P, "a", P_END, P, "Final Answer: 42"], "42", "accuracy",
                               (-1.0, False, False, 0, False)),
     "real-stray-path-end": (CHECK[:-1] + [P_END, "Final Answer: 42"], "42", "tiered", (1.0, False, False, 0, True)),
     "real-no-summary": (["x", PAR, P, "a", P_END, P, "b", P_END, PAR_END, "Final Answer: 42"], "42", "parallel",
@@ -335,7 +335,7 @@ ROLLOUT_CASES = {
                             "Final Answer: 42"], "42", "parallel", (-1.0, False, False, 0, True)),
     "good-then-one-path": (CHECK[:-1] + [PAR, P, "c", P_END, PAR_END, SUM, "s", SUM_END, "Final Answer: 42"], "42",
                            "tiered", (1.0, False, False, 0, True)),
-    "empty": ([], "42", "acc", (-1.0, False, True, 0, False)),
+    "empty": ([], "42", "accuracy", (-1.0, False, True, 0, False)),
 }
 
 
@@ -364,7 +364,7 @@ def test_reward_rollout_schedule_and_step(bpe_tokenizer):
     assert [reward_rollout(good, "42", name)[1]["reward_fn"] for name in SCHEDULES] == \
         ["r_acc", "parallel_reward", "tiered_reward", "r_acc", "r_acc"]
     with pytest.raises(ValueError, match="unknown reward schedule"):
-        reward_rollout(good, "42", "accuracy")
+        reward_rollout(good, "42", "acc")  # the old name: refused with the list of names
 
 # -----------------------------------------------------------------------------
 # real data
