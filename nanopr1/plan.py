@@ -65,8 +65,9 @@ class Plan:
         return sum(b for _, b in self.items)
 
     def __str__(self):
-        lines = [f"  {what:<62s} {b / GB:8.2f} GB" for what, b in self.items]
-        lines.append(f"  {'total':<62s} {self.total / GB:8.2f} GB of {self.gpu_bytes / GB:.1f} GB")
+        width = max(len(what) for what, _ in self.items)
+        lines = [f"  {what:<{width}s} {b / GB:6.1f} GB" for what, b in self.items]
+        lines.append(f"  {'total':<{width}s} {self.total / GB:6.1f} GB of {self.gpu_bytes / GB:.0f} GB")
         return "\n".join(lines + [self.verdict])
 
 
@@ -157,10 +158,9 @@ def memory_plan(config, *, gpu_bytes, world=1, fsdp=False, lora_r=0, grad_ckpt=T
         sample = step(rows(gpu_bytes - p.total - train if kv_bytes is None else kv_bytes))
         p.rows = rows(gpu_bytes - p.total - max(train, sample) if kv_bytes is None else kv_bytes)
         p.kv_bytes = p.rows * row
-    how = "gradient checkpointing" if grad_ckpt else "no checkpointing"
-    p.items.append((f"training: activations of {T:,} tokens ({how}) {act / GB:.1f} GB + a chunk of logits "
-                    f"({LOGITS_CHUNK_TOKENS:,} x {V:,}) {logits / GB:.1f} GB" +
-                    (f"; sampling: decode step {sample / GB:.1f} GB; the larger counts" if sampling else ""),
+    how = "checkpointed" if grad_ckpt else "not checkpointed"
+    p.items.append((f"training {train / GB:.1f} ({T:,}-token micro-batch {act / GB:.1f}, {how}, + logits "
+                    f"{logits / GB:.1f})" + (f" or sampling {sample / GB:.1f}, the larger" if sampling else ""),
                     max(train, sample)))
     if sampling:
         p.items.append((f"KV cache: {p.rows:,} rows x {p.cols + 1:,} columns x "
