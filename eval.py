@@ -208,6 +208,7 @@ def main(argv=None):
                             for k in ("correct", "has_block")}
                     print(f"  {label}/{name}: accuracy {100 * diff['correct'][0]:+.1f} ± {100 * diff['correct'][1]:.1f}"
                           f"   parallel {100 * diff['has_block'][0]:+.1f} ± {100 * diff['has_block'][1]:.1f}")
+    acc.end_training()  # the process group down before exit
     return table
 
 

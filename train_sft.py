@@ -164,6 +164,7 @@ def generate_corpus(args):
         reasons = dict(Counter(r["rejected"] for r in rejected).most_common())
         print(f"kept {len(kept)}/{len(problems)} ({len(kept) / max(len(problems), 1):.1%}) -> {out}; rejected: "
               f"{reasons}; {len(new)} sampled now on {procs}")
+    acc.end_training()  # the process group down before exit
 
 # -----------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ decoder layer, then the embedding/norm/head group kept gathered from forward to 
 root). Prints one JSON line per rank. Not a test itself."""
 import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -41,6 +42,7 @@ scoring.token_logprobs(plain, {"input_ids": ids}, first=0).sum().backward()
 full = lambda g: g.full_tensor() if hasattr(g, "full_tensor") else g
 grads = dict(plain.named_parameters())
 grad_diff = max((full(q.grad) - grads[n].grad).abs().max().item() for n, q in model.named_parameters())
-print(json.dumps({"world": dist.get_world_size(), "sharded": sharded, "copy_diff": copy_diff, "grad_diff": grad_diff,
-                  "grad_scale": max(q.grad.abs().max().item() for q in plain.parameters())}), file=sys.stdout)
+result = {"world": dist.get_world_size(), "sharded": sharded, "copy_diff": copy_diff, "grad_diff": grad_diff,
+          "grad_scale": max(q.grad.abs().max().item() for q in plain.parameters())}
+(Path(sys.argv[1]) / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))  # one file each: no interleaving
 dist.destroy_process_group()
