@@ -34,6 +34,7 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
@@ -212,6 +213,17 @@ def main(argv=None):
     return table
 
 
+def static_cache(model, tokenizer, template, sets, args):
+    """On a GPU: one static KV cache (CUDA graphs, see staticcache.py) for every batch of every set, rows
+    from 80% of the free memory, columns for the longest prompt of all sets + the budget."""
+    from nanopr1.format import chat_prompt_ids
+    from nanopr1.staticcache import StaticRows, rows_for_budget
+    longest = max(len(chat_prompt_ids(tokenizer, template, p["question"])) for ps in sets.values() for p in ps)
+    cols = longest + args.max_new_tokens + 1
+    rows = rows_for_budget(model.config, model.dtype, cols, 0.8 * torch.cuda.mem_get_info()[0])
+    return StaticRows(max(rows, args.num_paths), cols, args.device)
+
+
 def evaluate_model(model_path, args, sets, ns, template, sampling, acc):
     """Evaluate one model on every set, this rank's share of each; the main process merges the
     ranks' rollouts and writes summary.json. Returns the summaries on the main process, else {}."""
@@ -222,6 +234,7 @@ def evaluate_model(model_path, args, sets, ns, template, sampling, acc):
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         raise UsageError(str(e)) from None
     weights = fingerprint(model_path, model)
+    cache = static_cache(model, tokenizer, template, sets, args) if args.device.startswith("cuda") else None
     keys, summaries, rows = {}, {}, {}
     for name, problems in sets.items():
         n = ns[name]
@@ -234,7 +247,7 @@ def evaluate_model(model_path, args, sets, ns, template, sampling, acc):
         evaluate(model, tokenizer, problems, n, template=template, parallel=not args.no_parallel,
                  batch_size=args.batch_size, done=data.read_rows(out / f"{name}.jsonl"),
                  on_rows=lambda new: data.write_rows(mine, new, "a"), progress=not args.no_progress, desc=name,
-                 seed=args.seed, rank=acc.process_index, world=acc.num_processes, **sampling)
+                 seed=args.seed, rank=acc.process_index, world=acc.num_processes, cache=cache, **sampling)
         acc.wait_for_everyone()
         if acc.is_main_process:
             rows[name] = finish(out, name, problems, n)

@@ -33,7 +33,7 @@ def parse_args(argv=None):
     # model
     p.add_argument("--model", help="hub id or local directory (toy preset: the newest of out/toy-*)")
     p.add_argument("--preset", choices=["toy"], help="toy: the newest toy model, its prompt template and budget")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: bfloat16 on cuda, else float32)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu | cuda (default: cuda if available)")
     # prompt
@@ -99,12 +99,13 @@ def main(argv=None):
     force_block = False if args.force_block is None else (True if args.force_block < 0 else args.force_block)
     try:  # the template first: a bad --prompt-file should not wait for the model to load
         template = recipes.template(args)
-        model, tokenizer = load(name, dtype=args.dtype, device=args.device)
+        cuda = args.device.startswith("cuda")
+        model, tokenizer = load(name, dtype=args.dtype or ("bfloat16" if cuda else "float32"), device=args.device)
         prompt = chat_prompt_ids(tokenizer, template, args.prompt)
         rollouts = sample(model.eval(), tokenizer, [prompt], args.n, num_paths=args.num_paths,
                           max_blocks=args.max_blocks, max_new_tokens=args.max_new_tokens, path_max_tokens=args.path_max_tokens,
                           temperature=args.temperature, top_p=args.top_p, seed=args.seed, variant=args.variant,
-                          parallel=not args.no_parallel, force_block=force_block)
+                          parallel=not args.no_parallel, force_block=force_block, fast=cuda)  # GPU: CUDA graphs
     except ValueError as e:  # UsageError, or a prompt the sampler refuses
         sys.exit(f"error: {e}")
     for i, r in enumerate(rollouts):

@@ -471,3 +471,17 @@ def test_paired_difference_closed_form():
     d = [0.5, 0.0, -0.5, 1.0]
     sd = (sum((x - 0.25) ** 2 for x in d) / 3) ** 0.5
     assert m == pytest.approx(0.25) and se == pytest.approx(sd / 2)
+
+
+def test_one_static_cache_serves_every_batch(toy_model, monkeypatch):
+    """eval.py on a GPU hands one StaticRows to every sample() call of every set (its CUDA graphs kept);
+    here run the way it is captured (graphs "always"): the same rows as the simple cache."""
+    from nanopr1.staticcache import StaticRows
+    monkeypatch.setattr(StaticRows, "graphs", "always")
+    model, tokenizer = nanopr1.model.load(toy_model)
+    problems = nanopr1.data.load("toy-easy")[:6]
+    kw = dict(template=toy.TEMPLATE, max_new_tokens=40, seed=0, batch_size=2, progress=False)
+    cache = StaticRows(16, 80, "cpu")
+    with_cache, _ = ev.evaluate(model, tokenizer, problems, 2, cache=cache, **kw)
+    simple, _ = ev.evaluate(model, tokenizer, problems, 2, **kw)
+    assert [r["text"] for r in with_cache] == [r["text"] for r in simple] and cache.captured

@@ -9,6 +9,7 @@ from conftest import build_bpe_tokenizer, run, shared_file, tiny_model
 from nanopr1 import data, format, toy
 from nanopr1.scoring import collate, sequence_nll
 from nanopr1.attention import build_inputs, find_blocks
+from nanopr1.kvcache import CACHE_KW
 from nanopr1.model import load, tag_ids
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +43,7 @@ def path_alone_logits(model, tags, prompt, response, block, path):
     mask = torch.ones(1, 1, len(new), L + len(new), dtype=torch.bool)
     mask[0, 0, :, L:] = torch.ones(len(new), len(new)).tril().bool()
     logits = model(input_ids=torch.tensor([new]), position_ids=torch.arange(start, start + len(new))[None],
-                   attention_mask=mask, past_key_values=out.past_key_values).logits
+                   attention_mask=mask, **{CACHE_KW: getattr(out, "cache", None) or out.past_key_values}).logits
     return logits[0, 1:]  # at the path's tokens
 
 
