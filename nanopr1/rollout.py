@@ -120,6 +120,13 @@ class RowState:  # one cache row: the main line of a rollout (path None) or one 
     closing: bool = False                       # </Path> is being fed: the path ends after this forward
     parked: bool = False                        # a finished path: not fed, kept for the merge
 
+    def noise_key(self):
+        """The key of this row's next draw, new at every draw of the rollout: the main line's response
+        index, or a path's (block, path, index in the path)."""
+        ro = self.ro
+        return mix(ro.key, len(ro.out.ids)) if self.path is None else mix(ro.key, len(ro.blocks), self.path,
+                                                                            len(self.seg.ids), -1)
+
 # -----------------------------------------------------------------------------
 # random streams that do not depend on the batch: hashes of integers
 

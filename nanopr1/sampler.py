@@ -232,9 +232,7 @@ class _Sampler:
                 sorted_p, idx = logp.exp().sort(-1, descending=True)
                 cut = (sorted_p.cumsum(-1) - sorted_p) >= top_p  # (R, V) outside the top-p set
                 scores = logp.masked_fill(torch.zeros_like(cut).scatter_(-1, idx, cut), float("-inf"))
-            keys = [(mix(w.ro.key, len(w.ro.out.ids)) if w.path is None  # the main line: its response index
-                     else mix(w.ro.key, len(w.ro.blocks), w.path, len(w.seg.ids), -1))  # a path: block, path, index
-                    if w is not None and not w.parked else 0 for w in self.rows]  # a fresh key for every draw
+            keys = [w.noise_key() if w is not None and not w.parked else 0 for w in self.rows]
             tok = (scores + gumbel(torch.tensor(keys, device=self.device), logp.shape[1])).argmax(-1)
         out = torch.stack([tok.to(logp.dtype), logp.gather(1, tok[:, None])[:, 0]]).tolist()  # one host sync
         return [int(t) for t in out[0]], out[1], bits
