@@ -45,6 +45,7 @@ from nanopr1.model import tag_ids
 from nanopr1.rollout import (ALL_TAGS, BIT, MAIN, PATHS, SUMMARY_PHASE, BlockState, RolloutState, RowState, Segment,
                              apply_tag_mask, gumbel, make_rollout, mix)
 
+
 @dataclass(frozen=True)
 class Options:
     num_paths: int = 2              # paths per block

@@ -49,6 +49,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from nanopr1.checkpoint import latest
 from nanopr1.format import ANSWER_PREFIX, PARALLEL, PARALLEL_END, PATH, PATH_END, SUMMARY, SUMMARY_END, TAGS
 from nanopr1.model import add_tags, tiny_qwen3_config
 
@@ -104,8 +105,8 @@ STAGE_DIRS = ("out/toy-hard", "out/toy-easy", "out/toy-sft")  # where the toy cu
 
 
 def latest_model():
-    """The newest toy checkpoint the curriculum has written, or None."""
-    return next((d for d in STAGE_DIRS if (Path(d) / "config.json").is_file()), None)
+    """The newest toy run the curriculum has written (a run dir with a checkpoint, or a model dir), or None."""
+    return next((d for d in STAGE_DIRS if latest(d) or (Path(d) / "config.json").is_file()), None)
 
 
 def init_dir(path, seed=0):

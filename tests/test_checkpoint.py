@@ -1,6 +1,6 @@
 """Checkpoints: a save/resume round trip with a real Accelerator, a kill after every file
 of a save, the crash between the two renames, damaged files, the output-dir guard,
-metrics trimming, a changed --lr on resume, and model.load on a run dir."""
+metrics trimming, a changed --lr on resume, and model.load / the toy preset on a run dir."""
 
 import json
 import random
@@ -121,6 +121,19 @@ def test_model_load_resolves_run_dirs(tmp_path, toy_dir):
     with pytest.raises(UsageError, match="checkpoint.old/config.json: 2 bytes") as e:
         load(str(out))
     assert "\n" not in str(e.value)
+
+
+def test_the_toy_preset_finds_the_newest_run_dir(tmp_path, toy_dir, monkeypatch):
+    """sample.py --preset toy without --model loads the newest stage the toy curriculum wrote: run dirs
+    (a checkpoint inside), and a plain model dir too."""
+    monkeypatch.chdir(tmp_path)
+    assert toy.latest_model() is None
+    shutil.copytree(toy_dir, "out/toy-sft")  # a plain model dir
+    assert toy.latest_model() == "out/toy-sft"
+    save(Path("out/toy-easy"), 1, trainer(toy_dir).acc, lambda d: shutil.copytree(toy_dir, d, dirs_exist_ok=True))
+    assert toy.latest_model() == "out/toy-easy"
+    Path("out/toy-hard").mkdir()  # started, nothing saved yet
+    assert toy.latest_model() == "out/toy-easy"
 
 # -----------------------------------------------------------------------------
 # (b) a kill after any file, (c) between the renames, (d) damaged files
