@@ -1,5 +1,5 @@
 """
-bench/bench_4b.py: nanopr1 at Qwen3-4B scale on one GPU, in one run (issue 7). A benchmark, not a test.
+bench/bench_4b.py: nanopr1 at Qwen3-4B scale on one GPU, in one run. A benchmark, not a test.
 
     python bench/bench_4b.py --tiny                       # CPU, a tiny Qwen3: the script end to end, in seconds
     python bench/bench_4b.py --out bench_4b.json          # one H100 / H200: Qwen3-4B-shaped, random bf16 weights
@@ -121,8 +121,8 @@ def equivalence(model, tok, label, n, new):
                      ("unseen blocks", dict(variant="unseen", force_block=8))]:
         ps = prompts(n, 24, tok, seed=1)
         a = sample(model, tok, ps, 2, max_new_tokens=new, temperature=0, path_max_tokens=12, **kw)
-        b = sample(model, tok, ps, 2, max_new_tokens=new, temperature=0, path_max_tokens=12, cache=static(model, 16, 64),
-                   **kw)
+        b = sample(model, tok, ps, 2, max_new_tokens=new, temperature=0, path_max_tokens=12,
+                   cache=static(model, 16, 24 + new + 2), **kw)
         same = sum(x == y for r, q in zip(a, b) for x, y in zip(r.ids, q.ids)) / sum(len(r.ids) for r in a)
         prefix = [next((i for i, (x, y) in enumerate(zip(r.ids, q.ids)) if x != y), len(r.ids)) for r, q in zip(a, b)]
         diff = max(abs(x - y) for r, q, k in zip(a, b, prefix) for x, y in zip(r.logprobs[:k], q.logprobs[:k]))
