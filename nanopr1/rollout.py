@@ -99,21 +99,21 @@ class BlockState:  # the block a rollout is writing
 
 @dataclass(eq=False)
 class RolloutState:  # one rollout being written
-    prompt: list
+    prompt: list                                # the prompt token ids
     key: int                                    # the seed of its random stream (prompt seed, rollout of its group)
     force: object                               # None, or when to force the first <Parallel>: n tokens or "line"
-    out: Segment = field(default_factory=Segment)     # the response so far, canonical layout
+    out: Segment = field(default_factory=Segment)  # the response so far, canonical layout
     phase: str = MAIN                           # MAIN, PATHS or SUMMARY_PHASE
     blocks: list = field(default_factory=list)  # finished blocks (BlockSpan)
-    block: BlockState = None                        # the block being written
+    block: BlockState = None                    # the block being written
     stop: str = None                            # "eos" | "budget" once finished
 
 
 @dataclass(eq=False)
 class RowState:  # one cache row: the main line of a rollout (path None) or one of its paths
-    ro: RolloutState
+    ro: RolloutState                            # the rollout it writes
     path: object                                # None or the path index
-    seg: Segment                                   # where its tokens go: ro.out, or its path's segment
+    seg: Segment                                # where its tokens go: ro.out, or its path's segment
     pos: int                                    # position id of the next token fed
     queue: list = field(default_factory=list)   # forced tokens to insert next
     fork: bool = False                          # <Parallel> was just fed: fork before the next token
