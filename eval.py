@@ -22,7 +22,7 @@ seed, prompt, sampling settings, n, limit, the problems) is the one stored in ke
 with another key is recomputed from scratch.
 
 Simplifications relative to the paper:
-1. The grader is a small numeric normaliser (nanopr1/rewards.py), not math-verify.
+1. The built-in grader is a small numeric normaliser (nanopr1/rewards.py), not math-verify (--grader plugs one in).
 2. The weights are identified by file sizes, times and their first and last MiB, not a full hash.
 3. --batch-size is not in the key: it changes which random numbers a rollout draws, not their law.
 """
@@ -38,7 +38,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
-from nanopr1 import UsageError, data, recipes, toy
+from nanopr1 import UsageError, data, recipes, rewards, toy
 from nanopr1.checkpoint import model_dir
 from nanopr1.evaluation import complete_rows, evaluate, format_table, merge, paired_difference, summarize
 
@@ -58,7 +58,7 @@ def local_dir(model_path):
 
 def out_dir(args, model_path):
     """OUT/<model name>[-sequential]-<hash of where it is>: two out/rl-hard of different runs do not collide."""
-    where = str(local_dir(model_path) or model_path)
+    where = str(Path(model_path).expanduser().resolve() if local_dir(model_path) else model_path)
     name = Path(model_path.rstrip("/")).name + ("-sequential" if args.no_parallel else "")
     return Path(args.out) / f"{name}-{hashlib.sha256(where.encode()).hexdigest()[:6]}"
 
@@ -84,7 +84,7 @@ def fingerprint(model_path, model):
 def run_key(weights, args, template, sampling, n, problems):
     """Everything that changes a dataset's rows. A resumed run must have the same key."""
     questions = json.dumps([[p["question"], p["answer"]] for p in problems]).encode()
-    return {"weights": weights, "dtype": args.dtype, "seed": args.seed, "template": template,
+    return {"weights": weights, "dtype": args.dtype, "seed": args.seed, "template": template, "grader": args.grader,
             "parallel": not args.no_parallel, **sampling, "n": n, "limit": args.limit,
             "problems": hashlib.sha256(questions).hexdigest()[:16]}
 
@@ -143,6 +143,7 @@ def parse_args(argv=None):
     p.add_argument("--max-blocks", type=int, default=4, help="parallel blocks per rollout at most")
     p.add_argument("--no-parallel", action="store_true", help="sequential baseline: plain prompt, no forking")
     p.add_argument("--prompt-file", help="a prompt template with a {problem} slot")
+    p.add_argument("--grader", default="is_equiv", help="is_equiv (the built-in) or module:function, e.g. math-verify")
     p.add_argument("--batch-size", type=int, default=4, help="problems per sampler call (x n rollouts)")
     p.add_argument("--seed", type=int, default=0)
     # output
@@ -165,6 +166,7 @@ def parse_args(argv=None):
     for bad, message in checks:
         if bad:
             raise UsageError(message)
+    rewards.resolve(args.grader, "grader")  # a typo in --grader: one line, before any model loads
     return args
 
 
@@ -213,15 +215,20 @@ def main(argv=None):
     return table
 
 
-def static_cache(model, tokenizer, template, sets, args):
-    """On a GPU: one static KV cache (CUDA graphs, see staticcache.py) for every batch of every set, rows
-    from 80% of the free memory, columns for the longest prompt of all sets + the budget."""
+def kv_cache(model, tokenizer, template, sets, ns, args):
+    """One KV cache for every batch of every set (its CUDA graphs kept): columns for the longest prompt of
+    all sets + the budget, rows for one batch's rollouts (fewer if the GPU's free memory holds fewer)."""
     from nanopr1.format import chat_prompt_ids
-    from nanopr1.staticcache import StaticRows, rows_for_budget
+    from nanopr1.kvcache import KVCache, free_bytes, rows_for_budget
     longest = max(len(chat_prompt_ids(tokenizer, template, p["question"])) for ps in sets.values() for p in ps)
-    cols = longest + args.max_new_tokens + 1
-    rows = rows_for_budget(model.config, model.dtype, cols, 0.8 * torch.cuda.mem_get_info()[0])
-    return StaticRows(max(rows, args.num_paths), cols, args.device)
+    cols, need = longest + args.max_new_tokens + 1, 1 if args.no_parallel else args.num_paths
+    rows, budget = args.batch_size * max(ns.values()) * need, free_bytes(model.device)
+    if budget is not None:
+        rows = min(rows, rows_for_budget(model.config, model.dtype, cols, budget))
+    if rows < need:
+        raise UsageError(f"{budget / 1e9:.1f} GB of free GPU memory hold {rows} KV cache rows of {cols} columns, "
+                         f"one rollout needs {need}: lower --max-new-tokens")
+    return KVCache(rows, cols, model.device)
 
 
 def evaluate_model(model_path, args, sets, ns, template, sampling, acc):
@@ -234,7 +241,7 @@ def evaluate_model(model_path, args, sets, ns, template, sampling, acc):
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         raise UsageError(str(e)) from None
     weights = fingerprint(model_path, model)
-    cache = static_cache(model, tokenizer, template, sets, args) if args.device.startswith("cuda") else None
+    cache = kv_cache(model, tokenizer, template, sets, ns, args)
     keys, summaries, rows = {}, {}, {}
     for name, problems in sets.items():
         n = ns[name]
@@ -247,7 +254,8 @@ def evaluate_model(model_path, args, sets, ns, template, sampling, acc):
         evaluate(model, tokenizer, problems, n, template=template, parallel=not args.no_parallel,
                  batch_size=args.batch_size, done=data.read_rows(out / f"{name}.jsonl"),
                  on_rows=lambda new: data.write_rows(mine, new, "a"), progress=not args.no_progress, desc=name,
-                 seed=args.seed, rank=acc.process_index, world=acc.num_processes, cache=cache, **sampling)
+                 seed=args.seed, rank=acc.process_index, world=acc.num_processes, cache=cache,
+                 grader=rewards.resolve(args.grader, "grader"), **sampling)
         acc.wait_for_everyone()
         if acc.is_main_process:
             rows[name] = finish(out, name, problems, n)

@@ -3,11 +3,13 @@ plot.py: PNG figures of RL runs (training curves) and of eval results (bar chart
 
     python plot.py out/toy-easy --out plots
     python plot.py out/rl-seen out/rl-unseen --labels seen,unseen --smooth 5 --out plots
+    python plot.py out/toy-hard --metrics accuracy,blocks_per_rollout --together toy_hard --out docs/figures
     python plot.py --eval out/eval/rl-easy/summary.json out/eval/rl-hard/summary.json --out plots
 
 One process (no `accelerate launch`: it only reads files); matplotlib is an optional extra
 (pip install -e ".[plot]"). Each RUN_DIR's metrics.jsonl (train_rl.py, one row per step) gives
-OUT/<metric>.png for each metric in METRICS that some run logged: x = step, one line per run.
+OUT/<metric>.png for each metric of --metrics that some run logged (x = step, one line per run), or
+one figure OUT/NAME.png with a panel per metric (--together NAME).
 The --eval files (eval.py's summary.json) give OUT/eval.png: accuracy (mean@n) and parallel
 rate per dataset, one bar per model (named by the summary's directory).
 
@@ -32,6 +34,8 @@ def parse_args(argv=None):
     p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run dirs holding metrics.jsonl")
     p.add_argument("--labels", help="comma-separated legend names, one per RUN_DIR (default: the dir names)")
     p.add_argument("--smooth", type=int, default=1, metavar="K", help="moving average over the last K steps")
+    p.add_argument("--metrics", default=",".join(METRICS), help="comma-separated metrics of metrics.jsonl to plot")
+    p.add_argument("--together", metavar="NAME", help="the metrics as panels of one figure, OUT/NAME.png")
     p.add_argument("--eval", nargs="+", default=[], metavar="SUMMARY", help="eval.py summary.json files")
     p.add_argument("--out", required=True, help="directory for the PNG files")
     args = p.parse_args(argv)
@@ -63,23 +67,28 @@ def smooth(ys, k):
     return [sum(w) / len(w) for w in (ys[max(0, i - k + 1):i + 1] for i in range(len(ys)))]
 
 
-def plot_runs(plt, runs, labels, k, out):
-    written = []
-    for metric in METRICS:
+def plot_runs(plt, runs, labels, k, out, metrics=METRICS, together=None):
+    """One PNG per metric some run logged (x = step, a line per run), or one PNG `together` with a panel each."""
+    panels = []
+    for metric in metrics:
         curves = []
         for rows, label in zip(runs, labels):
             steps = sorted(s for s, r in rows.items() if r.get(metric) is not None)  # None: e.g. no block that step
             if steps:
                 curves.append((label, steps, [rows[s][metric] for s in steps]))
-        if not curves:
-            continue  # no run logged it
-        fig, ax = plt.subplots(figsize=(6, 4), layout="tight")
-        for label, steps, ys in curves:
-            ax.plot(steps, smooth(ys, k), label=label)
-        ax.set(xlabel="step", ylabel=metric, title=metric + (f" (moving average of {k})" if k > 1 else ""))
-        ax.grid(alpha=0.3)
-        ax.legend()
-        written.append(save(plt, fig, out / f"{metric}.png"))
+        if curves:  # (no run logged it: no panel)
+            panels.append((metric, curves))
+    figures = [(together, panels)] if together else [(metric, [(metric, curves)]) for metric, curves in panels]
+    written = []
+    for name, group in figures if panels else []:
+        fig, axes = plt.subplots(1, len(group), figsize=(6 * len(group), 4), layout="tight", squeeze=False)
+        for ax, (metric, curves) in zip(axes[0], group):
+            for label, steps, ys in curves:
+                ax.plot(steps, smooth(ys, k), label=label)
+            ax.set(xlabel="step", ylabel=metric, title=metric + (f" (moving average of {k})" if k > 1 else ""))
+            ax.grid(alpha=0.3)
+            ax.legend()
+        written.append(save(plt, fig, out / f"{name}.png"))
     return written
 
 
@@ -118,7 +127,8 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     labels = args.labels.split(",") if args.labels else [Path(r.rstrip("/")).name for r in args.runs]
-    written = plot_runs(plt, [read_metrics(r) for r in args.runs], labels, args.smooth, out)
+    written = plot_runs(plt, [read_metrics(r) for r in args.runs], labels, args.smooth, out, args.metrics.split(","),
+                        args.together)
     written += plot_eval(plt, args.eval, out) if args.eval else []
     for path in written:
         print(path)

@@ -4,6 +4,7 @@ sample.py: branched samples from a model, printed as a readable tree (or JSON).
     python sample.py --preset toy --prompt "Find x in 3 5 7 with x*3=21."
     python sample.py --model Qwen/Qwen3-4B-Base --prompt "What is 17 * 23?" --force-block
     python sample.py --model out/toy-sft --prompt "..." --n 4 --variant unseen --json
+    python sample.py --show out/toy-hard/rollouts.jsonl --step 40     # what a training run kept
 
 Single process only (no `accelerate launch`: sampling a few rollouts needs one device).
 --force-block opens a block after the first line of the main text (or after N tokens with
@@ -22,8 +23,10 @@ import torch
 
 from nanopr1 import recipes, toy
 from nanopr1.format import chat_prompt_ids
+from nanopr1.data import read_rows
 from nanopr1.model import load
-from nanopr1.rewards import extract_answer
+from nanopr1.rewards import reward_rollout
+from nanopr1.rollout import rollout_row, tree
 from nanopr1.sampler import sample
 
 
@@ -37,7 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu | cuda (default: cuda if available)")
     # prompt
-    p.add_argument("--prompt", required=True, help="the problem")
+    p.add_argument("--prompt", help="the problem")
     p.add_argument("--prompt-file", help="a prompt template with a {problem} slot (default: the parallel prompt)")
     # sampling
     p.add_argument("--n", type=int, default=1, help="rollouts of the prompt")
@@ -54,44 +57,30 @@ def parse_args(argv=None):
                    help="open a block after the first line of the main text, or after N response tokens")
     # output
     p.add_argument("--json", action="store_true", help="one JSON object per rollout")
+    p.add_argument("--show", metavar="FILE", help="print the rollouts a run kept (OUT/rollouts.jsonl) as trees")
+    p.add_argument("--step", type=int, help="with --show: the step (default: the last)")
     return recipes.parse(p, argv, "sample")
 
 
-def structure(rollout, tokenizer):
-    """The texts of a rollout: main segments, and each block's paths and summary (tags stripped)."""
-    dec = lambda a, b: tokenizer.decode(rollout.ids[a:b], skip_special_tokens=False)
-    main, blocks, prev = [], [], 0
-    for b in rollout.blocks:
-        main.append(dec(prev, b.parallel))
-        blocks.append({"paths": [dec(s + 1, e - 1) for s, e in b.paths],
-                       "summary": dec(b.summary[0] + 1, b.summary[1] - 1)})
-        prev = b.summary[1]
-    main.append(dec(prev, len(rollout.ids) - (rollout.stop_reason == "eos")))  # the EOS token is not text
-    return main, blocks
-
-
-def indent(text, prefix):
-    return "\n".join(prefix + line for line in text.strip("\n").split("\n"))
-
-
-def show_tree(i, n, rollout, tokenizer):
-    main, blocks = structure(rollout, tokenizer)
-    print(f"=== rollout {i + 1}/{n}: {len(rollout.ids)} tokens, {len(blocks)} block(s), stop: {rollout.stop_reason}")
-    for k, seg in enumerate(main):
-        if seg.strip():
-            print(indent(seg, "  "))
-        if k < len(blocks):
-            print(f"  ┌─ parallel block {k + 1}")
-            for j, path in enumerate(blocks[k]["paths"]):
-                print(f"  ├─ path {j + 1}")
-                print(indent(path, "  │    "))
-            print("  └─ summary")
-            print(indent(blocks[k]["summary"], "       "))
-    print(f"answer: {extract_answer(rollout.main_text)}\n")
+def show_file(path, step):
+    """--show: the rollouts a training run kept (OUT/rollouts.jsonl), of one step or the last one."""
+    rows = [r for r in read_rows(path) if isinstance(r, dict) and "main" in r]
+    if not rows:
+        sys.exit(f"error: {path} holds no rollouts (train_rl.py writes OUT/rollouts.jsonl)")
+    step = rows[-1]["step"] if step is None else step
+    rows = [r for r in rows if r["step"] == step]
+    if not rows:
+        sys.exit(f"error: {path} has no rollouts of step {step}")
+    for i, r in enumerate(rows):
+        print(f"=== step {step}, rollout {i + 1}/{len(rows)} of {r['prompt'][-120:]!r}: {tree(r)}\n")
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.show:
+        return show_file(args.show, args.step)
+    if not args.prompt:
+        sys.exit("error: pass --prompt (or --show OUT/rollouts.jsonl)")
     name = args.model or (toy.latest_model() if args.preset == "toy" else None)
     if name is None:
         sys.exit("no toy model yet: run `python train_sft.py --preset toy` first" if args.preset == "toy"
@@ -105,16 +94,15 @@ def main(argv=None):
         rollouts = sample(model.eval(), tokenizer, [prompt], args.n, num_paths=args.num_paths,
                           max_blocks=args.max_blocks, max_new_tokens=args.max_new_tokens, path_max_tokens=args.path_max_tokens,
                           temperature=args.temperature, top_p=args.top_p, seed=args.seed, variant=args.variant,
-                          parallel=not args.no_parallel, force_block=force_block, fast=cuda)  # GPU: CUDA graphs
+                          parallel=not args.no_parallel, force_block=force_block)
     except ValueError as e:  # UsageError, or a prompt the sampler refuses
         sys.exit(f"error: {e}")
     for i, r in enumerate(rollouts):
+        row = rollout_row(r, tokenizer, reward_rollout(r, None)[1])  # (no gold answer: only the answer read)
         if args.json:
-            _, blocks = structure(r, tokenizer)
-            print(json.dumps({"text": r.text, "blocks": blocks, "answer": extract_answer(r.main_text),
-                              "num_tokens": len(r.ids), "stop_reason": r.stop_reason}, ensure_ascii=False))
+            print(json.dumps({"text": r.text, **row}, ensure_ascii=False))
         else:
-            show_tree(i, len(rollouts), r, tokenizer)
+            print(f"=== rollout {i + 1}/{len(rollouts)}: {tree(row)}\n")
 
 
 if __name__ == "__main__":

@@ -7,51 +7,47 @@ Stages 2 and 3 of the curriculum: GRPO with our own loop.
     accelerate launch --config_file configs/lora_1gpu.yaml train_rl.py --stage hard --lora
     python train_rl.py --plan --init DIR --num-gpus 8 --gpu-memory-gb 80   # will it fit? (DIR: a config.json)
 
-Each step reads top to bottom: prompts -> rollouts (the branching sampler,
-group_size per prompt) -> rewards -> group advantages -> log-probs -> clipped
-loss -> backward -> optimizer step -> log -> checkpoint. Each stage starts by
-default from the previous stage's output dir, so the curriculum chains with no
-paths typed. The defaults of each (stage, variant) are the paper's recipes
-(nanopr1/recipes.py; `--help` prints the table); explicit flags win.
+Each step reads top to bottom: prompts -> rollouts (the branching sampler, group_size per prompt) ->
+rewards -> group advantages -> old log-probs -> clipped loss -> backward -> optimizer step -> log ->
+checkpoint. Each stage starts by default from the previous stage's output dir, so the curriculum chains
+with no paths typed. The defaults of each (stage, variant) are the paper's recipes (nanopr1/recipes.py;
+`--help` prints the table); explicit flags win.
 
-Memory (see nanopr1/plan.py): rollouts are sampled from a bf16 copy of the model
-refreshed once per rollout phase, with a KV cache of a fixed number of rows
-allocated once (on a GPU: what the plan leaves, or --kv-memory-gb); log-probs
-never hold full-vocabulary logits; micro-batches hold --micro-batch-tokens.
-
-Multi-GPU: every rank samples its own share of the step's prompts (a group never
-straddles ranks), advantages are computed per group on the rank, the loss is
-normalised by the token count of the whole step across ranks, metrics are reduced.
+Memory: rollouts are sampled from a bf16 copy of the model refreshed once per rollout phase, with one KV
+cache for the whole run; on a GPU its rows are what a measured worst-case training step leaves (see
+nanopr1/plan.py). Multi-GPU: every rank samples its own share of the step's prompts (a group never
+straddles ranks); the loss is normalised by the token count of the whole step across ranks.
 
 Simplifications relative to the paper / official code:
 1. Rollouts are sampled by our transformers sampler, not vLLM.
-2. One policy update per rollout batch by default (the ratio is then exactly 1);
-   --ppo-epochs / --mini-batches > 1 recompute old log-probs with the trainer first.
-3. Forced (runtime-inserted) tokens carry no loss (official trained on them).
+2. Forced (runtime-inserted) tokens carry no loss (official trained on them).
 """
 
 import argparse
 import sys
 import time
+from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, ProjectConfiguration
 from tqdm import tqdm
 
 from nanopr1 import UsageError, checkpoint, data, format, metrics, recipes, rewards
-from nanopr1.grpo import group_advantages, policy_loss
+from nanopr1.grpo import group_advantages, policy_loss, tis_weight
 from nanopr1.model import apply_lora, load, refresh_copy, sampling_copy, tag_ids
-from nanopr1.rollout import mix
+from nanopr1.rollout import mix, rollout_row
 from nanopr1.sampler import sample
 from nanopr1.scoring import micro_batches, pad_rows, sampler_gap, score
 
-SAME = ("script", "stage", "variant", "data", "init", "prompts_per_step", "group_size", "num_paths", "reward",
-        "max_new_tokens", "lora", "lora_r", "seed")  # what --resume refuses to change
-MAY_CHANGE = ("lr", "steps", "save_every", "eval_every", "eval_data", "eval_n", "eval_limit", "micro_batch_tokens",
-              "kv_memory_gb", "max_rows")  # what it applies, and says so
+# --resume keeps the run's value of every flag not typed again; typed anew, a flag of APPLY is used (and
+# said), one of REFUSE is an error; LOCAL flags belong to this invocation only.
+APPLY = ("lr", "steps", "save_every", "keep_checkpoints", "log_rollouts", "eval_every", "eval_data", "eval_n",
+         "eval_limit", "micro_batch_tokens", "kv_memory_gb", "max_rows", "grad_ckpt", "report_to", "project",
+         "run_name", "data_dir")
+LOCAL = ("resume", "overwrite", "out", "plan", "gpu_memory_gb", "num_gpus")
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                             epilog="\n\n".join(recipes.__doc__.split("\n\n")[2:4]))
 p.add_argument("--preset", choices=["toy"], help="toy: the CPU-sized world")
@@ -64,6 +60,10 @@ p.add_argument("--lora-r", type=int, default=64)
 p.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, help="gradient checkpointing (default: on a GPU)")
 # data
 p.add_argument("--data", help="problems: a short name, a file or a hub id (default: by stage)")
+p.add_argument("--data-config", help="the hub dataset's config (name)")
+p.add_argument("--data-split", default="train", help="the split to train on")
+p.add_argument("--question-key", help="the column holding the question (default: question, problem, prompt, ...)")
+p.add_argument("--answer-key", help="the column holding the gold answer (default: answer, ground_truth, ...)")
 p.add_argument("--data-dir", help="read short dataset names from local files in this dir")
 p.add_argument("--prompt-file", help="prompt template with a {problem} slot (default: the parallel prompt)")
 p.add_argument("--max-prompt-tokens", type=int, default=2000, help="longer prompts are left out (counted)")
@@ -76,11 +76,11 @@ p.add_argument("--answer-reserve", type=int, help="tokens a block leaves for its
                "(default: min(64, max-new-tokens / 8), the 3,000-token budget keeps 64)")
 p.add_argument("--temperature", type=float, default=1.0)
 p.add_argument("--top-p", type=float, default=1.0)
-p.add_argument("--kv-memory-gb", type=float, help="GPU: the KV cache's size (default: what the memory plan leaves)")
-p.add_argument("--max-rows", type=int, help="cap on KV cache rows in flight (default: from the KV memory on a GPU, "
-               "unbounded on a CPU)")
+p.add_argument("--kv-memory-gb", type=float, help="GPU: the KV cache's size (default: what a measured step leaves)")
+p.add_argument("--max-rows", type=int, help="cap on KV cache rows in flight (default: every rollout, as memory allows)")
 # reward
-p.add_argument("--reward", choices=rewards.SCHEDULES, help="default: by stage and variant")
+p.add_argument("--reward", help=f"{', '.join(rewards.SCHEDULES)} or module:function (default: by stage and variant)")
+p.add_argument("--grader", default="is_equiv", help="is_equiv (the built-in) or module:function")
 p.add_argument("--scaffold-switch", type=int, default=200, help="scaffold: alternating until this step, then acc")
 # optimisation
 p.add_argument("--prompts-per-step", type=int, help="prompts per step, all ranks (default: by stage)")
@@ -92,7 +92,10 @@ p.add_argument("--clip-high", type=float, help="default: 0.2, or 0.28 with the U
 p.add_argument("--dual-clip", type=float, default=3.0)
 p.add_argument("--kl-coef", type=float, default=0.0, help="k3 KL to the initial model (0: off, the paper)")
 p.add_argument("--ppo-epochs", type=int, default=1)
-p.add_argument("--mini-batches", type=int, default=1, help="optimizer steps per rollout batch and epoch")
+p.add_argument("--mini-batches", type=int, default=2, help="optimizer steps per rollout batch and epoch (the "
+               "official scripts: 2, a PPO mini-batch of half the prompts)")
+p.add_argument("--tis-cap", type=float, help="weight each token's loss by min(trainer / sampler probability, C): "
+               "corrects the bf16 sampling copy's mismatch (off by default)")
 p.add_argument("--micro-batch-tokens", type=int, default=16384, help="rows x padded length of one forward")
 p.add_argument("--seed", type=int, default=0)
 # memory plan
@@ -102,113 +105,106 @@ p.add_argument("--num-gpus", type=int, help="for the plan: GPUs of the run (defa
 # logging, checkpoints, eval
 p.add_argument("--out", help="output dir (default: by stage and variant)")
 p.add_argument("--report-to", choices=["none", "tensorboard", "wandb"], default="none",
-               help="also log metrics.jsonl's rows to a tracker (through accelerate; tensorboard: OUT/trackers)")
+               help="also log metrics.jsonl's rows to a tracker (tensorboard: OUT/tensorboard/<run name>)")
+p.add_argument("--project", default="nanopr1", help="the tracker's project")
+p.add_argument("--run-name", help="the tracker's run name (default: OUT's name)")
+p.add_argument("--log-rollouts", type=int, default=4, help="rollouts a step keeps in OUT/rollouts.jsonl")
 p.add_argument("--save-every", type=int, default=20)
-p.add_argument("--resume", action="store_true", help=f"continue the run in --out (may change: {', '.join(MAY_CHANGE)})")
+p.add_argument("--keep-checkpoints", type=int, default=1, help="the newest K step checkpoints are kept")
+p.add_argument("--resume", action="store_true", help=f"continue the run in --out (may change: {', '.join(APPLY)})")
 p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run")
 p.add_argument("--eval-every", type=int, default=0, help="run eval on --eval-data every N steps (0: off)")
 p.add_argument("--eval-data", default="aime25", help="held-out set for --eval-every")
 p.add_argument("--eval-n", type=int, default=4)
 p.add_argument("--eval-limit", type=int, default=None, help="only the first N eval problems")
+REFUSE = tuple(a.dest for a in p._actions if a.dest not in APPLY + LOCAL + ("help",)) + ("script",)
 
 # -----------------------------------------------------------------------------
 
 
 def main(args):
-    cuda = torch.cuda.is_available()
-    acc = Accelerator(mixed_precision="bf16" if cuda else "no", project_dir=args.out,
-                      log_with=None if args.report_to == "none" else args.report_to)
+    out, cuda = Path(args.out), torch.cuda.is_available()
+    acc = Accelerator(mixed_precision="bf16" if cuda else "no", log_with=None if args.report_to == "none" else
+                      args.report_to, project_config=ProjectConfiguration(out, logging_dir=out / "tensorboard"))
     world, rank, G = acc.num_processes, acc.process_index, args.group_size
     acc.print(f"{world} process{'es' if world > 1 else ''} ({acc.device}, {acc.distributed_type.value})")
+    acc.print(checkpoint.prepare_out(out, args, acc, args.resume, args.overwrite, REFUSE, APPLY))
     torch.manual_seed(args.seed)
-    template = recipes.template(args)
-    out = Path(args.out)
-    saved, note = checkpoint.prepare_out(out, args, acc, args.resume, args.overwrite, SAME, MAY_CHANGE)
-    acc.print(note) if note else None
-    problems = data.training_problems(args.data, args.seed + 1, args.data_dir)
-    if args.prompts_per_step > len(problems) or args.prompts_per_step % world:
-        raise UsageError(f"--prompts-per-step {args.prompts_per_step}: more than the {len(problems)} problems of "
-                         f"{args.data}, a step would repeat prompts" if args.prompts_per_step > len(problems) else
-                         f"--prompts-per-step {args.prompts_per_step} must divide over {world} processes")
-    model, tokenizer = load(args.init, "bfloat16" if cuda and args.lora else "float32")  # LoRA: a frozen bf16 base
-    prompts = [format.chat_prompt_ids(tokenizer, template, r["question"]) for r in problems]
-    keep = [i for i, q in enumerate(prompts) if len(q) <= args.max_prompt_tokens]  # longer ones are left out
-    if len(keep) < len(prompts):
-        acc.print(f"{len(prompts) - len(keep)} prompts are longer than --max-prompt-tokens: left out")
-    if len(keep) < args.prompts_per_step:
-        raise UsageError(f"only {len(keep)} prompts fit --max-prompt-tokens {args.max_prompt_tokens}")
-    problems, prompts = [problems[i] for i in keep], [prompts[i] for i in keep]
-    model, opt, reference, policy, kv = setup(model, args, acc, max(map(len, prompts)))
-    tags, pad = tag_ids(tokenizer), tokenizer.pad_token_id
+    run = prepare(args, acc)  # problems and prompts, model, optimizer, sampling copy, KV cache: see below
+    model, opt, tokenizer, problems, prompts, kv = run.model, run.opt, run.tokenizer, run.problems, run.prompts, run.kv
+    reward, grader = rewards.resolve(args.reward, "reward"), rewards.resolve(args.grader, "grader")
     sampling = dict(num_paths=args.num_paths, max_blocks=args.max_blocks, max_new_tokens=args.max_new_tokens,
                     reserve=args.answer_reserve, temperature=args.temperature, top_p=args.top_p,
                     variant=args.variant, max_rows=args.max_rows)
     out.mkdir(parents=True, exist_ok=True)
-    step = 0
-    if saved is not None:  # --resume: model, optimizer and RNG as saved; the data position is the step
-        step, _ = checkpoint.load_state(out, acc)
-        checkpoint.apply_lr(opt, args.lr)
+    step = checkpoint.load_state(out, acc) if checkpoint.latest(out) and args.resume else 0  # data position: step
+    checkpoint.apply_lr(opt, args.lr)
     checkpoint.start_trackers(acc, args)
     bar = tqdm(total=args.steps, initial=step, desc=f"rl-{args.stage}", disable=not acc.is_main_process)
-    while step < args.steps:
-        step += 1
+    for step in range(step + 1, args.steps + 1):
         t0 = time.time()
-        # 1) prompts: this rank's share of the step's prompts (whole groups stay on one rank)
+        # 1) prompts: this rank's share of the step's problems (whole groups stay on one rank)
         idx = data.step_problems(len(problems), args.prompts_per_step, args.seed, step - 1)[rank::world]
-        rows = [problems[i] for i in idx]
         # 2) rollouts: the branching sampler on the sampling copy, refreshed from the trained weights
-        refresh_copy(policy, acc.unwrap_model(model))  # every rank: a collective under FSDP
-        rollouts = sample(policy, tokenizer, [prompts[i] for i in idx], G, cache=kv,
+        refresh_copy(run.sampler_model, acc.unwrap_model(model))  # every rank: a collective under FSDP
+        rollouts = sample(run.sampler_model, tokenizer, [prompts[i] for i in idx], G, cache=kv,
                           seed=[mix(args.seed, step, i) for i in idx], **sampling)
+        golds = [problems[i]["answer"] for i in idx for _ in range(G)]
         t_rollout = time.time() - t0
-        # 3) rewards, 4) group advantages
-        graded = [rewards.reward_rollout(r, rows[i // G]["answer"], args.reward, step, args.scaffold_switch)
-                  for i, r in enumerate(rollouts)]
-        adv, zero_groups = group_advantages([g[0] for g in graded], G)
-        # 5) log-probs that stay fixed during the update: the old policy's (if more than one optimizer
-        #    step uses these rollouts; else the ratio is exactly 1) and the reference's (KL)
-        old = logprobs(model, rollouts, tags, pad, args, acc) if args.ppo_epochs > 1 or args.mini_batches > 1 else None
-        ref = None if reference is None else logprobs(reference[0], rollouts, tags, pad, args, acc, reference[1])
-        # 6) policy update: per mini-batch one optimizer step, micro-batches of at most --micro-batch-tokens
-        stats = dict(clipped_tokens=0.0, ratio_sum=0.0, tokens=0.0, gap_sum=0.0, gap_tokens=0.0, loss=0.0)
+        # 3) rewards, and 4) advantages: each reward standardised within its group of G rollouts
+        grades = [rewards.reward_rollout(r, gold, reward, step, args.scaffold_switch, grader)[1]
+                  for r, gold in zip(rollouts, golds)]
+        adv, zero_groups = group_advantages([g["reward"] for g in grades], G)
+        # 5) log-probs held fixed during the update: the trainer's before its first optimizer step (the old
+        #    policy of the clipped ratio; with one step per batch it is the update's own forward) and the
+        #    reference model's (KL)
+        old = fixed_logprobs(model, nullcontext, rollouts, run, args, acc) if args.ppo_epochs * args.mini_batches > 1 \
+            else None
+        ref = None if run.reference is None else fixed_logprobs(*run.reference, rollouts, run, args, acc)
+        stats = Counter() if old is None else sampler_gap(old, rollouts, args.variant)
+        # 6) the update: an optimizer step per mini-batch of rollouts, each in micro-batches of at most
+        #    --micro-batch-tokens; the loss is a mean over every loss token of the mini-batch on every rank
         for epoch in range(args.ppo_epochs):
-            for mb in [list(range(i, len(rollouts), args.mini_batches)) for i in range(args.mini_batches)]:
-                n_tokens = acc.reduce(torch.tensor(float(sum(sum(not f for f in rollouts[i].forced) for i in mb)),
-                                                   device=acc.device), "sum").item()  # loss tokens, all ranks
-                chunks = even_micro_batches(acc, [len(rollouts[i].prompt_ids) + len(rollouts[i].ids) for i in mb],
-                                            args.micro_batch_tokens)
-                for j, chunk in enumerate(chunks):
-                    ids = [mb[k] for k in chunk] or [mb[0]]  # an empty chunk (FSDP: ranks run as many): zero weight
+            for mb in mini_batches(len(idx), G, args.prompts_per_step // args.mini_batches, rank, world):
+                n_tokens = acc.reduce(torch.tensor(sum(sum(not f for f in rollouts[i].forced) for i in mb), device=acc.device,
+                                                   dtype=torch.float64), "sum").item()
+                chunks = equal_count_on_every_rank(acc, [len(rollouts[i].prompt_ids) + len(rollouts[i].ids) for i in mb],
+                                                   args.micro_batch_tokens)
+                for j, (chunk, live) in enumerate(chunks):
+                    ids = [mb[k] for k in chunk]
+                    batch = [rollouts[i] for i in ids]
                     with sync_gradients(acc, model, last=j == len(chunks) - 1):
-                        logp, mask = score(model, [rollouts[i] for i in ids], tags, args.variant, args.temperature,
-                                           pad, acc.device)  # (B, T) trainer log-probs, loss mask
+                        logp, mask = score(model, batch, run.tags, args.variant, args.temperature, run.pad, acc.device)
                         old_lp = logp.detach() if old is None else pad_rows([old[i] for i in ids], logp)
-                        ref_lp = None if ref is None else pad_rows([ref[i] for i in ids], logp)
-                        mask = mask if chunk else torch.zeros_like(mask)
-                        loss, s = policy_loss(logp, old_lp, adv[ids].to(logp), mask, n_tokens,
-                                              args.clip_low, args.clip_high, args.dual_clip, ref_lp, args.kl_coef)
+                        weight = None  # --tis-cap: the trainer's old probability over the sampler's, capped
+                        if args.tis_cap:
+                            weight = tis_weight(old_lp, pad_rows([r.logprobs for r in batch], logp), args.tis_cap)
+                        loss, s = policy_loss(logp, old_lp, adv[ids].to(logp), mask & live, n_tokens, args.clip_low,
+                                              args.clip_high, args.dual_clip, None if ref is None else
+                                              pad_rows([ref[i] for i in ids], logp), args.kl_coef, weight)
                         acc.backward(loss * world)  # DDP averages over ranks: * world makes it a sum
-                    for k in ("clipped_tokens", "ratio_sum", "tokens"):
-                        stats[k] += s[k]
-                    stats["loss"] += loss.item()
-                    if epoch == 0 and old is None and chunk:  # on-policy: this forward is the trainer's view
-                        gap = sampler_gap(logp.detach(), [rollouts[i] for i in ids])
-                        stats["gap_sum"], stats["gap_tokens"] = stats["gap_sum"] + gap[0], stats["gap_tokens"] + gap[1]
+                    if live:
+                        stats.update(s, loss=loss.item())
+                        if weight is not None:
+                            stats.update(tis_sum=float((weight * mask).sum()), tis_capped=float(((weight >= args.tis_cap) & mask).sum()))
+                        if old is None and epoch == 0:  # on-policy: this forward is the trainer's view
+                            stats.update(sampler_gap(logp.detach(), batch, args.variant))
                 acc.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-        if old is not None:  # the old policy's forward was the trainer's view of the rollouts
-            stats["gap_sum"], stats["gap_tokens"] = sampler_gap(old, rollouts)
-        # 7) log (reduced over ranks), evaluate, checkpoint
-        row = log_row(acc, step, args, rollouts, graded, zero_groups, len(rows), stats, t0, t_rollout)
+        # 7) log (reduced over ranks), keep a few rollouts, evaluate, checkpoint
+        row = log_row(acc, step, rollouts, grades, zero_groups, len(idx), stats, t0, t_rollout)
+        row.update(kv.stats())  # CUDA graphs: how many, their memory pool, capture time, a capture failure
+        checkpoint.log_rollouts(acc, out / "rollouts.jsonl", [rollout_row(r, tokenizer, grades[k], golds[k], step)
+                                                              for k, r in enumerate(rollouts[:args.log_rollouts])])
         if args.eval_every and step % args.eval_every == 0:
-            refresh_copy(policy, acc.unwrap_model(model))
-            row.update(run_eval(policy, tokenizer, template, args, acc))
+            refresh_copy(run.sampler_model, acc.unwrap_model(model))
+            row.update(run_eval(run, grader, args, acc, step))
         checkpoint.log_metrics(acc, out, row)
         bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.3f}", par=f"{row['parallel_rate']:.2f}")
         bar.update()
         if step % args.save_every == 0 or step == args.steps:  # every rank (FSDP gathers); the previous survives a kill
-            checkpoint.save_run(out, step, acc, model, tokenizer, args)
+            checkpoint.save_run(out, step, acc, model, tokenizer, args, args.keep_checkpoints)
     bar.close()
     acc.end_training()
     acc.print(f"done: {step} steps, model in {out}")
@@ -217,46 +213,96 @@ def main(args):
 # the pieces main() calls
 
 
-def setup(model, args, acc, longest_prompt):
-    """The policy (+ LoRA / gradient checkpointing) and its optimizer through accelerate; the frozen reference
-    for the KL term (LoRA: the adapter switched off; else a copy of the start); the sampling copy and, on a
-    GPU, the KV cache sized by the memory plan."""
-    cuda = torch.cuda.is_available()
+class Run:
+    """What main() trains with (prepare)."""
+    model = opt = tokenizer = sampler_model = reference = kv = tags = pad = None
+    problems = prompts = eval_problems = template = ()
+
+
+def prepare(args, acc):
+    """The problems and their prompts; the policy (+ LoRA / gradient checkpointing) and its optimizer through
+    accelerate; the KL reference (LoRA: the adapter switched off; else a frozen copy in the policy's
+    precision); the sampling copy; the run's one KV cache, on a GPU sized by a measured training step."""
+    from nanopr1.kvcache import KVCache, rows_for_budget
+    from nanopr1.plan import kv_rows_left, plan_for, profile_training
+    run, cuda, world = Run(), acc.device.type == "cuda", acc.num_processes
+    run.template = recipes.template(args)
+    problems = data.training_problems(args.data, args.seed + 1, args.data_dir, args.data_split, config=args.data_config,
+                                      question_key=args.question_key, answer_key=args.answer_key)
+    if args.prompts_per_step > len(problems) or args.prompts_per_step % (world * args.mini_batches):
+        raise UsageError(f"--prompts-per-step {args.prompts_per_step}: more than the {len(problems)} problems of "
+                         f"{args.data}" if args.prompts_per_step > len(problems) else
+                         f"--prompts-per-step {args.prompts_per_step} must divide into --mini-batches "
+                         f"{args.mini_batches} over {world} processes")
+    model, run.tokenizer = load(args.init, "bfloat16" if cuda and args.lora else "float32")  # LoRA: a bf16 base
+    prompts = [format.chat_prompt_ids(run.tokenizer, run.template, r["question"]) for r in problems]
+    keep = [i for i, q in enumerate(prompts) if len(q) <= args.max_prompt_tokens]  # longer ones are left out
+    if len(keep) < len(prompts):
+        acc.print(f"{len(prompts) - len(keep)} prompts are longer than --max-prompt-tokens: left out")
+    if len(keep) < args.prompts_per_step:
+        raise UsageError(f"only {len(keep)} prompts fit --max-prompt-tokens {args.max_prompt_tokens}")
+    run.problems, run.prompts = [problems[i] for i in keep], [prompts[i] for i in keep]
+    run.eval_problems = data.load(args.eval_data, split="test", data_dir=args.data_dir)[:args.eval_limit] \
+        if args.eval_every else []  # --eval-every samples with the run's KV cache: sized for these prompts too
+    longest = max(len(q) for q in run.prompts + [format.chat_prompt_ids(run.tokenizer, run.template, r["question"])
+                                                 for r in run.eval_problems])
+    run.tags, run.pad = tag_ids(run.tokenizer), run.tokenizer.pad_token_id
+    # the policy, its optimizer, the frozen reference and the sampling copy
     if args.lora:
         model = apply_lora(model, r=args.lora_r, alpha=2 * args.lora_r)
     if args.grad_ckpt or args.grad_ckpt is None and cuda:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    dtype = torch.bfloat16 if cuda else torch.float32
     frozen = None
     if args.kl_coef > 0 and not args.lora:
-        frozen = sampling_copy(model, dtype, acc.device)
+        frozen = sampling_copy(model, next(model.parameters()).dtype, acc.device)
         refresh_copy(frozen, model)
     trained = [q for q in model.parameters() if q.requires_grad]
-    opt = torch.optim.AdamW(trained, lr=args.lr, weight_decay=args.weight_decay)
-    model, opt = acc.prepare(model, opt)
-    model.train()
-    reference = None
+    opt = torch.optim.AdamW(trained, lr=args.lr, weight_decay=args.weight_decay, foreach=True)  # as on a GPU
+    run.model, run.opt = acc.prepare(model, opt)
+    run.model.train()
     if args.kl_coef > 0:
-        reference = (model, acc.unwrap_model(model).disable_adapter) if args.lora else (frozen, nullcontext)
-    policy = sampling_copy(acc.unwrap_model(model), dtype, acc.device)
-    kv = None
-    if cuda:  # one static cache for the whole run, sized by the plan (or --kv-memory-gb)
-        from nanopr1.plan import plan_for
-        from nanopr1.staticcache import StaticRows
-        plan = plan_for(args, acc.unwrap_model(model).config, longest_prompt=longest_prompt)
+        run.reference = (run.model, acc.unwrap_model(run.model).disable_adapter) if args.lora else (frozen, nullcontext)
+    run.sampler_model = sampling_copy(acc.unwrap_model(run.model), torch.bfloat16 if cuda else torch.float32, acc.device)
+    # memory: the plan's estimate (GPU), then the worst-case training micro-batch measured (every device)
+    config, cols = acc.unwrap_model(run.model).config, longest + args.max_new_tokens + 1
+    rows = args.max_rows or args.prompts_per_step * args.group_size // world * args.num_paths
+    plan = plan_for(args, config, longest_prompt=longest) if cuda else None
+    if plan is not None:
         acc.print(f"memory plan per GPU:\n{plan}")
         if not plan.fits:
             raise UsageError(plan.verdict)
-        kv = StaticRows(min(plan.rows, args.max_rows or plan.rows), plan.cols, acc.device)
-    return model, opt, reference, policy, kv
+    peak = profile_training(run.model, run.opt, acc, score, run.tags, args.variant, run.pad, args.micro_batch_tokens,
+                            cols - 1)
+    acc.print(f"measured: the worst-case training micro-batch peaks {peak / 1e9:.2f} GB above the model states"
+              + (f" (plan: {plan.training / 1e9:.2f} GB + gradients)" if plan else ""))
+    if cuda and args.kv_memory_gb:
+        rows = min(rows, rows_for_budget(config, torch.bfloat16, cols, args.kv_memory_gb * 1e9))
+    elif cuda:
+        rows = kv_rows_left(config, torch.bfloat16, cols, peak, acc.device, rows)
+    if rows < args.num_paths:
+        raise UsageError(f"the GPU holds {rows} KV cache rows of {cols} columns beside the measured training step, "
+                         f"one rollout needs {args.num_paths}: lower --micro-batch-tokens or --max-new-tokens")
+    run.kv = KVCache(rows, cols, acc.device)
+    run.kv.note = str(plan or "")
+    return run
 
 
-def even_micro_batches(acc, lengths, max_tokens):
-    """scoring.micro_batches, padded with empty ones so that every rank runs as many forwards: under FSDP
-    each forward and backward is a collective."""
+def mini_batches(n_prompts, G, per_mini_batch, rank, world):
+    """This rank's rollouts of each mini-batch: mini-batch i holds the step's prompts i * per_mini_batch ..
+    (i + 1) * per_mini_batch - 1, whole groups, whatever the number of processes (rank r holds the step's
+    prompts r, r + world, ...)."""
+    which = [(j * world + rank) // per_mini_batch for j in range(n_prompts)]  # of this rank's prompts
+    return [[j * G + g for j in range(n_prompts) if which[j] == i for g in range(G)]
+            for i in range(max(which) + 1)]
+
+
+def equal_count_on_every_rank(acc, lengths, max_tokens):
+    """scoring.micro_batches as (indices, live) pairs, as many on every rank: under FSDP each forward and
+    backward is a collective, so a rank with fewer micro-batches runs fillers (its first sequence again,
+    live=False: no weight in the loss)."""
     chunks = micro_batches(lengths, max_tokens)
     n = int(acc.reduce(torch.tensor(len(chunks), device=acc.device), "max").item())
-    return chunks + [[]] * (n - len(chunks))
+    return [(c, True) for c in chunks] + [(chunks[0][:1], False)] * (n - len(chunks))
 
 
 def sync_gradients(acc, model, last):
@@ -266,53 +312,61 @@ def sync_gradients(acc, model, last):
 
 
 @torch.no_grad()
-def logprobs(model, rollouts, tags, pad, args, acc, ctx=nullcontext):
-    """Per-rollout log-probs that stay fixed during the update: the old policy's (when rollouts serve more
-    than one optimizer step) or the reference model's (KL)."""
+def fixed_logprobs(model, context, rollouts, run, args, acc):
+    """Per-rollout log-probs that stay fixed during the update, from one no-grad forward of each micro-batch
+    under `context` (LoRA's reference: the adapter disabled): the old policy's or the reference model's."""
     out = [None] * len(rollouts)
-    for chunk in even_micro_batches(acc, [len(r.prompt_ids) + len(r.ids) for r in rollouts], args.micro_batch_tokens):
-        with ctx():
-            logp, _ = score(model, [rollouts[i] for i in chunk or [0]], tags, args.variant, args.temperature, pad,
+    for chunk, live in equal_count_on_every_rank(acc, [len(r.prompt_ids) + len(r.ids) for r in rollouts],
+                                                 args.micro_batch_tokens):
+        with context():
+            logp, _ = score(model, [rollouts[i] for i in chunk], run.tags, args.variant, args.temperature, run.pad,
                             acc.device)
-        for i, lp in zip(chunk, logp):
+        for i, lp in zip(chunk if live else [], logp):
             out[i] = lp[:len(rollouts[i].ids)]
     return out
 
 
-def log_row(acc, step, args, rollouts, graded, zero_groups, groups, stats, t0, t_rollout):
+def log_row(acc, step, rollouts, grades, zero_groups, groups, stats, t0, t_rollout):
     """The step's metrics row: sums reduced over ranks, then divided."""
-    m = {k: sum(g[1][k] for g in graded) for k in ("correct", "has_block", "format_ok")}
-    m.update(reward=sum(g[0] for g in graded), length=sum(len(r.ids) for r in rollouts), zero_groups=zero_groups,
-             groups=groups, **stats, **{f"b_{k}": v for k, v in metrics.sums(rollouts).items()})
-    m = {k: v.item() for k, v in zip(m, acc.reduce(torch.tensor(list(m.values()), dtype=torch.float64,
-                                                                 device=acc.device), "sum"))}
-    n = m["b_rollouts"]
-    return {"step": step, "reward": m["reward"] / n, "accuracy": m["correct"] / n,
-            "parallel_rate": m["has_block"] / n, "format_ok": m["format_ok"] / n, "length": m["length"] / n,
-            "zero_adv_groups": m["zero_groups"] / m["groups"], "clip_frac": m["clipped_tokens"] / max(m["tokens"], 1),
-            "ratio": m["ratio_sum"] / max(m["tokens"], 1), "logp_gap": m["gap_sum"] / max(m["gap_tokens"], 1),
-            "loss": m["loss"],
+    m = {k: sum(g[k] for g in grades) for k in ("reward", "correct", "has_block", "format_ok")}
+    m.update(length=sum(len(r.ids) for r in rollouts), zero_groups=zero_groups, groups=groups, **stats,
+             **{f"b_{k}": v for k, v in metrics.sums(rollouts).items()})
+    m = Counter({k: v.item() for k, v in zip(m, acc.reduce(torch.tensor(list(m.values()), dtype=torch.float64,
+                                                                         device=acc.device), "sum"))})
+    n, tokens = m["b_rollouts"], max(m["tokens"], 1)
+    return {"step": step, "reward": m["reward"] / n, "accuracy": m["correct"] / n, "parallel_rate": m["has_block"] / n,
+            "format_ok": m["format_ok"] / n, "length": m["length"] / n, "zero_adv_groups": m["zero_groups"] / m["groups"],
+            "clip_frac": m["clipped_tokens"] / tokens, "ratio": m["ratio_sum"] / tokens, "kl": m["kl_sum"] / tokens,
+            "loss": m["loss"], "logp_gap": m["gap_sum"] / max(m["gap_tokens"], 1),  # where the trainer sees what
+            "seen_later_paths_gap": m["designed_sum"] / max(m["designed_tokens"], 1),  # the sampler saw; by design
+            **({"tis_weight": m["tis_sum"] / tokens, "tis_capped": m["tis_capped"] / tokens} if "tis_sum" in m else {}),
             **metrics.from_sums({k[2:]: v for k, v in m.items() if k.startswith("b_")}),
-            "reward_fn": rewards.reward_fn(args.reward, step, args.scaffold_switch).__name__,
-            "rollout_s": t_rollout, "update_s": time.time() - t0 - t_rollout,
+            "reward_fn": grades[0]["reward_fn"], "rollout_s": t_rollout, "update_s": time.time() - t0 - t_rollout,
             "tokens_per_s": m["length"] / max(t_rollout, 1e-9) / acc.num_processes}  # rollout tokens per rank
 
 
-def run_eval(model, tokenizer, template, args, acc):
-    """The --eval-every hook: each rank evaluates its share of a held-out set; every rank gets the summary."""
+def run_eval(run, grader, args, acc, step):
+    """The --eval-every hook: each rank evaluates its share of a held-out set with the run's KV cache; every
+    rank gets the summary; its rollouts are kept in OUT/eval_rollouts.jsonl."""
     from accelerate.utils import gather_object
     from nanopr1.evaluation import evaluate_everywhere
-    problems = data.load(args.eval_data, split="test", data_dir=args.data_dir)[:args.eval_limit]
-    summary = evaluate_everywhere(model, tokenizer, problems, args.eval_n, gather_object, acc.process_index,
-                                  acc.num_processes, template=template, max_new_tokens=args.max_new_tokens,
-                                  num_paths=args.num_paths, max_blocks=args.max_blocks, reserve=args.answer_reserve,
-                                  variant=args.variant, seed=args.seed)
+    rows, summary = evaluate_everywhere(
+        run.sampler_model, run.tokenizer, run.eval_problems, args.eval_n, gather_object, acc.process_index,
+        acc.num_processes, template=run.template, seed=args.seed, cache=run.kv, grader=grader, variant=args.variant,
+        max_new_tokens=args.max_new_tokens, num_paths=args.num_paths, max_blocks=args.max_blocks,
+        reserve=args.answer_reserve)
+    checkpoint.append_rows(acc, Path(args.out) / "eval_rollouts.jsonl", [dict(r, step=step) for r in rows])
     return {f"eval_{k}": v for k, v in summary.items() if isinstance(v, (int, float))}
 
 
 def parse_args(argv=None):
-    """Flags, the preset's and the recipe's defaults; every check that needs no file, before anything loads."""
+    """Flags, the preset's and the (stage, variant) recipe's defaults; every check that needs no file."""
     args = recipes.parse(p, argv, "train_rl")
+    recipe = (recipes.TOY_RL if args.preset == "toy" else recipes.RL)[(args.stage, args.variant)]
+    for k, v in recipe.items():  # the recipe fills whatever was not given
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.run_name = args.run_name or Path(args.out).name
     for ok, message in [
             (args.group_size >= 2, f"--group-size {args.group_size}: GRPO compares a prompt's rollouts, 2 or more"),
             (args.temperature > 0, f"--temperature {args.temperature}: RL samples, it must be above 0"),
@@ -321,15 +375,18 @@ def parse_args(argv=None):
             (min(args.max_new_tokens, args.max_prompt_tokens) >= 1, "--max-new-tokens, --max-prompt-tokens: 1 or more"),
             ((args.answer_reserve or 0) >= 0, "--answer-reserve must be 0 or more"),
             (min(args.prompts_per_step, args.steps) >= 1, "--prompts-per-step and --steps must be 1 or more"),
-            (args.save_every >= 1, f"--save-every {args.save_every}: must be 1 or more"),
+            (min(args.save_every, args.keep_checkpoints) >= 1, "--save-every and --keep-checkpoints: 1 or more"),
             (min(args.ppo_epochs, args.mini_batches) >= 1, "--ppo-epochs and --mini-batches must be 1 or more"),
-            (args.mini_batches <= args.prompts_per_step * args.group_size, "--mini-batches: more than the rollouts"),
+            (args.mini_batches <= args.prompts_per_step, "--mini-batches: more than the prompts of a step"),
             (args.micro_batch_tokens >= 1, "--micro-batch-tokens must be 1 or more"),
             ((args.max_rows or 2 ** 30) >= args.num_paths, f"--max-rows: one rollout needs {args.num_paths} rows"),
             (args.lr > 0 and args.kl_coef >= 0, "--lr must be above 0 and --kl-coef 0 or more"),
+            ((args.tis_cap or 1) >= 1, f"--tis-cap {args.tis_cap}: a cap below 1 down-weights on-policy tokens"),
+            (args.log_rollouts >= 0, "--log-rollouts must be 0 or more"),
             (args.eval_every >= 0 and args.eval_n >= 1, "--eval-every must be 0 or more and --eval-n 1 or more")]:
         if not ok:
             raise UsageError(message)
+    rewards.resolve(args.reward, "reward"), rewards.resolve(args.grader, "grader")  # a typo: one line, now
     return args
 
 

@@ -17,7 +17,6 @@ Simplifications relative to the paper:
 1. The corpus generator samples one trace per problem and keeps it only if it is
    well formed and correct (no retries), like the paper's filter.
 2. Sequences longer than --max-len are dropped (and counted), never truncated mid-block.
-3. One checkpoint, overwritten: the model dir is the output dir, resume state in out/state.
 """
 
 import argparse
@@ -33,15 +32,19 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, ProjectConfiguration
 from tqdm import tqdm
 
 from nanopr1 import UsageError, checkpoint, data, format, recipes, toy
 from nanopr1.scoring import collate, micro_batches, sequence_nll
 from nanopr1.model import apply_lora, load, tag_ids
 
-SAME = ("script", "model", "data", "variant", "batch_size", "epochs", "warmup", "max_len", "lora", "lora_r", "seed")
-MAY_CHANGE = ("lr", "max_steps", "save_every", "micro_batch_tokens")  # what --resume applies (and says so)
+# --resume keeps the run's value of every flag not typed again; typed anew, a flag of APPLY is used (and
+# said), one of REFUSE is an error; LOCAL flags belong to this invocation only (or to --generate).
+APPLY = ("lr", "max_steps", "save_every", "keep_checkpoints", "micro_batch_tokens", "grad_ckpt", "report_to",
+         "project", "run_name")
+LOCAL = ("resume", "overwrite", "out", "plan", "gpu_memory_gb", "num_gpus", "generate", "teacher", "source",
+         "data_dir", "gen_max_new_tokens", "gen_batch")
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--preset", choices=["toy"], help="toy: the CPU-sized world (defaults below swapped for toy ones)")
 # model
@@ -51,7 +54,11 @@ p.add_argument("--lora", action="store_true", help="train LoRA adapters (and the
 p.add_argument("--lora-r", type=int, default=64)
 p.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, help="gradient checkpointing (default: on a GPU)")
 # data
-p.add_argument("--data", default="out/parallel_gsm8k.jsonl", help="JSONL with question and response")
+p.add_argument("--data", default="out/parallel_gsm8k.jsonl", help="traces: question + response, TRL's messages, "
+               "or prompt + completion records (a file or a hub id)")
+p.add_argument("--data-config", help="the hub dataset's config (name)")
+p.add_argument("--data-split", default="train", help="the split to train on")
+p.add_argument("--question-key", help="the column holding the question (default: question, problem, prompt, ...)")
 p.add_argument("--prompt-file", help="prompt template with a {problem} slot (default: the parallel prompt)")
 p.add_argument("--max-len", type=int, default=4096, help="drop longer prompt+response sequences")
 # cold-start corpus generation (--generate)
@@ -68,20 +75,25 @@ p.add_argument("--lr", type=float, default=1e-5)
 p.add_argument("--weight-decay", type=float, default=0.01)
 p.add_argument("--warmup", type=float, default=0.1, help="share of steps with linear warm-up")
 p.add_argument("--epochs", type=int, default=3)
-p.add_argument("--max-steps", type=int, default=0, help="stop after N steps (the schedule still spans --epochs)")
+p.add_argument("--max-steps", type=int, default=0, help="train N steps (0: --epochs); the schedule spans them")
 p.add_argument("--seed", type=int, default=0)
 # logging and checkpoints
-p.add_argument("--out", help="output dir: the model, metrics.jsonl, state/ (default: out/sft, out/sft-unseen)")
+p.add_argument("--out", help="output dir: checkpoint-* (the model), metrics.jsonl (default: out/sft, out/sft-unseen)")
 p.add_argument("--report-to", choices=["none", "tensorboard", "wandb"], default="none",
-               help="also log metrics.jsonl's rows to a tracker (through accelerate; tensorboard: OUT/trackers)")
+               help="also log metrics.jsonl's rows to a tracker (tensorboard: OUT/tensorboard/<run name>)")
+p.add_argument("--project", default="nanopr1", help="the tracker's project")
+p.add_argument("--run-name", help="the tracker's run name (default: OUT's name)")
 p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (and at the end)")
-p.add_argument("--resume", action="store_true", help=f"continue the run in --out (may change: {', '.join(MAY_CHANGE)})")
+p.add_argument("--keep-checkpoints", type=int, default=1, help="the newest K step checkpoints are kept")
+p.add_argument("--resume", action="store_true", help=f"continue the run in --out (may change: {', '.join(APPLY)})")
 p.add_argument("--overwrite", action="store_true",
                help="start over in an --out that holds a run (with --generate: the corpus at --data)")
 # memory plan
 p.add_argument("--plan", action="store_true", help="print the per-GPU memory plan and exit (needs only a config.json)")
 p.add_argument("--gpu-memory-gb", type=float, help="for the plan: memory of one GPU (default: this device's)")
 p.add_argument("--num-gpus", type=int, help="for the plan: GPUs of the run (default: this launch's processes)")
+
+REFUSE = tuple(a.dest for a in p._actions if a.dest not in APPLY + LOCAL + ("help",)) + ("script",)
 
 # -----------------------------------------------------------------------------
 # cold-start corpus generation
@@ -94,7 +106,8 @@ def generate_corpus(args):
     Each rank appends every decision to <data>.rank<r>.jsonl as it goes, and a rerun skips the decided
     problems: generation is idempotent and resumes. At the end rank 0 writes the kept traces to <data>
     in problem order, the rejections and the settings to <data>.meta.json, and reports the counts."""
-    from nanopr1.sampler import sample
+    from nanopr1 import kvcache
+    from nanopr1.sampler import Options, sample
     acc = Accelerator()
     world, rank = acc.num_processes, acc.process_index
     procs = f"{world} process{'es' if world > 1 else ''}"
@@ -133,6 +146,9 @@ def generate_corpus(args):
     # 3) sample this rank's share, appending each batch's decisions as soon as they are made
     if todo:
         model, tokenizer = load(args.teacher, "bfloat16" if acc.device.type == "cuda" else "float32", str(acc.device))
+        longest = max(len(format.chat_prompt_ids(tokenizer, template, problems[i]["question"])) for i in todo)
+        cache = kvcache.for_call(model, Options(max_new_tokens=args.gen_max_new_tokens, parallel=False),
+                                 [[0] * longest], args.gen_batch, None)[0]  # one KV cache for every batch
         mine = Path(f"{out}.rank{rank}.jsonl")
         bar = tqdm(total=len(todo), desc="teacher", disable=not acc.is_main_process)
         with open(mine, "a", encoding="utf-8") as f:
@@ -142,7 +158,7 @@ def generate_corpus(args):
                 chunk = todo[k:k + args.gen_batch]
                 prompts = [format.chat_prompt_ids(tokenizer, template, problems[i]["question"]) for i in chunk]
                 rollouts = sample(model, tokenizer, prompts, parallel=False, max_new_tokens=args.gen_max_new_tokens,
-                                  temperature=0.6, seed=[args.seed + i for i in chunk])  # one seed per problem
+                                  temperature=0.6, seed=[args.seed + i for i in chunk], cache=cache)  # a seed per problem
                 for i, ro in zip(chunk, rollouts):
                     response, why = data.judge_trace(ro.text, problems[i]["answer"])
                     row = {"index": i, "rejected": why} if why else {"index": i, "question": problems[i]["question"],
@@ -172,17 +188,16 @@ def generate_corpus(args):
 def main(args):
     if args.generate:
         return generate_corpus(args)
-    cuda = torch.cuda.is_available()
-    acc = Accelerator(mixed_precision="bf16" if cuda else "no", project_dir=args.out,
-                      log_with=None if args.report_to == "none" else args.report_to)
+    out, cuda = Path(args.out), torch.cuda.is_available()
+    acc = Accelerator(mixed_precision="bf16" if cuda else "no", log_with=None if args.report_to == "none" else
+                      args.report_to, project_config=ProjectConfiguration(out, logging_dir=out / "tensorboard"))
     world, rank = acc.num_processes, acc.process_index
     acc.print(f"{world} process{'es' if world > 1 else ''} ({acc.device}, {acc.distributed_type.value})")
+    acc.print(checkpoint.prepare_out(out, args, acc, args.resume, args.overwrite, REFUSE, APPLY))
     torch.manual_seed(args.seed)
-    out = Path(args.out)
-    saved, note = checkpoint.prepare_out(out, args, acc, args.resume, args.overwrite, SAME, MAY_CHANGE)
-    acc.print(note) if note else None
     template = recipes.template(args)
-    rows = data.load(args.data, fields=("response",)) if args.data else toy.sft_corpus(25600, seed=args.seed)
+    rows = data.load(args.data, args.data_split, fields=("response",), config=args.data_config,
+                     question_key=args.question_key) if args.data else toy.sft_corpus(25600, seed=args.seed)
     if args.model is None:  # the toy preset starts from scratch: an untrained toy model
         tokenizer = toy.build_tokenizer()
         model = toy.new_model(tokenizer, seed=args.seed)
@@ -200,23 +215,22 @@ def main(args):
         model = apply_lora(model, r=args.lora_r, alpha=2 * args.lora_r, train_tokens=list(tags.values()))
     if args.grad_ckpt or args.grad_ckpt is None and cuda:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    total = per_epoch * args.epochs  # the LR schedule's length
-    stop = min(args.max_steps or total, total)
+    total = args.max_steps or per_epoch * args.epochs  # the LR schedule's length (HF Trainer: max steps wins)
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=args.lr,
                             betas=(0.9, 0.95), weight_decay=args.weight_decay)
     model, opt = acc.prepare(model, opt)
-    warm = max(1, int(args.warmup * total))  # linear warm-up, then cosine to 0 at the end of the last epoch
+    warm = max(1, int(args.warmup * total))  # linear warm-up, then cosine towards 0 at the last step
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, 0.5 * (1 + math.cos(
-        math.pi * max(0, s + 1 - warm) / max(1, total - warm)))))
+        math.pi * max(0, s + 1 - warm) / (total - warm + 1)))))  # the last step's lr is small, not 0
     acc.register_for_checkpointing(sched)  # not prepared: accelerate would step it once per process per step
     out.mkdir(parents=True, exist_ok=True)
     step = 0
-    if saved is not None:  # --resume: model, optimizer, schedule and RNG as saved; the data position is the step
-        step, _ = checkpoint.load_state(out, acc)
+    if args.resume and checkpoint.latest(out):  # model, optimizer, schedule and RNG as saved; data position: step
+        step = checkpoint.load_state(out, acc)
         checkpoint.apply_lr(opt, args.lr, sched)
     checkpoint.start_trackers(acc, args)
-    bar = tqdm(total=stop, initial=step, desc="sft", disable=not acc.is_main_process)
-    while step < stop:
+    bar = tqdm(total=total, initial=step, desc="sft", disable=not acc.is_main_process)
+    while step < total:
         t0 = time.time()
         epoch, k = divmod(step, per_epoch)
         idx = data.epoch_batches(len(examples), args.batch_size, args.seed, epoch)[k]
@@ -246,8 +260,8 @@ def main(args):
         checkpoint.log_metrics(acc, out, row)
         bar.set_postfix(loss=f"{loss:.4f}")
         bar.update()
-        if step % args.save_every == 0 or step == stop:  # every rank (FSDP gathers); the previous survives a kill
-            checkpoint.save_run(out, step, acc, model, tokenizer, args)
+        if step % args.save_every == 0 or step == total:  # every rank (FSDP gathers); the previous survives a kill
+            checkpoint.save_run(out, step, acc, model, tokenizer, args, args.keep_checkpoints)
     bar.close()
     acc.end_training()
     acc.print(f"done: {step} steps, model in {out}")
@@ -262,9 +276,12 @@ def plan_only(args):
 
 def parse_args(argv=None):
     args = recipes.parse(p, argv, "train_sft")
+    if args.out is None:  # where the RL stages look for it
+        args.out = ("out/toy-sft" if args.preset == "toy" else "out/sft") + ("-unseen" if args.variant == "unseen" else "")
+    args.run_name = args.run_name or Path(args.out).name
     checks = [(args.batch_size >= 1 and args.micro_batch_tokens >= 1, "--batch-size and --micro-batch-tokens must be 1 or more"),
               (args.epochs >= 1 and args.max_steps >= 0, "--epochs must be 1 or more and --max-steps 0 or more"),
-              (args.save_every >= 1, f"--save-every {args.save_every}: must be 1 or more"),
+              (min(args.save_every, args.keep_checkpoints) >= 1, "--save-every and --keep-checkpoints: 1 or more"),
               (args.lr > 0 and 0 <= args.warmup < 1, "--lr must be above 0 and --warmup in [0, 1)"),
               (args.max_len >= 2, "--max-len must be 2 or more"),
               (args.gen_batch >= 1 and args.gen_max_new_tokens >= 1, "--gen-batch and --gen-max-new-tokens must be 1 or more")]

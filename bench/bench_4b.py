@@ -1,83 +1,83 @@
 """
-bench/bench_4b.py: nanopr1 at Qwen3-4B scale on one GPU, in one run. A benchmark, not a test.
+bench/bench_4b.py: the one script for a GPU hour. nanopr1 at Qwen3-4B scale on one H100 / H200.
 
-    python bench/bench_4b.py --tiny                       # CPU, a tiny Qwen3: the script end to end, in seconds
-    python bench/bench_4b.py --out bench_4b.json          # one H100 / H200: Qwen3-4B-shaped, random bf16 weights
+    python bench/bench_4b.py --out bench_4b.json                # one H100/H200: about 7 minutes (estimate below)
+    python bench/bench_4b.py --tiny --out /tmp/b.json           # CPU: the very same code at tiny sizes, ~30 s
+    python bench/bench_4b.py --skip decode_256,train_rl --out b.json   # leave sections out (a prefix: "decode")
 
-The model is built from the Qwen3-4B config with random weights (nothing is downloaded; speed and memory
-do not depend on the weights) and a stand-in tokenizer that only knows the ids of the six tags. EOS is
-switched off so every rollout runs to its budget. What it prints:
-  (0) fast sampler == simple sampler at temperature 0 on this device: a tiny fp32 model (tokens identical,
-      log-prob difference) and the big bf16 model (share of identical tokens, log-prob difference);
-  (1) decode tokens/s of the fast sampler vs the simple sampler vs model.generate, greedy, parallel off,
-      batch 1, 64, 256, prompt 512, 1,024 new tokens (prefill included), plus 2-path blocks at batch 64;
-  (2) the bandwidth floor of each batch (weight bytes + KV bytes read per step / measured copy bandwidth)
-      and the share of it the fast sampler's decode reaches (its prefill timed apart and subtracted);
-  (3) one GRPO step (scoring.score + grpo.policy_loss, gradient checkpointing, bf16 autocast): LoRA, and the
-      full fine-tune with AdamW (fp32 master weights, as train_rl) if it fits: peak memory, time, tokens/s, MFU;
-  (4) SFT tokens/s (scoring.sequence_nll), same setting as the largest GRPO step that fitted;
-  (5) the Unseen mask, attention forward+backward: sdpa with the dense bool mask vs flex attention with a
-      block mask built from the same block structure (flex has no backward on a CPU);
-  (6) the memory plan's estimate (nanopr1/plan.py) of the step of (3) next to its measured peak.
-MFU = 6 * parameters * tokens / time / peak (--peak-tflops, 989 for H100/H200 bf16 dense); with gradient
-checkpointing the real work is ~8 * N per token, with LoRA ~4 * N (no weight gradients).
+A Qwen3-4B-shaped model with random weights (nothing downloaded; speed and memory do not depend on them), EOS
+off: rollouts run to their budget. Each section builds what it needs and frees it all at its end; one that fails
+(out of memory, any exception) is recorded with its error line and the next one runs. --out is rewritten after
+every section: a crash loses nothing measured before it. Timings: a warm-up, then --repeats runs (best, mean).
+  equal       (0) the KV cache's captured decode step (CUDA graphs) vs the same cache eager (use_graphs=False),
+              temperature 0, parallel off / Seen / Unseen 2-path blocks, max_rows below the rollouts' rows
+              (admissions): identical tokens and max |log-prob difference|, tiny fp32 (1.0, < 1e-5) and big bf16.
+  decode_R    (1, 2) R = 1, 64, 256 rows, greedy, parallel off, 512-token prompts, 512 new tokens: tokens/s of
+              the captured step (the repeats reuse the cache and its graphs; capture_s apart) and, for R in
+              --eager-rows, eager; decode-only tokens/s (prefill timed apart) vs the bandwidth floor (weight + KV
+              bytes read per step / measured copy bandwidth); graphs and graph pool GB from KVCache.stats().
+  grpo_lora, grpo_full  (3) one GRPO step (scoring.score + grpo.policy_loss + AdamW, gradient checkpointing,
+              bf16 autocast on CUDA), 8 rollouts of 512 + 512 tokens, micro-batches of 4: time, tokens/s, MFU
+              (6N), peak above the model states (plan.peak_bytes) vs plan.training_transient + gradients.
+  train_rl    (4) one real `train_rl.py --lora` step (subprocess) on this model saved with the toy tokenizer
+              (toy:hard problems): wall time, its "memory plan per GPU:" and "measured:" lines, the plan total,
+              its metrics row. --lora: full fine-tune + sampling copy do not fit 80 GB (the plan says so).
+Estimate on one H100/H200: equal 0.5 min, decode 4 min (half of it eager), grpo 1 min, train_rl 1.5 min: ~7
+min. Dropped from the older version to fit: model.generate, SFT timing, flex attention (in git history).
+The figures go to docs/results.md (section "GPU").
 """
 
 import argparse
 import gc
 import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
+import traceback
+from functools import partial
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, Qwen3Config
 
-from nanopr1.attention import find_blocks, unseen_mask
+from nanopr1 import toy
 from nanopr1.format import PARALLEL, PARALLEL_END, PATH, PATH_END, SUMMARY, SUMMARY_END, TAGS
 from nanopr1.grpo import policy_loss
-from nanopr1.model import apply_lora
-from nanopr1.rollout import Rollout
+from nanopr1.kvcache import KVCache, kv_bytes_per_token
+from nanopr1.model import add_tags, apply_lora
+from nanopr1.plan import memory_plan, peak_bytes, training_transient
+from nanopr1.rollout import make_rollout
 from nanopr1.sampler import sample
-from nanopr1.scoring import collate, score, sequence_nll
-from nanopr1.staticcache import StaticRows
+from nanopr1.scoring import score
 
+ROOT = Path(__file__).resolve().parents[1]
 QWEN3_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
                 num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
                 rope_theta=1000000, tie_word_embeddings=True, rms_norm_eps=1e-6)
 TINY = dict(vocab_size=1024, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, tie_word_embeddings=True)
+SIZES = dict(rows="1,64,256", eager_rows="1,64", prompt=512, new_tokens=512, grpo_rollouts=8, micro_batch=4,
+             rl_prompts=8, rl_group=8, rl_new_tokens=512, rl_micro_tokens=16384)
+TINY_SIZES = dict(rows="1,4,8", eager_rows="1,4", prompt=32, new_tokens=24, grpo_rollouts=4, micro_batch=2,
+                  rl_prompts=2, rl_group=2, rl_new_tokens=12, rl_micro_tokens=2048)
 RESULTS = {}
 
 
 class IdTokenizer:
-    """What the sampler needs from a tokenizer: the tag ids (Qwen3's 151669.. for the 4B model), no EOS."""
+    """What the sampler needs of a tokenizer: the tag ids (Qwen3's 151669.. at 4B), no EOS."""
 
     def __init__(self, vocab_size):
         first = 151669 if vocab_size == 151936 else vocab_size - len(TAGS)
-        self.vocab = {t: first + i for i, t in enumerate(TAGS)}
-        self.eos_token_id, self.pad_token_id, self.n = None, 0, vocab_size
+        self.vocab, self.eos_token_id, self.pad_token_id = {t: first + i for i, t in enumerate(TAGS)}, None, 0
 
     def get_vocab(self):
         return dict(self.vocab)
 
     def decode(self, ids, **kw):
         return " ".join(map(str, ids))
-
-    def __len__(self):
-        return self.n
-
-
-def sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def timed(fn):
-    sync()
-    t0 = time.perf_counter()
-    out = fn()
-    sync()
-    return out, time.perf_counter() - t0
 
 
 def free():
@@ -87,13 +87,20 @@ def free():
         torch.cuda.reset_peak_memory_stats()
 
 
-def report(key, text, **values):
-    print(text, flush=True)
-    RESULTS[key] = values
+def repeat(fn, n):
+    """A warm-up run, then n timed runs: (best, mean) seconds."""
+    sync, times = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None, []
+    for i in range(n + 1):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times += [time.perf_counter() - t0] if i else []
+    return min(times), sum(times) / len(times)
 
 
 def build(cfg, dtype, device):
-    with torch.device(device):  # random init directly on the GPU: seconds, not minutes
+    with torch.device(device):  # random init straight on the GPU: seconds, not minutes
         model = AutoModelForCausalLM.from_config(Qwen3Config(**cfg), dtype=dtype, attn_implementation="sdpa")
     model.generation_config.eos_token_id = None
     return model.eval()
@@ -104,287 +111,238 @@ def prompts(n, length, tok, seed=0):
     return torch.randint(10, min(tok.vocab.values()), (n, length), generator=g).tolist()
 
 # -----------------------------------------------------------------------------
-# (0)-(2) the sampler
+# (0) captured == eager; (1, 2) decode speed
+CASES = [("parallel off", dict(parallel=False)), ("seen blocks", dict(variant="seen", force_block=8)),
+         ("unseen blocks", dict(variant="unseen", force_block=8))]
 
 
-CACHES = []  # the static caches made, to report whether CUDA graph capture worked
-
-
-def static(model, rows, cols):
-    CACHES.append(StaticRows(rows, cols, next(model.parameters()).device))
-    return CACHES[-1]
-
-
-def equivalence(model, tok, label, n, new):
-    """Fast vs simple at temperature 0: parallel off, and forced 2-path blocks in both variants."""
-    for name, kw in [("parallel off", dict(parallel=False)), ("seen blocks", dict(variant="seen", force_block=8)),
-                     ("unseen blocks", dict(variant="unseen", force_block=8))]:
-        ps = prompts(n, 24, tok, seed=1)
-        a = sample(model, tok, ps, 2, max_new_tokens=new, temperature=0, path_max_tokens=12, **kw)
-        b = sample(model, tok, ps, 2, max_new_tokens=new, temperature=0, path_max_tokens=12,
-                   cache=static(model, 16, 24 + new + 2), **kw)
-        same = sum(x == y for r, q in zip(a, b) for x, y in zip(r.ids, q.ids)) / sum(len(r.ids) for r in a)
-        prefix = [next((i for i, (x, y) in enumerate(zip(r.ids, q.ids)) if x != y), len(r.ids)) for r, q in zip(a, b)]
-        diff = max(abs(x - y) for r, q, k in zip(a, b, prefix) for x, y in zip(r.logprobs[:k], q.logprobs[:k]))
-        report(f"equal/{label}/{name}", f"  {label:14s} {name:14s}: identical tokens {same:7.2%}   max |log-prob "
-               f"difference| until the first different token {diff:.2e}   blocks {sum(len(r.blocks) for r in a)}",
-               identical=same, max_logprob_diff=diff)
+def equal(args, res):
+    """(0) the captured decode step == eager (use_graphs=False), temperature 0, tiny fp32 and big bf16 models."""
+    for label, cfg, dtype in (("tiny fp32", TINY, torch.float32), ("model bf16", args.cfg, torch.bfloat16)):
+        model, tok = build(cfg, dtype, args.device), IdTokenizer(cfg["vocab_size"])
+        for name, kw in CASES:
+            ps, runs, stats = prompts(4, 24, tok, seed=1), [], None  # 6 rows: 6 or 3 of the 8 rollouts
+            for graphs in (True, False):
+                kv = KVCache(6, 24 + 40 + 1, args.device, use_graphs=graphs)
+                runs.append(sample(model, tok, ps, 2, max_new_tokens=40, temperature=0, path_max_tokens=12,
+                                   max_rows=6, cache=kv, **kw))
+                stats = stats or kv.stats()
+            a, b = runs
+            n = sum(max(len(r.ids), len(q.ids)) for r, q in zip(a, b))
+            same = sum(x == y for r, q in zip(a, b) for x, y in zip(r.ids, q.ids)) / n
+            first = [next((i for i, (x, y) in enumerate(zip(r.ids, q.ids)) if x != y), len(r.ids))
+                     for r, q in zip(a, b)]
+            diff = max((abs(x - y) for r, q, k in zip(a, b, first) for x, y in zip(r.logprobs[:k], q.logprobs[:k])),
+                       default=0.0)
+            blocks = sum(len(r.blocks) for r in a)
+            print(f"  {label:10s} {name:13s}: identical tokens {same:7.2%}   max |log-prob difference| {diff:.2e}"
+                  f"   blocks {blocks}   graphs {stats['graphs']} {stats.get('graph_error', '')}", flush=True)
+            res[f"{label}/{name}"] = dict(identical=same, max_logprob_diff=diff, blocks=blocks, **stats)
+        del model
 
 
 def bandwidth(device):
-    n = (1 << 30) if device == "cuda" else (1 << 26)
+    n = (1 << 30) if device.type == "cuda" else (1 << 26)
     a, b = torch.empty(n, dtype=torch.uint8, device=device), torch.empty(n, dtype=torch.uint8, device=device)
-    b.copy_(a)
-    _, t = timed(lambda: [b.copy_(a) for _ in range(10)])
-    return 2 * n * 10 / t  # bytes read + written per second
+    best, _ = repeat(lambda: [b.copy_(a) for _ in range(10)], 2)
+    return 2 * n * 10 / best  # bytes read + written per second
 
 
-def decode_bench(model, tok, args, bw):
-    cfg, P, N = model.config, args.prompt, args.new_tokens
-    W = sum(p.numel() * p.element_size() for p in model.parameters())  # weight bytes read per step
-    kv_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * next(model.parameters()).element_size()
-    print(f"\n(1, 2) decode, greedy, prompt {P}, {N} new tokens; weights {W / 1e9:.2f} GB, KV {kv_token / 1e3:.1f} "
-          f"kB/token, copy bandwidth {bw / 1e9:.0f} GB/s")
-    for B in args.batches:
-        ps, row = prompts(B, P, tok), {}
-        run = lambda fast, n=N: sample(model, tok, ps, 1, max_new_tokens=n, temperature=0, parallel=False,
-                                       cache=static(model, B, P + N + 2) if fast else None)
-        for name, fn in [("fast", lambda: run(True)), ("simple", lambda: run(False)), ("generate", lambda: generate(model, ps, N))]:
-            if name in args.methods:
-                try:
-                    out, t = timed(fn)
-                    row[name] = (out if name == "generate" else sum(len(r.ids) for r in out)) / t
-                except torch.cuda.OutOfMemoryError:
-                    row[name] = float("nan")
-                free()
-        _, t_prefill = timed(lambda: run(True, 1))  # prefill + one sampled token, no decode step
-        floor = N * (W + B * (P + N / 2) * kv_token) / bw  # the decode steps at the bandwidth floor (mean context)
-        decode = B * N / row.get("fast", float("nan")) - t_prefill  # the fast sampler's decode alone
-        text = "   ".join(f"{k} {v:9.1f} tok/s" for k, v in row.items())
-        if "fast" in row and "generate" in row:
-            text += f"   fast/generate {row['fast'] / row['generate']:5.2f}x"
-        report(f"decode/{B}", f"  batch {B:4d}: {text}\n              decode only: floor {B * N / floor:9.1f} tok/s, "
-               f"fast {B * N / decode:9.1f} tok/s = {floor / decode:6.1%} of the floor (prefill {t_prefill:.2f} s)",
-               tokens_per_s=row, prefill_s=t_prefill, floor_tokens_per_s=B * N / floor, share_of_floor=floor / decode)
-    B = args.batches[min(1, len(args.batches) - 1)]
-    ps, row = prompts(B, P, tok), {}
-    for name in ("fast", "simple"):
-        out, t = timed(lambda: sample(model, tok, ps, 1, max_new_tokens=N, temperature=0, variant="unseen",
-                                      force_block=32, cache=static(model, 2 * B, P + N + 2) if name == "fast" else None))
-        row[name], blocks = sum(len(r.ids) for r in out) / t, sum(len(r.blocks) for r in out)
+def decode(args, res, R):
+    """(1, 2) decode tokens/s of R rows vs the bandwidth floor: greedy, parallel off, to the budget."""
+    P, N, dev = args.prompt, args.new_tokens, args.device
+    model, tok = build(args.cfg, torch.bfloat16, dev), IdTokenizer(args.cfg["vocab_size"])
+    ps, bw = prompts(R, P, tok), bandwidth(dev)
+    W = sum(q.numel() * q.element_size() for q in model.parameters())  # weight bytes read per step
+    kvt = kv_bytes_per_token(model.config, torch.bfloat16)
+    floor = (N - 1) * (W + R * (P + N / 2) * kvt) / bw  # N-1 decode steps, mean context P + N/2
+    res.update(rows=R, prompt=P, new_tokens=N, weight_gb=W / 1e9, kv_kib_per_token=kvt / 1024,
+               copy_bandwidth_gbs=bw / 1e9, floor_decode_tokens_per_s=R * (N - 1) / floor)
+    for mode in ("graphs", "eager") if R in args.eager_rows else ("graphs",):
+        kv = KVCache(R, P + N + 1, dev, use_graphs=mode == "graphs")
+        run = lambda n: sample(model, tok, ps, 1, max_new_tokens=n, temperature=0, parallel=False, cache=kv)
+        assert sum(len(r.ids) for r in run(N)) == R * N  # the warm-up: captures every graph
+        warm = kv.stats()
+        best, mean = repeat(lambda: run(N), args.repeats)  # the same cache: its graphs are replayed
+        prefill, _ = repeat(lambda: run(1), args.repeats)  # prefill + one sampled token, no decode step
+        stats, decode_s = kv.stats(), max(best - prefill, 1e-9)
+        res[mode] = dict(tokens_per_s_best=R * N / best, tokens_per_s_mean=R * N / mean, prefill_s=prefill,
+                         decode_tokens_per_s=R * (N - 1) / decode_s, share_of_floor=floor / decode_s,
+                         captures_in_repeats=stats["graphs"] - warm["graphs"], **stats)
+        print(f"  {R:4d} rows {mode:6s}: {R * N / best:9.1f} tok/s best ({R * N / mean:9.1f} mean)   prefill "
+              f"{prefill:.3g} s   decode {R * (N - 1) / decode_s:9.1f} tok/s = {floor / decode_s:6.1%} of the "
+              f"floor ({R * (N - 1) / floor:9.1f})   graphs {stats['graphs']} ({stats['capture_s']:.1f} s to "
+              f"capture, pool {stats['graph_pool_gb']:.3g} GB) {stats.get('graph_error', '')}", flush=True)
+        del kv, run
         free()
-    report("decode/paths", f"  batch {B:4d}, 2-path blocks (unseen, {blocks} blocks): fast {row['fast']:9.1f} tok/s   "
-           f"simple {row['simple']:9.1f} tok/s   ratio {row['fast'] / row['simple']:5.2f}x", tokens_per_s=row, blocks=blocks)
-
-
-@torch.inference_mode()
-def generate(model, ps, N):
-    ids = torch.tensor(ps, device=model.device)
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=N,
-                         min_new_tokens=N, pad_token_id=0, eos_token_id=None)
-    return out[:, ids.shape[1]:].numel()
+    if "eager" in res:
+        res["graphs_over_eager"] = res["graphs"]["tokens_per_s_best"] / res["eager"]["tokens_per_s_best"]
+        print(f"  captured / eager: {res['graphs_over_eager']:.2f}x")
 
 # -----------------------------------------------------------------------------
-# (3)-(4) training steps
-
-
-def rollout(tok, P, N, g):
-    """A synthetic rollout with one 2-path block: prompt P tokens, response N tokens, tags forced."""
-    t, k = tok.vocab, N // 4
+# (3) one GRPO step; (4) one train_rl.py step
+def synthetic(tok, P, N, g):
+    """A rollout with one 2-path block: prompt P tokens, response N tokens, tags forced."""
+    t, k, s = tok.vocab, N // 4, min(8, N // 8)
     words = lambda n: torch.randint(10, min(t.values()), (n,), generator=g).tolist()
     ids = ([t[PARALLEL], t[PATH]] + words(k) + [t[PATH_END], t[PATH]] + words(k) + [t[PATH_END], t[PARALLEL_END],
-           t[SUMMARY]] + words(8) + [t[SUMMARY_END]])
+           t[SUMMARY]] + words(s) + [t[SUMMARY_END]])
     ids += words(N - len(ids))
-    forced = [i in t.values() for i in ids]
-    return Rollout(words(P), ids, forced, [0.0] * N, list(range(P, P + N)), [(1 << len(TAGS)) - 1] * N,
-                   find_blocks(ids, t), "", "budget")
+    return make_rollout(tok, words(P), ids, "budget", [i in t.values() for i in ids])
 
 
 def grpo_step(model, opt, rollouts, tags, micro, device):
     n_tokens = sum(sum(not f for f in r.forced) for r in rollouts)
     adv = torch.randn(len(rollouts))
     for i in range(0, len(rollouts), micro):
-        with autocast(device):
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             logp, mask = score(model, rollouts[i:i + micro], tags, "seen", 1.0, 0, device)
             loss, _ = policy_loss(logp, logp.detach() + 0.01, adv[i:i + micro].to(logp), mask, n_tokens)
         loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+    torch.nn.utils.clip_grad_norm_([q for q in model.parameters() if q.requires_grad], 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
 
 
-def sft_step(model, opt, rollouts, tags, micro, device):
-    for i in range(0, len(rollouts), micro):
-        examples = [(r.prompt_ids, r.ids) for r in rollouts[i:i + micro]]
-        batch, targets, mask = collate(examples, tags, "seen", 0)
-        with autocast(device):
-            nll = sequence_nll(model, {k: v.to(device) for k, v in batch.items()}, targets.to(device),
-                                         mask.to(device)).sum() / mask.sum()
-        nll.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
-
-def autocast(device):
-    return torch.autocast(device, torch.bfloat16, enabled=device == "cuda")
-
-
-def train_bench(cfg, tok, args, device):
-    g = torch.Generator().manual_seed(0)
-    rollouts = [rollout(tok, args.prompt, args.new_tokens, g) for _ in range(args.grpo_rollouts)]
+def grpo(args, res, lora):
+    """(3) one GRPO step, LoRA (bf16 base on CUDA, as train_rl) or full (fp32, AdamW), vs the memory plan."""
+    dev, cuda, P, N, micro = args.device, args.device.type == "cuda", args.prompt, args.new_tokens, args.micro_batch
+    tok, g = IdTokenizer(args.cfg["vocab_size"]), torch.Generator().manual_seed(0)
+    model = build(args.cfg, torch.bfloat16 if lora and cuda else torch.float32, dev)
+    n_params = sum(q.numel() for q in model.parameters())
+    if lora:
+        model = apply_lora(model, r=64, alpha=128, train_tokens=list(tok.vocab.values()))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trained = [q for q in model.train().parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=1e-6, foreach=True)  # as train_rl
+    rollouts = [synthetic(tok, P, N, g) for _ in range(args.grpo_rollouts)]
     tokens = sum(len(r.prompt_ids) + len(r.ids) for r in rollouts)
-    print(f"\n(3, 4) training steps: {len(rollouts)} rollouts of {args.prompt}+{args.new_tokens} tokens, micro-batch "
-          f"{args.micro_batch}, gradient checkpointing, bf16 autocast on CUDA; best of {args.repeats} after a warm-up")
-    fitted, n_params = {}, 0
-    for mode in ("lora", "full"):
+    step = lambda: grpo_step(model, opt, rollouts, tok.vocab, micro, dev)
+    best, mean = repeat(step, args.repeats)  # the warm-up makes AdamW's states
+    free()
+    peak = peak_bytes(step, dev)  # above the weights and AdamW's states: activations, gradients, AdamW's step
+    config, T, n_trained = Qwen3Config(**args.cfg), micro * (P + N), sum(q.numel() for q in trained)
+    transient = training_transient(config, T, P + N, grad_ckpt=True, autocast=cuda, trained=n_trained)
+    grads = sum(q.numel() * q.element_size() for q in trained)
+    gpu = torch.cuda.get_device_properties(dev).total_memory if cuda else 80e9
+    plan = memory_plan(config, gpu_bytes=gpu, lora_r=64 if lora else 0, micro_batch_tokens=T, sampling=False,
+                       max_prompt_tokens=P, max_new_tokens=N)
+    mfu = 6 * n_params * tokens / best / (args.peak_tflops * 1e12) if cuda else None
+    res.update(rollouts=len(rollouts), micro_batch_tokens=T, step_s_best=best, step_s_mean=mean,
+               tokens_per_s=tokens / best, mfu_6n=mfu, peak_above_states_gb=peak / 1e9,
+               plan_transient_plus_grads_gb=(transient + grads) / 1e9, plan_transient_gb=transient / 1e9,
+               plan_total_gb=plan.total / 1e9, plan_fits=plan.fits,
+               peak_reserved_gb=torch.cuda.max_memory_reserved(dev) / 1e9 if cuda else None)
+    print(f"  {'LoRA r=64' if lora else 'full':9s}: step {best:.3g} s best ({mean:.3g} mean)   {tokens / best:9.0f} "
+          f"tok/s   MFU(6N) {f'{mfu:.1%}' if cuda else '-'}   peak above the states {peak / 1e9:.3g} GB, plan "
+          f"{(transient + grads) / 1e9:.3g} GB (transient {transient / 1e9:.3g} + gradients)   plan total "
+          f"{plan.total / 1e9:.1f} GB", flush=True)
+
+
+def train_rl(args, res):
+    """(4) one real train_rl.py step (--lora) in a subprocess, on this model saved with the toy tokenizer."""
+    work = Path(tempfile.mkdtemp(prefix="bench_4b_"))
+    try:
+        tok, model = toy.build_tokenizer(), build(args.cfg, torch.bfloat16, args.device)
+        for c in (model.config, model.generation_config):
+            c.eos_token_id, c.pad_token_id = tok.eos_token_id, tok.pad_token_id
+        add_tags(model, tok)
+        model.save_pretrained(work / "init")
+        tok.save_pretrained(work / "init")
+        del model  # the subprocess needs the GPU: run_sections freed the rest before this section
         free()
-        try:
-            model = build(cfg, torch.bfloat16 if mode == "lora" else torch.float32, device)
-            n_params = sum(p.numel() for p in model.parameters())
-            if mode == "lora":
-                model = apply_lora(model, r=64, alpha=128, train_tokens=list(tok.vocab.values()))
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.train()
-            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
-            for kind, step in (("grpo", grpo_step), ("sft", sft_step)):
-                step(model, opt, rollouts, tok.vocab, args.micro_batch, device)  # warm-up (optimizer states too)
-                free()
-                t = min(timed(lambda: step(model, opt, rollouts, tok.vocab, args.micro_batch, device))[1]
-                        for _ in range(args.repeats))
-                peak = torch.cuda.max_memory_allocated() if device == "cuda" else float("nan")
-                mfu = 6 * n_params * tokens / t / (args.peak_tflops * 1e12) if device == "cuda" else float("nan")
-                report(f"{kind}/{mode}", f"  {kind.upper():4s} {mode:4s}: step {t:7.2f} s   {tokens / t:9.0f} tok/s   "
-                       f"peak {peak / 2**30:6.1f} GiB   MFU {mfu:6.1%}", step_s=t, tokens_per_s=tokens / t,
-                       peak_gib=peak / 2**30, mfu=mfu)
-                fitted[f"{kind}/{mode}"] = peak
-        except torch.cuda.OutOfMemoryError as e:
-            report(f"grpo/{mode}", f"  {mode}: does not fit on this GPU ({str(e).splitlines()[0][:120]})", oom=True)
-        model = opt = None
-    return fitted, n_params
-
-
-def plan_check(cfg, fitted, args):
-    """(6) nanopr1/plan.py's estimate of the same GRPO step next to the measured peak: the plan's
-    activation figure is an estimate, this is where it is checked."""
-    from nanopr1.plan import memory_plan
-    T = args.micro_batch * (args.prompt + args.new_tokens)
-    print(f"\n(6) the memory plan vs the measured GRPO step (micro-batch of {T:,} tokens, one GPU, no sampling):")
-    for mode in ("lora", "full"):
-        peak = fitted.get(f"grpo/{mode}", float("nan"))
-        if peak != peak:
-            continue
-        plan = memory_plan(Qwen3Config(**cfg), gpu_bytes=1e15, lora_r=64 if mode == "lora" else 0,
-                           micro_batch_tokens=T, sampling=False)
-        estimate = sum(b for what, b in plan.items if not what.startswith("CUDA context"))  # as allocated
-        report(f"plan/{mode}", f"  {mode}: measured peak {peak / 1e9:6.1f} GB, plan {estimate / 1e9:6.1f} GB "
-               f"({estimate / peak:5.0%})", measured_gb=peak / 1e9, plan_gb=estimate / 1e9)
+        cmd = [sys.executable, "train_rl.py", "--init", str(work / "init"), "--data", "toy:hard", "--steps", "1",
+               "--lora", "--prompts-per-step", str(args.rl_prompts), "--group-size", str(args.rl_group),
+               "--max-new-tokens", str(args.rl_new_tokens), "--micro-batch-tokens", str(args.rl_micro_tokens),
+               "--out", str(work / "run"), "--overwrite"]
+        res["command"] = " ".join(cmd[1:])
+        t0 = time.perf_counter()
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.rl_timeout,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})  # nothing to fetch: never wait for the hub
+        res["wall_s"], lines = time.perf_counter() - t0, done.stdout.splitlines()
+        res["stdout_tail"], res["stderr_tail"] = done.stdout[-3000:], done.stderr[-3000:]
+        start = next((i for i, x in enumerate(lines) if x.startswith("memory plan per GPU:")), None)
+        if start is not None:  # CUDA only: the plan, up to its verdict
+            end = next((i for i in range(start + 1, len(lines)) if not lines[i].startswith("  ")), len(lines) - 1)
+            res["plan"] = lines[start:end + 1]
+            total = [x.split() for x in res["plan"] if x.split()[:1] == ["total"]]
+            res["plan_total_gb"] = float(total[0][1]) if total else None
+        res["measured"] = [x for x in lines if x.startswith("measured:")]
+        metrics = work / "run" / "metrics.jsonl"
+        if metrics.exists():
+            res["metrics"] = json.loads(metrics.read_text().splitlines()[-1])
+        print(f"  train_rl.py exited {done.returncode} after {res['wall_s']:.1f} s", *res.get("plan", []),
+              *res["measured"], sep="\n  ", flush=True)
+        if done.returncode:
+            raise RuntimeError(f"train_rl.py exited {done.returncode}: {(done.stderr.strip() or '?').splitlines()[-1]}")
+        if not res["measured"] or "metrics" not in res:
+            raise RuntimeError("train_rl.py printed no 'measured:' line or wrote no metrics row")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 # -----------------------------------------------------------------------------
-# (5) Unseen attention: sdpa vs flex
 
 
-def structure(rollouts, T):
-    """Per token: the path it belongs to (-1: none) and that path's block (-1: none); the valid length."""
-    path = torch.full((len(rollouts), T), -1)
-    block = torch.full((len(rollouts), T), -1)
-    for b, r in enumerate(rollouts):
-        P = len(r.prompt_ids)
-        for i, blk in enumerate(r.blocks):
-            for k, (s, e) in enumerate(blk.paths):
-                path[b, P + s:P + e], block[b, P + s:P + e] = 100 * i + k, i
-    return path, block, torch.tensor([len(r.prompt_ids) + len(r.ids) for r in rollouts])
+def write(path):
+    if path:  # a whole file or none: a kill while writing keeps the previous one
+        Path(f"{path}.tmp").write_text(json.dumps(RESULTS, indent=1, default=str))
+        os.replace(f"{path}.tmp", path)
 
 
-def attention_bench(cfg, tok, args, device):
-    from torch.nn.attention.flex_attention import create_block_mask, create_mask, flex_attention
-    g = torch.Generator().manual_seed(1)
-    T = args.prompt + args.new_tokens
-    rollouts = [rollout(tok, args.prompt, args.new_tokens - 4 * b, g) for b in range(args.micro_batch)]
-    dense = torch.stack([unseen_mask(len(r.prompt_ids), len(r.ids), r.blocks, T) for r in rollouts]).to(device)
-    path, block, n = (x.to(device) for x in structure(rollouts, T))
-
-    def unseen(b, h, q, kv):  # attention.py's rule, from the block structure: causal, pads hidden, no sibling paths
-        sibling = (block[b, q] >= 0) & (block[b, q] == block[b, kv]) & (path[b, q] != path[b, kv])
-        return (kv <= q) & ((kv < n[b]) | (kv == q)) & ~sibling
-
-    same_mask = bool((create_mask(unseen, len(rollouts), 1, T, T, device=device)[:, 0] == dense).all())
-    bm = create_block_mask(unseen, len(rollouts), None, T, T, device=device)
-    H, Hkv, D = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    grad = device == "cuda"  # flex attention has no backward on a CPU
-    q = torch.randn(len(rollouts), H, T, D, device=device, dtype=dtype, requires_grad=grad)
-    k, v = (torch.randn(len(rollouts), Hkv, T, D, device=device, dtype=dtype, requires_grad=grad) for _ in range(2))
-    flex = torch.compile(flex_attention) if device == "cuda" else flex_attention
-
-    def sdpa():  # as transformers in training: K/V heads repeated, the dense bool mask
-        rep = lambda x: x.repeat_interleave(H // Hkv, 1)
-        return torch.nn.functional.scaled_dot_product_attention(q, rep(k), rep(v), attn_mask=dense[:, None])
-
-    out = {}
-    for name, fn in (("sdpa", sdpa), ("flex", lambda: flex(q, k, v, block_mask=bm, enable_gqa=True))):
-        def run():
-            o = fn()
-            if grad:
-                o.backward(torch.ones_like(o))
-            return o.detach()
-        run()  # warm-up (compiles flex)
+def run_sections(sections, args):
+    """Each section on its own: memory freed before and after, a failure recorded and passed over, --out written."""
+    skip = [s for s in args.skip.split(",") if s]
+    for name, fn in sections.items():
+        if any(name == s or name.startswith(s + "_") for s in skip):
+            RESULTS[name] = dict(status="skipped")
+            continue
+        print(f"\n[{name}] {(fn.func if isinstance(fn, partial) else fn).__doc__.splitlines()[0]}", flush=True)
+        res, t0 = {}, time.perf_counter()
         free()
-        o, t = min((timed(run) for _ in range(args.repeats)), key=lambda x: x[1])
-        out[name] = (o, t, torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan"))
-    diff = (out["sdpa"][0].float() - out["flex"][0].float()).abs().max().item()
-    report("attention", f"\n(5) Unseen attention {'forward+backward' if grad else 'forward only (CPU)'}, batch "
-           f"{len(rollouts)} x {T} tokens, {H}/{Hkv} heads: sdpa {out['sdpa'][1] * 1e3:8.2f} ms (peak "
-           f"{out['sdpa'][2]:.1f} GiB)   flex {out['flex'][1] * 1e3:8.2f} ms (peak {out['flex'][2]:.1f} GiB)   "
-           f"flex mask == attention.unseen_mask: {same_mask}   max |output difference| {diff:.1e}",
-           sdpa_ms=out["sdpa"][1] * 1e3, flex_ms=out["flex"][1] * 1e3, same_mask=same_mask, max_diff=diff)
+        try:
+            fn(args, res)
+            RESULTS[name] = dict(status="ok", **res)
+        except Exception as e:  # torch.cuda.OutOfMemoryError included: record it, go on with the next section
+            traceback.print_exc()
+            error = f"{type(e).__name__}: {(str(e).strip() or '?').splitlines()[0][:300]}"
+            print(f"  FAILED: {error}", flush=True)
+            RESULTS[name] = dict(status="failed", error=error, **res)
+        RESULTS[name]["seconds"] = time.perf_counter() - t0
+        free()
+        write(args.out)
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tiny", action="store_true", help="a tiny Qwen3 and small sizes: checks the script on a CPU")
+    p.add_argument("--tiny", action="store_true", help="a tiny Qwen3 and tiny sizes: the script end to end on a CPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batches", default="1,64,256", help="(1) decode batch sizes")
-    p.add_argument("--methods", default="fast,simple,generate", help="(1) which decoders")
-    p.add_argument("--prompt", type=int, default=512)
-    p.add_argument("--new-tokens", type=int, default=1024)
-    p.add_argument("--grpo-rollouts", type=int, default=8, help="(3, 4) rollouts per training step")
-    p.add_argument("--micro-batch", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs after the warm-up")
+    for k, v in SIZES.items():
+        p.add_argument(f"--{k.replace('_', '-')}", type=type(v), help=f"default {v} (--tiny: {TINY_SIZES[k]})")
+    p.add_argument("--rl-timeout", type=int, default=300, help="(4) seconds train_rl.py may take")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak (H100 and H200 SXM: 989)")
-    p.add_argument("--skip", default="", help="comma list of sections to skip: equal,decode,train,attention")
-    p.add_argument("--out", help="write the results as JSON here")
-    args = p.parse_args()
-    if args.tiny:
-        args.batches, args.prompt, args.new_tokens, args.grpo_rollouts = "1,4,8", 32, 48, 4
-    args.batches, args.methods = [int(b) for b in args.batches.split(",")], args.methods.split(",")
-    cfg, device, skip = TINY if args.tiny else QWEN3_4B, args.device, args.skip.split(",")
-    tok = IdTokenizer(cfg["vocab_size"])
-    gpu = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    p.add_argument("--skip", default="", help="comma list of sections (or prefixes: decode) to leave out")
+    p.add_argument("--out", help="the results as JSON, rewritten after every section")
+    args = p.parse_args(argv)
+    for k, v in (TINY_SIZES if args.tiny else SIZES).items():
+        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
+    args.device, args.cfg = torch.device(args.device), TINY if args.tiny else QWEN3_4B
+    args.rows, args.eager_rows = ([int(x) for x in s.split(",") if x] for s in (args.rows, args.eager_rows))
+    gpu = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else \
+        f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {gpu}; model: {'tiny Qwen3' if args.tiny else 'Qwen3-4B config'}, random weights; "
-          f"torch {torch.__version__}")
-    RESULTS["setup"] = dict(device=gpu, tiny=args.tiny, args=vars(args))
-    t0 = time.time()
-    if "equal" not in skip:
-        print("\n(0) fast sampler vs simple sampler, temperature 0, 2 rollouts x 4 prompts, 40 new tokens; "
-              f"CUDA graphs: {'on' if device == 'cuda' else 'off (CPU)'}")
-        equivalence(build(TINY, torch.float32, device), IdTokenizer(TINY["vocab_size"]), "tiny fp32", 4, 40)
-    big = build(cfg, torch.bfloat16 if device == "cuda" else torch.float32, device) if {"equal", "decode"} - set(skip) else None
-    if "equal" not in skip:
-        equivalence(big, tok, "model " + str(next(big.parameters()).dtype)[6:], 4, 40)
-    if "decode" not in skip:
-        decode_bench(big, tok, args, bandwidth(device))
-    errors = {c.graph_error for c in CACHES if c.graph_error}
-    print(f"  CUDA graph capture: {'; '.join(errors) or 'ok'}" if device == "cuda" else "", end="")
-    CACHES.clear()
-    big = None
-    free()
-    if "train" not in skip:
-        plan_check(cfg, train_bench(cfg, tok, args, device)[0], args)
-    if "attention" not in skip:
-        attention_bench(cfg, tok, args, device)
-    print(f"\ntotal {time.time() - t0:.0f} s")
-    if args.out:
-        Path(args.out).write_text(json.dumps(RESULTS, indent=1, default=str))
+          f"torch {torch.__version__}; {args.repeats} repeats after a warm-up")
+    RESULTS["setup"] = dict(device=gpu, torch=torch.__version__, model=args.cfg,
+                            args={k: v for k, v in vars(args).items() if k != "cfg"})
+    write(args.out)
+    t0 = time.perf_counter()
+    run_sections({"equal": equal, **{f"decode_{R}": partial(decode, R=R) for R in args.rows},
+                  "grpo_lora": partial(grpo, lora=True), "grpo_full": partial(grpo, lora=False),
+                  "train_rl": train_rl}, args)
+    RESULTS["setup"]["total_s"] = time.perf_counter() - t0
+    write(args.out)
+    bad = [k for k, v in RESULTS.items() if v.get("status") == "failed"]
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s; " + (f"FAILED: {', '.join(bad)}" if bad else "every section ok"))
 
 
 if __name__ == "__main__":

@@ -5,18 +5,21 @@ bench/bench_sampler.py: how fast is the branching sampler? (a benchmark script, 
     python bench/bench_sampler.py --hidden 256 --layers 24 --only a,d   # a deeper model
     python bench/bench_sampler.py --model DIR          # a real model directory (its own vocabulary)
 
-In one run, on one model and the same prompts:
+In one run, on one model and the same prompts, all through the package's one KV cache (kvcache.KVCache; its
+decode step captured once per shape, a CUDA graph on a GPU and graphs.CpuGraph on a CPU, unless said eager):
   (a) tokens/s of the sampler with parallel off vs `model.generate`, greedy, batch 1, 8, 32
       (greedy, so both decode exactly the same tokens);
-  (b) a fork after a long prefix: cloning the prefix's KV cache into N path rows vs
-      re-prefilling the prefix once per path (the fork alone, and the fork + the paths' first tokens);
+  (b) a fork after a long prefix: copying the prefix's row into N path rows (KVCache.copy_row) vs
+      re-prefilling the prefix into each path row (the fork alone, and the fork + the paths' first tokens);
   (c) N paths decoded together (one forward per step) vs the same paths one after another;
-  (d) one decode step of 32 rows with 256, 1,024 and 2,048 columns in the cache: the simple cache
-      (kvcache.KVRows) vs the static one (staticcache.StaticRows, eager on a CPU);
+  (d) one decode step of 32 rows with 256, 1,024 and 2,048 columns in the cache: transformers' DynamicCache
+      (grown by concatenation every token) vs KVCache eager (use_graphs=False) vs KVCache with its captured step;
   (e) whole sample() calls, 64 rollouts with blocks: tokens/s without a row cap and with --max-rows;
   (f) peak memory of one sample() call of 32 vs 256 rollouts with the same --max-rows (peak RSS of a
       fresh process on a CPU, peak allocated on a GPU).
-Each figure is the best of --repeats runs. Random weights are fine: speed does not depend on them.
+Each figure is the best of --repeats runs after a warm-up run (which captures the graphs: a cache is kept
+across the repeats, as a training run keeps its cache across steps). Random weights are fine: speed does
+not depend on them.
 """
 
 import argparse
@@ -28,17 +31,19 @@ import time
 import torch
 
 from nanopr1.format import PARALLEL, PATH
+from nanopr1.kvcache import KVCache
 from nanopr1.model import load, tag_ids
-from nanopr1.kvcache import CACHE_KW, KVRows
 from nanopr1.sampler import sample
-from nanopr1.staticcache import StaticRows
 
 
-def best(fn, repeats):
+def best(fn, repeats, setup=lambda: None):
+    """Seconds of fn(setup()): a warm-up run, then the best of `repeats` (setup untimed)."""
+    fn(setup())
     times = []
     for _ in range(repeats):
+        state = setup()
         t0 = time.perf_counter()
-        fn()
+        fn(state)
         times.append(time.perf_counter() - t0)
     return min(times)
 
@@ -55,13 +60,13 @@ def bench_generate(model, tok, prompts, max_new, repeats):
     P = max(len(p) for p in prompts)
     ids = torch.tensor([[tok.pad_token_id] * (P - len(p)) + p for p in prompts], device=model.device)
     mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], device=model.device)
-    out = {}
+    kv, out = KVCache(len(prompts), P + max_new + 1, model.device), {}
 
-    def ours():
+    def ours(_):
         out["ours"] = sum(len(r.ids) for r in sample(model, tok, prompts, max_new_tokens=max_new, temperature=0,
-                                                     parallel=False))
+                                                     parallel=False, cache=kv))
 
-    def theirs():
+    def theirs(_):
         g = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new,
                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)[:, P:]
         out["generate"] = sum(int((row != tok.pad_token_id).sum()) for row in g)
@@ -70,101 +75,105 @@ def bench_generate(model, tok, prompts, max_new, repeats):
     return out["ours"] / t_ours, out["generate"] / t_gen
 
 
+def filled(kv, model, prefix, rows, copies=0):
+    """Reset `kv` to `rows` rows, the prefix prefilled into row 0 and copied into rows 1..copies."""
+    kv.reset(model)
+    kv.add_rows(rows)
+    if prefix:
+        L = len(prefix)
+        kv.prefill(model, torch.tensor([prefix]), torch.arange(L)[None], torch.ones(1, L, dtype=torch.bool), [0])
+    for k in range(1, copies + 1):
+        kv.copy_row(0, k)
+    return kv
+
+
+def decode(kv, model, token, start, steps, first=0):
+    """`steps` decode steps of every row in use (token `token` at positions start+first, ...)."""
+    n = kv.n
+    for j in range(first, steps):
+        kv.step(model, torch.full((n, 1), token), torch.full((n, 1), start + j), torch.ones(n, 1, dtype=torch.bool))
+
+
 @torch.inference_mode()
 def bench_fork(model, prefix, n_paths, path_tokens, tags, repeats):
-    """(b) fork by cloning vs re-prefilling; times in seconds (fork only, fork + path tokens)."""
-    dev = model.device
-    L = len(prefix)
-    kv = KVRows(valid=torch.zeros(1, 0, dtype=torch.bool, device=dev))
-    kv.forward(model, torch.tensor([prefix], device=dev), torch.arange(L, device=dev)[None],
-               torch.ones(1, L, dtype=torch.bool, device=dev))  # the main line's prefill: paid once either way
+    """(b) fork by copying rows vs re-prefilling; times in seconds (fork only, fork + path tokens). The main
+    line's prefill is paid once either way (untimed)."""
+    L, cols = len(prefix), len(prefix) + path_tokens + 2
+    kv, fresh = KVCache(n_paths, cols, model.device), KVCache(n_paths, cols, model.device)
 
-    def decode(rows, first):
-        ids = torch.full((n_paths, 1), tags[PATH], device=dev)
-        for j in range(first, path_tokens):  # the paths' tokens after the fork
-            rows.forward(model, ids, torch.full((n_paths, 1), L + j, device=dev),
-                         torch.ones(n_paths, 1, dtype=torch.bool, device=dev))
+    def clone(then_decode):  # the forking row is path 1, the other paths copy it
+        def run(kv):
+            for k in range(1, n_paths):
+                kv.copy_row(0, k)
+            if then_decode:
+                decode(kv, model, tags[PATH], L, path_tokens)
+        return best(run, repeats, lambda: filled(kv, model, prefix, n_paths))
 
-    def clone(then_decode):
-        rows = kv.rows([0] * n_paths)
-        if then_decode:
-            decode(rows, 0)
+    def reprefill(then_decode):  # each path row prefilled with prefix + <Path> (one forward), then decoded
+        def run(kv):
+            ids = torch.tensor([prefix + [tags[PATH]]] * n_paths)
+            kv.prefill(model, ids, torch.arange(L + 1).repeat(n_paths, 1), torch.ones(n_paths, L + 1, dtype=torch.bool),
+                       list(range(n_paths)))
+            if then_decode:
+                decode(kv, model, tags[PATH], L, path_tokens, first=1)
+        return best(run, repeats, lambda: filled(fresh, model, [], n_paths))
 
-    def reprefill(then_decode):
-        ids = torch.tensor([prefix + [tags[PATH]]] * n_paths, device=dev)
-        rows = KVRows(valid=torch.zeros(n_paths, 0, dtype=torch.bool, device=dev))
-        rows.forward(model, ids, torch.arange(L + 1, device=dev).repeat(n_paths, 1),
-                     torch.ones(n_paths, L + 1, dtype=torch.bool, device=dev))
-        if then_decode:
-            decode(rows, 1)
-
-    return ([best(lambda: clone(d), repeats) for d in (False, True)],
-            [best(lambda: reprefill(d), repeats) for d in (False, True)])
+    return [clone(d) for d in (False, True)], [reprefill(d) for d in (False, True)]
 
 
 @torch.inference_mode()
 def bench_together(model, prefix, n_paths, path_tokens, repeats):
-    """(c) N paths in one batch vs one after another; times in seconds."""
-    dev, L = model.device, len(prefix)
-    kv = KVRows(valid=torch.zeros(1, 0, dtype=torch.bool, device=dev))
-    kv.forward(model, torch.tensor([prefix], device=dev), torch.arange(L, device=dev)[None],
-               torch.ones(1, L, dtype=torch.bool, device=dev))
-
-    def run(n_rows, times):
-        for _ in range(times):
-            rows = kv.rows([0] * n_rows)
-            for j in range(path_tokens):
-                rows.forward(model, torch.full((n_rows, 1), 5, device=dev), torch.full((n_rows, 1), L + j, device=dev),
-                             torch.ones(n_rows, 1, dtype=torch.bool, device=dev))
-
-    return best(lambda: run(n_paths, 1), repeats), best(lambda: run(1, n_paths), repeats)
+    """(c) N paths in one batch vs one after another (N times one path); seconds of the decode steps."""
+    L = len(prefix)
+    kv_n, kv_1 = KVCache(n_paths, L + path_tokens + 1, model.device), KVCache(1, L + path_tokens + 1, model.device)
+    together = best(lambda kv: decode(kv, model, 5, L, path_tokens), repeats,
+                    lambda: filled(kv_n, model, prefix, n_paths, n_paths - 1))
+    one = best(lambda kv: decode(kv, model, 5, L, path_tokens), repeats, lambda: filled(kv_1, model, prefix, 1))
+    return together, n_paths * one
 
 
 @torch.inference_mode()
 def bench_step(model, cols, rows, steps, vocab, repeats):
-    """(d) seconds per decode step of `rows` rows whose caches hold `cols` columns: simple vs static."""
+    """(d) seconds per decode step of `rows` rows whose caches hold `cols` columns."""
     dev, out = model.device, {}
     ids = torch.tensor(random_prompts(rows, [cols], vocab), device=dev)
     pos, ones = torch.arange(cols, device=dev).repeat(rows, 1), torch.ones(rows, cols, dtype=torch.bool, device=dev)
-    step = lambda j: (torch.full((rows, 1), vocab[j % len(vocab)], device=dev), torch.full((rows, 1), cols + j, device=dev),
-                      torch.ones(rows, 1, dtype=torch.bool, device=dev))
-    for name in ("concat", "simple", "static"):
-        def run():
-            if name == "concat":  # the baseline: transformers' DynamicCache grows every row by torch.cat each token
-                past = lambda out: getattr(out, "cache", None) or out.past_key_values  # renamed in transformers 5.24
-                cache = past(model(input_ids=ids, position_ids=pos, use_cache=True))
-                mask = torch.ones(rows, cols, dtype=torch.long, device=dev)
-                t0 = time.perf_counter()
-                for j in range(steps):
-                    tok, p_, _ = step(j)
-                    mask = torch.cat([mask, mask[:, :1]], 1)
-                    cache = past(model(input_ids=tok, position_ids=p_, attention_mask=mask, **{CACHE_KW: cache},
-                                       use_cache=True))
-                return (time.perf_counter() - t0) / steps
-            if name == "simple":
-                kv = KVRows(device=dev)
-                kv.add_rows(rows)
-                kv.prefill(model, ids, pos, ones, list(range(rows)))
-            else:
-                kv = StaticRows(rows, cols + steps + 1, dev)
-                kv.reset(model)
-                kv.add_rows(rows)
-                kv.prefill(model, ids, pos, ones, list(range(rows)))
-            t0 = time.perf_counter()
-            for j in range(steps):
-                kv.step(model, *step(j))
-            return (time.perf_counter() - t0) / steps
-        out[name] = min(run() for _ in range(repeats))
-    return out
+    feed = lambda j: (torch.full((rows, 1), vocab[j % len(vocab)], device=dev),
+                      torch.full((rows, 1), cols + j, device=dev), torch.ones(rows, 1, dtype=torch.bool, device=dev))
+
+    def concat(cache):  # transformers' DynamicCache: every row grows by torch.cat at each token
+        mask = torch.ones(rows, cols, dtype=torch.long, device=dev)
+        for j in range(steps):
+            tok, p, _ = feed(j)
+            mask = torch.cat([mask, mask[:, :1]], 1)
+            cache = model(input_ids=tok, position_ids=p, attention_mask=mask, cache=cache, use_cache=True).cache
+
+    def kvcache(kv):
+        for j in range(steps):
+            kv.step(model, *feed(j))
+
+    def filled_rows(kv):
+        kv.reset(model)
+        kv.add_rows(rows)
+        kv.prefill(model, ids, pos, ones, list(range(rows)))
+        return kv
+
+    out["concat"] = best(concat, repeats, lambda: model(input_ids=ids, position_ids=pos, use_cache=True).cache)
+    for name, graphs in (("eager", False), ("graph", True)):
+        kv = KVCache(rows, cols + steps + 1, dev, use_graphs=graphs)
+        out[name] = best(kvcache, repeats, lambda: filled_rows(kv))
+    return {k: t / steps for k, t in out.items()}
 
 
 def bench_throughput(model, tok, prompts, max_new, caps, repeats):
     """(e) tokens/s of whole sample() calls with blocks (forced after 8 tokens), per row cap."""
-    out = {}
+    out, P = {}, max(len(p) for p in prompts)
     for cap in caps:
-        run = lambda: sample(model, tok, prompts, 4, max_new_tokens=max_new, seed=0, force_block=8, max_rows=cap,
-                             path_max_tokens=max_new // 4)
-        t = best(lambda: out.__setitem__(("n", cap), sum(len(r.ids) for r in run())), repeats)
+        kv = KVCache(cap or len(prompts) * 4 * 2, P + max_new + 1, model.device)  # unbounded: every rollout's 2 rows
+        run = lambda _: out.__setitem__(("n", cap), sum(len(r.ids) for r in sample(
+            model, tok, prompts, 4, max_new_tokens=max_new, seed=0, force_block=8, max_rows=cap,
+            path_max_tokens=max_new // 4, cache=kv)))
+        t = best(run, repeats)
         out[cap] = out[("n", cap)] / t
     return {cap: out[cap] for cap in caps}
 
@@ -217,6 +226,7 @@ def main():
     p.add_argument("--prefixes", default="250,1000,2000", help="(b) prefix lengths")
     p.add_argument("--num-paths", type=int, default=4, help="(b) paths per block")
     p.add_argument("--path-tokens", type=int, default=32, help="(b, c) tokens per path")
+    p.add_argument("--columns", default="256,1024,2048", help="(d) columns in the cache")
     p.add_argument("--max-rows", type=int, default=16, help="(e, f) the row cap")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--peak", type=int, help=argparse.SUPPRESS)  # (f) the child process: one call of N rollouts
@@ -244,7 +254,7 @@ def main():
     n_params = sum(q.numel() for q in model.parameters())
     print(f"model: {args.model or 'random Qwen3'} ({n_params / 1e6:.2f} M parameters, hidden {model.config.hidden_size}, "
           f"{model.config.num_hidden_layers} layers, vocab {len(tok)}), device {args.device}, "
-          f"{torch.get_num_threads()} threads, best of {args.repeats}")
+          f"{torch.get_num_threads()} threads, best of {args.repeats} after a warm-up")
 
     if "a" in only:
         print(f"\n(a) parallel off vs model.generate, greedy, {args.max_new_tokens} new tokens, prompts of 20-40 tokens")
@@ -254,7 +264,8 @@ def main():
             print(f"  batch {batch:3d}: sampler {ours:8.0f} tok/s   generate {gen:8.0f} tok/s   ratio {ours / gen:5.2f}x")
 
     if "b" in only:
-        print(f"\n(b) fork into {args.num_paths} paths after a long prefix: KV cloning vs re-prefilling the prefix per path")
+        print(f"\n(b) fork into {args.num_paths} paths after a long prefix: copying the row vs re-prefilling the "
+              f"prefix per path")
         for L in [int(x) for x in args.prefixes.split(",")]:
             prefix = random_prompts(1, [L - 1], vocab)[0] + [tags[PARALLEL]]
             (c0, c1), (r0, r1) = bench_fork(model, prefix, args.num_paths, args.path_tokens, tags, args.repeats)
@@ -271,13 +282,13 @@ def main():
                   f"ratio {serial / together:5.2f}x")
 
     if "d" in only:
-        print("\n(d) one decode step of 32 rows: a cache grown by torch.cat each token (transformers' DynamicCache, "
-              "the old KVRows) vs the simple cache (columns written in place) vs the static one (eager on a CPU)")
-        for cols in (256, 1024, 2048):
+        print("\n(d) one decode step of 32 rows: transformers' DynamicCache (grown by torch.cat each token) vs "
+              "KVCache eager vs KVCache's captured step (graphs.CpuGraph on a CPU)")
+        for cols in [int(x) for x in args.columns.split(",")]:
             t = bench_step(model, cols, 32, 16, vocab, args.repeats)
-            print(f"  {cols:5d} columns: concat {t['concat'] * 1e3:7.2f} ms   simple {t['simple'] * 1e3:7.2f} ms   "
-                  f"static {t['static'] * 1e3:7.2f} ms   simple/static {t['simple'] / t['static']:5.2f}x   "
-                  f"concat/static {t['concat'] / t['static']:5.2f}x")
+            print(f"  {cols:5d} columns: concat {t['concat'] * 1e3:7.2f} ms   eager {t['eager'] * 1e3:7.2f} ms   "
+                  f"graph {t['graph'] * 1e3:7.2f} ms   eager/graph {t['eager'] / t['graph']:5.2f}x   "
+                  f"concat/graph {t['concat'] / t['graph']:5.2f}x")
 
     if "e" in only:
         print(f"\n(e) sample(): 16 prompts x 4 rollouts, forced 2-path blocks, {args.max_new_tokens} new tokens")

@@ -1,14 +1,16 @@
 """
 Datasets as plain lists of {question, answer} records.
 
-One loader, `load(source, split=None, data_dir=None)`, reads
+One loader, `load(source, split=None, data_dir=None, ...)`, reads
 - a short name of HUB below: from the hub, or offline with `data_dir` (the
   scripts' `--data-dir DIR`) from the file named in its row;
 - toy-easy / toy-hard: the held-out problems of the toy world (nanopr1.toy);
 - a local .jsonl / .json / .parquet file;
 - any other hub id ("owner/name").
 Every record comes back with `question` and `answer` as strings; other fields
-(a GSM8K `solution`, a teacher trace's `response`) are kept.
+(a GSM8K `solution`, a teacher trace's `response`) are kept. The columns are found by
+name (QUESTION_KEYS, ANSWER_KEYS) or named (`--question-key`, `--answer-key`); an SFT
+corpus may also be in TRL's layouts (`messages`, or `prompt` / `completion`).
 
 The hub ids are our choice where the paper names none. Three sets need care:
 - gsm8k: its `answer` field is a worked solution ending in `#### n`; we keep
@@ -47,8 +49,8 @@ HUB = {
 }
 LOCAL_FILES = {name: row[3] for name, row in HUB.items()}
 TOY = ("toy-easy", "toy-hard")
-QUESTION_KEYS = ("question", "problem", "prompt", "Question", "Problem")
-ANSWER_KEYS = ("answer", "Answer", "ground_truth", "final_answer")
+QUESTION_KEYS = ("question", "problem", "prompt", "Question", "Problem", "messages")
+ANSWER_KEYS = ("answer", "Answer", "ground_truth", "final_answer", "reward_model")
 
 
 def gsm8k_answer(solution):
@@ -61,21 +63,27 @@ def gsm8k_answer(solution):
 _DAPO_RE = re.compile(r"^Solve the following math problem.*?\n\n(.*)\n\nRemember to put your answer.*$", re.DOTALL)
 
 
-def _question(raw):
-    for key in QUESTION_KEYS:
+def _content(messages, role, last=True):
+    """The text of the last (or first) `role` turn of a list of chat messages."""
+    turns = [m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == role]
+    return (turns[-1] if last else turns[0]) if turns else None
+
+
+def _question(raw, keys=QUESTION_KEYS):
+    for key in keys:
         q = raw.get(key)
-        if isinstance(q, list):  # chat messages (DAPO's `prompt`): the last user turn
-            q = next((m.get("content") for m in reversed(q) if m.get("role") == "user"), None)
+        if isinstance(q, list):  # chat messages (DAPO's `prompt`, TRL's `messages`): the last user turn
+            q = _content(q, "user")
         if isinstance(q, str) and q.strip():
             m = _DAPO_RE.match(q)
             return m.group(1).strip() if m else q
     return None
 
 
-def _answer(raw):
-    a = next((raw[k] for k in ANSWER_KEYS if raw.get(k) not in (None, "")), None)
-    if a is None and isinstance(raw.get("reward_model"), dict):  # DAPO's verl layout
-        a = raw["reward_model"].get("ground_truth")
+def _answer(raw, keys=ANSWER_KEYS):
+    a = next((raw[k] for k in keys if raw.get(k) not in (None, "")), None)
+    if isinstance(a, dict):  # verl's layout: reward_model = {"ground_truth": ..., "style": ...}
+        a = a.get("ground_truth")
     if isinstance(a, list) and len(a) == 1:
         a = a[0]
     if isinstance(a, float) and a.is_integer():
@@ -83,22 +91,42 @@ def _answer(raw):
     return None if a is None or str(a).strip() == "" else str(a).strip()
 
 
-def to_records(rows, source, fields=()):
-    """Raw dicts -> {question, answer, ...} records; a clear error naming the source and row.
-    `fields`: text fields every record must also have (an SFT file: "response")."""
+def _response(raw):
+    """A teacher's response in our layout (`response`) or TRL's: the assistant turn after the last user
+    turn of `messages`, or `completion` (a string or a list of messages)."""
+    r, msgs, comp = raw.get("response"), raw.get("messages"), raw.get("completion")
+    if r is None and isinstance(msgs, list):
+        last_user = max((i for i, m in enumerate(msgs) if isinstance(m, dict) and m.get("role") == "user"),
+                        default=-1)
+        r = _content(msgs[last_user + 1:], "assistant", last=False)
+    if r is None and comp is not None:
+        r = _content(comp, "assistant", last=False) if isinstance(comp, list) else comp
+    return r if isinstance(r, str) else None
+
+
+def to_records(rows, source, fields=(), question_key=None, answer_key=None):
+    """Raw dicts -> {question, answer, ...} records; one clear error naming the source, row and columns.
+    fields: text fields every record must also have. An SFT corpus ("response") may come in TRL's
+    layouts and may lack the gold answer (None then: SFT does not need it).
+    question_key / answer_key: the one column to read (default: the first of QUESTION_KEYS /
+    ANSWER_KEYS that holds a value)."""
+    keys = {"question": (question_key,) if question_key else QUESTION_KEYS,
+            "answer": (answer_key,) if answer_key else ANSWER_KEYS,
+            "response": ("response", "messages", "completion")}
     out = []
     for i, raw in enumerate(rows):
-        for f in fields:
-            if not isinstance(raw.get(f), str):
-                raise UsageError(f"{source}: record {i} has no {f!r} text")
-        q, a = _question(raw), _answer(raw)
-        if q is None:
-            raise UsageError(f"{source}: record {i} has no question (looked for {', '.join(QUESTION_KEYS)})")
-        if a is None:
-            raise UsageError(f"{source}: record {i} has no answer (looked for {', '.join(ANSWER_KEYS)})")
-        record = dict(raw, question=q, answer=a)
-        if "####" in a:  # GSM8K layout: the answer field is the whole solution
-            record["solution"], record["answer"] = a, gsm8k_answer(a)
+        if not isinstance(raw, dict):
+            raise UsageError(f"{source}: record {i} is a {type(raw).__name__}, not a JSON object")
+        record = dict(raw, question=_question(raw, keys["question"]), answer=_answer(raw, keys["answer"]))
+        record.update({f: _response(raw) if f == "response" else raw.get(f) for f in fields})
+        for what in ("question", "answer", *fields):
+            if not isinstance(record[what], str) and not (what == "answer" and "response" in fields):
+                looked, found = ", ".join(keys.get(what, (what,))), ", ".join(map(str, raw)) or "nothing"
+                flag = f": pass --{what}-key" if what in ("question", "answer") else ""
+                raise UsageError(f"{source}: record {i} has no {what} column "
+                                 f"(looked for {looked}; found: {found}){flag}")
+        if record["answer"] and "####" in record["answer"]:  # GSM8K layout: the answer is the whole solution
+            record["solution"], record["answer"] = record["answer"], gsm8k_answer(record["answer"])
         out.append(record)
     return out
 
@@ -153,48 +181,52 @@ def read_hub(name, hub_id, config, split):
     import datasets
     offline_if_unreachable()
     try:  # an iterable of dicts, not a list: the DAPO copy has ~1.8M rows
-        return datasets.load_dataset(hub_id, config, split=split)
+        return datasets.load_dataset(hub_id, config, split=split)  # config is load_dataset's `name`
     except Exception as e:  # offline, missing, gated, renamed: all end the same way for the user
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         local = LOCAL_FILES.get(name, "FILE.jsonl").format(split=split)
-        raise UsageError(f"dataset {name!r}: could not load {hub_id} (split {split}) from the hub ({first}). "
+        what = f"config {config}, split {split}" if config else f"split {split}"
+        raise UsageError(f"dataset {name!r}: could not load {hub_id} ({what}) from the hub ({first}). "
                            f"Offline? Put the records in a local JSONL/parquet file and pass --data-dir DIR "
                            f"(expects DIR/{local}) or the file path instead of the name") from None
 
 
-def load(source, split=None, data_dir=None, fields=()):
+def load(source, split=None, data_dir=None, fields=(), config=None, question_key=None, answer_key=None):
     """A list of {question, answer, ...} records from a short name, a file or a hub id.
 
     split: for gsm8k "train" (default) or "test"; the other named sets have one
     split and ignore it; a hub id uses it as given (default "train").
+    config: the hub config (load_dataset's `name`); for a short name it replaces the table's.
+    question_key / answer_key / fields: see to_records.
     """
     source = str(source)
+    records = lambda rows, where: to_records(rows, where, fields, question_key, answer_key)
     if source in TOY:
         from nanopr1 import toy  # lazily: the toy world is not needed for real data
-        return to_records(toy.eval_set(source.split("-", 1)[1]), source, fields)
+        return records(toy.eval_set(source.split("-", 1)[1]), source)
     if source in HUB:
-        hub_id, config, default_split, local = HUB[source]
+        hub_id, default_config, default_split, local = HUB[source]
         split = (split or default_split) if source == "gsm8k" else default_split
         if data_dir is not None:
             path = Path(data_dir) / local.format(split=split)
             if not path.is_file():
                 raise UsageError(f"dataset {source!r}: {path} does not exist "
                                  f"(with --data-dir, {source} is read from {local.format(split=split)})")
-            return to_records(read_file(path), f"{source} ({path})", fields)
-        rows = read_hub(source, hub_id, config, split)
+            return records(read_file(path), f"{source} ({path})")
+        rows = read_hub(source, hub_id, config or default_config, split)
         if source == "dapo":  # the hub copy repeats each problem ~100 times: keep the first copy
             first = {}
             for raw in rows:  # streamed: the full list would not fit comfortably
-                first.setdefault(_question(raw), raw)
+                first.setdefault(_question(raw, (question_key,) if question_key else QUESTION_KEYS), raw)
             rows = list(first.values())
-        records = to_records(rows, f"{source} ({hub_id})", fields)
+        out = records(rows, f"{source} ({hub_id})")
         if source == "math300":  # the integer-answer subset of MATH-500
-            records = [r for r in records if re.fullmatch(r"-?\d+", r["answer"])]
-        return records
+            out = [r for r in out if re.fullmatch(r"-?\d+", r["answer"] or "")]
+        return out
     if Path(source).suffix in (".jsonl", ".json", ".parquet") or Path(source).exists():
-        return to_records(read_file(source), source, fields)
+        return records(read_file(source), source)
     if "/" in source:
-        return to_records(read_hub(source, source, None, split or "train"), source, fields)
+        return records(read_hub(source, source, config, split or "train"), source)
     raise UsageError(f"unknown dataset {source!r}: use one of {', '.join(list(HUB) + list(TOY))}, "
                      f"a .jsonl/.json/.parquet file, or a hub id owner/name")
 
@@ -236,15 +268,16 @@ def judge_trace(text, gold):
     return (response, None) if why is None else (None, why.split(":")[0])
 
 
-def training_problems(source, seed=0, data_dir=None):
-    """Problems to train on: a name, file or hub id (its train split), or toy:easy / toy:hard, the toy
-    world's training problems (toy-easy / toy-hard are its held-out evaluation sets: refused)."""
+def training_problems(source, seed=0, data_dir=None, split="train", **options):
+    """Problems to train on: a name, file or hub id (its train split unless `split` says otherwise;
+    `options`: load's config / question_key / answer_key), or toy:easy / toy:hard, the toy world's
+    training problems (toy-easy / toy-hard are its held-out evaluation sets: refused)."""
     if source in TOY:
         raise UsageError(f"--data {source} is the toy's held-out evaluation set; train on toy:{source[4:]}")
     if source.startswith("toy:"):
         from nanopr1 import toy
         return to_records(toy.problems(source[4:], 20000, seed=seed), source)
-    return load(source, split="train", data_dir=data_dir)
+    return load(source, split=split, data_dir=data_dir, **options)
 
 
 def sft_examples(rows, tokenizer, template, max_len):
@@ -267,13 +300,11 @@ def sft_examples(rows, tokenizer, template, max_len):
 
 
 def step_problems(n_problems, per_step, seed, step):
-    """Problem indices of RL step `step` (from 0): the problems in a fixed random order per epoch, read on
-    from where the last step stopped (across epoch boundaries), so a resumed run sees the same prompts."""
-    order = lambda epoch: torch.randperm(n_problems, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
-    first, last = step * per_step, (step + 1) * per_step  # positions in the endless sequence of epochs
-    epochs = range(first // n_problems, (last - 1) // n_problems + 1)
-    seq = torch.cat([order(e) for e in epochs]).tolist()
-    return seq[first - epochs[0] * n_problems:last - epochs[0] * n_problems]
+    """Problem indices of RL step `step` (from 0): the step's slice of its epoch's fixed random order
+    (epoch_batches; the problems left over at an epoch's end wait for a later order), so a step's
+    problems are distinct, and a resumed run sees the same prompts."""
+    per_epoch = n_problems // per_step
+    return epoch_batches(n_problems, per_step, seed, step // per_epoch)[step % per_epoch]
 
 
 def epoch_batches(n, batch_size, seed, epoch):

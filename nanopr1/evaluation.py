@@ -97,9 +97,9 @@ def format_table(summaries):
 # grading, resuming, sharding
 
 
-def grade_rollout(problem, index, sample_index, rollout):
-    """One JSONL row: the rollout's text and its grade under R_acc."""
-    _, m = reward_rollout(rollout, problem["answer"], "accuracy")
+def grade_rollout(problem, index, sample_index, rollout, grader=None):
+    """One JSONL row: the rollout's text and its grade under R_acc (by `grader`, None: the built-in)."""
+    _, m = reward_rollout(rollout, problem["answer"], "accuracy", grader=grader)
     return {"problem": index, "sample": sample_index, "question": problem["question"], "gold": problem["answer"],
             **{k: m[k] for k in ("answer", "correct", "has_block", "format_ok", "num_blocks")},
             "length": len(rollout.ids), "stop_reason": rollout.stop_reason, "behaviour": metrics.sums([rollout]),
@@ -133,7 +133,7 @@ def shard(num_problems, batch_size, rank=0, world=1):
 
 @torch.no_grad()
 def evaluate(model, tokenizer, problems, n=16, *, template=PARALLEL_PROMPT, parallel=True, batch_size=4,
-             done=(), on_rows=None, progress=True, desc="eval", seed=None, rank=0, world=1, **sampling):
+             done=(), on_rows=None, progress=True, desc="eval", seed=None, rank=0, world=1, grader=None, **sampling):
     """Sample n rollouts per problem of this rank's share, grade them, return (rows, summary) of the share.
 
     `done`: rows of an earlier run (resume); complete problems are kept, the rest of the share is
@@ -154,7 +154,8 @@ def evaluate(model, tokenizer, problems, n=16, *, template=PARALLEL_PROMPT, para
             prompts = [chat_prompt_ids(tokenizer, template, problems[i]["question"]) for i in batch]
             rollouts = sampler.sample(model, tokenizer, prompts, group_size=n, parallel=parallel,  # a seed per problem
                                       seed=None if seed is None else [mix(seed, i) for i in batch], **sampling)
-            new = [grade_rollout(problems[i], i, j, rollouts[b * n + j]) for b, i in enumerate(batch) for j in range(n)]
+            new = [grade_rollout(problems[i], i, j, rollouts[b * n + j], grader) for b, i in enumerate(batch)
+                   for j in range(n)]
             rows += new
             if on_rows is not None:
                 on_rows(new)
@@ -166,6 +167,7 @@ def evaluate(model, tokenizer, problems, n=16, *, template=PARALLEL_PROMPT, para
 
 def evaluate_everywhere(model, tokenizer, problems, n, gather, rank=0, world=1, **kw):
     """Every rank evaluates its share; `gather` (e.g. accelerate.utils.gather_object) collects every
-    rank's rows; every rank returns the summary of the whole set (train_rl.py's --eval-every hook)."""
+    rank's rows; every rank returns (rows, summary) of the whole set (train_rl.py's --eval-every hook)."""
     rows, _ = evaluate(model, tokenizer, problems, n, rank=rank, world=world, progress=False, **kw)
-    return summarize(merge([gather(rows)]), n)
+    rows = merge([gather(rows)])
+    return rows, summarize(rows, n)

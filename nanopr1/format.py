@@ -72,6 +72,19 @@ def chat_prompt_ids(tokenizer, template, problem):
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
+
+def end_of_turn_id(tokenizer):
+    """The special token the chat template closes an assistant turn with, or None. Qwen3-4B-Base's EOS is
+    <|endoftext|> while its template ends turns with <|im_end|>: a sampler that stops at EOS alone runs on
+    past a finished answer."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    turn = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "nanopr1"}]
+    text = tokenizer.apply_chat_template(turn, tokenize=False)
+    after = tokenizer(text[text.rindex("nanopr1") + len("nanopr1"):], add_special_tokens=False)["input_ids"]
+    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return after[0] if after and after[0] in special else None
+
 # -----------------------------------------------------------------------------
 # structure: parse, render, validate
 

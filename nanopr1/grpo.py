@@ -32,27 +32,44 @@ def group_advantages(rewards, group_size, eps=1e-6):
     return adv.view(-1), int(same.sum())
 
 
+LOG_RATIO_BOUND = 20.0  # |log ratio| and |ref - logp| at most this (as verl): exp(20) = 5e8, finite in fp32
+KL_BOUND = 10.0         # one token's k3 KL at most this (as verl): one token cannot dominate a step
+
+
+def tis_weight(old_logp, sampler_logp, cap):
+    """Truncated importance weight of each token, min(pi_trainer / pi_sampler, cap): the rollouts come from
+    the sampling copy (bf16 on a GPU), whose distribution differs a little from the trainer's; weighting
+    each token's loss by this ratio makes the gradient the trainer's own on-policy one, the cap bounds
+    its variance (verl's rollout correction; Yao et al. 2025)."""
+    return torch.exp((old_logp - sampler_logp).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)).clamp(max=cap)
+
+
 def policy_loss(logp, old_logp, adv, mask, num_tokens, eps_low=0.2, eps_high=0.2, dual_clip=3.0,
-                ref_logp=None, kl_coef=0.0):
+                ref_logp=None, kl_coef=0.0, weight=None):
     """Clipped token-level GRPO loss for one micro-batch.
 
-    logp, old_logp, ref_logp, mask: (B, T); adv: (B,) one advantage per rollout;
-    num_tokens: loss tokens in the WHOLE optimizer step (all micro-batches, all ranks).
+    logp, old_logp, ref_logp, mask, weight: (B, T); adv: (B,) one advantage per rollout;
+    num_tokens: loss tokens in the WHOLE optimizer step (all micro-batches, all ranks);
+    weight: a per-token importance weight on the policy-gradient term (train_rl's --tis-cap), or None.
     Returns (loss, stats) where summing `loss` over the step's micro-batches gives the
-    token-mean loss of the step.
+    token-mean loss of the step, and stats holds sums over the loss tokens.
     """
     mask = mask.float()
     a = adv[:, None]  # (B, 1)
-    ratio = torch.exp(logp - old_logp)  # (B, T)
+    ratio = torch.exp((logp - old_logp).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND))  # (B, T)
     surrogate = torch.maximum(-ratio * a, -ratio.clamp(1 - eps_low, 1 + eps_high) * a)
     dual = torch.minimum(surrogate, -dual_clip * a)  # bounds a negative-advantage token's loss
     per_token = torch.where(a < 0, dual, surrogate)  # (B, T)
+    if weight is not None:
+        per_token = per_token * weight
+    kl = torch.zeros_like(logp)
     if ref_logp is not None and kl_coef > 0:
-        d = ref_logp - logp
-        per_token = per_token + kl_coef * (torch.exp(d) - d - 1)  # k3 estimator of KL(pi || ref)
+        d = (ref_logp - logp).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+        kl = (torch.exp(d) - d - 1).clamp(max=KL_BOUND)  # k3 estimator of KL(pi || ref), >= 0
+        per_token = per_token + kl_coef * kl
     loss = (per_token * mask).sum() / num_tokens
     with torch.no_grad():
         clipped = ((ratio < 1 - eps_low) & (a < 0)) | ((ratio > 1 + eps_high) & (a > 0))
-        stats = {"clipped_tokens": float((clipped.float() * mask).sum()),
-                 "ratio_sum": float((ratio * mask).sum()), "tokens": float(mask.sum())}
+        stats = {"clipped_tokens": float((clipped.float() * mask).sum()), "ratio_sum": float((ratio * mask).sum()),
+                 "kl_sum": float((kl * mask).sum()), "tokens": float(mask.sum())}
     return loss, stats

@@ -1,43 +1,59 @@
 """
-The KV cache of the branching sampler: every row being decoded (the main line
-of a rollout, or one of its paths) keeps its own cache entries.
+The KV cache of the branching sampler, the same on a CPU and on a GPU: every
+row being decoded (the main line of a rollout, or one of its paths) keeps its
+own keys and values.
 
-One tensor per layer for K and one for V, (R, H, C, D) for all rows, plus a
-(R, S) bool `valid` mask over the S columns in use (C >= S are allocated, so a
-decode step writes its column in place instead of re-allocating the cache).
-RoPE is already baked into K and positions are always passed explicitly, so the
-order of a row's columns does not matter, only which are valid: a fork is a row
-copy, an Unseen merge appends the entries of the sibling paths to the first
-path's row, a finished row is freed (its columns marked invalid).
+R rows of S columns per layer are allocated once, sized by a memory budget
+(`rows_for_budget`), and kept for a whole run: train_rl.py makes one and hands
+it to every sample() call. Each row appends at its own write position
+(`length`). RoPE is already in the keys and positions are passed explicitly,
+so a row's columns need only be valid, not in any order: a fork is a row copy,
+an Unseen merge appends the sibling paths' entries to the first path's row, a
+finished row is freed.
 
-This is the simple cache and the reference the fast one (staticcache.py, CUDA
-graphs) is tested against. Every row appends at the same column each step
-(a row that is not fed gets an invalid column), which keeps the bookkeeping to
-one counter; now and then the free rows and dead columns are squeezed out.
+The decode step feeds one token to every row. It attends to the first `view`
+columns only (the longest row, rounded up to a multiple of 256) and pads the
+rows up to a bucket (1, 8, 32, 64, 128, 256, ...) with dead rows, which write
+to the last column (scratch) that no query attends to. Its shapes then depend
+on (bucket, view) alone, so each such step is captured once as a graph
+(graphs.py: CUDA graphs on a GPU, a stand-in that checks the same rules on a
+CPU) and replayed with its inputs copied into persistent buffers. Prefills and
+Seen re-encodes run eagerly. Under autocast the step runs eagerly too (the
+sampler decodes a bf16 copy of the model, no autocast).
 
-The sampler uses the same operations on both caches:
-    prefill(model, ids, pos, q_valid, slots) -> logits   prompt i into the free row slots[i]
-    step(model, ids, pos, fed) -> logits                   one token for every row (fed: which are real)
-    extend(model, ids, pos, q_valid, rows)                 several tokens into some rows (Seen re-encode)
-    add_rows(n), copy_row(src, dst), free(i)
-    merge(dst, srcs, start)                                append the entries of rows srcs after their first
-                                                           `start` valid ones to row dst (Unseen merge)
-    compact_due(n_live), compact(keep)
+Simplification: every row gets the worst case S = longest prompt +
+max_new_tokens + 1 columns (no paging).
 """
 
-import inspect
+import time
+import warnings
 
 import torch
-from transformers import LlamaModel
 from transformers.cache_utils import Cache
 
-# transformers 5.24 renamed the forward keyword `past_key_values` to `cache` (the old name goes in 5.40)
-CACHE_KW = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+from nanopr1 import UsageError, graphs
+
+BUCKETS = (1, 8, 32, 64, 128, 256)  # rows of a captured decode step; beyond: multiples of 256
+VIEW = 256  # the columns a step attends to are rounded up to a multiple of this
 
 
-class RowWriter(Cache):
-    """The Cache the model sees: each attention layer's `update` hands its new K/V to the rows
-    (`write_layer`), which store them and return the K/V the layer attends to."""
+def bucket(n):
+    return next((b for b in BUCKETS if b >= n), -(-n // 256) * 256)
+
+
+def kv_bytes_per_token(config, dtype):
+    """K and V of every layer for one token of one row."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * torch.finfo(dtype).bits // 8
+
+
+def rows_for_budget(config, dtype, max_cols, budget_bytes):
+    """How many rows of `max_cols` columns (plus the scratch column) fit in `budget_bytes`."""
+    return int(budget_bytes // ((max_cols + 1) * kv_bytes_per_token(config, dtype)))
+
+
+class _Writer(Cache):
+    """The Cache object the model sees: each attention layer's `update` hands its new K/V to the rows."""
 
     def __init__(self, rows):
         super().__init__(layers=[])
@@ -48,151 +64,227 @@ class RowWriter(Cache):
         return self.rows.write_layer(layer_idx, key_states, value_states)
 
 
-def run_model(model, rows, **inputs):
-    """A forward that writes its K/V through `rows`; logits of each row's last query, fp32 (R, V)."""
-    writer = RowWriter(rows)
-    out = model(**inputs, **{CACHE_KW: writer}, use_cache=True, logits_to_keep=1)
-    if writer.calls == 0:  # e.g. a transformers release that renamed the cache keyword again
-        raise RuntimeError(f"the model ignored the KV cache (passed as `{CACHE_KW}=`): this transformers "
-                           f"version is not supported, see pyproject.toml")
-    return out.logits[:, -1].float()
+class KVCache:
+    """kv: [K0, V0, K1, V1, ...] each (R, H, S, D), column S-1 the scratch column; valid (R, S) which columns
+    hold entries; length[r] (host) where row r writes next; rows 0..n-1 are in use by the sampler."""
 
+    def __init__(self, max_rows, max_cols, device, use_graphs=True):
+        self.R, self.cols, self.S = max_rows, max_cols, max_cols + 1  # S: with the scratch column
+        self.device = torch.device(device)
+        self.valid = torch.zeros(self.R, self.S, dtype=torch.bool, device=device)
+        self.kv = []  # allocated by the first forward, with the model's dtype and heads
+        self.length, self.n = [0] * self.R, 0
+        self.feed = None  # (rows, columns, view, prefix) of the forward in progress, for write_layer
+        # what captured steps read: persistent, so a graph never reads a freed tensor
+        self.row_ids = torch.arange(self.R, device=device)
+        self.step_inputs = torch.zeros(4, self.R, dtype=torch.long, device=device)  # ids, positions, columns, fed
+        self.logits = None  # (R, V) fp32, written by every captured step
+        self.use_graphs, self.graph_error, self.note = use_graphs, None, ""  # note: the memory plan, for errors
+        self.graphs, self.pool, self.model = {}, None, None  # (bucket, view) -> captured step
+        self.pool_bytes, self.capture_s = 0, 0.0
 
-class KVRows:
-    """kv = [K0, V0, K1, V1, ...] each (R, H, C, D); valid (R, S): which of the S used columns hold entries."""
+    def reset(self, model):
+        """Start a sample() call: no rows in use; graphs are kept if the model is the same object."""
+        if model is not self.model:
+            self.graphs, self.model = {}, model
+        self.valid.zero_()
+        self.length, self.n = [0] * self.R, 0
 
-    def __init__(self, kv=None, valid=None, device="cpu"):
-        self.kv = kv or []
-        self.valid = valid if valid is not None else torch.zeros(0, 0, dtype=torch.bool, device=device)
-        self.feed = 0  # columns fed by the forward in progress (write_layer writes them at S..S+Q-1)
+    def stats(self):
+        """Numbers for a run's metrics: graphs captured, their memory pool, capture time, a capture failure."""
+        return {"graphs": len(self.graphs), "graph_pool_gb": self.pool_bytes / 1e9, "capture_s": self.capture_s,
+                **({"graph_error": self.graph_error} if self.graph_error else {})}
 
-    @property
-    def S(self):
-        return self.valid.shape[1]
+    # -- a forward through the cache
 
-    def forward(self, model, ids, pos, q_valid):
-        """Feed (R, Q) tokens at explicit positions into every row, as Q new columns; logits (R, V)."""
-        ids, pos, q_valid = (x.to(self.valid.device) for x in (ids, pos, q_valid))
-        R, Q = ids.shape
-        new = torch.ones(Q, Q, dtype=torch.bool, device=ids.device).tril() & q_valid[:, None, :]  # (R, Q, Q)
-        new |= torch.eye(Q, dtype=torch.bool, device=ids.device)  # a pad query sees itself: no row fully masked
-        mask = torch.cat([self.valid[:, None, :].expand(R, Q, -1), new], 2)[:, None]  # (R, 1, Q, S+Q)
-        self.feed = Q
-        logits = run_model(model, self, input_ids=ids, position_ids=pos, attention_mask=mask)
-        self.valid = torch.cat([self.valid, q_valid], 1)
-        return logits
+    def forward(self, model, ids, pos, q_valid, rows):
+        """Feed (n, Q) tokens of rows `rows`; each row writes its valid tokens at its own next columns, its
+        padding tokens at the scratch column. Logits of each row's last query (n, V) fp32."""
+        rows = list(rows)
+        cols, view = self._columns(rows, q_valid.cpu())
+        dev = self.device
+        return self._forward(model, ids.to(dev), pos.to(dev), torch.as_tensor(rows, device=dev), cols.to(dev),
+                             q_valid.to(dev), view, prefix=rows == list(range(len(rows))))
+
+    def _columns(self, rows, q_valid):
+        """Where each token is written (n, Q), and how many columns the step attends to; moves the rows on."""
+        start = torch.tensor([self.length[r] for r in rows])[:, None]
+        cols = torch.where(q_valid, start + q_valid.cumsum(1) - 1, self.S - 1)  # (n, Q) valid tokens in order
+        for r, k in zip(rows, q_valid.sum(1).tolist()):
+            if self.length[r] + k > self.S - 1:
+                raise RuntimeError(f"KV cache row full ({self.S - 1} columns)")
+            self.length[r] += k
+        return cols, min(-(-max(self.length[r] for r in rows) // VIEW) * VIEW, self.S - 1)
+
+    def _forward(self, model, ids, pos, rows, cols, q_valid, view, prefix):
+        """One forward (eager, or being captured): mark the columns, build the mask, run the model."""
+        self.valid[rows[:, None], cols] = q_valid
+        valid = self.valid[:len(rows), :view] if prefix else self.valid[rows, :view]  # (n, view)
+        col = torch.arange(view, device=cols.device)
+        mask = valid[:, None, :] & (col <= cols[:, :, None])  # (n, Q, view) causal: a row's columns are in order
+        mask |= col == cols.clamp(max=view - 1)[:, :, None]  # every query sees itself (pads: column view-1)
+        self.feed = (rows, cols, view, prefix)
+        writer = _Writer(self)
+        out = model(input_ids=ids, position_ids=pos, attention_mask=mask[:, None], cache=writer, use_cache=True,
+                    logits_to_keep=1)
+        if writer.calls == 0:  # a transformers release that renamed the cache keyword again
+            raise RuntimeError("the model ignored the KV cache (passed as `cache=`): see pyproject.toml")
+        return out.logits[:, -1].float()
 
     def write_layer(self, layer, k, v):
-        """Store k, v (R, H, Q, D) at columns S..S+Q-1 of every row; return K, V of columns 0..S+Q-1."""
-        S, Q = self.S, self.feed
+        """Called by each attention layer: store k, v (n, H, Q, D) at the fed columns; return (n, H, view, D)."""
         if len(self.kv) <= 2 * layer:  # first write: allocate with the model's dtype and heads
-            self.kv += [x.new_zeros(x.shape[0], x.shape[1], 0, x.shape[3]) for x in (k, v)]
+            self.kv += [x.new_zeros(self.R, x.shape[1], self.S, x.shape[3]) for x in (k, v)]
+        rows, cols, view, prefix = self.feed
         out = []
-        for j, x in ((2 * layer, k), (2 * layer + 1, v)):
-            if self.kv[j].shape[2] < S + Q:  # grow by half: a copy now and then, not at every token
-                t = self.kv[j]
-                self.kv[j] = t.new_zeros(t.shape[0], t.shape[1], S + Q + max(64, S // 2), t.shape[3])
-                self.kv[j][:, :, :S] = t[:, :, :S]
-            self.kv[j][:, :, S:S + Q] = x
-            out.append(self.kv[j][:, :, :S + Q])
+        for t, x in zip(self.kv[2 * layer:2 * layer + 2], (k, v)):
+            t.transpose(1, 2)[rows[:, None], cols] = x.transpose(1, 2)  # (n, Q, H, D) at each row's own columns
+            out.append(t[:len(rows), :, :view] if prefix else t[rows, :, :view])
         return out
 
-    def rows(self, idx):
-        """A new KVRows holding copies of rows idx (used columns only)."""
-        idx = torch.as_tensor(idx, device=self.valid.device)
-        return KVRows([t[idx, :, :self.S] for t in self.kv], self.valid[idx])
-
-    def write(self, slots, other):
-        """Rows `slots` := the rows of another KVRows, at columns 0.. (the rest of those rows invalid)."""
-        S = other.S
-        if S > self.S:
-            self._grow(cols=S - self.S)
-        if not self.kv:
-            self.kv = [t.new_zeros(len(self.valid), t.shape[1], self.S, t.shape[3]) for t in other.kv]
-        idx = torch.as_tensor(slots, device=self.valid.device)
-        for t, o in zip(self.kv, other.kv):
-            t[idx, :, :S] = o[:, :, :S]
-        self.valid[idx, :S], self.valid[idx, S:] = other.valid, False
-
-    def _grow(self, rows=0, cols=0):
-        """Add free rows and unused columns (the allocation keeps its spare columns)."""
-        S = self.S
-        for j, t in enumerate(self.kv):
-            if rows or t.shape[2] < S + cols:
-                new = t.new_zeros(t.shape[0] + rows, t.shape[1], max(t.shape[2], S + cols), t.shape[3])
-                new[:t.shape[0], :, :S] = t[:, :, :S]
-                self.kv[j] = new
-        self.valid = torch.nn.functional.pad(self.valid, (0, cols, 0, rows))
-
-    # -- the operations the sampler uses
-
-    def prefill(self, model, ids, pos, q_valid, slots):
-        prompts = KVRows(device=self.valid.device)
-        prompts.valid = torch.zeros(len(ids), 0, dtype=torch.bool, device=self.valid.device)
-        logits = prompts.forward(model, ids, pos, q_valid)
-        self.write(slots, prompts)
-        return logits
+    # -- the decode step, captured as a graph per (bucket, view)
 
     def step(self, model, ids, pos, fed):
-        return self.forward(model, ids, pos, fed)
+        """One token (n, 1) for each row in use; fed (n, 1): which rows have a real token. Logits (n, V)."""
+        n = self.n
+        if not self.use_graphs or torch.is_autocast_enabled(self.device.type):
+            return self.forward(model, ids, pos, fed, range(n))
+        Rb = min(bucket(n), self.R)  # rows n..Rb-1 are dead padding rows
+        cols, view = self._columns(range(n), fed.cpu())
+        inp = torch.zeros(4, Rb, dtype=torch.long)
+        inp[2] = self.S - 1
+        inp[0, :n], inp[1, :n], inp[2, :n], inp[3, :n] = ids[:, 0].cpu(), pos[:, 0].cpu(), cols[:, 0], fed[:, 0].cpu()
+        try:
+            graph = self.graphs.get((Rb, view)) or self._capture(model, Rb, view)
+        except torch.OutOfMemoryError as e:
+            raise torch.OutOfMemoryError(f"out of GPU memory capturing the decode step of {Rb} rows x {view} "
+                                         f"columns ({self.R} rows of {self.S} columns in the cache)\n{self.note}\n"
+                                         f"lower --kv-memory-gb or --max-rows") from e
+        except RuntimeError as e:  # e.g. an op inside the model that waits for the host
+            warnings.warn(f"graph capture failed, the KV cache decodes eagerly from now on: {e}")
+            self.use_graphs, self.graph_error = False, str(e).splitlines()[0][:200]
+            return self._run_step(model, Rb, view, inp.to(self.device))[:n]
+        self.step_inputs[:, :Rb].copy_(inp)  # one host-to-device copy
+        graph.replay()
+        return self.logits[:n]  # a view of the persistent output: read it before the next step
+
+    def _run_step(self, model, Rb, view, inp):
+        """The decode step of Rb rows from its inputs (4, Rb): what a graph captures."""
+        return self._forward(model, inp[0, :, None], inp[1, :, None], self.row_ids[:Rb], inp[2, :, None],
+                             inp[3, :, None].bool(), view, prefix=True)
+
+    def _capture(self, model, Rb, view):
+        t0, cuda = time.perf_counter(), self.device.type == "cuda"
+        self.step_inputs[:, :Rb] = 0
+        self.step_inputs[2, :Rb] = self.S - 1  # the warm-up and the capture write to the scratch column only
+
+        def step():  # reads only persistent tensors: the cache, its buffers, the model's weights
+            self.logits[:Rb].copy_(self._run_step(model, Rb, view, self.step_inputs[:, :Rb]))
+
+        reserved = torch.cuda.memory_reserved(self.device) if cuda else 0
+        if cuda:  # warm up outside the graph (lazy initialisations, cuBLAS workspaces) on a side stream
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                out = self._run_step(model, Rb, view, self.step_inputs[:, :Rb])
+            torch.cuda.current_stream(self.device).wait_stream(side)
+        else:
+            out = self._run_step(model, Rb, view, self.step_inputs[:, :Rb])
+        if self.logits is None:
+            self.logits = torch.zeros(self.R, out.shape[1], device=self.device)
+        del out
+        if cuda:
+            self.pool = self.pool or torch.cuda.graph_pool_handle()  # one memory pool shared by every graph
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                step()
+            self.pool_bytes += torch.cuda.memory_reserved(self.device) - reserved
+        else:
+            graph = graphs.CpuGraph()
+            with graphs.capturing(graph):
+                step()
+            self.pool_bytes = max(self.pool_bytes, graph.pool_bytes)  # the pool is shared: its size is the peak
+        self.graphs[(Rb, view)] = graph
+        self.capture_s += time.perf_counter() - t0
+        return graph
+
+    # -- the other operations of the sampler
+
+    def prefill(self, model, ids, pos, q_valid, slots):
+        """Prompt i (left-padded) into row slots[i]; logits of each prompt's last token."""
+        return self.forward(model, ids, pos, q_valid, slots)
 
     def extend(self, model, ids, pos, q_valid, rows):
-        sub = self.rows(rows)
-        sub.forward(model, ids, pos, q_valid)
-        self.write(rows, sub)
+        """Several tokens into some rows (the Seen merge re-encodes the later paths)."""
+        self.forward(model, ids, pos, q_valid, rows)
 
     def add_rows(self, n):
-        self._grow(rows=n)
-
-    def copy_row(self, src, dst):
-        for t in self.kv:
-            t[dst] = t[src]
-        self.valid[dst] = self.valid[src]
+        if self.n + n > self.R:
+            raise RuntimeError(f"KV cache has {self.R} rows, {self.n + n} needed")
+        self.n += n
 
     def free(self, i):
         self.valid[i] = False
+        self.length[i] = 0
 
-    def entries(self, i, start=0):
-        """The valid entries of row i, in order, from the start-th on: [K0, V0, ...] each (H, n, D)."""
-        cols = self.valid[i].nonzero()[start:, 0]
-        return [t[i][:, cols] for t in self.kv]
+    def copy_row(self, src, dst):
+        L = self.length[src]
+        for t in self.kv:
+            t[dst, :, :L] = t[src, :, :L]
+        self.valid[dst] = self.valid[src]
+        self.length[dst] = L
 
     def merge(self, dst, srcs, start):
-        entries = [torch.cat(layer, 1) for layer in zip(self.entries(dst), *(self.entries(s, start) for s in srcs))]
-        n = entries[0].shape[1]
-        self.write([dst], KVRows([e[None] for e in entries], torch.ones(1, n, dtype=torch.bool, device=self.valid.device)))
+        """Append the valid entries of rows srcs after their first `start` to row dst, at its write position."""
+        for src in srcs:
+            cols = self.valid[src, :self.S - 1].nonzero()[start:, 0]
+            L, m = self.length[dst], len(cols)
+            if L + m > self.S - 1:
+                raise RuntimeError(f"KV cache row full ({self.S - 1} columns)")
+            for t in self.kv:
+                t[dst, :, L:L + m] = t[src][:, cols]
+            self.valid[dst, L:L + m] = True
+            self.length[dst] = L + m
 
     def compact_due(self, n_live):
-        """Squeeze once free rows and dead columns are half the cache."""
-        return self.valid.numel() > 256 and 1.0 - self.valid.sum().item() / self.valid.numel() > 0.5
+        return bucket(n_live) < bucket(self.n)  # a smaller bucket of rows would do
 
     def compact(self, keep):
-        """Keep rows `keep` and squeeze out the columns that are invalid in all of them."""
-        valid = self.valid[keep]
-        order = torch.sort((~valid).to(torch.uint8), dim=1, stable=True).indices  # valid columns first, in order
-        order = order[:, :int(valid.sum(1).max()) if len(keep) else 0]  # (R', S')
-        self.kv = [t[keep, :, :self.S].gather(2, order[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))
-                   for t in self.kv]
-        self.valid = valid.gather(1, order)
+        """Move the rows `keep` (ascending) down to rows 0..len(keep)-1."""
+        n, idx = len(keep), torch.as_tensor(keep, dtype=torch.long, device=self.device)
+        L = max([self.length[r] for r in keep], default=0)
+        for t in self.kv:
+            t[:n, :, :L] = t[idx, :, :L]
+        self.valid[:n], self.valid[n:] = self.valid[idx], False
+        self.length, self.n = [self.length[r] for r in keep] + [0] * (self.R - n), n
 
 
-def for_call(model, o, prompts, group_size, cache, fast):
-    """The KV cache of a sample() call (o: its sampler.Options) and its row cap: `cache` (a StaticRows kept
-    across calls), a new StaticRows (fast=True) or the simple KVRows; the cap from max_rows, the cache, or
-    (CUDA) what 80% of the free memory holds."""
+def free_bytes(device):
+    """What a new cache may take: 80% of the free memory of a GPU; None on a CPU (no cap)."""
+    return 0.8 * torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+
+
+def for_call(model, o, prompts, group_size, cache):
+    """The KV cache of a sample() call (o: its sampler.Options) and its row cap: `cache` (a run's, kept across
+    calls) or a new one, with the rows the call can use (all its rollouts at once, fewer if the GPU's free
+    memory holds fewer). A cap below one rollout's rows is a one-line error naming the flags to change."""
     device = next(model.parameters()).device
     cols = max(len(p) for p in prompts) + o.max_new_tokens + 1  # a row's worst case, +1 for the last token fed
-    max_rows = o.max_rows or len(prompts) * group_size * (o.num_paths if o.parallel else 1)  # (None: all at once)
-    if o.max_rows is None and cache is None and device.type == "cuda":
-        from nanopr1.staticcache import rows_for_budget
-        budget = 0.8 * torch.cuda.mem_get_info(device)[0]
-        max_rows = min(max_rows, rows_for_budget(model.config, next(model.parameters()).dtype, cols, budget))
-    if cache is None and fast:
-        from nanopr1.staticcache import StaticRows
-        cache = StaticRows(max_rows, cols, device)
-    if cache is None:
-        return KVRows(device=device), max_rows
-    if cache.S - 1 < cols:
-        raise ValueError(f"the static KV cache holds {cache.S - 1} columns per row, this call needs {cols}")
+    need = o.num_paths if o.parallel else 1  # rows of one rollout
+    rows = o.max_rows or len(prompts) * group_size * need
+    budget = free_bytes(device) if cache is None and o.max_rows is None else None
+    if budget is not None:
+        rows = min(rows, rows_for_budget(model.config, next(model.parameters()).dtype, cols, budget))
+    if cache is None and rows >= need:
+        cache = KVCache(rows, cols, device)
+    elif cache is not None and cache.cols < cols:
+        raise UsageError(f"the KV cache holds {cache.cols} columns per row, this call needs {cols} "
+                         f"(prompt {cols - o.max_new_tokens - 1} + --max-new-tokens {o.max_new_tokens} + 1)")
+    rows = min(rows, cache.R) if cache is not None else rows
+    if rows < need:
+        where = f"{budget / 1e9:.1f} GB of free GPU memory hold {rows} KV cache" if budget is not None \
+            else f"the KV cache has {rows}"
+        raise UsageError(f"{where} rows of {cols} columns, one rollout needs {need} "
+                         f"(--num-paths): raise --kv-memory-gb or --max-rows, or lower --max-new-tokens")
     cache.reset(model)
-    return cache, min(max_rows, cache.R)
+    return cache, rows

@@ -33,7 +33,7 @@ def load(name_or_path, dtype="float32", device="cpu", attn="sdpa"):
     local = Path(name_or_path).expanduser()
     looks_local = str(name_or_path).startswith((".", "/", "~")) or local.exists()
     if looks_local:
-        local = model_dir(local)  # a run dir: its checkpoint/ (or checkpoint.old/ after a kill mid-swap)
+        local = model_dir(local)  # a run dir: its newest valid checkpoint-*
     if looks_local and not (local / "config.json").is_file():
         raise UsageError(f"model {name_or_path!r}: no such model directory (expected {local / 'config.json'})")
     if not looks_local:
@@ -53,12 +53,14 @@ def load(name_or_path, dtype="float32", device="cpu", attn="sdpa"):
 def save(model, tokenizer, path, args=None, state_dict=None, is_main=True):
     """Write a transformers dir (model, tokenizer, the run's args.json) that load() reads.
 
-    A LoRA model is saved merged (a merged copy; training goes on with the adapters),
-    so sample.py and eval.py load every checkpoint the same way. Under FSDP pass the
-    gathered `state_dict` (every rank must gather; only the main one writes).
+    A peft model is saved merged (its adapters and trained token rows folded into the base weights,
+    one tensor at a time on the CPU: no copy of the model on the GPU), so sample.py and eval.py load
+    every checkpoint the same way. Under FSDP pass the gathered `state_dict` (every rank must gather;
+    only the main one writes).
     """
-    if hasattr(model, "merge_and_unload"):  # peft
-        model, state_dict = copy.deepcopy(model).merge_and_unload(), None
+    if hasattr(model, "get_base_model"):  # peft
+        state_dict = {key: w.detach().to("cpu", copy=True) for key, w in merged_weights(model)}
+        model = model.get_base_model()
     if not is_main:
         return
     Path(path).mkdir(parents=True, exist_ok=True)
@@ -80,22 +82,30 @@ def sampling_copy(model, dtype, device):
 
 
 @torch.no_grad()
-def refresh_copy(copy_, model):
-    """copy_ := the trained weights, one full tensor at a time. FSDP2 shards are gathered (a collective:
-    every rank calls this), LoRA adapters are merged (W + scale * B @ A, in fp32, never into the base)."""
-    target, done = dict(copy_.named_parameters()), set()  # tied weights appear once
-    lora = {name: m for name, m in model.named_modules() if hasattr(m, "get_delta_weight") and hasattr(m, "base_layer")}
+def merged_weights(model):
+    """(name in the plain model, whole weight) for every weight of `model`, one tensor at a time: an FSDP2
+    shard gathered (a collective: every rank iterates), LoRA deltas (W + scale * B @ A, in fp32) and peft's
+    trained token rows merged in, never written into the base weight. A bias is never merged into."""
+    adapted = {name: m for name, m in model.named_modules() if hasattr(m, "base_layer")}
     for name, q in model.named_parameters():
-        if ".lora_" in name:
+        if ".lora_" in name or ".trainable_tokens_" in name:
             continue  # folded into its base weight below
         full = q.full_tensor() if hasattr(q, "full_tensor") else q  # DTensor shard -> the whole weight
-        module = name.rsplit(".base_layer.", 1)[0] if ".base_layer." in name else None
-        if module in lora:
-            m = lora[module]
+        m = adapted.get(name.rsplit(".base_layer.", 1)[0]) if name.endswith(".base_layer.weight") else None
+        if hasattr(m, "get_delta_weight"):  # LoRA
             full = full.float() + sum(m.get_delta_weight(a).float() for a in m.active_adapters if a in m.lora_A)
-        key = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+        elif hasattr(m, "get_merged_weights"):  # trainable token rows
+            full = m.get_merged_weights(m.active_adapters)
+        yield name.removeprefix("base_model.model.").replace(".base_layer.", ".").replace(".token_adapter", ""), full
+
+
+@torch.no_grad()
+def refresh_copy(copy_, model):
+    """copy_ := the trained weights (merged_weights: every rank calls this under FSDP)."""
+    target, done = dict(copy_.named_parameters()), set()  # tied weights appear once
+    for key, full in merged_weights(model):
         if key not in target:
-            raise RuntimeError(f"sampling copy: no weight {key!r} (from {name!r}) in {type(copy_).__name__}")
+            raise RuntimeError(f"sampling copy: no weight {key!r} in {type(copy_).__name__}")
         target[key].copy_(full)
         done.add(key)
     if done != set(target):

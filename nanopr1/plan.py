@@ -1,37 +1,12 @@
 """
-Will it fit? GPU memory per rank of a training run, worked out from the model
-config alone (`python train_rl.py --plan ...`, `python train_sft.py --plan ...`),
-so a user can plan before downloading anything; a directory holding only a
-config.json is enough.
+Will it fit? GPU memory per rank of a training run: worked out from the model
+config alone (`--plan`: a directory holding only config.json is enough), then
+measured at the start of a GPU run before the KV cache takes the rest.
 
-What is counted, per rank, for the CUDA recipe the scripts run:
-
-- model states. Full fine-tune: fp32 weights, fp32 gradients and AdamW's two
-  fp32 moments, 16 bytes a parameter, split over the ranks under FSDP; FSDP
-  also holds the gathered (bf16) layers in flight and the embedding/head group,
-  which stays gathered from forward to backward. LoRA: the frozen base in bf16
-  and 16 bytes per adapter parameter.
-- the sampling copy (RL): a plain bf16 model the sampler decodes with,
-  refreshed from the trained weights once per rollout phase (never sharded:
-  decoding must not gather weights at every token).
-- the KV cache (RL): rows x (longest prompt + max_new_tokens + 2) columns x KV
-  bytes per token, allocated once (staticcache.py); by default whatever the rest
-  leaves, which sets the rows in flight.
-- training transients, per micro-batch of T tokens: with gradient checkpointing
-  each layer's input (fp32 residual stream under autocast, bf16 for LoRA) plus
-  one layer's activations twice over (its recompute and its backward); without,
-  every layer's activations. A layer's activations per token are estimated from
-  the tensors a Qwen3/Llama layer saves under bf16 autocast (18 H + 12 q + 4 kv
-  + 8 I bytes, q/kv = query/key-value width, I the MLP width); Unseen adds its
-  (T x T) bool mask. Plus one chunk of logits (scoring.py): bf16 and fp32 copies
-  and the fp32 gradient.
-- sampling transients: the decode step's (rows x vocab) fp32 logits, masks and
-  sampling noise, about 40 bytes per entry.
-- a reserve for the CUDA context and allocator fragmentation (2 GB + 5%).
-
-Training and sampling never run at once, so the larger of their transients
-counts. Estimates, not measurements: the activation figure is the one to check
-on a GPU first (bench/bench_4b.py measures a GRPO step's peak memory).
+The plan counts the model states, the bf16 sampling copy, the KL reference,
+the larger of the training and sampling transients, the CUDA graphs' memory
+pool, the CUDA context and a headroom; the KV cache gets what is left. Each
+figure and where it comes from: docs/design.md, "Memory".
 """
 
 import os
@@ -42,21 +17,27 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from nanopr1 import UsageError
-
+from nanopr1.kvcache import bucket, kv_bytes_per_token, rows_for_budget
 from nanopr1.model import LORA_TARGETS
 from nanopr1.scoring import LOGITS_CHUNK_TOKENS
-from nanopr1.staticcache import bucket, kv_bytes_per_token, rows_for_budget
 
 GB = 1e9
+HEADROOM = 0.05        # of the GPU, never planned for: allocator fragmentation, what the estimates miss
+CONTEXT = 2 * GB       # the CUDA context, cuBLAS workspaces, NCCL buffers
+LOGITS_BYTES = 17      # per entry of a chunk of logits in training: bf16, fp32, masked and softmax copies (16.5)
+ADAMW_BYTES = 4        # per trained parameter: the temporaries of AdamW's foreach step (4.0)
+SAMPLING_BYTES = 32    # per (row x vocab) entry: the sampler's masking, log-softmax and noise (32.0)
+POOL_BYTES = 8         # per (row x vocab) entry: what a captured decode step leaves in the graph pool (8.3)
 
 
 @dataclass
 class Plan:
     items: list = field(default_factory=list)  # (what, bytes)
-    rows: int = 0         # KV cache rows in flight
-    cols: int = 0         # columns per row
+    rows: int = 0          # KV cache rows in flight
+    cols: int = 0          # columns per row
     kv_bytes: float = 0.0
     gpu_bytes: float = 0.0
+    training: float = 0.0  # the training transient: one micro-batch's forward and backward, or AdamW's step
     fits: bool = False
     verdict: str = ""
 
@@ -88,8 +69,7 @@ def load_config(name):
 
 def run_setup(gpu_memory_gb, num_gpus, lora):
     """(GPU bytes, ranks, FSDP?) of the run being planned: the flags, else this machine and this launch
-    (accelerate's FSDP config sets ACCELERATE_USE_FSDP; without a launch, a full fine-tune over several
-    GPUs is assumed to use FSDP, as configs/fsdp_8gpu.yaml does)."""
+    (a full fine-tune over several GPUs is assumed to use FSDP, as configs/fsdp_8gpu.yaml does)."""
     gpu = gpu_memory_gb * GB if gpu_memory_gb else (
         torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None)
     if gpu is None:
@@ -111,21 +91,38 @@ def count_parameters(config, lora_r=0):
     return n, adapters, layer, model.get_input_embeddings().weight.numel()
 
 
-def activation_bytes_per_token(config):
-    """Bytes one layer saves for backward per token under bf16 autocast (an estimate, see the docstring)."""
-    hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+def activation_bytes_per_token(config, autocast=True):
+    """Bytes one decoder layer saves for backward per token: fp32, or bf16 autocast (its norms stay fp32)."""
+    H, I = config.hidden_size, config.intermediate_size
+    hd = getattr(config, "head_dim", None) or H // config.num_attention_heads
     q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
-    return 18 * config.hidden_size + 12 * q + 4 * kv + 8 * config.intermediate_size
+    if not autocast:
+        return 4 * (6 * H + 4 * q + 2 * kv + 4 * I)
+    return 4 * (4 * H + q + kv + 2 * hd) + 2 * (6 * H + 4 * q + kv + 4 * I)
+
+
+def training_transient(config, tokens, row_tokens, *, grad_ckpt=True, autocast=True, unseen=False, trained=0):
+    """Peak bytes of one micro-batch of `tokens` (rows of `row_tokens`): forward and backward, above the
+    weights, gradients and optimizer states; or AdamW's foreach step over `trained` parameters, the larger."""
+    act = activation_bytes_per_token(config, autocast) * tokens
+    if grad_ckpt:  # each layer keeps its input (fp32 residual stream), one layer is recomputed at a time
+        act += config.num_hidden_layers * tokens * config.hidden_size * 4
+    else:
+        act *= config.num_hidden_layers
+    if unseen:  # the dense (rows, T, T) bool mask and sdpa's copy of it in the compute dtype
+        act += tokens * row_tokens * (1 + (2 if autocast else 4))
+    logits = min(tokens, LOGITS_CHUNK_TOKENS) * config.vocab_size * LOGITS_BYTES
+    return max(act + logits, ADAMW_BYTES * trained)
 
 
 def memory_plan(config, *, gpu_bytes, world=1, fsdp=False, lora_r=0, grad_ckpt=True, micro_batch_tokens=16384,
                 unseen=False, sampling=True, max_prompt_tokens=2000, max_new_tokens=3000, num_paths=2,
                 max_rows=None, kv_bytes=None, reference=False):
-    """The per-rank memory of a run (see the module docstring). kv_bytes None: the KV cache gets what is
-    left; max_rows: no more rows than the run can use (rollouts per rank x num_paths)."""
+    """The per-rank memory of a run. kv_bytes None: the KV cache gets what is left; max_rows: no more rows
+    than the run can use (rollouts per rank x num_paths)."""
     n, adapters, layer, embed = count_parameters(config, lora_r)
     shard = world if fsdp else 1
-    L, H, V = config.num_hidden_layers, config.hidden_size, config.vocab_size
+    V = config.vocab_size
     p = Plan(gpu_bytes=gpu_bytes)
     if lora_r:
         p.items += [("base weights (bf16, frozen)", 2 * n),
@@ -139,30 +136,32 @@ def memory_plan(config, *, gpu_bytes, world=1, fsdp=False, lora_r=0, grad_ckpt=T
     if sampling:
         p.items.append(("sampling copy (bf16, whole model)", 2 * n))
     if reference:
-        p.items.append(("KL reference (bf16, whole model)", 2 * n))
-    p.items.append(("CUDA context and fragmentation reserve", 2 * GB + 0.05 * gpu_bytes))
+        p.items.append(("KL reference (fp32 as the policy, whole model)", 4 * n))
+    p.items.append(("CUDA context, cuBLAS and NCCL buffers", CONTEXT))
+    p.items.append((f"headroom ({HEADROOM:.0%} of the GPU)", HEADROOM * gpu_bytes))
 
-    T = micro_batch_tokens
-    resid = 2 if lora_r else 4  # bytes of the residual stream a checkpointed layer keeps as its input
-    act = (L * T * H * resid + 2 * T * activation_bytes_per_token(config) if grad_ckpt
-           else L * T * activation_bytes_per_token(config)) + (T * T if unseen else 0)
-    logits = LOGITS_CHUNK_TOKENS * V * (2 + 4 + 4)  # bf16 matmul output, fp32 copy, fp32 gradient
-    train = act + logits
-    dtype = torch.bfloat16
+    T, how = micro_batch_tokens, "checkpointed" if grad_ckpt else "not checkpointed"
+    p.training = training_transient(config, T, min(T, max_prompt_tokens + max_new_tokens), grad_ckpt=grad_ckpt,
+                                    unseen=unseen, trained=(adapters if lora_r else n) / shard)
     p.cols = max_prompt_tokens + max_new_tokens + 1  # what sampler.sample asks of the cache
-    row = (p.cols + 1) * kv_bytes_per_token(config, dtype)  # staticcache.StaticRows adds a scratch column
+    dtype = torch.bfloat16
+    row = (p.cols + 1) * kv_bytes_per_token(config, dtype)  # KVCache adds a scratch column
     sample = 0
-    if sampling:  # the cache gets what the rest leaves (or kv_bytes); rows beyond max_rows would sit idle
-        rows = lambda budget: max(0, min(rows_for_budget(config, dtype, p.cols, budget), max_rows or 1 << 30))
-        step = lambda r: bucket(max(r, 1)) * (V * 40 + 2 * (8 * H + 3 * config.intermediate_size))
-        sample = step(rows(gpu_bytes - p.total - train if kv_bytes is None else kv_bytes))
-        p.rows = rows(gpu_bytes - p.total - max(train, sample) if kv_bytes is None else kv_bytes)
+    if sampling:  # per KV row: its columns, its share of the persistent logits buffer and of the graph pool
+        per_row = row + 4 * V + POOL_BYTES * V
+        rows = lambda budget: max(0, min(int(budget // per_row), max_rows or 1 << 30))
+        left = gpu_bytes - p.total - p.training if kv_bytes is None else None
+        p.rows = rows(left) if kv_bytes is None else min(rows_for_budget(config, dtype, p.cols, kv_bytes),
+                                                         max_rows or 1 << 30)
+        sample = bucket(max(p.rows, 1)) * V * SAMPLING_BYTES
+        if kv_bytes is None and sample > p.training:  # the sampler's transient is the larger: fewer rows
+            p.rows = rows(gpu_bytes - p.total - sample)
+            sample = bucket(max(p.rows, 1)) * V * SAMPLING_BYTES
         p.kv_bytes = p.rows * row
-    how = "checkpointed" if grad_ckpt else "not checkpointed"
-    p.items.append((f"training {train / GB:.1f} ({T:,}-token micro-batch {act / GB:.1f}, {how}, + logits "
-                    f"{logits / GB:.1f})" + (f" or sampling {sample / GB:.1f}, the larger" if sampling else ""),
-                    max(train, sample)))
+    p.items.append((f"training ({T:,}-token micro-batch, {how})" + (f", or sampling {sample / GB:.1f} GB if larger"
+                                                                    if sampling else ""), max(p.training, sample)))
     if sampling:
+        p.items.append(("CUDA graphs: their logits buffer and memory pool", p.rows * V * (4 + POOL_BYTES)))
         p.items.append((f"KV cache: {p.rows:,} rows x {p.cols + 1:,} columns x "
                         f"{kv_bytes_per_token(config, dtype) / 1024:.0f} KiB per token (bf16)", p.kv_bytes))
     need = num_paths if sampling else 0
@@ -191,3 +190,66 @@ def plan_for(args, config, sampling=True, longest_prompt=None):
     return memory_plan(config, gpu_bytes=gpu, world=world, fsdp=fsdp, lora_r=args.lora_r if args.lora else 0,
                        grad_ckpt=args.grad_ckpt is not False, micro_batch_tokens=args.micro_batch_tokens,
                        unseen=args.variant == "unseen", sampling=sampling, **rl)
+
+# -----------------------------------------------------------------------------
+# measured: the peak of a piece of work, on a GPU or a CPU
+
+
+def peak_bytes(fn, device):
+    """The peak memory `fn()` allocates above what was allocated before it, in bytes. CUDA: the allocator's
+    peak of reserved memory (what the KV cache cannot have); CPU: every allocation and free the profiler
+    saw, replayed in order."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_reserved(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_reserved(device) - before
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    now = peak = 0
+    for _, nbytes in events:
+        now += nbytes
+        peak = max(peak, now)
+    return peak
+
+
+def profile_training(model, opt, acc, score, tags, variant, pad, tokens, row_tokens):
+    """Run the worst-case micro-batch once (rows of `row_tokens` filling `tokens`): forward, backward and an
+    AdamW step at lr 0, so the weights do not move and the optimizer's state is back to a fresh one after
+    it (zero moments, step 0). Returns its peak bytes (peak_bytes)."""
+    from nanopr1.rollout import ALL_TAGS, Rollout
+    L = max(2, min(tokens, row_tokens))
+    vocab = acc.unwrap_model(model).get_input_embeddings().num_embeddings
+    words = [i for i in range(min(64, vocab)) if i not in set(tags.values())]  # any ids but the tags
+    ids = [words[i % len(words)] for i in range(L - 1)]
+    rollouts = [Rollout([words[0]], ids, [False] * len(ids), [0.0] * len(ids), list(range(1, L)),
+                        [ALL_TAGS] * len(ids), [], "", "budget") for _ in range(max(1, tokens // L))]
+
+    def step():
+        logp, mask = score(model, rollouts, tags, variant, 1.0, pad, acc.device)
+        acc.backward((logp * mask).sum() * 0.0)
+        lrs = [g["lr"] for g in opt.param_groups]
+        for g in opt.param_groups:
+            g["lr"] = 0.0
+        opt.step()
+        for g, lr in zip(opt.param_groups, lrs):
+            g["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+
+    peak = peak_bytes(step, acc.device)
+    for state in opt.state.values():  # zero gradients left the moments at 0: only the step count moved
+        state["step"] = torch.zeros_like(state["step"]) if torch.is_tensor(state["step"]) else 0
+    return peak
+
+
+def kv_rows_left(config, dtype, cols, peak, device, max_rows):
+    """CUDA, after the measurements: the KV cache rows that fit in what is really free, minus the headroom
+    and the measured peak of the work that runs beside the cache (training, or a decode step)."""
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    per_row = (cols + 1) * kv_bytes_per_token(config, dtype) + (4 + POOL_BYTES) * config.vocab_size
+    return max(0, min(max_rows, int((free - HEADROOM * total - peak) // per_row)))

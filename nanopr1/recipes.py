@@ -3,9 +3,9 @@ The settings of the runs, in one place: the paper's RL recipe for each (stage,
 variant), and the toy preset (`--preset toy`) of every script.
 
 A script parses its flags with `parse(parser, argv, script)`: the toy preset
-swaps defaults (never a flag the user typed: the parser simply runs again with
-the preset's defaults), then for RL the (stage, variant) recipe fills whatever
-is still unset. `template(args)` is the prompt template every script uses.
+swaps defaults (never a flag the user typed); train_rl.py then fills whatever
+is still unset from its (stage, variant) recipe. `template(args)` is the prompt
+template every script uses.
 
     stage  variant  starts from        data   reward                     group  prompts  steps  clip-high
     easy   seen     out/sft            gsm8k  parallel (correct+block)   5      1024     35     0.2
@@ -13,11 +13,15 @@ is still unset. `template(args)` is the prompt template every script uses.
     hard   unseen   out/sft-unseen     dapo   alternating (S2)           8      512      300    0.28
     easy   unseen   out/sft-unseen     gsm8k  parallel                   5      1024     35     0.28   (not in the paper)
 
-The Seen recipe is SFT -> easy RL (reward: correct AND a block) -> hard RL
+Every recipe takes two optimizer steps per rollout batch (--mini-batches 2), as
+the official scripts do (256 prompts, PPO mini-batch 128): the second step's
+clipped ratio is live. The Seen recipe is SFT -> easy RL (reward: correct AND a block) -> hard RL
 (accuracy); the Unseen one skips easy RL and uses the S2 alternating reward
 with clip-high 0.28. The exploration scaffold is the reward schedule
 `scaffold` (S2 until --scaffold-switch, then accuracy).
 """
+
+import argparse
 
 from nanopr1 import toy
 from nanopr1.format import PARALLEL_PROMPT, SEQUENTIAL_PROMPT, load_template
@@ -53,7 +57,9 @@ TOY = {  # --preset toy, per script
 
 
 def parse(parser, argv, script):
-    """Parse argv, swap in the toy preset's defaults (flags still win) and fill the RL recipe."""
+    """Parse argv with the toy preset's defaults swapped in when --preset toy is given (the parser simply
+    runs again with them: a flag the user typed always wins). args._typed: the flags typed (--resume keeps
+    the run's stored value of every other one)."""
     args = parser.parse_args(argv)
     if args.preset == "toy":
         saved = {k: parser.get_default(k) for k in TOY[script]}
@@ -62,13 +68,17 @@ def parse(parser, argv, script):
             args = parser.parse_args(argv)
         finally:
             parser.set_defaults(**saved)
+    defaults, parser_defaults = {a.dest: a.default for a in parser._actions}, parser._defaults
+    for a in parser._actions:  # parsed once more with no defaults at all: what is left was typed
+        a.default = argparse.SUPPRESS
+    parser._defaults = {}
+    try:
+        args._typed = set(vars(parser.parse_args(argv))) | {"script"}  # (which script: always compared)
+    finally:
+        parser._defaults = parser_defaults
+        for a in parser._actions:
+            a.default = defaults[a.dest]
     args.script = script
-    if script == "train_rl":
-        for k, v in (TOY_RL if args.preset == "toy" else RL)[(args.stage, args.variant)].items():
-            if getattr(args, k) is None:  # the recipe fills whatever was not given
-                setattr(args, k, v)
-    if script == "train_sft" and args.out is None:
-        args.out = ("out/toy-sft" if args.preset == "toy" else "out/sft") + ("-unseen" if args.variant == "unseen" else "")
     return args
 
 

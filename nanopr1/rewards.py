@@ -1,50 +1,34 @@
-"""
-Grading answers and turning grades into rewards.
+"""Grading answers and turning grades into rewards.
 
-0) Structure from tokens. A rollout's blocks, its format check and its main
-   text (`Rollout.blocks`, `.format_error`, `.main_text`, made by
-   rollout.make_rollout) are read from the six tag *token ids*, never from the
-   decoded text. Why: a tag can also be spelled with ordinary sub-word pieces
-   (`<`, `Parallel`, `>`), which decodes to exactly the text of the real tag
-   token. Judged from text, a policy could earn the parallel reward with a
-   spelled block the sampler never forked (a reward hack), and a real block
-   followed by a spelled `</Path>` would count as malformed. From tokens, a
-   spelled tag is plain main text: it neither makes nor breaks a block, and a
-   `Final Answer:` after it still counts. `reward_rollout` grades a Rollout
-   this way, for RL and for eval alike; `grade` grades a plain text (teacher
-   traces), whose structure can only come from its text.
-1) Extraction (`extract_answer`, the only extractor: the grader and every
-   displayed answer use it). The answer is the rest of the line after the
-   last `Final Answer:` of the main text (case-insensitive, as the official
-   regex; markdown bold around it is allowed), or the next line when only
-   markup (`**`, `$$`, `\\[`) follows it. One inside a path or a summary does
-   not count: paths are scratch work, only the main line commits to an
-   answer. With no `Final Answer:` we fall back to the main text's last
-   `\\boxed{...}` (a base model's habit; not in the paper).
-2) Normalisation. Models write `$1,080.`, `\\boxed{-\\frac{3}{4}}`,
-   `x = 42 apples`, `\\(42\\)`, `−7` (unicode minus) ... for the gold `1080`,
-   `-3/4`, `42`, `-7`. We strip the LaTeX and currency wrappers (and a tag
-   spelled next to the answer: `42</Summary>`), keep what follows the last
-   `=`, and read the leading number (with thousands separators, decimals, a
-   simple fraction or a mixed number `2\\frac{1}{2}`); two numbers are equal
-   if their values are (42.0 == 42, 0.75 == 3/4). A number that is only part
-   of the answer is not read: glued to more math (`3x`, `2^{10}`, `5 - 3`,
-   the ratio `2:3`, the time `10:30`), the operand of an operator before it
-   (`x - 7`), or one of a list of candidates (`6, 7`, `6 or 7`: hedging earns
-   nothing). Non-numeric answers fall back to comparing the cleaned strings
-   (`2:3` equals the gold `2:3`).
-3) Rewards, functions of (correct, has_block): R_acc ±1, the paper's
-   easy-stage reward and its tiered reward; a schedule (`reward_fn`) picks
-   one per RL step and `reward_rollout` grades a rollout and applies it.
+0) Structure from tokens. Blocks, the format check and the main text (`Rollout.blocks`,
+   `.format_error`, `.main_text`) come from the six tag *token ids*, never from decoded text: a tag
+   spelled with sub-word pieces (`<`, `Parallel`, `>`) decodes to the same text, and would earn the
+   parallel reward with a block never forked. A spelled tag is plain main text.
+1) Extraction (`extract_answer`, the only extractor). The rest of the line after the last
+   `Final Answer:` of the main text (case-insensitive, bold allowed), or the next line when only
+   markup (`**`, `$$`, `\\[`) follows. One in a path or a summary does not count (scratch work).
+   Without one: the main text's last `\\boxed{...}` (a base model's habit; not in the paper).
+2) Normalisation. `$1,080.`, `\\boxed{-\\frac{3}{4}}`, `x = 42 apples`, `\\(42\\)`, `−7` match
+   `1080`, `-3/4`, `42`, `-7`: strip LaTeX, currency and spelled tags, keep what follows the last
+   `=`, compare the leading numbers' values (0.75 == 3/4, `2\\frac{1}{2}` == 5/2). A number that is
+   only part of the answer is not read: in more math (`3x`, `5 - 3`, `2:3`, `x - 7`) or one of
+   several candidates (`6, 7`, `6 or 7`). Other answers compare as cleaned strings.
+3) Rewards, functions of (correct, has_block): R_acc ±1, the paper's easy-stage reward and its
+   tiered reward; a schedule (`reward_fn`) picks one per RL step; `reward_rollout` grades a Rollout
+   and applies it (`grade` grades a plain text). Yours, "module:function", replace them (`resolve`).
 
-Simplification: the grader is a small hand-written normaliser for integer and
-simple numeric answers (what GSM8K, DAPO-Math, AIME, AMC and the MATH subset
-use), not a symbolic checker like math-verify.
+Simplification: the built-in grader is a small normaliser for integer and simple numeric answers,
+not a symbolic checker like math-verify (tests/custom_rewards.py plugs one in as a grader).
 """
 
+import importlib
+import importlib.util
 import re
+import sys
 from fractions import Fraction
+from pathlib import Path
 
+from nanopr1 import UsageError
 from nanopr1.format import TAGS, main_text
 
 # -----------------------------------------------------------------------------
@@ -189,8 +173,10 @@ def reward_fn(schedule, step, scaffold_until=200):
 
     accuracy: R_acc always. parallel: the easy-stage reward always. tiered: always.
     alternating (S2): R_acc, except tiered on steps 9-10 of each window of 10.
-    scaffold (paper): alternating for steps 1..scaffold_until, then R_acc.
+    scaffold (paper): alternating for steps 1..scaffold_until, then R_acc. A callable: itself.
     """
+    if callable(schedule):
+        return schedule
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown reward schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
     if schedule == "scaffold":
@@ -200,19 +186,60 @@ def reward_fn(schedule, step, scaffold_until=200):
     return {"accuracy": r_acc, "parallel": parallel_reward, "tiered": tiered_reward}[schedule]
 
 
-def reward_rollout(rollout, gold, schedule="accuracy", step=1, scaffold_until=200):
-    """(reward, metrics) of one rollout.Rollout under a reward schedule at an RL step (from 1).
-
-    The structure comes from the rollout's tag tokens (module docstring, 0): format_ok = they are
-    well formed; has_block = format_ok and a block of >= 2 paths; a malformed rollout counts 0 blocks.
-    The answer comes from its main-line tokens, so correctness does not depend on the format.
+def reward_rollout(rollout, gold, schedule="accuracy", step=1, scaffold_until=200, grader=None):
+    """(reward, metrics) of a rollout.Rollout under a schedule (a SCHEDULES name or a custom reward)
+    at RL step `step` (from 1), graded by `grader` (None: is_equiv); see resolve. From the tag
+    tokens (module docstring, 0): format_ok, has_block (format_ok and a block of >= 2 paths),
+    num_blocks (0 if malformed); the answer from the main-line tokens. metrics["reward_fn"]: the
+    reward's name.
     """
     fn = reward_fn(schedule, step, scaffold_until)
     answer = extract_answer(rollout.main_text)
-    correct = is_equiv(answer, gold)
     format_ok = rollout.format_error is None
-    num_blocks = len(rollout.blocks) if format_ok else 0
-    has_block = format_ok and any(len(b.paths) >= 2 for b in rollout.blocks)
-    reward = fn(correct, has_block)
-    return reward, {"reward": reward, "correct": correct, "answer": answer, "has_answer": answer is not None,
-                    "format_ok": format_ok, "has_block": has_block, "num_blocks": num_blocks, "reward_fn": fn.__name__}
+    correct = bool((grader or is_equiv)(answer, gold))
+    info = {"answer": answer, "correct": correct, "format_ok": format_ok,
+            "has_block": format_ok and any(len(b.paths) >= 2 for b in rollout.blocks),
+            "num_blocks": len(rollout.blocks) if format_ok else 0}
+    reward = float(fn(rollout, gold, step, dict(info)) if callable(schedule)
+                   else fn(correct, info["has_block"]))
+    return reward, {"reward": reward, **info, "has_answer": answer is not None,
+                    "reward_fn": getattr(fn, "__name__", type(fn).__name__)}
+
+
+def resolve(spec, kind):
+    """The reward (kind "reward") or grader ("grader") named by `spec`: a built-in name, or
+    "module:function" with the module on sys.path or a file, "path/to/file.py:function".
+    Returns what reward_rollout takes (a schedule name or a function); UsageError if not found.
+
+    grader(answer: str | None, gold: str) -> bool: is the answer (extract_answer's string from the
+        main text, None when there is none) the gold answer? Built-in: "is_equiv".
+    reward(rollout, gold: str, step: int, info: dict) -> float: the reward of a rollout.Rollout at
+        RL step `step` (from 1); info is what the built-in grading computed: answer, correct (by the
+        grader in use), has_block, format_ok, num_blocks. Built-in: the schedules of SCHEDULES.
+    """
+    builtin = {"reward": {s: s for s in SCHEDULES}, "grader": {"is_equiv": is_equiv}}[kind]
+    where, _, name = spec.rpartition(":")
+    if not where:
+        if spec not in builtin:
+            raise UsageError(f"unknown {kind} {spec!r}: use one of {', '.join(builtin)} "
+                             "or module:function")
+        return builtin[spec]
+    if where.endswith(".py"):
+        if not Path(where).is_file():
+            raise UsageError(f"{kind} {spec}: no file {where}")
+        found = importlib.util.spec_from_file_location(Path(where).stem, where)
+        module = importlib.util.module_from_spec(found)
+        sys.modules.setdefault(found.name, module)  # for what needs it (dataclasses, pickle)
+        found.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ModuleNotFoundError as e:  # a module the found one imports keeps its traceback
+            if e.name is None or not (where + ".").startswith(e.name + "."):
+                raise
+            raise UsageError(f"{kind} {spec}: no module named {e.name!r}")
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        what = "not callable" if hasattr(module, name) else "not found"
+        raise UsageError(f"{kind} {spec}: {name!r} is {what} in {where}")
+    return fn

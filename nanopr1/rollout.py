@@ -32,7 +32,7 @@ class Rollout:
     blocks: list      # BlockSpan list: the blocks the tag tokens form (none if they are malformed)
     text: str         # decoded response, tags kept
     stop_reason: str  # "eos" | "budget"
-    main_text: str = ""       # decoded main-line tokens (outside blocks and summaries, EOS excluded);
+    main_text: str = ""       # decoded main-line tokens (outside blocks and summaries) without special tokens;
                               # a tag spelled with ordinary sub-word pieces stays plain text here
     format_error: str = None  # None if the tag tokens are well formed (always, when the sampler forks)
 
@@ -58,11 +58,50 @@ def make_rollout(tokenizer, prompt, ids, stop_reason="eos", forced=None, logprob
     blocks, error = structure(ids, tags)
     end = n - (stop_reason == "eos")  # the EOS token is not text
     main = [t for t, m in zip(ids[:end], main_line(ids[:end], tags)) if m]
-    decode = lambda x: tokenizer.decode(x, skip_special_tokens=False)
+    text = tokenizer.decode(ids[:end], skip_special_tokens=False)  # tags kept
+    main_text = tokenizer.decode(main, skip_special_tokens=True)  # `42<|im_end|>` is read as 42
     return Rollout(list(prompt), list(ids), forced or [False] * n, logprobs or [0.0] * n,
                    positions or list(range(len(prompt), len(prompt) + n)), allowed or [ALL_TAGS] * n,
-                   blocks, decode(ids[:end]), stop_reason, decode(main), error)
+                   blocks, text, stop_reason, main_text, error)
 
+
+def texts(rollout, tokenizer):
+    """The texts of a rollout, tags stripped: {"main": its main-text segments, "blocks": [{"paths": [...],
+    "summary": ...}]}, a block between each two main segments (what sample.py prints as a tree)."""
+    dec = lambda a, b: tokenizer.decode(rollout.ids[a:b], skip_special_tokens=False)
+    main, blocks, prev = [], [], 0
+    for b in rollout.blocks:
+        main.append(dec(prev, b.parallel))
+        blocks.append({"paths": [dec(s + 1, e - 1) for s, e in b.paths], "summary": dec(b.summary[0] + 1, b.summary[1] - 1)})
+        prev = b.summary[1]
+    main.append(dec(prev, len(rollout.ids) - (rollout.stop_reason == "eos")))  # the EOS token is not text
+    return {"main": main, "blocks": blocks}
+
+
+def rollout_row(rollout, tokenizer, grade, gold=None, step=None):
+    """A rollout as a JSON row a person reads (train_rl.py's OUT/rollouts.jsonl, `sample.py --show`, tree);
+    grade: what rewards.reward_rollout said of it."""
+    return {"step": step, "prompt": tokenizer.decode(rollout.prompt_ids, skip_special_tokens=False),
+            "response": rollout.text, **texts(rollout, tokenizer), "answer": grade["answer"], "gold": gold,
+            "reward": grade["reward"], "correct": grade["correct"], "tokens": len(rollout.ids),
+            "stop_reason": rollout.stop_reason}
+
+
+
+def tree(row):
+    """A rollout's texts (a rollout_row, or texts() with tokens / stop_reason / answer) as a printable tree."""
+    main, blocks = row["main"], row["blocks"]
+    indent = lambda text, prefix: "\n".join(prefix + line for line in text.strip("\n").split("\n"))
+    lines = [f"{row['tokens']} tokens, {len(blocks)} block(s), stop: {row['stop_reason']}"]
+    for k, segment in enumerate(main):
+        lines += [indent(segment, "  ")] if segment.strip() else []
+        if k < len(blocks):
+            lines.append(f"  ┌─ parallel block {k + 1}")
+            for j, path in enumerate(blocks[k]["paths"]):
+                lines += [f"  ├─ path {j + 1}", indent(path, "  │    ")]
+            lines += ["  └─ summary", indent(blocks[k]["summary"], "       ")]
+    gold = f"   gold: {row['gold']}   reward: {row['reward']}" if row.get("gold") is not None else ""
+    return "\n".join(lines + [f"answer: {row['answer']}{gold}"])
 
 # -----------------------------------------------------------------------------
 # a rollout in progress: the sampler's state (sampler.py changes it)

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from nanopr1 import UsageError, kvcache
 from nanopr1.attention import BlockSpan
-from nanopr1.format import PARALLEL, PARALLEL_END, PATH, PATH_END, SUMMARY, SUMMARY_END
+from nanopr1.format import PARALLEL, PARALLEL_END, PATH, PATH_END, SUMMARY, SUMMARY_END, end_of_turn_id
 from nanopr1.model import tag_ids
 from nanopr1.rollout import (ALL_TAGS, BIT, MAIN, PATHS, SUMMARY_PHASE, BlockState, RolloutState, RowState, Segment,
                              apply_tag_mask, gumbel, make_rollout, mix)
@@ -61,7 +61,7 @@ class Options:
     force_block: object = False     # True: open a block after the first line (or 32 tokens); n: after n tokens
                                     # (0: the response starts with <Parallel>)
     max_prompt_tokens: int = None   # refuse longer prompts
-    max_rows: int = None            # cache rows in flight (None: unbounded on a CPU, CUDA: 80% of free memory)
+    max_rows: int = None            # cache rows in flight (None: every rollout at once, as far as memory allows)
 
 
 # -----------------------------------------------------------------------------
@@ -75,7 +75,7 @@ class _Sampler:
         self.tags = tag_ids(tokenizer)
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos = [eos] if isinstance(eos, int) else list(eos or [])
-        self.eos = {e for e in eos + [tokenizer.eos_token_id] if e is not None}
+        self.eos = {e for e in eos + [tokenizer.eos_token_id, end_of_turn_id(tokenizer)] if e is not None}
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos, default=0)
         self.reserve = o.reserve if o.reserve is not None else min(64, o.max_new_tokens // 8)
         force = None if o.force_block is False else ("line" if o.force_block is True else int(o.force_block))
@@ -324,16 +324,16 @@ def _check(model, prompts, o):
 
 
 @torch.inference_mode()
-def sample(model, tokenizer, prompts, group_size=1, *, cache=None, fast=False, progress=False, **options):
+def sample(model, tokenizer, prompts, group_size=1, *, cache=None, progress=False, **options):
     """Rollouts for a batch of prompts (lists of token ids), `group_size` per prompt, prompt-major.
 
-    options: the fields of Options. fast=True: staticcache.StaticRows (CUDA graphs), the same tokens and
-    log-probs at temperature 0; cache: a StaticRows to reuse (its graphs too). force_block is for showing
-    a block with any model (a model that would stop first gets the block instead), not for training."""
+    options: the fields of Options. cache: a kvcache.KVCache to use (a run keeps one, and its graphs, for
+    all its calls); else one is made for this call. force_block is for showing a block with any model (a
+    model that would stop first gets the block instead), not for training."""
     o = Options(**options)
     prompts = [list(p) for p in prompts]
     _check(model, prompts, o)
-    kv, max_rows = kvcache.for_call(model, o, prompts, group_size, cache, fast)
+    kv, max_rows = kvcache.for_call(model, o, prompts, group_size, cache)
     o = Options(**{**o.__dict__, "max_rows": max_rows})
     bar = tqdm(total=len(prompts) * group_size, desc="rollouts", disable=not progress)
     run = _Sampler(model, tokenizer, prompts, group_size, o, kv, bar)

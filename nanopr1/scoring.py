@@ -20,6 +20,7 @@ Micro-batches are sized by a token budget (rows x padded length), not by a
 count: 8 rollouts of 300 tokens and 2 of 4,000 cost about the same memory.
 """
 
+from collections import Counter
 from contextlib import contextmanager
 
 import torch
@@ -65,7 +66,7 @@ def token_logprobs(model, batch, first, allowed=None, tags=None, temperature=1.0
     so the log-probs are those of the distribution the rollout was sampled from."""
     targets = batch["input_ids"][:, first + 1:]
     with _head_returns_logprobs(model, targets, allowed, tags, temperature):
-        return model(**batch, logits_to_keep=batch["input_ids"].shape[1] - first).logits
+        return model(**batch, logits_to_keep=batch["input_ids"].shape[1] - first, use_cache=False).logits
 
 
 def score(model, rollouts, tags, variant, temperature, pad_id, device):
@@ -92,16 +93,21 @@ def pad_rows(rows, like):
                         for r in rows]).to(like)
 
 
-def sampler_gap(logp, rollouts):
-    """(sum, count) of |trainer - sampler| log-prob over the rollouts' sampled tokens: ~0 when the trainer
-    sees what the sampler saw (Unseen: every token; Seen: all but paths after the first, by design).
-    logp: (B, T) or a list of per-rollout rows, from the trainer."""
-    total, count = 0.0, 0
+def sampler_gap(logp, rollouts, variant):
+    """Sums of |trainer - sampler| log-prob over the rollouts' sampled tokens (logp: (B, T) or per-rollout rows,
+    from the trainer): `gap_*` where the trainer sees exactly what the sampler saw (Unseen: every token; Seen:
+    the main line, path 1, summaries), ~0 unless they truly disagree (a bf16 sampling copy: 1e-2 to 1e-1);
+    `designed_*` on Seen's paths 2..N, sampled without seeing path 1 and scored after it."""
+    out = Counter()
     for lp, r in zip(logp, rollouts):
-        sampled = ~torch.tensor(r.forced)
-        total += float((lp[:len(r.ids)].float().cpu() - torch.tensor(r.logprobs)).abs()[sampled].sum())
-        count += int(sampled.sum())
-    return total, count
+        diff = (lp[:len(r.ids)].float().cpu() - torch.tensor(r.logprobs)).abs()
+        sampled, later = ~torch.tensor(r.forced, dtype=torch.bool), torch.zeros(len(r.ids), dtype=torch.bool)
+        for b in r.blocks if variant == "seen" else []:
+            for start, end in b.paths[1:]:
+                later[start:end] = True
+        out.update(gap_sum=float(diff[sampled & ~later].sum()), gap_tokens=int((sampled & ~later).sum()),
+                   designed_sum=float(diff[sampled & later].sum()), designed_tokens=int((sampled & later).sum()))
+    return out
 
 
 def collate(examples, tags, variant, pad_id):

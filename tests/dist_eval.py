@@ -16,7 +16,7 @@ out, model_dir = Path(sys.argv[1]), sys.argv[2]
 acc = Accelerator()
 model, tokenizer = load(model_dir)
 problems = data.load("toy-easy")[:5]
-summary = evaluate_everywhere(model, tokenizer, problems, 2, gather_object, acc.process_index, acc.num_processes,
-                              template=toy.TEMPLATE, max_new_tokens=24, seed=0)
+_, summary = evaluate_everywhere(model, tokenizer, problems, 2, gather_object, acc.process_index, acc.num_processes,
+                                 template=toy.TEMPLATE, max_new_tokens=24, seed=0)
 (out / f"run_eval.rank{acc.process_index}.json").write_text(json.dumps({"world": acc.num_processes, **summary}))
 acc.end_training()  # the process group down before exit (a gloo group left up can abort the process)

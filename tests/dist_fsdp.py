@@ -45,4 +45,5 @@ grad_diff = max((full(q.grad) - grads[n].grad).abs().max().item() for n, q in mo
 result = {"world": dist.get_world_size(), "sharded": sharded, "copy_diff": copy_diff, "grad_diff": grad_diff,
           "grad_scale": max(q.grad.abs().max().item() for q in plain.parameters())}
 (Path(sys.argv[1]) / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))  # one file each: no interleaving
+dist.barrier()  # both ranks done with the group before it goes down
 dist.destroy_process_group()

@@ -1,10 +1,11 @@
-"""Checkpoints: a save/resume round trip with a real Accelerator, a kill after every file
-of a save, the crash between the two renames, damaged files, the output-dir guard,
-metrics trimming, a changed --lr on resume, and model.load / the toy preset on a run dir."""
+"""Checkpoints: a save/resume round trip with a real Accelerator, a kill after every fsync of a save,
+--keep-checkpoints, damaged checkpoints, the output-dir guard (--resume's flag rules), log trimming,
+a changed --lr on resume, and model.load / model_dir / the toy preset on run dirs."""
 
 import json
 import random
 import shutil
+from argparse import Namespace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,7 +14,8 @@ import torch
 from accelerate import Accelerator
 
 from nanopr1 import UsageError, checkpoint, toy
-from nanopr1.checkpoint import RUN_FILES, apply_lr, latest, load_state, model_dir, prepare_out, save, trim_metrics, validate
+from nanopr1.checkpoint import (LOGS, apply_lr, checkpoints, latest, load_state, model_dir, prepare_out, save,
+                                trim_rows, validate)
 from nanopr1.model import load
 from nanopr1.model import save as save_model
 
@@ -51,6 +53,14 @@ def writer(t):
                                 state_dict=t.acc.get_state_dict(t.model), is_main=t.acc.is_main_process)
 
 
+def ckpt(out, step):
+    return Path(out) / f"checkpoint-{step:06d}"
+
+
+def names(d):
+    return sorted(p.name for p in Path(d).iterdir())
+
+
 def contents(d):
     return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
@@ -75,130 +85,172 @@ def equal(a, b):
     return a == b
 
 
-def rows(out):
-    return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+def rows(path):
+    return [json.loads(line)["step"] for line in Path(path).read_text().splitlines()]
+
+
+def fake_model(d):
+    (d / "config.json").write_text("{}")
 
 # -----------------------------------------------------------------------------
-# (a) round trip, (f) model.load on a run dir
+# round trip, model.load / model_dir on run dirs and step dirs, the toy preset
 
 
-def test_round_trip_restores_weights_optimizer_rng_step_and_metrics(tmp_path, toy_dir):
+def test_round_trip_restores_weights_optimizer_rng_step_and_logs(tmp_path, toy_dir):
     t, out = trainer(toy_dir), tmp_path / "run"
     train(t, 2)
-    save(out, 2, t.acc, writer(t), args={"lr": LR, "stage": "easy"})
+    assert save(out, 2, t.acc, writer(t), args={"lr": LR, "stage": "easy"}) == ckpt(out, 2)
     saved_w, saved_opt, saved_lr = weights(t), t.opt.state_dict(), t.sched.get_last_lr()
     saved_opt = json.loads(json.dumps(saved_opt, default=lambda x: x.tolist()))  # a deep copy
     draws = (torch.rand(4), random.random())
-    (out / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3)) + '{"step": 4, "lo')
+    for name in LOGS:  # rows of steps 1..3, then a line torn by a kill
+        (out / name).write_text("".join(json.dumps({"step": s, "x": name}) + "\n" for s in (1, 2, 3)) + '{"step": 4, "lo')
     train(t, 3)  # everything moves on
     torch.rand(9)
     random.random()
     assert not equal(weights(t), saved_w)
 
-    step, args = load_state(out, t.acc)
-    assert (step, args) == (2, {"lr": LR, "stage": "easy"})
+    assert load_state(out, t.acc) == 2
     assert equal(weights(t), saved_w)
     assert equal(json.loads(json.dumps(t.opt.state_dict(), default=lambda x: x.tolist())), saved_opt)
     assert t.sched.get_last_lr() == saved_lr
     assert torch.equal(torch.rand(4), draws[0]) and random.random() == draws[1]
-    assert rows(out) == [1, 2]  # rows after the checkpoint and the torn line are dropped
+    for name in LOGS:  # rows after the checkpoint and the torn line are dropped, from every log
+        assert rows(out / name) == [1, 2]
+    assert names(out) == sorted([ckpt(out, 2).name, *LOGS])  # no .tmp left by the trimming
+    assert json.loads((ckpt(out, 2) / "args.json").read_text()) == {"lr": LR, "stage": "easy"}
+    assert json.loads((ckpt(out, 2) / "step.json").read_text()) == {"step": 2}
+    assert checkpoints(out) == [(2, ckpt(out, 2))] and validate(ckpt(out, 2)) is None
 
-    loaded = load(str(out))[0].state_dict()  # (f) the run dir loads as its checkpoint
-    assert model_dir(out) == out / "checkpoint"
+    assert model_dir(out) == ckpt(out, 2)  # the run dir loads as its newest checkpoint
+    loaded = load(str(out))[0].state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in saved_w.items() if k in loaded)
 
 
-def test_model_load_resolves_run_dirs(tmp_path, toy_dir):
-    """A plain model dir loads as before; a run dir loads its checkpoint, or checkpoint.old
-    after a kill mid-swap; a run dir with nothing valid is a one-line error naming the file."""
+def test_model_load_resolves_run_dirs_and_step_dirs(tmp_path, toy_dir):
+    """A plain model dir and a step checkpoint dir load as themselves; a run dir loads its newest valid
+    checkpoint (an older one when the newest is damaged; never a .tmp); a run dir with nothing valid is
+    a one-line error naming the damaged file."""
     t, out = trainer(toy_dir), tmp_path / "run"
-    save(out, 1, t.acc, writer(t))
     assert model_dir(toy_dir) == Path(toy_dir)
-    (out / "checkpoint").rename(out / "checkpoint.old")
-    assert model_dir(out) == out / "checkpoint.old"
-    load(str(out))
-    (out / "checkpoint.old" / "config.json").write_text("{}")
-    with pytest.raises(UsageError, match="checkpoint.old/config.json: 2 bytes") as e:
+    save(out, 1, t.acc, writer(t), keep=2)
+    w1 = load(str(out))[0].state_dict()
+    train(t, 1)
+    save(out, 2, t.acc, writer(t), keep=2)
+    w2 = load(str(out))[0].state_dict()
+    assert not all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert model_dir(out) == ckpt(out, 2)
+    assert model_dir(ckpt(out, 1)) == ckpt(out, 1)  # a step dir: itself
+    step1 = load(str(ckpt(out, 1)))[0].state_dict()
+    assert all(torch.equal(step1[k], w1[k]) for k in w1)
+    shutil.copytree(ckpt(out, 2), out / "checkpoint-000003.tmp")  # a killed save's leftovers: never read
+    assert model_dir(out) == ckpt(out, 2)
+    (ckpt(out, 2) / "config.json").write_text("{}")  # damaged: the older one is the run's model
+    assert model_dir(out) == ckpt(out, 1)
+    assert all(torch.equal(v, w1[k]) for k, v in load(str(out))[0].state_dict().items())
+    (ckpt(out, 1) / "model.safetensors").unlink()
+    with pytest.raises(UsageError) as e:
         load(str(out))
-    assert "\n" not in str(e.value)
+    said = str(e.value)
+    assert said.startswith(f"no valid checkpoint in {out}: ") and "\n" not in said
+    assert f"{ckpt(out, 2) / 'config.json'}: 2 bytes, the manifest says" in said
+    assert f"{ckpt(out, 1) / 'model.safetensors'}: missing" in said
+    empty = tmp_path / "empty"  # neither a model nor a run: load says what it expected
+    empty.mkdir()
+    assert model_dir(empty) == empty
+    with pytest.raises(UsageError, match="no such model directory"):
+        load(str(empty))
 
 
 def test_the_toy_preset_finds_the_newest_run_dir(tmp_path, toy_dir, monkeypatch):
-    """sample.py --preset toy without --model loads the newest stage the toy curriculum wrote: run dirs
-    (a checkpoint inside), and a plain model dir too."""
+    """sample.py --preset toy without --model loads the newest stage the toy curriculum wrote: a run dir
+    with a valid checkpoint, or a plain model dir; a stage that has only started (nothing saved, a killed
+    save's .tmp, a damaged checkpoint) is passed over."""
     monkeypatch.chdir(tmp_path)
     assert toy.latest_model() is None
     shutil.copytree(toy_dir, "out/toy-sft")  # a plain model dir
     assert toy.latest_model() == "out/toy-sft"
-    save(Path("out/toy-easy"), 1, trainer(toy_dir).acc, lambda d: shutil.copytree(toy_dir, d, dirs_exist_ok=True))
+    copy = lambda d: shutil.copytree(toy_dir, d, dirs_exist_ok=True)
+    save(Path("out/toy-easy"), 1, trainer(toy_dir).acc, copy)
     assert toy.latest_model() == "out/toy-easy"
-    Path("out/toy-hard").mkdir()  # started, nothing saved yet
+    Path("out/toy-hard/checkpoint-000025.tmp").mkdir(parents=True)  # started, killed in its first save
     assert toy.latest_model() == "out/toy-easy"
+    save(Path("out/toy-hard"), 5, trainer(toy_dir).acc, copy)
+    (ckpt("out/toy-hard", 5) / "step.json").unlink()
+    assert toy.latest_model() == "out/toy-easy"
+    save(Path("out/toy-hard"), 6, trainer(toy_dir).acc, copy, keep=2)
+    assert toy.latest_model() == "out/toy-hard"
+    assert model_dir("out/toy-hard") == ckpt("out/toy-hard", 6)
 
 # -----------------------------------------------------------------------------
-# (b) a kill after any file, (c) between the renames, (d) damaged files
+# a kill after any fsync of a save, --keep-checkpoints, damaged checkpoints
 
 
 class Killed(Exception):
     pass
 
 
-def test_a_kill_after_any_file_of_a_save_leaves_a_complete_checkpoint(tmp_path, toy_dir, monkeypatch):
+@pytest.mark.parametrize("torn", [False, True])
+def test_a_kill_after_any_fsync_of_a_save_leaves_a_complete_checkpoint(tmp_path, toy_dir, monkeypatch, torn):
+    """Die after the 1st, 2nd, ... fsync a save makes (torn: with the file just synced cut in half, as a kill
+    in the middle of writing it): the previous checkpoint stays valid (or the new one is complete), and the
+    next save completes, removes the .tmp and keeps only the newest."""
     t = trainer(toy_dir)
     train(t, 1)
-    save(tmp_path / "base", 1, t.acc, writer(t))
-    before = contents(tmp_path / "base" / "checkpoint")
+    save(tmp_path / "base", 1, t.acc, writer(t), args={"lr": LR})
+    before = contents(ckpt(tmp_path / "base", 1))
     train(t, 1)
-    save(tmp_path / "ref", 2, t.acc, writer(t))  # what an uninterrupted save writes
-    after = contents(tmp_path / "ref" / "checkpoint")
+    save(tmp_path / "ref", 2, t.acc, writer(t), args={"lr": LR})  # what an uninterrupted save writes
+    after = contents(ckpt(tmp_path / "ref", 2))
     assert before != after
-    kill = 0
-    while True:  # kill after the 1st, 2nd, ... file the save writes or renames, until one finishes
+    real, kill, found_steps = checkpoint._fsync, 0, set()
+    while True:  # kill at the 1st, 2nd, ... fsync, until a save finishes
         out = tmp_path / f"kill{kill}"
         shutil.copytree(tmp_path / "base", out)
         seen = []
 
         def die(path):
-            seen.append(path)
+            real(path)
+            seen.append(Path(path))
             if len(seen) > kill:
-                if path.is_file() and "checkpoint.tmp" in path.parts:
-                    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # torn, as a kill mid-write
+                path = Path(path)
+                if torn and path.is_file() and path.relative_to(out).parts[0].endswith(".tmp"):
+                    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
                 raise Killed(path)
-        monkeypatch.setattr(checkpoint, "_after_file", die)
+        monkeypatch.setattr(checkpoint, "_fsync", die)
         try:
-            save(out, 2, t.acc, writer(t))
+            save(out, 2, t.acc, writer(t), args={"lr": LR})
         except Killed:
+            monkeypatch.setattr(checkpoint, "_fsync", real)
             found = latest(out)
             assert found is not None, f"nothing valid after a kill at {seen[-1]}"
             assert (found[1], contents(found[0])) in ((1, before), (2, after)), seen[-1]
-            assert model_dir(out) == found[0]
-            monkeypatch.setattr(checkpoint, "_after_file", None)  # the next save cleans up and completes
-            save(out, 2, t.acc, writer(t))
-        monkeypatch.setattr(checkpoint, "_after_file", None)
-        assert latest(out) == (out / "checkpoint", 2) and contents(out / "checkpoint") == after
-        assert sorted(p.name for p in out.iterdir()) == ["checkpoint"]
+            assert model_dir(out) == found[0] and found[0] == ckpt(out, found[1])
+            found_steps.add(found[1])
+            save(out, 2, t.acc, writer(t), args={"lr": LR})  # the next save cleans up and completes
+        monkeypatch.setattr(checkpoint, "_fsync", real)
+        assert latest(out) == (ckpt(out, 2), 2) and contents(ckpt(out, 2)) == after
+        assert names(out) == [ckpt(out, 2).name]
         if len(seen) <= kill:  # the save ran to the end
             break
         kill += 1
-    assert kill > len(after)  # every file, then the renames
+    entries = sum(1 for _ in ckpt(out, 2).rglob("*")) - 1  # every file and dir but the manifest
+    assert kill == entries + 3  # each of them, the manifest, the tmp dir, OUT
+    assert seen[-3:] == [ckpt(out, 2).with_name(ckpt(out, 2).name + ".tmp") / "manifest.json",
+                         ckpt(out, 2).with_name(ckpt(out, 2).name + ".tmp"), out]
+    assert found_steps == {1, 2}  # killed before the rename: the previous one; after it: the new one
 
 
-@pytest.mark.parametrize("left", [("checkpoint.old", "checkpoint.tmp"), ("checkpoint.old",)])
-def test_a_crash_between_the_renames_is_recovered(tmp_path, toy_dir, left):
-    t, out = trainer(toy_dir), tmp_path / "run"
-    train(t, 1)
-    save(out, 1, t.acc, writer(t))
-    w1 = weights(t)
-    train(t, 1)
-    save(tmp_path / "new", 2, t.acc, writer(t))
-    (out / "checkpoint").rename(out / "checkpoint.old")  # killed after the first rename
-    if "checkpoint.tmp" in left:
-        (tmp_path / "new" / "checkpoint").rename(out / "checkpoint.tmp")
-    assert sorted(p.name for p in out.iterdir()) == sorted(left)
-    assert latest(out) == (out / "checkpoint.old", 1)
-    assert load_state(out, t.acc)[0] == 1 and equal(weights(t), w1)
-    save(out, 3, t.acc, writer(t))
-    assert latest(out) == (out / "checkpoint", 3) and sorted(p.name for p in out.iterdir()) == ["checkpoint"]
+@pytest.mark.parametrize("keep", [1, 2, 3, 9])
+def test_keep_checkpoints_keeps_the_newest_k(tmp_path, toy_dir, keep):
+    acc, out = Accelerator(cpu=True), tmp_path / "run"
+    for step in (5, 10, 15, 20, 25):
+        save(out, step, acc, fake_model, args={"step": step}, keep=keep)
+        kept = [s for s in (5, 10, 15, 20, 25) if s <= step][-keep:]
+        assert checkpoints(out) == [(s, ckpt(out, s)) for s in kept]
+        assert names(out) == [ckpt(out, s).name for s in kept]  # nothing else, no .tmp
+        assert all(validate(p) is None for _, p in checkpoints(out))
+        assert latest(out) == (ckpt(out, step), step)
 
 
 def truncate(f):
@@ -209,6 +261,7 @@ DAMAGE = [  # (file of the checkpoint, damage, what the reason says)
     ("model.safetensors", truncate, "bytes, the manifest says"),
     ("state/model.safetensors", truncate, "bytes, the manifest says"),
     ("state/optimizer.bin", lambda f: f.unlink(), "missing"),
+    ("args.json", lambda f: f.write_text("{}"), "2 bytes, the manifest says"),
     ("step.json", lambda f: f.write_text(""), "0 bytes, the manifest says"),
     ("step.json", lambda f: f.write_text(" " * f.stat().st_size), "not JSON (Expecting value"),
     ("step.json", lambda f: f.write_text("[" + " " * (f.stat().st_size - 2) + "]"), "not the manifest's step 2"),
@@ -219,94 +272,123 @@ DAMAGE = [  # (file of the checkpoint, damage, what the reason says)
 
 @pytest.mark.parametrize("name,damage,says", DAMAGE)
 def test_a_damaged_checkpoint_is_named_and_the_previous_one_used(tmp_path, toy_dir, name, damage, says):
-    t = trainer(toy_dir)
-    save(tmp_path / "a", 1, t.acc, writer(t))
+    t, out, args = trainer(toy_dir), tmp_path / "run", {"lr": LR, "stage": "easy"}
+    save(out, 1, t.acc, writer(t), args=args, keep=2)
+    w1 = weights(t)
     train(t, 1)
-    out = tmp_path / "run"
-    save(out, 2, t.acc, writer(t))
-    damage(out / "checkpoint" / name)
-    reason = validate(out / "checkpoint")
-    assert reason.startswith(f"{out / 'checkpoint' / name}: ") and says in reason and "\n" not in reason
-    for call in (lambda: load_state(out, t.acc), lambda: prepare_out(out, {}, t.acc, resume=True), lambda: load(str(out))):
+    save(out, 2, t.acc, writer(t), args=args, keep=2)
+    shutil.copytree(out, tmp_path / "alone")
+    shutil.rmtree(ckpt(tmp_path / "alone", 1))  # the same run with no older checkpoint
+    for d in (out, tmp_path / "alone"):
+        damage(ckpt(d, 2) / name)
+    reason = validate(ckpt(out, 2))
+    assert reason.startswith(f"{ckpt(out, 2) / name}: ") and says in reason and "\n" not in reason
+    # the previous valid checkpoint is the run's model and where --resume starts
+    assert latest(out) == (ckpt(out, 1), 1) and model_dir(out) == ckpt(out, 1)
+    typed = Namespace(lr=LR, stage="easy", _typed=set())
+    assert prepare_out(out, typed, t.acc, resume=True, refuse=("stage",), apply=("lr",)) == f"resuming {out} at step 1"
+    assert load_state(out, t.acc) == 1 and equal(weights(t), w1)
+    # nothing valid: every reader says why in one line
+    alone = tmp_path / "alone"
+    reason = validate(ckpt(alone, 2))
+    for call in (lambda: load_state(alone, t.acc), lambda: load(str(alone)),
+                 lambda: prepare_out(alone, Namespace(lr=LR, stage="easy", _typed=set()), t.acc, resume=True)):
         with pytest.raises(UsageError) as e:
             call()
         assert reason in str(e.value) and "\n" not in str(e.value)
-    shutil.copytree(tmp_path / "a" / "checkpoint", out / "checkpoint.old")  # a previous, valid one
-    assert latest(out) == (out / "checkpoint.old", 1) and load_state(out, t.acc)[0] == 1
 
 # -----------------------------------------------------------------------------
-# (e) the output-dir guard
+# the output-dir guard and --resume's flag rules
 
 
-SAVED = {"stage": "easy", "data": "gsm8k", "group_size": 5, "lr": 1e-6, "steps": 35}
-SFT = {"data": "out/parallel_gsm8k.jsonl", "lr": 1e-5, "steps": 0}
-SAME, MAY_CHANGE = ("stage", "data", "group_size"), ("lr", "steps")
-GUARD = [  # (dir holds, new args, flags, refused because / note says)
-    ("nothing", SAVED, {}, None, ""),
-    ("no dir", SAVED, {}, None, ""),
-    ("run", SAVED, {}, "already holds a run (checkpoint, metrics.jsonl): --resume continues it, --overwrite starts over", None),
-    ("metrics", SAVED, {}, "already holds a run (metrics.jsonl)", None),
-    ("run", {**SAVED, "lr": 5e-6}, {"overwrite": True}, None, "--overwrite: removed checkpoint, metrics.jsonl"),
-    ("run", {**SAVED, "stage": "hard"}, {"resume": True}, "holds another run: stage was 'easy', now 'hard'", None),
-    ("run", {**SAVED, "data": "dapo"}, {"resume": True}, "data was 'gsm8k', now 'dapo'", None),
-    ("sft run", SAVED, {"resume": True}, "stage was unset, now 'easy'", None),
-    ("run", {**SAVED, "lr": 2e-6, "steps": 50}, {"resume": True}, None, "at step 12 with lr 1e-06 -> 2e-06, steps 35 -> 50"),
-    ("run", SAVED, {"resume": True}, None, "at step 12"),
-    ("metrics", SAVED, {"resume": True}, None, "has no checkpoint yet: starting from step 0"),  # killed before one
-    ("nothing", SAVED, {"resume": True}, "checkpoint: missing", None),
-    ("run", SAVED, {"resume": True, "overwrite": True}, "--resume and --overwrite exclude each other", None),
-    ("old layout", SAVED, {"resume": True}, "state is an older nanopr1's checkpoint and cannot be resumed", None),
-    ("old layout", SAVED, {}, "already holds a run (args.json, state)", None),
-    ("old layout", SAVED, {"overwrite": True}, None, "--overwrite: removed args.json, state"),
+SAVED = {"stage": "easy", "data": "gsm8k", "group_size": 5, "lr": 1e-6, "steps": 35, "script": "train_rl"}
+REFUSE, APPLY = ("stage", "data", "group_size", "script"), ("lr", "steps")
+NEW_DEFAULTS = {"stage": "hard", "data": "dapo", "group_size": 8, "lr": 5e-5, "steps": 40, "script": "train_rl"}
+WAS = "--resume: {out} was run with "
+KEEPS = ": a resumed run keeps it (--overwrite starts over; or choose another --out)"
+GUARD = [  # (dir holds, new args, typed, flags, refused because (the whole message) / note (the whole note), args after)
+    ("nothing", SAVED, (), {}, None, "", SAVED),
+    ("no dir", SAVED, (), {}, None, "", SAVED),
+    ("run", SAVED, (), {}, "{out} already holds a run (checkpoint-000012, metrics.jsonl): --resume continues it, "
+                           "--overwrite starts over", None, None),
+    ("metrics", SAVED, (), {}, "{out} already holds a run (metrics.jsonl): --resume continues it, --overwrite starts "
+                               "over", None, None),
+    ("tmp", SAVED, (), {}, "{out} already holds a run (checkpoint-000012.tmp, metrics.jsonl): --resume continues it, "
+                           "--overwrite starts over", None, None),
+    ("run", {**SAVED, "lr": 5e-6}, {"lr"}, {"overwrite": True}, None,
+     "--overwrite: removed checkpoint-000012, metrics.jsonl from {out}", {**SAVED, "lr": 5e-6}),
+    ("run", {**SAVED, "stage": "hard"}, {"stage"}, {"resume": True}, WAS + "--stage 'easy', not 'hard'" + KEEPS, None, None),
+    ("run", {**SAVED, "group_size": 8}, {"group_size", "lr"}, {"resume": True}, WAS + "--group-size 5, not 8" + KEEPS,
+     None, None),
+    ("sft run", SAVED, {"script"}, {"resume": True}, WAS + "--script 'train_sft', not 'train_rl'" + KEEPS, None, None),
+    ("run", SAVED, {"stage", "data", "group_size"}, {"resume": True}, None, "resuming {out} at step 12", SAVED),
+    ("run", {**SAVED, "lr": 2e-6, "steps": 50}, {"lr", "steps"}, {"resume": True}, None,
+     "resuming {out} at step 12 with lr 1e-06 -> 2e-06, steps 35 -> 50", {**SAVED, "lr": 2e-6, "steps": 50}),
+    ("run", NEW_DEFAULTS, (), {"resume": True}, None, "resuming {out} at step 12", SAVED),  # untyped: the run's
+    ("run", {**NEW_DEFAULTS, "steps": 50}, {"steps"}, {"resume": True}, None,
+     "resuming {out} at step 12 with steps 35 -> 50", {**SAVED, "steps": 50}),
+    ("metrics", SAVED, (), {"resume": True}, None, "--resume: {out} has no checkpoint yet: starting from step 0", SAVED),
+    ("tmp", SAVED, (), {"resume": True}, None, "--resume: {out} has no checkpoint yet: starting from step 0", SAVED),
+    ("nothing", SAVED, (), {"resume": True}, "--resume: no valid checkpoint in {out}: no checkpoint-* dir", None, None),
+    ("no dir", SAVED, (), {"resume": True}, "--resume: no valid checkpoint in {out}: no checkpoint-* dir", None, None),
+    ("damaged", SAVED, (), {"resume": True},
+     "--resume: no valid checkpoint in {out}: {out}/checkpoint-000012/manifest.json: missing", None, None),
+    ("run", SAVED, (), {"resume": True, "overwrite": True}, "--resume and --overwrite exclude each other", None, None),
 ]
 
 
-@pytest.mark.parametrize("holds,args,flags,refused,note", GUARD)
-def test_output_dir_guard(tmp_path, holds, args, flags, refused, note):
+@pytest.mark.parametrize("holds,new,typed,flags,refused,note,after", GUARD)
+def test_output_dir_guard(tmp_path, holds, new, typed, flags, refused, note, after):
     acc, out = Accelerator(cpu=True), tmp_path / "out"
     if holds != "no dir":
         out.mkdir()
         (out / "notes.txt").write_text("the user's, not ours")
-    if holds in ("run", "sft run"):
-        save(out, 12, acc, lambda d: (d / "config.json").write_text("{}"), args=SFT if holds == "sft run" else SAVED)
-    if holds == "old layout":  # the model and its state/ directly in OUT
-        (out / "state").mkdir()
-        (out / "state" / "step.json").write_text('{"step": 12}')
-        (out / "args.json").write_text(json.dumps(SAVED))
-    if holds in ("run", "sft run", "metrics"):
+    if holds in ("run", "sft run", "damaged"):
+        save(out, 12, acc, fake_model, args={**SAVED, "script": "train_sft"} if holds == "sft run" else SAVED)
+    if holds == "damaged":
+        (ckpt(out, 12) / "manifest.json").unlink()
+    if holds == "tmp":  # killed in its first save
+        (out / "checkpoint-000012.tmp").mkdir()
+        fake_model(out / "checkpoint-000012.tmp")
+    if holds in ("run", "sft run", "metrics", "tmp"):
         (out / "metrics.jsonl").write_text(json.dumps({"step": 12}) + "\n")
     before = snapshot(out) if out.exists() else None
+    args = Namespace(**new, _typed=set(typed))
     if refused:
         with pytest.raises(UsageError) as e:
-            prepare_out(out, args, acc, same=SAME, may_change=MAY_CHANGE, **flags)
-        assert refused in str(e.value) and "\n" not in str(e.value)
+            prepare_out(out, args, acc, refuse=REFUSE, apply=APPLY, **flags)
+        assert str(e.value) == refused.format(out=out)
         assert (snapshot(out) if out.exists() else None) == before  # not a byte, not an mtime
         return
-    saved, said = prepare_out(out, args, acc, same=SAME, may_change=MAY_CHANGE, **flags)
-    assert note in said and (said == "") == (note == "")
-    assert saved == (SAVED if flags.get("resume") and holds != "metrics" else None)
-    left = sorted(p.name for p in out.iterdir()) if out.exists() else []  # a fresh run makes OUT when it writes
-    if holds == "metrics":  # restarted: the rows of the steps that never got a checkpoint are gone
+    said = prepare_out(out, args, acc, refuse=REFUSE, apply=APPLY, **flags)
+    assert said == note.format(out=out)
+    assert {k: v for k, v in vars(args).items() if k != "_typed"} == after
+    left = names(out) if out.exists() else []  # a fresh run makes OUT when it writes
+    if holds in ("metrics", "tmp"):  # restarted: the rows of the steps that never got a checkpoint are gone
         assert (out / "metrics.jsonl").read_text() == ""
     elif flags.get("overwrite") or holds in ("nothing", "no dir"):
-        assert not set(left) & set(RUN_FILES) and left == ([] if holds == "no dir" else ["notes.txt"])
+        assert left == ([] if holds == "no dir" else ["notes.txt"])
     else:
         assert snapshot(out) == before  # resuming changes nothing yet
 
 # -----------------------------------------------------------------------------
-# metrics trimming, a new --lr on resume
+# log trimming, a new --lr on resume
 
 
 @pytest.mark.parametrize("text,step,kept", [
     ('{"step": 1}\n{"step": 2}\n{"step": 3}\n', 2, [1, 2]),
     ('{"step": 1}\n{"step": 2}\n{"step": 3, "lo', 5, [1, 2]),  # torn by a kill mid-write
     ('{"step": 1}\n\n{"step": 2}\n', 2, [1, 2]),
+    ('{"step": 1}\n[1, 2]\n{"step": 2}\n', 2, [1, 2]),  # not a row
+    ('{"step": 2, "i": 0}\n{"step": 2, "i": 1}\n{"step": 3, "i": 0}\n', 2, [2, 2]),  # rollouts: rows per step
     ('{"step": 3}\n', 0, []),
 ])
-def test_trim_metrics(tmp_path, text, step, kept):
+def test_trim_rows(tmp_path, text, step, kept):
     (tmp_path / "metrics.jsonl").write_text(text)
-    trim_metrics(tmp_path, step)
-    assert rows(tmp_path) == kept and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+    trim_rows(tmp_path / "metrics.jsonl", step)
+    assert rows(tmp_path / "metrics.jsonl") == kept and names(tmp_path) == ["metrics.jsonl"]
+    trim_rows(tmp_path / "absent.jsonl", step)  # no log yet: nothing to do, nothing made
+    assert names(tmp_path) == ["metrics.jsonl"]
 
 
 @pytest.mark.parametrize("schedule", [True, False])
@@ -315,7 +397,7 @@ def test_a_new_lr_applies_after_load_state(tmp_path, toy_dir, schedule):
     train(t, 3)
     save(tmp_path, 3, t.acc, writer(t))
     t = trainer(toy_dir, lr=4 * LR, schedule=schedule)  # the resumed run, with --lr 4e-3
-    load_state(tmp_path, t.acc)
+    assert load_state(tmp_path, t.acc) == 3
     factor = (lambda s: 1 / (s + 1)) if schedule else (lambda s: 1)
     assert [g["lr"] for g in t.opt.param_groups] == [pytest.approx(LR * factor(3))]  # the saved lr came back
     apply_lr(t.opt, 4 * LR, t.sched)

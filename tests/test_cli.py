@@ -1,9 +1,11 @@
 """The scripts as a user meets them: every bad input is one line `error: ...` with exit status 1
-and leaves --out untouched; a genuine bug keeps its traceback; a run killed at any moment (inside a
-checkpoint write too) and resumed ends exactly where the uninterrupted run ends."""
+and leaves --out untouched; a genuine bug keeps its traceback; every flag has its --resume rule; a
+run killed at any moment (inside a checkpoint write too, by tests/kill.py) and resumed ends exactly
+where the uninterrupted run ends."""
 
 import json
 import runpy
+import shutil
 import sys
 
 import pytest
@@ -11,6 +13,7 @@ import torch
 
 from conftest import ROOT, run
 from nanopr1 import toy
+from nanopr1.checkpoint import validate
 from nanopr1.model import load
 
 
@@ -53,23 +56,25 @@ BAD = [  # (command, extra flags, the message: the whole stderr line after "erro
     (RL, ["--temperature", "0"], "--temperature 0.0: RL samples, it must be above 0"),
     (RL, ["--group-size", "1"], "--group-size 1: GRPO compares a prompt's rollouts, 2 or more"),
     (RL, ["--num-paths", "1"], "--num-paths 1: a parallel block needs 2 or more paths"),
-    (RL, ["--save-every", "0"], "--save-every 0: must be 1 or more"),
+    (RL, ["--save-every", "0"], "--save-every and --keep-checkpoints: 1 or more"),
+    (RL, ["--keep-checkpoints", "0"], "--save-every and --keep-checkpoints: 1 or more"),
     (RL, ["--steps", "0"], "--prompts-per-step and --steps must be 1 or more"),
     (RL, ["--max-rows", "1"], "--max-rows: one rollout needs 2 rows"),
-    (RL, ["--prompts-per-step", "30000"], "--prompts-per-step 30000: more than the 20000 problems of toy:easy, "
-                                          "a step would repeat prompts"),
+    (RL, ["--prompts-per-step", "30000"], "--prompts-per-step 30000: more than the 20000 problems of toy:easy"),
     (RL, ["--data", "toy-hard"], "--data toy-hard is the toy's held-out evaluation set; train on toy:hard"),
     (RL, ["--data", "{d}/table.csv"], "data file '{d}/table.csv': a .csv file; use JSONL (one JSON object a line), "
                                       "a JSON list or parquet"),
     (RL, ["--prompt-file", "{d}/missing.txt"], "prompt template '{d}/missing.txt' does not exist"),
     (RL, ["--init", "{d}/missing"], "model '{d}/missing': no such model directory (expected {d}/missing/config.json)"),
-    (RL, ["--resume"], "--resume: no valid checkpoint in {out}: {out}/checkpoint: missing"),
+    (RL, ["--resume"], "--resume: no valid checkpoint in {out}: no checkpoint-* dir"),
     (RL, ["--resume", "--overwrite"], "--resume and --overwrite exclude each other"),
     (SFT, ["--batch-size", "0"], "--batch-size and --micro-batch-tokens must be 1 or more"),
     (SFT, ["--micro-batch-tokens", "0"], "--batch-size and --micro-batch-tokens must be 1 or more"),
-    (SFT, ["--save-every", "0"], "--save-every 0: must be 1 or more"),
+    (SFT, ["--save-every", "0"], "--save-every and --keep-checkpoints: 1 or more"),
+    (SFT, ["--keep-checkpoints", "0"], "--save-every and --keep-checkpoints: 1 or more"),
     (SFT, ["--warmup", "1.5"], "--lr must be above 0 and --warmup in [0, 1)"),
-    (SFT, ["--data", "{d}/no_response.jsonl"], "{d}/no_response.jsonl: record 0 has no 'response' text"),
+    (SFT, ["--data", "{d}/no_response.jsonl"], "{d}/no_response.jsonl: record 0 has no response column (looked for "
+                                               "response, messages, completion; found: question, answer)"),
     (SFT, ["--batch-size", "64"], "32 examples is fewer than one batch of 64"),
 ]
 
@@ -85,8 +90,8 @@ def test_bad_input_is_one_line_and_touches_nothing(dirs, tmp_path, monkeypatch, 
 
 
 @pytest.mark.parametrize("extra, message", [
-    ([], "{out} already holds a run (checkpoint, metrics.jsonl): --resume continues it, --overwrite starts over"),
-    (["--resume", "--batch-size", "16"], "--resume: {out} holds another run: batch_size was 8, now 16 "
+    ([], "{out} already holds a run (checkpoint-000002, metrics.jsonl): --resume continues it, --overwrite starts over"),
+    (["--resume", "--batch-size", "16"], "--resume: {out} was run with --batch-size 8, not 16: a resumed run keeps it "
                                          "(--overwrite starts over; or choose another --out)"),
 ])
 def test_a_finished_run_is_not_overwritten(dirs, monkeypatch, extra, message):
@@ -98,11 +103,12 @@ def test_a_finished_run_is_not_overwritten(dirs, monkeypatch, extra, message):
 
 
 def test_rl_cannot_resume_an_sft_run(dirs, monkeypatch):
+    """The script is a flag nobody types: it is compared all the same (one line naming both scripts)."""
     out = dirs / "sft"
     before = snapshot(out)
     code = main_of("train_rl.py", [a.format(d=dirs, out=out) for a in RL[1:]] + ["--resume"], monkeypatch)
-    assert code == f"error: --resume: {out} holds another run: script was 'train_sft', now 'train_rl' " \
-                   f"(--overwrite starts over; or choose another --out)"
+    assert isinstance(code, str) and code.startswith(f"error: --resume: {out} was run with "), code
+    assert "'train_sft'" in code and "'train_rl'" in code and "\n" not in code
     assert snapshot(out) == before
 
 
@@ -127,46 +133,123 @@ def test_a_bug_keeps_its_traceback(dirs, tmp_path, monkeypatch):
         runpy.run_path(str(ROOT / "train_rl.py"), run_name="__main__")
 
 # -----------------------------------------------------------------------------
-# SIGKILL at any moment, then --resume
+# --resume: every flag has its rule; a refused flag is one line; an untyped flag keeps the run's value
 
 
-def killed_and_resumed(script, args, out, kill_after):
-    """Run with a SIGKILL at the kill_after-th file a checkpoint save writes (0: never), then resume."""
-    proc = run(ROOT / script, *args, "--out", str(out), check=False, env={"NANOPR1_KILL_AFTER": str(kill_after)})
-    if kill_after:
+@pytest.mark.parametrize("script", ["train_rl.py", "train_sft.py"])
+def test_every_flag_has_one_resume_rule(script):
+    """Each dest of the parser is in exactly one of APPLY (a new value is used), LOCAL (this invocation's
+    only) and REFUSE (a new value is an error); APPLY and LOCAL name real flags."""
+    g = runpy.run_path(str(ROOT / script), run_name="not_main")
+    dests = {a.dest for a in g["p"]._actions} - {"help"}
+    rules = {"APPLY": g["APPLY"], "LOCAL": g["LOCAL"], "REFUSE": g["REFUSE"]}
+    named = [d for names in rules.values() for d in names]
+    assert sorted(dests - set(named)) == [], "flags with no --resume rule"
+    assert sorted({d for d in named if named.count(d) > 1}) == [], "flags with two rules"
+    for rule in ("APPLY", "LOCAL"):
+        assert sorted(set(rules[rule]) - dests) == [], f"{rule} names no flag"
+    assert sorted(set(g["REFUSE"]) - dests) == ["script"]  # the one value parse adds: which script ran
+    assert {"lr", "save_every", "keep_checkpoints"} <= set(g["APPLY"]) and {"resume", "out"} <= set(g["LOCAL"])
+    assert {"variant", "seed", "lora"} <= set(g["REFUSE"])
+
+
+RL_SHORT = ["--preset", "toy", "--stage", "easy", "--prompts-per-step", "2", "--group-size", "2",
+            "--max-new-tokens", "20", "--save-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def rl_run(dirs):
+    """A finished 1-step RL run started with --mini-batches 1 --lr 1e-3 (neither the default)."""
+    out = dirs / "rl"
+    run(ROOT / "train_rl.py", *RL_SHORT, "--init", str(dirs / "init"), "--out", str(out), "--steps", "1",
+        "--mini-batches", "1", "--lr", "1e-3")
+    return out
+
+
+@pytest.mark.parametrize("extra, was", [
+    (["--kl-coef", "0.1"], "--kl-coef 0.0, not 0.1"),
+    (["--temperature", "0.5"], "--temperature 1.0, not 0.5"),
+    (["--max-prompt-tokens", "30"], "--max-prompt-tokens 64, not 30"),
+    (["--steps", "3", "--variant", "unseen", "--lr", "1e-4"], "--variant 'seen', not 'unseen'"),
+])
+def test_resuming_with_a_refused_flag_changed_is_one_line(dirs, rl_run, monkeypatch, extra, was):
+    before = snapshot(rl_run)
+    argv = [*RL_SHORT, "--init", str(dirs / "init"), "--out", str(rl_run), "--resume", *extra]
+    code = main_of("train_rl.py", argv, monkeypatch)
+    assert code == f"error: --resume: {rl_run} was run with {was}: a resumed run keeps it (--overwrite starts over; " \
+                   f"or choose another --out)"
+    assert snapshot(rl_run) == before
+
+
+def test_resuming_keeps_the_flags_not_typed_again(dirs, rl_run, tmp_path):
+    """--resume with --steps 2 (a flag resume may change) and without --mini-batches 1 --lr 1e-3: the run goes
+    on with the values it was started with, not the defaults, and says what changed."""
+    out = tmp_path / "rl"
+    shutil.copytree(rl_run, out)
+    log = run(ROOT / "train_rl.py", *RL_SHORT, "--init", str(dirs / "init"), "--out", str(out), "--resume",
+              "--steps", "2").stdout
+    stored = json.loads((out / "checkpoint-000002" / "args.json").read_text())
+    assert [r["step"] for r in map(json.loads, open(out / "metrics.jsonl"))] == [1, 2]
+    assert (stored["mini_batches"], stored["steps"]) == (1, 2)
+    assert f"resuming {out} at step 1 with steps 1 -> 2\n" in log
+    assert stored["lr"] == 1e-3
+
+# -----------------------------------------------------------------------------
+# SIGKILL at any moment (tests/kill.py), then --resume
+
+
+def killed_and_resumed(script, args, out, kill):
+    """Run under tests/kill.py (`kill`: N, die after the N-th fsync; step=K, after the metrics row of step K;
+    "0": never), then --resume if killed. The checkpoint dirs the kill left (valid ones, or .tmp), the metrics
+    rows, the rollout rows (RL) and the final weights."""
+    proc = run(ROOT / "tests" / "kill.py", kill, script, *args, "--out", str(out), check=False)
+    left = sorted(p.name for p in out.glob("checkpoint-*") if p.name.endswith(".tmp") or validate(p) is None)
+    if kill != "0":
         assert proc.returncode == -9, proc.stderr[-2000:]  # killed, not finished
         run(ROOT / script, *args, "--out", str(out), "--resume")
     else:
         assert proc.returncode == 0, proc.stderr[-2000:]
-    return [json.loads(line) for line in open(out / "metrics.jsonl")], load(str(out))[0].state_dict()
+    read = lambda name: [json.loads(line) for line in open(out / name)] if (out / name).exists() else None
+    return left, read("metrics.jsonl"), read("rollouts.jsonl"), load(str(out))[0].state_dict()
 
 
 def kill_points(out, points):
-    """The event numbers of `points` ((save, what) pairs) from the layout of a finished run's checkpoint:
-    a save reports each of its F files, then the manifest, then (after the first) the old checkpoint
-    renamed away, then the new one renamed into place."""
-    F = sum(1 for f in (out / "checkpoint").rglob("*") if f.is_file() and f.name != "manifest.json")
-    start = lambda k: 0 if k == 1 else (F + 2) + (k - 2) * (F + 3)  # events before save k
-    at = {"first file": lambda k: 1, "middle": lambda k: F // 2, "last file": lambda k: F, "manifest": lambda k: F + 1,
-          "swapped": lambda k: F + (2 if k == 1 else 3)}
-    return [start(k) + at[what](k) for k, what in points]
+    """(kill, the checkpoint dirs it leaves) for each point: a (save, moment) pair, or step=K (after the row
+    of step K, before its save). The fsync numbers come from the layout of a finished run's checkpoint: a
+    save fsyncs the E files and dirs under checkpoint-NNNNNN.tmp/ (all but the manifest), then the manifest,
+    the tmp dir, and OUT once the tmp dir is renamed into place (the older checkpoint not yet deleted).
+    Every step is saved (--save-every 1): save k is step k's."""
+    last, = out.glob("checkpoint-*")  # --keep-checkpoints 1: the last step's
+    E = sum(1 for _ in last.rglob("*")) - 1
+    at = {"first file": 1, "middle": E // 2, "last file": E, "manifest": E + 1, "tmp dir": E + 2, "renamed": E + 3}
+    name = lambda k, tail="": [f"checkpoint-{k:06d}{tail}"] if k else []
+    return [(point, name(int(point[5:]) - 1)) if isinstance(point, str) else
+            (str((point[0] - 1) * (E + 3) + at[point[1]]),
+             name(point[0] - 1) + name(point[0], "" if point[1] == "renamed" else ".tmp")) for point in points]
 
 
 @pytest.mark.parametrize("script, args, points", [
     ("train_sft.py", ["--preset", "toy", "--batch-size", "8", "--max-steps", "4", "--save-every", "1"],
-     [(1, "first file"), (1, "manifest"), (2, "middle"), (3, "swapped")]),
+     [(1, "first file"), (1, "manifest"), (2, "middle"), (3, "renamed")]),
     ("train_rl.py", ["--preset", "toy", "--stage", "easy", "--prompts-per-step", "2", "--group-size", "4",
-                     "--max-new-tokens", "40", "--steps", "3", "--save-every", "1", "--lr", "1e-3"], [(2, "middle")]),
+                     "--max-new-tokens", "40", "--steps", "3", "--save-every", "1", "--lr", "1e-3"],
+     [(2, "middle"), (2, "renamed"), "step=2"]),
 ])
 def test_killed_anywhere_and_resumed_equals_uninterrupted(dirs, tmp_path, script, args, points):
-    """SIGKILL at chosen files of the checkpoint saves (inside the first save, in the middle of a later
-    one, right after a swap), then --resume: the metrics rows (timings aside) and the final weights
-    (and so the optimizer state that produced them) equal the uninterrupted run's."""
+    """SIGKILL at chosen fsyncs of the checkpoint saves (inside the first save, in the middle of a later one,
+    right after a rename, before the older checkpoint is deleted) or right after a step's metrics row, then
+    --resume: the metrics rows (timings and what this process captured aside), the rollout rows and the
+    final weights (and so the optimizer state that produced them) equal the uninterrupted run's."""
     args = args + (["--init", str(dirs / "init")] if script == "train_rl.py" else ["--data", str(dirs / "corpus.jsonl")])
-    rows, weights = killed_and_resumed(script, args, tmp_path / "full", 0)
-    untimed = lambda rs: [{k: v for k, v in r.items() if not k.endswith("_s") and k not in ("seconds", "tokens_per_s")}
-                          for r in rs]
-    for n in kill_points(tmp_path / "full", points):
-        got_rows, got_weights = killed_and_resumed(script, args, tmp_path / f"kill{n}", n)
-        assert untimed(got_rows) == untimed(rows)
-        assert all(torch.equal(weights[k], got_weights[k]) for k in weights)
+    _, rows, rollouts, weights = killed_and_resumed(script, args, tmp_path / "full", "0")
+    assert len(rows) == (4 if script == "train_sft.py" else 3) and (rollouts is None) == (script == "train_sft.py")
+    local = ("seconds", "tokens_per_s", "graphs", "graph_pool_gb", "capture_s")  # times, this process's captures
+    untimed = lambda rs: [{k: v for k, v in r.items() if not k.endswith("_s") and k not in local} for r in rs]
+    for kill, left in kill_points(tmp_path / "full", points):
+        out = tmp_path / f"kill{kill.replace('=', '')}"
+        got_left, got_rows, got_rollouts, got_weights = killed_and_resumed(script, args, out, kill)
+        assert got_left == left, kill  # the kill came where it was aimed
+        assert untimed(got_rows) == untimed(rows), kill
+        assert got_rollouts == rollouts, kill
+        assert weights.keys() == got_weights.keys() and all(torch.equal(weights[k], got_weights[k]) for k in weights), kill
+        assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-%06d" % len(rows)], kill  # keep 1, no .tmp

@@ -1,5 +1,6 @@
-"""Tests for nanopr1/data.py: local files in every layout, short names with a data dir,
-clear errors, the offline hub message, and GSM8K's `#### n` on the real data."""
+"""Tests for nanopr1/data.py: local files in every layout (TRL's SFT layouts too), short names
+with a data dir, hub config / split / column names passed through, clear errors, the offline
+hub message, and GSM8K's `#### n` on the real data."""
 
 import json
 
@@ -12,6 +13,11 @@ from nanopr1 import UsageError, data
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+def chat(*turns):
+    """TRL's chat messages from (role, text) pairs."""
+    return [{"role": role, "content": text} for role, text in turns]
 
 
 @pytest.mark.parametrize("raw,question,answer", [
@@ -117,6 +123,81 @@ def test_hub_post_processing(monkeypatch):
     assert data.load("gsm8k")[0]["answer"] == "2000"
 
 
+@pytest.mark.parametrize("source,kw,asked", [
+    ("owner/set", {}, ("owner/set", None, "train")),                                 # a hub id's default
+    ("owner/set", {"config": "cfg", "split": "validation"}, ("owner/set", "cfg", "validation")),
+    ("owner/set", {"split": "test"}, ("owner/set", None, "test")),
+    ("gsm8k", {}, ("openai/gsm8k", "main", "train")),                                # the table's row
+    ("gsm8k", {"config": "socratic", "split": "test"}, ("openai/gsm8k", "socratic", "test")),
+    ("aime25", {"config": "c", "split": "train"}, ("math-ai/aime25", "c", "test")),   # one split only
+])
+def test_hub_config_and_split_are_passed_through(monkeypatch, source, kw, asked):
+    import datasets
+    got = []
+    hub = lambda hub_id, config, split: got.append((hub_id, config, split)) or [{"q": "Q", "a": "1"}]
+    monkeypatch.setattr(datasets, "load_dataset", hub)
+    [r] = data.load(source, question_key="q", answer_key="a", **kw)
+    assert got == [asked] and (r["question"], r["answer"]) == ("Q", "1")
+
+
+@pytest.mark.parametrize("raw,keys,question,answer", [
+    ({"text": "Q", "label": 3}, ("text", "label"), "Q", "3"),
+    ({"question": "not this", "q2": "Q", "answer": "1"}, ("q2", None), "Q", "1"),   # only that column
+    ({"question": "Q", "answer": "wrong", "gold": 2.0}, (None, "gold"), "Q", "2"),
+    ({"msgs": [{"role": "user", "content": "Q"}], "rm": {"ground_truth": "4"}}, ("msgs", "rm"), "Q", "4"),
+])
+def test_question_and_answer_keys(tmp_path, raw, keys, question, answer):
+    path = write_jsonl(tmp_path / "d.jsonl", [raw])
+    [r] = data.load(str(path), question_key=keys[0], answer_key=keys[1])
+    assert (r["question"], r["answer"]) == (question, answer)
+
+
+@pytest.mark.parametrize("raw,kw,message", [
+    ({"text": "t", "label": 1}, {}, "d.jsonl: record 0 has no question column (looked for question, problem, "
+     "prompt, Question, Problem, messages; found: text, label): pass --question-key"),
+    ({"text": "t", "label": 1}, {"question_key": "txt"},
+     "d.jsonl: record 0 has no question column (looked for txt; found: text, label): pass --question-key"),
+    ({"question": "q", "label": 1}, {}, "d.jsonl: record 0 has no answer column (looked for answer, Answer, "
+     "ground_truth, final_answer, reward_model; found: question, label): pass --answer-key"),
+    ({"question": "q", "answer": "1"}, {"answer_key": "label"},
+     "d.jsonl: record 0 has no answer column (looked for label; found: question, answer): pass --answer-key"),
+    ({"question": "q", "answer": "1"}, {"fields": ("response",)}, "d.jsonl: record 0 has no response column "
+     "(looked for response, messages, completion; found: question, answer)"),
+    ({"messages": chat(("assistant", "hi"), ("user", "Q"))}, {"fields": ("response",)},  # no reply
+     "d.jsonl: record 0 has no response column (looked for response, messages, completion; found: messages)"),
+    (["q", "1"], {}, "d.jsonl: record 0 is a list, not a JSON object"),
+])
+def test_missing_column_is_one_line_naming_the_columns(tmp_path, raw, kw, message):
+    path = write_jsonl(tmp_path / "d.jsonl", [raw])
+    with pytest.raises(UsageError) as e:
+        data.load(str(path), **kw)
+    assert str(e.value) == message.replace("d.jsonl", str(path))
+
+
+@pytest.mark.parametrize("raw,question,answer,response", [
+    ({"question": "Q", "answer": "5", "response": "R"}, "Q", "5", "R"),                # our layout
+    ({"question": "Q", "response": "R"}, "Q", None, "R"),                               # no gold answer: fine
+    ({"messages": chat(("system", "S"), ("user", "Q1"), ("assistant", "R1"), ("user", "Q"),
+                       ("assistant", "R"))}, "Q", None, "R"),                            # TRL conversational
+    ({"prompt": "Q", "completion": "R", "answer": "5"}, "Q", "5", "R"),  # TRL prompt-completion
+    ({"prompt": chat(("system", "S"), ("user", "Q")), "completion": chat(("assistant", "R"))},
+     "Q", None, "R"),                                                                   # ...conversational
+])
+def test_sft_layouts(tmp_path, bpe_tokenizer, raw, question, answer, response):
+    from nanopr1.format import PARALLEL_PROMPT
+    [r] = data.load(str(write_jsonl(tmp_path / "d.jsonl", [raw])), fields=("response",))
+    assert (r["question"], r.get("answer"), r["response"]) == (question, answer, response)
+    ex, _ = data.sft_examples([r], bpe_tokenizer, PARALLEL_PROMPT, 4096)  # what train_sft reads
+    ours, _ = data.sft_examples([{"question": question, "response": response}],
+                                bpe_tokenizer, PARALLEL_PROMPT, 4096)
+    assert len(ex) == 1 and ex == ours
+
+
+def test_rl_records_still_need_an_answer():
+    with pytest.raises(UsageError, match="record 0 has no answer column"):
+        data.to_records([{"prompt": "Q", "completion": "R"}], "test")
+
+
 @pytest.mark.parametrize("level", ["easy", "hard"])
 def test_toy_sets(level):
     from nanopr1 import toy
@@ -161,13 +242,29 @@ def test_non_utf8_file_is_a_clear_error(tmp_path):
         data.load(str(bad))
 
 
-def test_step_problems_cross_epochs_without_repeats_or_skips():
-    """Steps of 4 over 10 problems: the steps read the epochs' orders one after another; each epoch's
-    order is a permutation; step k does not depend on the steps before it (resume)."""
-    seq = sum((data.step_problems(10, 4, seed=3, step=s) for s in range(5)), [])  # 20 = two whole epochs
-    assert sorted(seq[:10]) == list(range(10)) and sorted(seq[10:]) == list(range(10))
-    assert seq[:10] != seq[10:]  # a new order each epoch
-    assert data.step_problems(10, 4, seed=3, step=2) == seq[8:12]  # across the epoch boundary
-    assert data.step_problems(10, 25, seed=3, step=0)[:20] == seq  # bigger than an epoch: reads on
+def test_step_problems_are_distinct_and_fixed():
+    """Steps of 4 over 10 problems: two steps an epoch, each a slice of the epoch's fixed order (the 2 left
+    over wait for a later epoch); a new order each epoch; step k does not depend on the steps before it."""
+    steps = [data.step_problems(10, 4, seed=3, step=s) for s in range(6)]
+    assert all(len(set(x)) == 4 for x in steps)
+    for e in range(3):
+        assert steps[2 * e] + steps[2 * e + 1] == sum(data.epoch_batches(10, 4, seed=3, epoch=e), [])
+    assert steps[0] != steps[2]
     batches = data.epoch_batches(10, 4, seed=3, epoch=1)
     assert [len(b) for b in batches] == [4, 4] and len(set(sum(batches, []))) == 8  # the last partial batch dropped
+
+
+@pytest.mark.parametrize("problems, per_step, steps, group", [(7473, 1024, 35, 5),   # easy RL: GSM8K train
+                                                              (17917, 512, 300, 8),  # hard RL: DAPO-Math-17k
+                                                              (20000, 16, 40, 8)])   # the toy
+def test_a_recipes_steps_have_distinct_problems_and_random_streams(problems, per_step, steps, group):
+    """The recipes' real sizes: no problem twice in a step (the old epoch-crossing steps of GSM8K repeated 35,
+    30, 12 and 17 problems at steps 8, 15, 22 and 30), and every rollout of the run has its own random stream
+    (train_rl seeds problem i of step s with mix(seed, s, i), the sampler its g-th rollout with mix(that, g))."""
+    from nanopr1.rollout import mix
+    keys = set()
+    for s in range(1, steps + 1):
+        idx = data.step_problems(problems, per_step, 0, s - 1)
+        assert len(set(idx)) == per_step
+        keys.update(mix(mix(0, s, i), g) for i in idx for g in range(group))
+    assert len(keys) == steps * per_step * group

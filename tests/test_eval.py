@@ -408,7 +408,7 @@ def test_new_weights_or_seed_are_recomputed(tmp_path, capsys):
 
 
 def test_a_run_dir_with_a_new_checkpoint_is_recomputed(tmp_path, capsys):
-    """A training run's dir (its model in OUT/checkpoint/) evaluated, then checkpointed again with new
+    """A training run's dir (its model: the newest OUT/checkpoint-*) evaluated, then checkpointed again with new
     weights: the same --model path now means other weights, and eval recomputes."""
     from accelerate import Accelerator
     from nanopr1 import checkpoint
@@ -446,8 +446,8 @@ def test_two_processes_equal_one(toy_model, tmp_path, capsys):
     argv[argv.index("--n")] = "--rollouts"  # torchrun would read --n as an abbreviation of its own flags
     run_main(argv + ["--out", str(tmp_path / "one")], capsys)
     model, tokenizer = nanopr1.model.load(toy_model)
-    hook = ev.evaluate_everywhere(model, tokenizer, nanopr1.data.load("toy-easy")[:5], 2, lambda rows: rows,
-                                  template=toy.TEMPLATE, max_new_tokens=24, seed=0)
+    _, hook = ev.evaluate_everywhere(model, tokenizer, nanopr1.data.load("toy-easy")[:5], 2, lambda rows: rows,
+                                     template=toy.TEMPLATE, max_new_tokens=24, seed=0)
     two = tmp_path / "two"
     proc = run(ROOT / "eval.py", *argv, "--out", str(two), procs=2)
     assert "(2 processes)" in proc.stderr  # the script saw a world of 2
@@ -473,15 +473,14 @@ def test_paired_difference_closed_form():
     assert m == pytest.approx(0.25) and se == pytest.approx(sd / 2)
 
 
-def test_one_static_cache_serves_every_batch(toy_model, monkeypatch):
-    """eval.py on a GPU hands one StaticRows to every sample() call of every set (its CUDA graphs kept);
-    here run the way it is captured (graphs "always"): the same rows as the simple cache."""
-    from nanopr1.staticcache import StaticRows
-    monkeypatch.setattr(StaticRows, "graphs", "always")
+def test_one_cache_serves_every_batch(toy_model):
+    """eval.py hands one KV cache to every sample() call of every set (its captured steps kept): the same
+    rows as a cache made per call."""
+    from nanopr1.kvcache import KVCache
     model, tokenizer = nanopr1.model.load(toy_model)
     problems = nanopr1.data.load("toy-easy")[:6]
     kw = dict(template=toy.TEMPLATE, max_new_tokens=40, seed=0, batch_size=2, progress=False)
-    cache = StaticRows(16, 80, "cpu")
+    cache = KVCache(16, 80, "cpu")
     with_cache, _ = ev.evaluate(model, tokenizer, problems, 2, cache=cache, **kw)
-    simple, _ = ev.evaluate(model, tokenizer, problems, 2, **kw)
-    assert [r["text"] for r in with_cache] == [r["text"] for r in simple] and cache.captured
+    per_call, _ = ev.evaluate(model, tokenizer, problems, 2, **kw)
+    assert [r["text"] for r in with_cache] == [r["text"] for r in per_call] and cache.graphs

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from nanopr1.grpo import group_advantages, policy_loss
+from nanopr1.grpo import KL_BOUND, group_advantages, policy_loss, tis_weight
 
 
 def test_group_advantages_closed_form_and_flat_groups():
@@ -70,3 +70,34 @@ def test_micro_batches_sum_to_the_step_loss(splits):
     torch.testing.assert_close(g_split, g_full)
 
 
+
+
+def test_huge_log_ratios_and_kls_are_bounded():
+    """One token whose trainer and old (or reference) log-probs are 1000 nats apart: finite loss and
+    gradient, its ratio exp(20) at most, its KL at most KL_BOUND."""
+    logp = torch.tensor([[0.0, -1.0]], requires_grad=True)
+    old, ref = torch.tensor([[-1000.0, -1.0]]), torch.tensor([[1000.0, -1.0]])
+    loss, stats = policy_loss(logp, old, torch.tensor([-1.0]), torch.ones(1, 2), 2, ref_logp=ref, kl_coef=1.0)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logp.grad).all()
+    assert stats["ratio_sum"] <= math.exp(20) + 1 and stats["kl_sum"] <= KL_BOUND
+
+
+@pytest.mark.parametrize("cap, corrected", [(10.0, True), (None, False)])
+def test_truncated_importance_weights_correct_a_sampler_mismatch(cap, corrected):
+    """A one-token policy pi = softmax(theta) over 6 tokens, rollouts drawn from a planted different sampler
+    mu (as a bf16 sampling copy differs from the trainer). Weighted by min(pi / mu, cap), the loss's gradient
+    is the on-policy one, d/dtheta of -E_pi[A] = -pi * (A - E_pi[A]); unweighted it is not."""
+    g = torch.Generator().manual_seed(0)
+    theta = torch.randn(6, generator=g).requires_grad_()
+    mu = torch.softmax(theta.detach() + torch.tensor([1.0, -1.0, 0.5, 0.0, -0.5, 1.5]), -1)  # the mismatch
+    A = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0])  # an advantage per token value
+    x = torch.multinomial(mu, 400_000, replacement=True, generator=g)  # (N,) one token per rollout
+    logp = torch.log_softmax(theta, -1)[x][:, None]  # (N, 1)
+    weight = None if cap is None else tis_weight(logp.detach(), mu.log()[x][:, None], cap)
+    loss, _ = policy_loss(logp, logp.detach(), A[x], torch.ones_like(logp), len(x), weight=weight)
+    (grad,) = torch.autograd.grad(loss, theta)
+    pi = torch.softmax(theta.detach(), -1)
+    exact = -pi * (A - (pi * A).sum())
+    error = (grad - exact).abs().max().item()
+    assert (error < 0.01) == corrected and (error > 0.05) == (not corrected)

@@ -1,21 +1,33 @@
-"""Tests for nanopr1/kvcache.py (KVRows, the simple cache) and for the sampler's row cap
-(max_rows) on both caches: the same rollouts whatever the cap, and never more rows than it."""
+"""Tests for nanopr1/kvcache.py, the one KV cache of CPU and GPU runs, against independent references:
+decoding from scratch (no cache), and the plain growing cache of tests/reference_cache.py. At
+temperature 0 the sampler must give the same tokens, positions, forced flags, tag masks and blocks with
+either cache, and the same log-probs (fp32), with its decode step captured (graphs.CpuGraph on a CPU, the
+same capture code as on a GPU) or run eagerly; and the same rollouts whatever the row cap."""
 
 import pytest
 import torch
 
 from conftest import tiny_model
-from test_sampler import biased, prompts_of
-from nanopr1 import kvcache
+from reference_cache import reference_cache
+from test_sampler import TEXTS, biased, prompts_of
+from nanopr1 import UsageError, kvcache
 from nanopr1.format import PARALLEL, PATH, PATH_END
-from nanopr1.kvcache import KVRows
+from nanopr1.kvcache import KVCache, bucket
 from nanopr1.model import tag_ids
 from nanopr1.sampler import sample
-from nanopr1.staticcache import StaticRows
+
+MORE = TEXTS + ["Final Answer: 42", "Dogs and cats have four legs.", "First, compute", "x = 4"]
 
 
-def empty(rows):
-    return KVRows(valid=torch.zeros(rows, 0, dtype=torch.bool))
+def cache_for(prompts, rows, new=60, graphs=True):
+    return KVCache(rows, max(len(p) for p in prompts) + new + 1, "cpu", use_graphs=graphs)
+
+
+def assert_same(a_list, b_list, tol=1e-5):
+    for a, b in zip(a_list, b_list, strict=True):
+        assert (a.ids, a.positions, a.forced, a.allowed, a.blocks, a.stop_reason) == \
+               (b.ids, b.positions, b.forced, b.allowed, b.blocks, b.stop_reason)
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) <= tol
 
 
 @torch.no_grad()
@@ -24,81 +36,156 @@ def test_forked_rows_match_decoding_from_scratch(bpe_tokenizer):
     tok, model, t = bpe_tokenizer, tiny_model(bpe_tokenizer), tag_ids(bpe_tokenizer)
     prefix = prompts_of(tok)[0] + [t[PARALLEL]]
     paths = [[t[PATH]] + p + [t[PATH_END]] for p in prompts_of(tok, ["3 + 4 = 7", "Dogs have four legs.", "x"])]
-    kv = empty(1)
-    kv.forward(model, torch.tensor([prefix]), torch.arange(len(prefix))[None], torch.ones(1, len(prefix), dtype=torch.bool))
-    kv = kv.rows([0] * len(paths))  # the fork: clone the prefix row
+    kv = KVCache(len(paths), len(prefix) + max(map(len, paths)), "cpu")
+    kv.reset(model)
+    kv.add_rows(len(paths))
+    kv.prefill(model, torch.tensor([prefix]), torch.arange(len(prefix))[None], torch.ones(1, len(prefix), dtype=torch.bool), [0])
+    for k in range(1, len(paths)):  # the fork: clone the prefix row
+        kv.copy_row(0, k)
     got = [[] for _ in paths]
-    for j in range(max(len(p) for p in paths)):  # all paths decoded together, finished ones padded
+    for j in range(max(len(p) for p in paths)):  # all paths decoded together, finished ones not fed
         live = [j < len(p) for p in paths]
         ids = torch.tensor([[p[j] if j < len(p) else 0] for p in paths])
         logits = kv.step(model, ids, torch.full((len(paths), 1), len(prefix) + j), torch.tensor(live)[:, None])
         for k in range(len(paths)):
             if live[k]:
-                got[k].append(logits[k])
+                got[k].append(logits[k].clone())
+    assert len(kv.graphs) == 1  # the steps were replays of one captured step
     for k, p in enumerate(paths):
         ref = model(input_ids=torch.tensor([prefix + p])).logits[0, len(prefix):]
         assert (torch.stack(got[k]) - ref).abs().max() <= 1e-4
 
 
-@torch.no_grad()
-def test_compaction_keeps_what_rows_attend_to(bpe_tokenizer):
-    tok, model = bpe_tokenizer, tiny_model(bpe_tokenizer)
+CASES = [  # (name, bias, sample kwargs)
+    ("parallel off", {}, dict(parallel=False)),
+    ("seen, forced block", dict(par=3.0, path_end=2.0, summary_end=2.0), dict(variant="seen", force_block=3)),
+    ("unseen, forced block", dict(par=3.0, path_end=2.0, summary_end=2.0), dict(variant="unseen", force_block=3)),
+    ("unseen, 3 paths, path budget", dict(par=4.0, path_end=-5.0), dict(variant="unseen", num_paths=3,
+                                                                       force_block=0, path_max_tokens=7)),
+]
+
+
+@pytest.mark.parametrize("graphs", [True, False])
+@pytest.mark.parametrize("name, bias, kw", CASES, ids=[c[0] for c in CASES])
+def test_the_cache_equals_the_reference_greedy(bpe_tokenizer, graphs, name, bias, kw):
+    tok = bpe_tokenizer
+    model = biased(tok, **bias) if bias else tiny_model(tok)
+    kw = {"temperature": 0, "max_new_tokens": 60, **kw}
     prompts = prompts_of(tok)
-    P = max(len(p) for p in prompts)
-    kv = empty(3)
-    ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts])
-    q_valid = torch.tensor([[j >= P - len(p) for j in range(P)] for p in prompts])
-    kv.forward(model, ids, (torch.arange(P)[None] - (P - torch.tensor([len(p) for p in prompts]))[:, None]).clamp(min=0), q_valid)
-    kv.free(1)  # row 1 finished
-    nxt, pos = torch.tensor([[5], [0], [7]]), torch.tensor([[len(prompts[0])], [0], [len(prompts[2])]])
-    ref = kv.rows([0, 1, 2]).forward(model, nxt, pos, torch.ones(3, 1, dtype=torch.bool))
-    kv.compact([0, 2])
-    assert kv.valid.shape == (2, max(len(prompts[0]), len(prompts[2]))) and kv.valid.float().mean() > 0.5
-    got = kv.forward(model, nxt[[0, 2]], pos[[0, 2]], torch.ones(2, 1, dtype=torch.bool))
-    assert (got - ref[[0, 2]]).abs().max() <= 1e-5
+    ref = sample(model, tok, prompts, 2, cache=reference_cache(), **kw)
+    kv = cache_for(prompts, 32, graphs=graphs)
+    assert_same(ref, sample(model, tok, prompts, 2, cache=kv, **kw))
+    assert all(len(r.blocks) >= 1 for r in ref) == ("force_block" in kw)
+    assert (len(kv.graphs) > 0) == graphs
+
+
+class StopAt(torch.nn.Module):
+    """Makes EOS (or the closing tag, inside a path or summary) win at one position id: rollouts whose
+    prompts differ in length stop at different times, so rows are freed, reused and compacted."""
+
+    def __init__(self, model, eos, position):
+        super().__init__()
+        self.model, self.config, self.generation_config = model, model.config, model.generation_config
+        self.eos, self.position = eos, position
+
+    def forward(self, **kw):
+        out = self.model(**kw)
+        pos = kw["position_ids"][:, -out.logits.shape[1]:]  # (B, T) the positions the logits predict after
+        out.logits[..., self.eos] += 100.0 * (pos % self.position == self.position - 1)
+        return out
+
+
+@pytest.mark.parametrize("variant", ["seen", "unseen"])
+def test_rows_that_finish_apart_are_freed_reused_and_compacted(bpe_tokenizer, monkeypatch, variant):
+    tok = bpe_tokenizer
+    model = StopAt(biased(tok, par=3.0, path_end=1.0, summary_end=1.0), tok.eos_token_id, 23)
+    compactions = []
+    original = KVCache.compact
+    monkeypatch.setattr(KVCache, "compact", lambda self, keep: compactions.append(len(keep)) or original(self, keep))
+    prompts, kw = prompts_of(tok, MORE), dict(temperature=0, variant=variant, force_block=2, max_new_tokens=50)
+    ref = sample(model, tok, prompts, 2, cache=reference_cache(), **kw)
+    assert_same(ref, sample(model, tok, prompts, 2, **kw))
+    assert len({len(r.ids) for r in ref}) >= 3 and any(r.stop_reason == "eos" for r in ref)
+    assert compactions and all(n < 14 for n in compactions)
+
+
+def test_sampling_is_seeded(bpe_tokenizer):
+    tok, model = bpe_tokenizer, biased(bpe_tokenizer, par=2.0, path_end=2.0, summary_end=2.0)
+    run = lambda seed: sample(model, tok, prompts_of(tok), 2, max_new_tokens=40, seed=seed, variant="unseen")
+    a, b, c = run(5), run(5), run(6)
+    assert [r.ids for r in a] == [r.ids for r in b] and [r.ids for r in a] != [r.ids for r in c]
 
 
 @torch.no_grad()
-def test_decode_steps_write_in_place(bpe_tokenizer):
-    """A decode step writes its column into spare capacity: the K/V tensors are re-allocated a few
-    times over 200 steps (growth by half), not at every token as a concatenating cache is."""
+def test_dead_rows_never_disturb_live_ones(bpe_tokenizer):
+    """A row padded into a bucket, or freed, writes only the scratch column: a live row's logits do not
+    depend on how many dead rows share its step."""
     tok, model = bpe_tokenizer, tiny_model(bpe_tokenizer)
     p = prompts_of(tok)[0]
-    kv = empty(2)
-    kv.forward(model, torch.tensor([p, p]), torch.arange(len(p)).repeat(2, 1), torch.ones(2, len(p), dtype=torch.bool))
-    ptrs = []
-    for j in range(200):
-        kv.step(model, torch.tensor([[7], [8]]), torch.full((2, 1), len(p) + j), torch.ones(2, 1, dtype=torch.bool))
-        ptrs.append(kv.kv[0].data_ptr())
-    assert kv.S == len(p) + 200 and kv.kv[0].shape[2] >= kv.S
-    assert len(set(ptrs)) <= 8
+    ids, pos = torch.tensor([p]), torch.arange(len(p))[None]
+    got = []
+    for rows in (1, 5):  # one row alone (bucket 1) / with 4 free rows (bucket 8, 7 dead)
+        kv = KVCache(rows, 40, "cpu")
+        kv.reset(model)
+        kv.add_rows(rows)
+        kv.prefill(model, ids, pos, torch.ones(1, len(p), dtype=torch.bool), [0])
+        out = []
+        for j in range(5):
+            live = torch.tensor([[True]] + [[False]] * (rows - 1))
+            step_ids = torch.tensor([[7 + j]] + [[3]] * (rows - 1))
+            step_pos = torch.tensor([[len(p) + j]] + [[0]] * (rows - 1))
+            out.append(kv.step(model, step_ids, step_pos, live)[0].clone())
+        got.append(torch.stack(out))
+        assert kv.length == [len(p) + 5] + [0] * (rows - 1) and not kv.valid[1:].any()
+    assert (got[0] - got[1]).abs().max() <= 1e-5
+
+
+def test_buckets():
+    assert [bucket(n) for n in (1, 2, 8, 9, 33, 64, 65, 256, 257, 600)] == [1, 8, 8, 32, 64, 64, 128, 256, 512, 768]
+    assert kvcache.VIEW == 256
 
 
 @torch.no_grad()
-def test_the_model_must_use_the_cache(bpe_tokenizer, monkeypatch):
+def test_a_full_row_is_an_error_and_the_cache_never_moves(bpe_tokenizer):
+    model = tiny_model(bpe_tokenizer)
+    kv = KVCache(1, 4, "cpu")  # 4 columns: the prompt and one more token
+    kv.reset(model)
+    kv.add_rows(1)
+    kv.prefill(model, torch.tensor([[5, 6, 7]]), torch.arange(3)[None], torch.ones(1, 3, dtype=torch.bool), [0])
+    where = [t.data_ptr() for t in kv.kv]
+    kv.step(model, torch.tensor([[8]]), torch.tensor([[3]]), torch.tensor([[True]]))
+    assert [t.data_ptr() for t in kv.kv] == where  # written in place: allocated once, never grown
+    with pytest.raises(RuntimeError, match="row full"):
+        kv.step(model, torch.tensor([[9]]), torch.tensor([[4]]), torch.tensor([[True]]))
+
+
+@torch.no_grad()
+def test_the_model_must_use_the_cache(bpe_tokenizer):
     """If transformers stops passing our cache to the attention layers (a renamed keyword), the sampler
     fails loudly instead of decoding without a cache."""
+    class DropsTheCache(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model, self.config, self.generation_config = model, model.config, model.generation_config
+
+        def forward(self, cache=None, attention_mask=None, **kw):  # (the mask's width is the cache's)
+            return self.model(**kw)
     tok = bpe_tokenizer
-    monkeypatch.setattr(kvcache, "CACHE_KW", "not_a_cache_keyword")
     with pytest.raises(RuntimeError, match="ignored the KV cache"):
-        sample(tiny_model(tok), tok, prompts_of(tok)[:1], max_new_tokens=3, temperature=0, parallel=False)
+        sample(DropsTheCache(tiny_model(tok)), tok, prompts_of(tok)[:1], max_new_tokens=3, temperature=0,
+               parallel=False)
 
 # -----------------------------------------------------------------------------
 # the row cap: same rollouts at temperature 0 whatever max_rows is, never more rows than max_rows
 
 
 class CountRows:
-    """Wraps a cache class: records the rows the cache holds at every decode step."""
+    """Records the rows in use at every decode step."""
 
     def __init__(self, monkeypatch):
         self.seen = []
-        for cls in (KVRows, StaticRows):
-            step = cls.step
-            monkeypatch.setattr(cls, "step", lambda kv, *a, _step=step: self.seen.append(self.rows(kv)) or _step(kv, *a))
-
-    @staticmethod
-    def rows(kv):
-        return kv.n if isinstance(kv, StaticRows) else kv.valid.shape[0]
+        step = KVCache.step
+        monkeypatch.setattr(KVCache, "step", lambda kv, *a: self.seen.append(kv.n) or step(kv, *a))
 
 
 CAP_CASES = [  # (name, bias, sample kwargs)
@@ -108,9 +195,8 @@ CAP_CASES = [  # (name, bias, sample kwargs)
 ]
 
 
-@pytest.mark.parametrize("fast", [False, True])
 @pytest.mark.parametrize("name, bias, kw", CAP_CASES, ids=[c[0] for c in CAP_CASES])
-def test_max_rows_gives_the_same_rollouts(bpe_tokenizer, monkeypatch, fast, name, bias, kw):
+def test_max_rows_gives_the_same_rollouts(bpe_tokenizer, monkeypatch, name, bias, kw):
     tok = bpe_tokenizer
     model = biased(tok, **bias) if bias else tiny_model(tok)
     prompts = prompts_of(tok) + prompts_of(tok, ["x = 4", "Dogs and cats have four legs."])
@@ -118,24 +204,21 @@ def test_max_rows_gives_the_same_rollouts(bpe_tokenizer, monkeypatch, fast, name
     runs = {}
     for cap in (2, 3, 5, None):
         count.seen = []
-        runs[cap] = sample(model, tok, prompts, 2, max_new_tokens=40, temperature=0, max_rows=cap, fast=fast, **kw)
+        runs[cap] = sample(model, tok, prompts, 2, max_new_tokens=40, temperature=0, max_rows=cap, **kw)
         assert count.seen and max(count.seen) <= (cap or 10 * 2)
     blocks = sum(len(r.blocks) for r in runs[None])
     assert (blocks > 0) == ("force_block" in kw)
     for cap in (2, 3, 5):
-        for a, b in zip(runs[None], runs[cap], strict=True):
-            assert (a.ids, a.positions, a.forced, a.allowed, a.blocks) == (b.ids, b.positions, b.forced, b.allowed, b.blocks)
-            assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) <= 1e-5
+        assert_same(runs[None], runs[cap])
 
 
-@pytest.mark.parametrize("fast", [False, True])
-def test_fork_storm_completes_under_a_tight_cap(bpe_tokenizer, monkeypatch, fast):
+def test_fork_storm_completes_under_a_tight_cap(bpe_tokenizer, monkeypatch):
     """Every rollout opens blocks of 3 paths as soon as it can; 3 rows hold one rollout at a time."""
     tok = bpe_tokenizer
     model = biased(tok, par=50.0, path_end=6.0, summary_end=6.0)
     count = CountRows(monkeypatch)
     rollouts = sample(model, tok, prompts_of(tok), 4, num_paths=3, max_new_tokens=60, max_rows=3, seed=0,
-                      variant="unseen", fast=fast)
+                      variant="unseen")
     assert len(rollouts) == 12 and all(r.stop_reason in ("eos", "budget") for r in rollouts)
     assert sum(len(r.blocks) for r in rollouts) >= 24 and all(r.format_error is None for r in rollouts)
     assert max(count.seen) == 3
@@ -144,3 +227,30 @@ def test_fork_storm_completes_under_a_tight_cap(bpe_tokenizer, monkeypatch, fast
 def test_a_cap_below_one_rollout_is_refused(bpe_tokenizer):
     with pytest.raises(ValueError, match="max_rows=1: one rollout needs 2 rows"):
         sample(tiny_model(bpe_tokenizer), bpe_tokenizer, prompts_of(bpe_tokenizer), max_rows=1)
+
+
+def test_a_cache_of_fewer_rows_than_a_rollout_is_one_line(bpe_tokenizer):
+    """The --eval-every crash of a GPU run: a cache with fewer rows than num_paths (there derived from the
+    free memory) admitted nothing and failed deep in the sampler; now a usage error naming the flags."""
+    tok = bpe_tokenizer
+    prompts = prompts_of(tok)
+    with pytest.raises(UsageError, match=r"the KV cache has 1 rows of .* one rollout needs 2 \(--num-paths\): "
+                                         r"raise --kv-memory-gb or --max-rows"):
+        sample(tiny_model(tok), tok, prompts, 2, max_new_tokens=20, cache=cache_for(prompts, 1, new=20))
+
+
+def test_rows_derived_from_free_memory_below_a_rollout_are_one_line(bpe_tokenizer, monkeypatch):
+    """A GPU whose free memory holds one row (the run's own cache resident): the same error, before any work."""
+    tok = bpe_tokenizer
+    model = tiny_model(tok)
+    row = kvcache.kv_bytes_per_token(model.config, torch.float32) * 100
+    monkeypatch.setattr(kvcache, "free_bytes", lambda device: 1.5 * row)
+    with pytest.raises(UsageError, match=r"GB of free GPU memory hold [01] KV cache rows .* one rollout needs 2"):
+        sample(model, tok, prompts_of(tok), 2, max_new_tokens=60)
+
+
+def test_a_cache_too_short_for_the_call_is_one_line(bpe_tokenizer):
+    tok = bpe_tokenizer
+    prompts = prompts_of(tok)
+    with pytest.raises(UsageError, match="columns per row, this call needs"):
+        sample(tiny_model(tok), tok, prompts, 2, max_new_tokens=60, cache=cache_for(prompts, 8, new=20))

@@ -88,3 +88,25 @@ def test_lora_trains_only_adapters_and_tag_rows(bpe_tokenizer):
     assert len(lora) == 7 * 2 * 2  # one (A, B) pair per targeted projection, 7 projections x 2 layers
     assert len(tokens) == 1 and trainable[tokens[0]] == 6 * 64  # the six tag rows, nothing else
     assert len(trainable) == len(lora) + len(tokens)
+
+
+def test_a_lora_model_saves_merged_without_copying_it(bpe_tokenizer, tmp_path, monkeypatch):
+    """model.save of a peft model writes the merged weights one tensor at a time on the CPU (the old save
+    deep-copied the whole model on its device: +8 GB at 4B at every checkpoint): the saved model's logits
+    equal the adapted model's."""
+    import copy
+    from nanopr1.model import save
+    model = apply_lora(tiny_model(bpe_tokenizer), r=4, alpha=8, train_tokens=list(tag_ids(bpe_tokenizer).values()))
+    with torch.no_grad():
+        for name, q in model.named_parameters():
+            if "lora_B" in name or "trainable_tokens" in name:
+                q.normal_(0, 0.1)  # the adapters as after training (B starts at zero)
+    deepcopy = copy.deepcopy
+    monkeypatch.setattr(copy, "deepcopy", lambda x, *a: pytest.fail("the model was copied")
+                        if isinstance(x, torch.nn.Module) else deepcopy(x, *a))
+    save(model, bpe_tokenizer, tmp_path / "merged")
+    monkeypatch.undo()
+    ids = torch.tensor([[5, 6, 7, *tag_ids(bpe_tokenizer).values(), 8]])
+    loaded, _ = load(str(tmp_path / "merged"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5, rtol=1e-4)

@@ -11,7 +11,7 @@ from conftest import ROOT, run, tiny_model
 from nanopr1 import scoring
 from nanopr1.model import apply_lora, tiny_qwen3_config
 from nanopr1.plan import GB, count_parameters, memory_plan
-from nanopr1.staticcache import StaticRows
+from nanopr1.kvcache import KVCache
 
 QWEN3_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
                 num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
@@ -31,13 +31,13 @@ def test_parameter_figures_equal_the_model(bpe_tokenizer):
 
 
 @torch.no_grad()
-def test_kv_figure_equals_the_static_cache(bpe_tokenizer):
-    """The plan's KV bytes for its rows and columns = the bytes StaticRows allocates (bf16)."""
+def test_kv_figure_equals_the_cache(bpe_tokenizer):
+    """The plan's KV bytes for its rows and columns = the bytes KVCache allocates (bf16)."""
     config = tiny_qwen3_config(len(bpe_tokenizer), hidden=64, layers=3)
     plan = memory_plan(config, gpu_bytes=GB, max_prompt_tokens=20, max_new_tokens=30, kv_bytes=3e5)
     assert plan.rows >= 2
     model = tiny_model(bpe_tokenizer, hidden=64, layers=3).to(torch.bfloat16)
-    kv = StaticRows(plan.rows, plan.cols, "cpu")
+    kv = KVCache(plan.rows, plan.cols, "cpu")
     kv.reset(model)
     kv.add_rows(1)
     kv.prefill(model, torch.tensor([[5, 6, 7]]), torch.arange(3)[None], torch.ones(1, 3, dtype=torch.bool), [0])
@@ -83,3 +83,33 @@ def test_plan_runs_offline_from_a_config_json(tmp_path):
     if not torch.cuda.is_available():
         proc = run(ROOT / "train_rl.py", "--plan", "--init", str(tmp_path), check=False)
         assert proc.returncode == 1 and proc.stderr.strip() == "error: no GPU here: pass --gpu-memory-gb (e.g. 80) to plan for one"
+
+
+@pytest.mark.parametrize("variant", ["seen", "unseen"])
+def test_the_plans_training_transient_is_the_measured_one(variant):
+    """The plan's training transient (one micro-batch's forward and backward above the model states, or
+    AdamW's step) against plan.profile_training on a small Qwen3 in fp32 with gradient checkpointing, the
+    CPU run of the step a GPU run measures before sizing its KV cache: 4,096 tokens in rows of 1,024, a
+    vocabulary small enough that the layers dominate. Measured: every allocation and free the profiler
+    recorded, replayed in order (plan.peak_bytes); the gradients (the plan counts them as states) taken off.
+    Within 15%."""
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM
+    from nanopr1.format import TAGS
+    from nanopr1.plan import profile_training, training_transient
+    config = tiny_qwen3_config(1024, hidden=256, layers=4, heads=4, kv_heads=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    acc = Accelerator(cpu=True)
+    model, opt = acc.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True))
+    model.train()
+    tags = {t: 1018 + i for i, t in enumerate(TAGS)}
+    profile_training(model, opt, acc, scoring.score, tags, variant, 0, 4096, 1024)  # AdamW's moments exist now
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    n = sum(q.numel() for q in model.parameters())
+    measured = profile_training(model, opt, acc, scoring.score, tags, variant, 0, 4096, 1024) - 4 * n
+    planned = training_transient(config, 4096, 1024, autocast=False, unseen=variant == "unseen", trained=n)
+    assert abs(planned / measured - 1) < 0.15, (planned, measured)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # lr 0: the weights did not move
+    assert all(int(s["step"]) == 0 and not s["exp_avg"].any() for s in opt.state.values())  # a fresh AdamW state

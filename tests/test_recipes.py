@@ -2,6 +2,7 @@
 starting checkpoint; explicit flags win; the toy preset changes defaults only; --help shows the table."""
 
 import argparse
+import runpy
 
 import pytest
 
@@ -10,20 +11,9 @@ from nanopr1 import recipes, toy
 from nanopr1.format import PARALLEL_PROMPT, SEQUENTIAL_PROMPT
 
 
-def rl_parser():
-    """The flags of train_rl.py that recipes touch, with the script's defaults."""
-    p = argparse.ArgumentParser()
-    p.add_argument("--preset", choices=["toy"])
-    p.add_argument("--stage", choices=["easy", "hard"], default="hard")
-    p.add_argument("--variant", choices=["seen", "unseen"], default="seen")
-    for flag in ("init", "out", "data", "reward", "group-size", "prompts-per-step", "steps", "clip-high"):
-        p.add_argument(f"--{flag}")
-    p.add_argument("--lr", type=float, default=1e-6)
-    for flag in ("max-new-tokens", "answer-reserve", "micro-batch-tokens", "eval-n", "save-every", "max-prompt-tokens"):
-        p.add_argument(f"--{flag}", type=int, default=0)
-    p.add_argument("--eval-data", default="aime25")
-    p.add_argument("--eval-limit", type=int)
-    return p
+def rl_args(argv):
+    """train_rl.py's flags, with the preset's and the recipe's defaults (its own parse_args)."""
+    return runpy.run_path(str(ROOT / "train_rl.py"), run_name="not_main")["parse_args"](argv)
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -33,21 +23,23 @@ def rl_parser():
                                prompts_per_step=512, steps=300)),
     (["--stage", "hard", "--variant", "unseen"], dict(init="out/sft-unseen", data="dapo", reward="alternating",
                                                       clip_high=0.28, group_size=8, out="out/rl-unseen")),
-    (["--variant", "unseen", "--reward", "scaffold", "--clip-high", "0.2"], dict(reward="scaffold", clip_high="0.2")),
+    (["--variant", "unseen", "--reward", "scaffold", "--clip-high", "0.2"], dict(reward="scaffold", clip_high=0.2)),
     (["--preset", "toy", "--stage", "easy"], dict(init="out/toy-sft", data="toy:easy", reward="parallel", lr=5e-5,
                                                   max_new_tokens=toy.MAX_NEW_TOKENS, prompts_per_step=16)),
     (["--preset", "toy", "--variant", "unseen", "--lr", "1e-3"], dict(init="out/toy-sft-unseen", reward="alternating",
                                                                       clip_high=0.28, lr=1e-3)),
 ])
 def test_rl_recipes(argv, expected):
-    args = recipes.parse(rl_parser(), argv, "train_rl")
+    args = rl_args(argv)
     assert {k: getattr(args, k) for k in expected} == expected and args.script == "train_rl"
 
 
-def test_the_preset_leaves_the_parser_as_it_was():
-    p = rl_parser()
-    assert recipes.parse(p, ["--preset", "toy"], "train_rl").lr == 5e-5
-    assert recipes.parse(p, [], "train_rl").lr == 1e-6
+def test_the_preset_leaves_the_parser_as_it_was_and_typed_flags_are_known():
+    p = runpy.run_path(str(ROOT / "train_rl.py"), run_name="not_main")["p"]
+    toy_args = recipes.parse(p, ["--preset", "toy", "--lr=2e-5", "--mini-b", "1"], "train_rl")
+    assert toy_args.lr == 2e-5 and toy_args.mini_batches == 1 and toy_args.max_new_tokens == toy.MAX_NEW_TOKENS
+    assert toy_args._typed == {"preset", "lr", "mini_batches", "script"}  # (abbreviated too; the script: always)
+    assert recipes.parse(p, [], "train_rl").lr == 1e-6 and recipes.parse(p, [], "train_rl")._typed == {"script"}
 
 
 @pytest.mark.parametrize("flags, expected", [

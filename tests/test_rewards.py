@@ -1,19 +1,26 @@
 """Tests for nanopr1/rewards.py: answer extraction and grading (table-driven, with
 adversarial cases), the reward functions and schedules, rollouts graded from their tag
-tokens (real tags vs the same tags spelled as text), and the real teacher traces."""
+tokens (real tags vs the same tags spelled as text), your own rewards and graders
+(module:function, tests/custom_rewards.py), and the real teacher traces."""
 
+import functools
 import json
+import sys
 import time
 from collections import namedtuple
+from pathlib import Path
 
 import pytest
 
+import custom_rewards
 from conftest import shared_file
+from nanopr1 import UsageError
 from nanopr1.format import (PARALLEL, PARALLEL_END, PATH, PATH_END, SUMMARY, SUMMARY_END, check_format, main_text,
                             normalize, parse)
 from nanopr1.model import tag_ids
-from nanopr1.rewards import (SCHEDULES, clean_answer, extract_answer, grade, is_tiered_step, last_boxed,
-                             parse_number, reward_fn, reward_rollout)
+from nanopr1.rewards import (SCHEDULES, clean_answer, extract_answer, grade, is_equiv,
+                             is_tiered_step, last_boxed, parse_number, resolve, reward_fn,
+                             reward_rollout)
 from nanopr1.rollout import make_rollout
 
 BLOCK = "<Parallel><Path>{p1}</Path><Path>{p2}</Path></Parallel><Summary>{s}</Summary>"
@@ -365,6 +372,102 @@ def test_reward_rollout_schedule_and_step(bpe_tokenizer):
         ["r_acc", "parallel_reward", "tiered_reward", "r_acc", "r_acc"]
     with pytest.raises(ValueError, match="unknown reward schedule"):
         reward_rollout(good, "42", "acc")  # the old name: refused with the list of names
+
+# -----------------------------------------------------------------------------
+# your own reward and grader: "module:function" (tests/custom_rewards.py)
+
+CUSTOM = Path(__file__).with_name("custom_rewards.py")
+KEYS = {"reward", "correct", "answer", "has_answer", "format_ok", "has_block", "num_blocks",
+        "reward_fn"}
+
+
+def test_resolve_builtins():
+    assert [resolve(name, "reward") for name in SCHEDULES] == list(SCHEDULES)
+    assert resolve("is_equiv", "grader") is is_equiv
+
+
+def test_resolve_module_and_file(monkeypatch):
+    assert resolve("custom_rewards:length_penalty", "reward") is custom_rewards.length_penalty
+    assert resolve("nanopr1.rewards:is_equiv", "grader") is is_equiv  # a module of a package
+    grader = resolve(f"{CUSTOM}:exact_match", "grader")  # a file, by its path
+    assert grader.__name__ == "exact_match" and grader("42", "42") and not grader("42 apples", "42")
+    monkeypatch.chdir(CUSTOM.parents[1])  # a relative path, as on a command line
+    assert resolve("tests/custom_rewards.py:length_penalty", "reward").__name__ == "length_penalty"
+
+
+@pytest.mark.parametrize("spec,kind,message", [
+    ("acc", "reward", "unknown reward 'acc': use one of accuracy, parallel, tiered, alternating, "
+                      "scaffold or module:function"),
+    ("math_verify", "grader", "unknown grader 'math_verify': use one of is_equiv or module:"),
+    ("no_such_module:f", "reward", "reward no_such_module:f: no module named 'no_such_module'"),
+    ("nanopr1.no_such:f", "grader", "grader nanopr1.no_such:f: no module named 'nanopr1.no_such'"),
+    ("custom_rewards:nope", "reward", "reward custom_rewards:nope: 'nope' is not found in "
+                                      "custom_rewards"),
+    ("custom_rewards:PENALTY_PER_1000", "reward", "'PENALTY_PER_1000' is not callable in custom_"),
+    ("no/such/file.py:f", "grader", "grader no/such/file.py:f: no file no/such/file.py"),
+    (f"{CUSTOM}:nope", "grader", "'nope' is not found in"),
+], ids=["unknown-reward", "unknown-grader", "no-module", "no-submodule", "no-function",
+        "not-callable", "no-file", "file-no-function"])
+def test_resolve_errors_are_one_line(spec, kind, message):
+    with pytest.raises(UsageError) as e:
+        resolve(spec, kind)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_resolve_keeps_the_traceback_of_a_broken_module(tmp_path, monkeypatch):
+    (tmp_path / "broken_reward.py").write_text("import no_such_dependency\n")
+    monkeypatch.syspath_prepend(tmp_path)
+    with pytest.raises(ModuleNotFoundError, match="no_such_dependency") as e:  # a bug: traceback
+        resolve("broken_reward:anything", "reward")
+    assert not isinstance(e.value, UsageError)
+
+
+def test_reward_rollout_custom_reward(bpe_tokenizer):
+    good = rollout(bpe_tokenizer, CHECK)
+    seen = []
+
+    def spy(ro, gold, step, info):
+        seen.append((ro, gold, step, info))
+        info["correct"] = "changed"  # a copy: the metrics keep the grader's verdict
+        return 1
+
+    r, m = reward_rollout(good, "42", spy, step=7)
+    assert r == 1.0 and isinstance(r, float) and m["reward"] == 1.0 and m["reward_fn"] == "spy"
+    info = dict(answer="42", correct="changed", has_block=True, format_ok=True, num_blocks=1)
+    assert seen == [(good, "42", 7, info)] and m["correct"] is True and set(m) == KEYS
+    penalty = resolve(f"{CUSTOM}:length_penalty", "reward")
+    for gold, acc in [("42", 1.0), ("41", -1.0)]:
+        r, m = reward_rollout(good, gold, penalty, step=300, scaffold_until=5)
+        assert r == pytest.approx(acc - 0.1 * len(good.ids) / 1000) and r != acc
+        assert m["reward_fn"] == "length_penalty" and m["correct"] == (acc > 0) and set(m) == KEYS
+    assert reward_fn(penalty, 9) is penalty  # a custom reward is its own schedule, at every step
+    assert reward_rollout(good, "42", functools.partial(spy))[1]["reward_fn"] == "partial"
+
+
+def test_reward_rollout_custom_grader(bpe_tokenizer):
+    """The grader's verdict is info["correct"]: it reaches the metrics and any reward."""
+    good, answerless = rollout(bpe_tokenizer, CHECK), rollout(bpe_tokenizer, ["no answer"])
+    exact = resolve("custom_rewards:exact_match", "grader")
+    assert reward_rollout(good, "42.0", "parallel")[0] == 1.0  # is_equiv: 42 == 42.0
+    r, m = reward_rollout(good, "42.0", "parallel", grader=exact)
+    assert (r, m["correct"], m["answer"], m["reward_fn"]) == (-1.0, False, "42", "parallel_reward")
+    assert reward_rollout(good, "42", "tiered", grader=exact)[0] == 1.2
+    always = lambda answer, gold: answer is None  # noqa: E731 (sees None when there is no answer)
+    assert reward_rollout(answerless, "42", "accuracy", grader=always)[1]["correct"] is True
+    r, m = reward_rollout(good, "42.0", custom_rewards.length_penalty, grader=exact)
+    assert r < -1.0 and not m["correct"] and m["reward_fn"] == "length_penalty"
+
+
+@pytest.mark.parametrize("hidden", [False, True])
+def test_math_verify_grader_is_optional(monkeypatch, hidden):
+    """math-verify if it is installed, else is_equiv; hidden: as if it were not installed."""
+    if hidden:
+        monkeypatch.setitem(sys.modules, "math_verify", None)  # its import raises ImportError
+    grader = resolve("custom_rewards:math_verify_grader", "grader")
+    cases = [("42", "42", True), ("41", "42", False), (None, "42", False),
+             ("\\frac{3}{4}", "0.75", True), ("\\boxed{1,080}", "1080", True)]
+    assert [bool(grader(answer, gold)) for answer, gold, _ in cases] == [c for _, _, c in cases]
+
 
 # -----------------------------------------------------------------------------
 # real data

@@ -49,7 +49,7 @@ def test_trainer_logprobs_match_the_sampler(sft_dir, variant):
     token; for seen on every sampled token except those of paths after the first."""
     model, tokenizer = load(sft_dir)
     tags = tag_ids(tokenizer)
-    ros = rollouts_for(model, tokenizer, variant, n_prompts=4, max_blocks=4)
+    ros = rollouts_for(model, tokenizer, variant, n_prompts=8, max_blocks=4)
     assert all(r.blocks for r in ros) and sum(len(r.blocks) >= 2 for r in ros) >= 2
     with torch.no_grad():
         logp, mask = score(model, ros, tags, variant, 1.0, tokenizer.pad_token_id, "cpu")
@@ -118,18 +118,21 @@ def test_a_step_does_not_depend_on_micro_batches_or_processes(sft_dir, tmp_path)
     for rows, path in ((small, "small"), (two, "two")):
         for a, b in zip(one, rows, strict=True):
             assert (a["reward"], a["accuracy"], a["length"]) == (b["reward"], b["accuracy"], b["length"])
-            assert b["loss"] == pytest.approx(a["loss"], abs=1e-6)
-        # Adam normalises each update, so summation-order noise in tiny gradients shows at ~1e-6 of
-        # updates of ~1e-3: compare the updates to 1% of their size
-        torch.testing.assert_close(weights(tmp_path / path) - start, w1 - start, atol=1e-5, rtol=0)
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)  # (the second mini-batch: after a step)
+        # Adam normalises each update, so summation-order noise in a near-zero gradient can move its weight
+        # by a good part of lr: four optimizer steps of ~1e-3 each; all but a handful of the 1M weights agree
+        # to 1e-5, and those to 1e-4
+        diff = (weights(tmp_path / path) - start - (w1 - start)).abs()
+        assert (diff > 1e-5).sum() <= 20 and diff.max() < 1e-4
 
 
 def test_old_policy_epochs_clip_and_match_the_sampler(sft_dir, tmp_path):
     """--ppo-epochs 2: the old log-probs come from the trainer before the update (their gap to the
     sampler's is ~0 for unseen), and the second epoch sees a moved policy: ratio != 1, tokens clipped."""
-    rows, _ = rl(tmp_path / "ppo", sft_dir, "--variant", "unseen", "--steps", "2", "--ppo-epochs", "2", "--lr", "3e-3")
+    rows, _ = rl(tmp_path / "ppo", sft_dir, "--variant", "unseen", "--steps", "2", "--ppo-epochs", "2", "--lr", "3e-3",
+                 "--mini-batches", "1", "--prompts-per-step", "8")
     assert all(r["logp_gap"] < 1e-4 for r in rows)
-    assert abs(rows[-1]["ratio"] - 1) > 1e-3 and rows[-1]["clip_frac"] > 0  # step 2 has groups with a signal
+    assert all(abs(r["ratio"] - 1) > 1e-3 for r in rows) and sum(r["clip_frac"] for r in rows) > 0
 
 
 def test_unseen_alternating_steps_follow_the_schedule(sft_dir, tmp_path):
@@ -157,13 +160,83 @@ def test_lora_steps_train_adapters_and_checkpoint_loads(sft_dir, tmp_path):
     assert moved and all("proj" in k for k in moved)  # the merged adapters moved the projections, nothing else
 
 
-def test_metrics_reach_tensorboard(sft_dir, tmp_path):
-    """--report-to tensorboard: every number of every metrics.jsonl row, read back from the event file."""
+def test_a_named_run_its_rollouts_kept_checkpoints_and_resume(sft_dir, tmp_path, capsys):
+    """--report-to tensorboard --run-name X --log-rollouts 2 --keep-checkpoints 2: every number of every
+    metrics.jsonl row read back from OUT/tensorboard/X, the kept rollouts as trees (sample.py --show),
+    the two newest step checkpoints, and --resume from the newest."""
+    import runpy
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    rows, _ = rl(tmp_path / "tb", sft_dir, "--steps", "2", "--report-to", "tensorboard")
-    events = EventAccumulator(str(next((tmp_path / "tb" / "trackers").glob("events.out.tfevents.*"))))
+    out = tmp_path / "run"
+    flags = ("--save-every", "1", "--report-to", "tensorboard", "--run-name", "X", "--log-rollouts", "2",
+             "--keep-checkpoints", "2")
+    rows, _ = rl(out, sft_dir, "--steps", "3", *flags)
+    events = EventAccumulator(str(next((out / "tensorboard" / "X").glob("events.out.tfevents.*"))))
     events.Reload()
-    for key in ("reward", "accuracy", "parallel_rate", "blocks_per_rollout", "latency_ratio", "loss"):
+    for key in ("reward", "accuracy", "parallel_rate", "blocks_per_rollout", "latency_ratio", "loss", "clip_frac"):
         logged = events.Scalars(key)
         assert [e.step for e in logged] == [r["step"] for r in rows]
         assert [e.value for e in logged] == pytest.approx([r[key] for r in rows], rel=1e-6)  # float32 there
+    assert any("rollouts" in tag for tag in events.Tags()["tensors"])  # the kept rollouts, as text
+    kept = [json.loads(line) for line in open(out / "rollouts.jsonl")]
+    assert [r["step"] for r in kept] == [1, 1, 2, 2, 3, 3]
+    assert {"prompt", "response", "main", "blocks", "answer", "gold", "reward"} <= set(kept[0])
+    runpy.run_path(str(ROOT / "sample.py"), run_name="not main")["main"](["--show", str(out / "rollouts.jsonl"),
+                                                                          "--step", "2"])
+    shown = capsys.readouterr().out
+    assert shown.count("=== step 2, rollout") == 2 and "answer:" in shown and "gold:" in shown
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-000002", "checkpoint-000003"]
+    resumed, log = rl(out, sft_dir, "--steps", "4", "--resume", *flags)
+    assert "resuming" in log and "at step 3" in log and [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-000003", "checkpoint-000004"]
+
+def test_the_default_update_clips_and_the_kl_starts_at_zero(sft_dir, tmp_path):
+    """The recipes' update: two optimizer steps per rollout batch (the official scripts), so the second
+    mini-batch sees a moved policy and its clipped ratio acts. The KL reference is a copy in the policy's
+    precision: with one on-policy update the k3 KL of step 1 is exactly 0 (a bf16 reference of an fp32
+    policy gave ~1e-3 per token from the start)."""
+    rows, _ = rl(tmp_path / "clip", sft_dir, "--steps", "3", "--lr", "3e-3", "--kl-coef", "0.1", "--prompts-per-step", "8")
+    moved = [r for r in rows if abs(r["ratio"] - 1) > 1e-3]  # a step whose first mini-batch had a learning signal
+    assert moved and all(r["clip_frac"] > 0 and r["kl"] > 0 for r in moved)
+    one, _ = rl(tmp_path / "one", sft_dir, "--steps", "1", "--mini-batches", "1", "--kl-coef", "0.1")
+    assert one[0]["kl"] == 0 and one[0]["clip_frac"] == 0 and one[0]["ratio"] == 1  # on-policy, unmoved
+
+
+def test_truncated_importance_weights_are_logged(sft_dir, tmp_path):
+    """--tis-cap: each token's loss weighted by min(trainer / sampler probability, cap); on a CPU the fp32
+    sampling copy is exact (weights ~1), so the run's numbers equal the run without it."""
+    plain, _ = rl(tmp_path / "plain", sft_dir, "--steps", "1", "--variant", "unseen")
+    tis, _ = rl(tmp_path / "tis", sft_dir, "--steps", "1", "--variant", "unseen", "--tis-cap", "2")
+    assert tis[0]["tis_weight"] == pytest.approx(1, abs=1e-4) and tis[0]["tis_capped"] == 0
+    assert tis[0]["loss"] == pytest.approx(plain[0]["loss"], abs=1e-5) and "tis_weight" not in plain[0]
+
+
+def test_lora_on_a_model_with_projection_biases(tmp_path):
+    """Qwen2 has q/k/v biases: the LoRA sampling copy merges the adapters into the weights only (the old
+    refresh added each delta to the bias too: a shape error), and the checkpoint loads."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+    tokenizer = toy.build_tokenizer()
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    assert model.model.layers[0].self_attn.q_proj.bias is not None
+    model.save_pretrained(tmp_path / "qwen2")
+    tokenizer.save_pretrained(tmp_path / "qwen2")
+    rows, _ = rl(tmp_path / "lora", tmp_path / "qwen2", "--lora", "--lora-r", "4", "--steps", "1", "--lr", "1e-2")
+    assert len(rows) == 1
+    after = load(str(tmp_path / "lora"))[0]
+    assert torch.equal(after.model.layers[0].self_attn.q_proj.bias, model.model.layers[0].self_attn.q_proj.bias)
+
+
+def test_own_data_reward_and_grader(sft_dir, tmp_path):
+    """A JSONL with other column names (--question-key, --answer-key), a custom reward and a custom grader
+    (module:function, here files of tests/): the run uses them and names the reward in its metrics."""
+    rows = [{"q": r["question"], "gold": r["answer"]} for r in toy.problems("easy", 40, seed=5)]
+    (tmp_path / "mine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    custom = ROOT / "tests" / "custom_rewards.py"
+    got, _ = rl(tmp_path / "own", sft_dir, "--steps", "2", "--data", str(tmp_path / "mine.jsonl"), "--question-key", "q",
+                "--answer-key", "gold", "--reward", f"{custom}:length_penalty", "--grader", f"{custom}:exact_match")
+    assert [r["reward_fn"] for r in got] == ["length_penalty"] * 2
+    assert all(r["reward"] < 2 * r["accuracy"] - 1 for r in got)  # R_acc minus a length penalty
+    kept = [json.loads(line) for line in open(tmp_path / "own" / "rollouts.jsonl")]
+    assert {r["gold"] for r in kept} <= {r["gold"] for r in rows}

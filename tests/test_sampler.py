@@ -38,8 +38,8 @@ def biased(tok, arch="qwen3", **bias):
     t = tag_ids(tok)
     names = {"par": PARALLEL, "path": PATH, "path_end": PATH_END, "par_end": PARALLEL_END,
              "summary": SUMMARY, "summary_end": SUMMARY_END}
-    return Biased(tiny_model(tok, arch=arch), {(tok.eos_token_id if k == "eos" else t[names[k]]): v
-                                               for k, v in bias.items()})
+    special = {"eos": tok.eos_token_id, "im_end": tok.convert_tokens_to_ids("<|im_end|>")}
+    return Biased(tiny_model(tok, arch=arch), {special[k] if k in special else t[names[k]]: v for k, v in bias.items()})
 
 
 def score(model, rollouts, tags, variant, temperature=1.0):
@@ -218,6 +218,28 @@ def test_out_of_place(bpe_tokenizer, case, bias, kw, check, variant):
         assert check(r, t, tok), (case, _structure(r, t))
 
 
+@pytest.mark.parametrize("parallel", [True, False])
+def test_the_chat_templates_end_of_turn_stops_a_rollout(bpe_tokenizer, parallel):
+    """A Qwen-like tokenizer: EOS is <|endoftext|>, the template ends a turn with <|im_end|> (Qwen3-4B-Base).
+    A rollout that closes its turn stops there; the token is not part of its text."""
+    tok = bpe_tokenizer
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert tok.eos_token == "<|endoftext|>" and im_end != tok.eos_token_id
+    rollouts = sample(biased(tok, im_end=6.0), tok, prompts_of(tok), 3, max_new_tokens=60, seed=0, parallel=parallel)
+    assert all(r.stop_reason == "eos" and r.ids[-1] == im_end and im_end not in r.ids[:-1] for r in rollouts)
+    assert all("<|im_end|>" not in r.text for r in rollouts)
+
+
+def test_an_answer_next_to_a_special_token_is_read(bpe_tokenizer):
+    """Main-line text is read without special tokens: `42<|im_end|>` and `42 <|endoftext|>` are 42."""
+    from nanopr1.rewards import reward_rollout
+    from nanopr1.rollout import make_rollout
+    tok = bpe_tokenizer
+    for text in ("Final Answer: 42<|im_end|>", "Final Answer: 42 <|endoftext|>", "Final Answer: 42<|im_end|>\nmore"):
+        r = make_rollout(tok, [5], tok(text, add_special_tokens=False)["input_ids"], "budget")
+        assert reward_rollout(r, "42")[1]["correct"], text
+
+
 def test_parallel_off_tags_are_text(bpe_tokenizer):
     tok, t = bpe_tokenizer, tag_ids(bpe_tokenizer)
     rollouts = sample(biased(tok, path_end=8.0), tok, prompts_of(tok), 2, max_new_tokens=20, seed=0, parallel=False)
@@ -256,7 +278,7 @@ def test_a_block_opened_anywhere_leaves_room_for_the_answer(bpe_tokenizer, varia
     final line; with reserve 0 a late block can eat the budget."""
     tok = bpe_tokenizer
     answer = len(tok("\nFinal Answer: 42", add_special_tokens=False)["input_ids"])
-    model = biased(tok, path_end=-50.0, summary_end=-50.0, eos=-50.0)
+    model = biased(tok, path_end=-50.0, summary_end=-50.0, eos=-50.0, im_end=-50.0)
     budget, reserve = 48, 2 * answer
     opened, starved = 0, 0
     for k in range(budget + 1):
@@ -308,7 +330,7 @@ def test_sample_script_json_and_tree(bpe_tokenizer, tmp_path, capsys):
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(rows) == 2
     for row in rows:
-        assert set(row) >= {"text", "blocks", "answer", "num_tokens", "stop_reason"}
+        assert set(row) >= {"text", "main", "blocks", "answer", "tokens", "stop_reason"}
         assert len(row["blocks"]) >= 1 and len(row["blocks"][0]["paths"]) == 2 and "summary" in row["blocks"][0]
         assert row["text"].startswith("<Parallel><Path>") and check_format(row["text"]) is None
     script.main(args)

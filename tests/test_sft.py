@@ -9,7 +9,6 @@ from conftest import build_bpe_tokenizer, run, shared_file, tiny_model
 from nanopr1 import data, format, toy
 from nanopr1.scoring import collate, sequence_nll
 from nanopr1.attention import build_inputs, find_blocks
-from nanopr1.kvcache import CACHE_KW
 from nanopr1.model import load, tag_ids
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +42,7 @@ def path_alone_logits(model, tags, prompt, response, block, path):
     mask = torch.ones(1, 1, len(new), L + len(new), dtype=torch.bool)
     mask[0, 0, :, L:] = torch.ones(len(new), len(new)).tril().bool()
     logits = model(input_ids=torch.tensor([new]), position_ids=torch.arange(start, start + len(new))[None],
-                   attention_mask=mask, **{CACHE_KW: getattr(out, "cache", None) or out.past_key_values}).logits
+                   attention_mask=mask, cache=getattr(out, "cache", None) or out.past_key_values).logits
     return logits[0, 1:]  # at the path's tokens
 
 
@@ -130,45 +129,81 @@ def test_real_teacher_traces_become_training_examples():
         assert targets[b][mask[b]].tolist() == response
 
 
-def run_sft(out, *extra, procs=1):
+def run_sft(out, *extra, procs=1, kill=None):
+    """A toy SFT run: 6 steps (--max-steps) of one 8-step epoch (batch 8 of 64 examples), checkpoints at 3 and 6;
+    kill: run under tests/kill.py with this kill point (the run must die: SIGKILL)."""
     toy_data = out.parent / "toy.jsonl"
     if not toy_data.exists():
         toy_data.write_text("".join(json.dumps(r) + "\n" for r in toy.sft_corpus(64, seed=1)))
     args = ["--preset", "toy", "--data", str(toy_data), "--out", str(out), "--batch-size", "8",
             "--micro-batch-tokens", "300", "--epochs", "1", "--max-steps", "6", "--save-every", "3", *extra]
-    log = run(ROOT / "train_sft.py", *args, procs=procs).stdout
+    if kill:
+        proc = run(ROOT / "tests" / "kill.py", kill, "train_sft.py", *args, check=False)
+        assert proc.returncode == -9, proc.stderr[-2000:]
+        log = proc.stdout
+    else:
+        log = run(ROOT / "train_sft.py", *args, procs=procs).stdout
     assert f"{procs} process" in log  # the world size the run saw
     return [json.loads(line) for line in open(out / "metrics.jsonl")]
 
 
+def schedule(lr, steps, warmup):
+    """train_sft.py's LR at each step: linear warm-up over int(warmup * steps) steps (at least 1), then cosine
+    towards 0 over the rest (not 0 at the last step: it would train nothing), the scheduler stepped once per
+    step (the logged lr is the one the step used)."""
+    warm = max(1, int(warmup * steps))
+    return [lr * min((s + 1) / warm, 0.5 * (1 + math.cos(math.pi * max(0, s + 1 - warm) / (steps - warm + 1))))
+            for s in range(steps)]
+
+
+def test_max_steps_sets_the_schedule(tmp_path):
+    """--max-steps 6 (of 3 epochs of 8 steps) is the schedule's length, as in HF Trainer: a 3-step warm-up,
+    then cosine towards 0 at step 6 (the schedule no longer spans the epochs: 1e-4/72, 2e-4/72, ...)."""
+    rows = run_sft(tmp_path / "ms", "--lr", "1e-4", "--warmup", "0.5", "--epochs", "3")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    cosine = [(2 + 2 ** 0.5) / 4, 1 / 2, (2 - 2 ** 0.5) / 4]  # 0.5 (1 + cos(pi k / 4)), k = 1, 2, 3
+    assert [r["lr"] for r in rows] == pytest.approx([1e-4 / 3, 2e-4 / 3, 1e-4] + [1e-4 * c for c in cosine], rel=1e-9)
+    assert [r["lr"] for r in rows] == pytest.approx(schedule(1e-4, 6, 0.5), rel=1e-9, abs=1e-18)
+    assert sorted(p.name for p in (tmp_path / "ms").glob("checkpoint-*")) == ["checkpoint-000006"]  # keep 1
+
+
 def test_resume_and_two_processes_reproduce_the_run(tmp_path):
-    """6 of the 8 steps of one epoch (batch 8 of 64 examples, micro-batches of ~2 sequences): the LR
-    follows its schedule exactly (warm-up 1 step, then cosine over 8, stepped once per step); a run
-    resumed from step 3 and a run on two real processes (torchrun, gloo) reproduce the losses, the LR
+    """6 steps (micro-batches of ~2 sequences): the LR follows the 6-step schedule exactly (warm-up 1 step,
+    then cosine over 6, stepped once per step); a run SIGKILLed right after logging step 4 (its checkpoint is
+    step 3's) then resumed, and a run on two real processes (torchrun, gloo), reproduce the losses, the LR
     sequence and the weights of the uninterrupted single-process run."""
+    w = lambda d: torch.cat([q.flatten() for q in load(str(d))[0].state_dict().values()])
     full = run_sft(tmp_path / "full")
-    lr = [3e-3 * min(s + 1, 0.5 * (1 + math.cos(math.pi * s / 7))) for s in range(6)]
-    assert [r["lr"] for r in full] == pytest.approx(lr, rel=1e-9)
+    lr = schedule(3e-3, 6, 0.04)  # the toy preset's --lr and --warmup
+    assert lr[0] == 3e-3 and 0 < lr[-1] < 1e-3 and all(a > b for a, b in zip(lr, lr[1:]))
+    assert [r["lr"] for r in full] == pytest.approx(lr, rel=1e-9, abs=1e-18)
     assert len(full) == 6 and full[-1]["loss"] < full[0]["loss"]
-    # interrupted after the checkpoint at step 3, then resumed: the same later losses
-    part = run_sft(tmp_path / "part", "--max-steps", "3")
+    # killed after the row of step 4 (the checkpoint is step 3's), then resumed: the same later losses
+    part = run_sft(tmp_path / "part", kill="step=4")
+    assert [r["step"] for r in part] == [1, 2, 3, 4]
+    assert sorted(p.name for p in (tmp_path / "part").glob("checkpoint-*")) == ["checkpoint-000003"]
+    at_3 = w(tmp_path / "part")
     resumed = run_sft(tmp_path / "part", "--resume")
-    assert len(part) == 3 and resumed[:3] == part  # the log goes on where the checkpoint was taken
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    assert resumed[:3] == part[:3]  # the log goes on where the checkpoint was taken: step 4 is redone once
+    assert resumed[3]["loss"] == pytest.approx(part[3]["loss"], rel=1e-6)
     two = run_sft(tmp_path / "two", procs=2)
     for rows in (resumed, two):
-        assert [r["lr"] for r in rows] == pytest.approx(lr, rel=1e-9)
+        assert [r["lr"] for r in rows] == pytest.approx(lr, rel=1e-9, abs=1e-18)
         assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in full], rel=1e-4, abs=1e-5)
-    w = lambda d: torch.cat([q.flatten() for q in load(str(d))[0].state_dict().values()])
     torch.testing.assert_close(w(tmp_path / "part"), w(tmp_path / "full"), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(w(tmp_path / "two"), w(tmp_path / "full"), atol=1e-5, rtol=1e-4)
+    assert (w(tmp_path / "full") - at_3).abs().max() > 1e-3  # the resumed run did train on from step 3
 
 
 def test_lora_trains_adapters_only_and_checkpoint_reloads(tmp_path):
     base = tmp_path / "base"
     toy.init_dir(str(base), seed=0)
     run_sft(tmp_path / "lora", "--model", str(base), "--lora", "--lora-r", "4", "--max-steps", "3", "--lr", "1e-2")
-    args = json.loads((tmp_path / "lora" / "checkpoint" / "args.json").read_text())
-    assert args["lora"] is True
+    newest = sorted((tmp_path / "lora").glob("checkpoint-*"))[-1]
+    assert newest.name == "checkpoint-000003"
+    args = json.loads((newest / "args.json").read_text())
+    assert args["lora"] is True and args["lora_r"] == 4 and args["max_steps"] == 3
     before, _ = load(str(base))
     after, tokenizer = load(str(tmp_path / "lora"))
     changed = [n for n, p in after.named_parameters() if not torch.equal(p, before.get_parameter(n))]
@@ -177,4 +212,3 @@ def test_lora_trains_adapters_only_and_checkpoint_reloads(tmp_path):
     emb_diff = (after.get_input_embeddings().weight - before.get_input_embeddings().weight).abs().sum(1)
     moved = set(torch.nonzero(emb_diff).flatten().tolist())
     assert moved and moved <= set(tag_ids(tokenizer).values())
-

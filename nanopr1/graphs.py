@@ -1,0 +1,123 @@
+"""
+CUDA graphs, and a stand-in that runs the same capture code on a CPU.
+
+A CUDA graph records the kernels one decode step launches, with the raw device
+addresses they read and write, and replays them with a single launch: the
+overhead of a few hundred small kernels per token is what dominates eager
+decoding of a 36-layer model. Two rules follow from "raw addresses":
+- every tensor a captured step reads must stay alive as long as the graph
+  (kept with the graph, or a persistent buffer): freed memory is handed to the
+  next allocation, and a replay would read whatever is there now;
+- nothing in the step may wait for the host (`.item()`, `nonzero`, a
+  host-to-device copy): capture fails.
+
+`CpuGraph` keeps both rules on a CPU, so that the tests run the GPU's capture
+code and catch what the first GPU hour would. Capture records the aten ops the
+step runs (a TorchDispatchMode); replay runs them again on the tensors they
+read. Tensors made outside the capture are held weakly, like the addresses a
+CUDA graph holds: a replay after one was freed raises `FreedInputError`. An op
+that waits for the host raises at capture. `pool_bytes` is the peak of the
+memory the capture allocated, what the CUDA graph's private pool would hold.
+"""
+
+import weakref
+
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.weak import WeakIdKeyDictionary
+
+aten = torch.ops.aten
+HOST_SYNC = {aten._local_scalar_dense.default, aten.nonzero.default, aten.is_nonzero.default,
+             aten.equal.default, aten.masked_select.default, aten.item.default}
+
+
+class FreedInputError(RuntimeError):
+    pass
+
+
+class CpuGraph:
+    """The torch.cuda.CUDAGraph interface (capture with `capturing(graph)`, then `replay()`) on a CPU.
+
+    The recorded ops read and write one list of values, `env`: constants and the tensors made during the
+    capture (replaced at each replay) are stored in it; the tensors made before the capture are held weakly
+    and put in at each replay, after checking that none was freed."""
+
+    def __init__(self):
+        self.ops = []       # (op, args, kwargs, where its outputs go); an argument is an index into env
+        self.env = []       # constants, and a slot for each tensor: an input's, or one the capture made
+        self.inputs = []    # (env index, weak reference, storage weak reference, the op that first read it)
+        self.pool_bytes = 0
+
+    def replay(self):
+        env = list(self.env)
+        for i, ref, storage, op in self.inputs:
+            env[i] = ref()
+            if env[i] is None or storage.expired():
+                raise FreedInputError(f"a tensor read by a captured step (first by {op}) was freed: "
+                                      f"on a GPU the replay would read whatever reuses its memory")
+        for op, args, kwargs, outs in self.ops:
+            out = op(*[_build(a, env) for a in args], **{k: _build(a, env) for k, a in kwargs.items()})
+            for i, t in zip(outs, out if isinstance(out, (tuple, list)) else (out,)):
+                if i is not None:
+                    env[i] = t
+
+
+def _build(spec, env):
+    return env[spec] if isinstance(spec, int) else [_build(s, env) for s in spec]
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self, graph):
+        super().__init__()
+        self.graph = graph
+        self.index = WeakIdKeyDictionary()  # tensor -> its env index
+        self.own = {}                       # storages the capture allocated: key -> (weak reference, bytes)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in HOST_SYNC:
+            raise RuntimeError(f"{func} waits for the host: it cannot be captured in a CUDA graph")
+        spec = ([self._spec(a, func) for a in args], {k: self._spec(a, func) for k, a in kwargs.items()})
+        out = func(*args, **kwargs)
+        outs = []
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t not in self.index:  # (an in-place op returns its argument)
+                self.index[t] = self._new(None)
+                s = StorageWeakRef(t.untyped_storage())
+                self.own.setdefault(s.cdata, (s, t.untyped_storage().nbytes()))
+                outs.append(self.index[t])
+            else:
+                outs.append(None)
+        self.graph.ops.append((func, *spec, outs))
+        live = sum(n for s, n in self.own.values() if not s.expired())
+        self.graph.pool_bytes = max(self.graph.pool_bytes, live)
+        return out
+
+    def _new(self, value):
+        self.graph.env.append(value)
+        return len(self.graph.env) - 1
+
+    def _spec(self, a, func):
+        if isinstance(a, (list, tuple)) and any(isinstance(x, torch.Tensor) for x in a):
+            return [self._spec(x, func) for x in a]
+        if not isinstance(a, torch.Tensor):
+            return self._new(a)
+        if a not in self.index:  # made before the capture: held weakly
+            self.index[a] = self._new(None)
+            self.graph.inputs.append((self.index[a], weakref.ref(a), StorageWeakRef(a.untyped_storage()), func))
+        return self.index[a]
+
+
+class capturing:
+    """`with capturing(graph):` records into a CpuGraph (torch.cuda.graph on a GPU)."""
+
+    def __init__(self, graph):
+        self.mode = _Recorder(graph)
+
+    def __enter__(self):
+        self.mode.__enter__()
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+        self.mode.own.clear()

@@ -1,0 +1,124 @@
+"""Tests for nanopr1/graphs.py: the CPU stand-in for CUDA graphs keeps a GPU's rules (a replay reads
+only tensors that are still alive; nothing in a captured step waits for the host), and the KV cache's
+captured decode steps obey them through whole sampler runs (admissions, Seen re-encodes, compactions,
+several buckets). A capture failure is reported, an out-of-memory error is raised with the plan."""
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from reference_cache import reference_cache
+from test_kvcache import StopAt, assert_same
+from test_sampler import biased, prompts_of
+from nanopr1 import graphs
+from nanopr1.graphs import CpuGraph, FreedInputError, capturing
+from nanopr1.kvcache import KVCache
+from nanopr1.sampler import sample
+
+
+def test_a_replay_recomputes_the_captured_ops_in_place():
+    w, x, out = torch.randn(4, 4), torch.zeros(3, 4), torch.zeros(3, 4)
+    g = CpuGraph()
+    with capturing(g):
+        out.copy_(torch.relu(x @ w) + 1)
+    x.copy_(torch.randn(3, 4))
+    g.replay()
+    assert torch.equal(out, torch.relu(x @ w) + 1)
+    assert g.pool_bytes >= 2 * 3 * 4 * 4  # the matmul's and the relu's outputs lived in the graph's pool
+
+
+def test_a_replay_after_an_input_was_freed_raises():
+    """The rule a CUDA graph cannot check: a tensor it reads must outlive it. Planted: a temporary."""
+    out = torch.zeros(3)
+    temp = torch.arange(3.0)
+    g = CpuGraph()
+    with capturing(g):
+        out.copy_(temp * 2)
+    g.replay()
+    del temp
+    with pytest.raises(FreedInputError, match="was freed"):
+        g.replay()
+
+
+def test_a_step_that_waits_for_the_host_cannot_be_captured():
+    x = torch.ones(3)
+    with pytest.raises(RuntimeError, match="waits for the host"):
+        with capturing(CpuGraph()):
+            x.sum().item()
+
+
+def test_the_caches_captured_steps_read_only_live_tensors(bpe_tokenizer):
+    """A run with admissions (4 rows for 8 rollouts), Seen re-encodes, compactions and several buckets:
+    every replay checked its inputs; afterwards they are the cache's buffers and the model's weights."""
+    tok = bpe_tokenizer
+    model = StopAt(biased(tok, par=3.0, path_end=1.0, summary_end=1.0), tok.eos_token_id, 19)
+    prompts = prompts_of(tok) + prompts_of(tok, ["x = 4"])
+    kv = KVCache(40, max(map(len, prompts)) + 61, "cpu")
+    ref = sample(model, tok, prompts, 2, cache=reference_cache(), temperature=0, max_new_tokens=60, force_block=2)
+    for cap in (None, 4):
+        got = sample(model, tok, prompts, 2, cache=kv, temperature=0, max_new_tokens=60, force_block=2, max_rows=cap)
+        assert_same(ref, got)
+    assert len(kv.graphs) >= 2 and all(isinstance(g, CpuGraph) for g in kv.graphs.values())
+    held = [t for m in model.modules() for t in vars(m).values() if torch.is_tensor(t)]  # (Biased's tag ids)
+    persistent = {t.untyped_storage().data_ptr() for t in [*kv.kv, kv.valid, kv.row_ids, kv.step_inputs, kv.logits,
+                                                           *model.parameters(), *model.buffers(), *held]}
+    for g in kv.graphs.values():
+        for _, ref_, storage, _ in g.inputs:
+            assert not storage.expired() and ref_().untyped_storage().data_ptr() in persistent
+
+
+def test_the_old_capture_read_a_freed_tensor(bpe_tokenizer):
+    """The bug this stand-in exists for (nanopr1's first GPU capture code): the row index tensor was made
+    outside the capture and kept alive only by the cache's `feed` until the next prefill. Planted back in:
+    the replay after that prefill fails, where a GPU would have written K/V into other rows."""
+    class OldCapture(KVCache):
+        def _capture(self, model, Rb, view):
+            rows = torch.arange(Rb)  # outside the graph, not kept with it
+            buf = self.step_inputs[:, :Rb]
+            buf.zero_()
+            buf[2] = self.S - 1
+            if self.logits is None:
+                self.logits = torch.zeros(self.R, model.config.vocab_size)
+            g = CpuGraph()
+            with capturing(g):
+                self.logits[:Rb].copy_(self._forward(model, buf[0, :, None], buf[1, :, None], rows, buf[2, :, None],
+                                                     buf[3, :, None].bool(), view, prefix=True))
+            self.graphs[(Rb, view)] = g
+            return g
+    tok = bpe_tokenizer
+    prompts = prompts_of(tok)
+    kv = OldCapture(2, max(map(len, prompts)) + 21, "cpu")
+    with pytest.raises(FreedInputError):  # 2 rows for 6 rollouts: the second admission's prefill frees `rows`
+        sample(tiny_model(tok), tok, prompts, 2, cache=kv, parallel=False, max_new_tokens=20, temperature=0)
+
+
+def test_a_failed_capture_decodes_eagerly_and_says_so(bpe_tokenizer):
+    class ReadsAScalar(torch.nn.Module):  # a model whose forward waits for the host
+        def __init__(self, model):
+            super().__init__()
+            self.model, self.config, self.generation_config = model, model.config, model.generation_config
+
+        def forward(self, **kw):
+            kw["position_ids"].max().item()
+            return self.model(**kw)
+    tok = bpe_tokenizer
+    model, prompts = tiny_model(tok), prompts_of(tok)
+    kv = KVCache(8, max(map(len, prompts)) + 21, "cpu")
+    with pytest.warns(UserWarning, match="graph capture failed"):
+        got = sample(ReadsAScalar(model), tok, prompts, 2, cache=kv, parallel=False, max_new_tokens=20, temperature=0)
+    assert "waits for the host" in kv.stats()["graph_error"] and not kv.use_graphs
+    assert_same(sample(model, tok, prompts, 2, cache=reference_cache(), parallel=False, max_new_tokens=20,
+                       temperature=0), got)
+
+
+def test_out_of_memory_during_capture_is_raised_with_the_plan(bpe_tokenizer, monkeypatch):
+    def no_memory(graph):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(graphs, "capturing", no_memory)
+    tok = bpe_tokenizer
+    prompts = prompts_of(tok)
+    kv = KVCache(8, max(map(len, prompts)) + 21, "cpu")
+    kv.note = "memory plan per GPU: (the plan's lines)"
+    with pytest.raises(torch.OutOfMemoryError, match=r"(?s)capturing the decode step of 8 rows.*the plan's lines"
+                                                     r".*--kv-memory-gb or --max-rows"):
+        sample(tiny_model(tok), tok, prompts, 2, cache=kv, parallel=False, max_new_tokens=20)
