@@ -212,3 +212,18 @@ def test_lora_trains_adapters_only_and_checkpoint_reloads(tmp_path):
     emb_diff = (after.get_input_embeddings().weight - before.get_input_embeddings().weight).abs().sum(1)
     moved = set(torch.nonzero(emb_diff).flatten().tolist())
     assert moved and moved <= set(tag_ids(tokenizer).values())
+
+
+def test_an_sft_run_on_trl_messages_records(tmp_path):
+    """TRL's conversational format: each record a `messages` list (user question, assistant trace). The run
+    trains on the same examples as the question/response records of the same traces."""
+    rows = toy.sft_corpus(64, seed=1)
+    messages = [{"messages": [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["response"]}]}
+                for r in rows]
+    (tmp_path / "messages.jsonl").write_text("".join(json.dumps(r) + "\n" for r in messages))
+    args = ["--preset", "toy", "--batch-size", "8", "--micro-batch-tokens", "300", "--epochs", "1", "--max-steps", "2"]
+    plain = run_sft(tmp_path / "plain", "--max-steps", "2")  # the same traces as question/response records
+    log = run(ROOT / "train_sft.py", *args, "--data", str(tmp_path / "messages.jsonl"), "--out", str(tmp_path / "msg")).stdout
+    assert "64/64 traces kept" in log
+    got = [json.loads(line) for line in open(tmp_path / "msg" / "metrics.jsonl")]
+    assert [r["loss"] for r in got] == [r["loss"] for r in plain]
