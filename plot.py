@@ -6,12 +6,10 @@ plot.py: PNG figures of RL runs (training curves) and of eval results (bar chart
     python plot.py out/toy-hard --metrics accuracy,blocks_per_rollout --together toy_hard --out docs/figures
     python plot.py --eval out/eval/rl-easy/summary.json out/eval/rl-hard/summary.json --out plots
 
-One process (no `accelerate launch`: it only reads files); matplotlib is an optional extra
-(pip install -e ".[plot]"). Each RUN_DIR's metrics.jsonl (train_rl.py, one row per step) gives
-OUT/<metric>.png for each metric of --metrics that some run logged (x = step, one line per run), or
-one figure OUT/NAME.png with a panel per metric (--together NAME).
-The --eval files (eval.py's summary.json) give OUT/eval.png: accuracy (mean@n) and parallel
-rate per dataset, one bar per model (named by the summary's directory).
+One process; matplotlib is an optional extra (pip install -e ".[plot]"). RUN_DIR/metrics.jsonl
+gives OUT/<metric>.png (x = step, a line per run) or, with --together NAME, OUT/NAME.png (a panel
+per metric); eval.py's summary.json files give OUT/eval.png (accuracy and parallel rate per
+dataset, a bar per model).
 
 Simplifications:
 1. a fixed list of metrics; other keys in metrics.jsonl are not plotted;
@@ -24,33 +22,35 @@ import json
 import sys
 from pathlib import Path
 
-METRICS = ["reward", "accuracy", "parallel_rate", "first_block_pos", "latency_ratio", "blocks_per_rollout",
-           "path_diversity"]
+METRICS = ["reward", "accuracy", "parallel_rate", "first_block_pos", "latency_ratio",
+           "blocks_per_rollout", "path_diversity"]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run dirs holding metrics.jsonl")
-    p.add_argument("--labels", help="comma-separated legend names, one per RUN_DIR (default: the dir names)")
-    p.add_argument("--smooth", type=int, default=1, metavar="K", help="moving average over the last K steps")
-    p.add_argument("--metrics", default=",".join(METRICS), help="comma-separated metrics of metrics.jsonl to plot")
-    p.add_argument("--together", metavar="NAME", help="the metrics as panels of one figure, OUT/NAME.png")
-    p.add_argument("--eval", nargs="+", default=[], metavar="SUMMARY", help="eval.py summary.json files")
-    p.add_argument("--out", required=True, help="directory for the PNG files")
-    args = p.parse_args(argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    arg = parser.add_argument
+    arg("runs", nargs="*", metavar="RUN_DIR", help="run dirs holding metrics.jsonl")
+    arg("--labels", help="comma-separated legend names, one per RUN_DIR (default: the dir names)")
+    arg("--smooth", type=int, default=1, metavar="K", help="moving average over the last K steps")
+    arg("--metrics", default=",".join(METRICS), help="comma-separated metrics of metrics.jsonl to plot")
+    arg("--together", metavar="NAME", help="the metrics as panels of one figure, OUT/NAME.png")
+    arg("--eval", nargs="+", default=[], metavar="SUMMARY", help="eval.py summary.json files")
+    arg("--out", required=True, help="directory for the PNG files")
+    args = parser.parse_args(argv)
     if not args.runs and not args.eval:
-        p.error("give at least one RUN_DIR or --eval file")
+        parser.error("give at least one RUN_DIR or --eval file")
     if args.labels and len(args.labels.split(",")) != len(args.runs):
-        p.error(f"--labels has {len(args.labels.split(','))} names for {len(args.runs)} run dirs")
+        parser.error(f"--labels has {len(args.labels.split(','))} names for {len(args.runs)} run dirs")
     if args.smooth < 1:
-        p.error("--smooth K needs K >= 1")
+        parser.error("--smooth K needs K >= 1")
     return args
 
 
 def read_metrics(run_dir):
     """{step: row} from run_dir/metrics.jsonl."""
-    rows, lines = {}, [ln for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    text = (Path(run_dir) / "metrics.jsonl").read_text()
+    rows, lines = {}, [line for line in text.splitlines() if line.strip()]
     for i, line in enumerate(lines):
         try:
             row = json.loads(line)
@@ -68,24 +68,26 @@ def smooth(ys, k):
 
 
 def plot_runs(plt, runs, labels, k, out, metrics=METRICS, together=None):
-    """One PNG per metric some run logged (x = step, a line per run), or one PNG `together` with a panel each."""
-    panels = []
+    """The PNGs written: one per metric some run logged, or one (`together`) with a panel each."""
+    panels = []  # (metric, [(label, steps, values)]) of the metrics some run logged
     for metric in metrics:
         curves = []
         for rows, label in zip(runs, labels):
-            steps = sorted(s for s, r in rows.items() if r.get(metric) is not None)  # None: e.g. no block that step
+            steps = sorted(s for s, r in rows.items() if r.get(metric) is not None)  # None: no block
             if steps:
                 curves.append((label, steps, [rows[s][metric] for s in steps]))
-        if curves:  # (no run logged it: no panel)
+        if curves:
             panels.append((metric, curves))
-    figures = [(together, panels)] if together else [(metric, [(metric, curves)]) for metric, curves in panels]
+    figures = [(together, panels)] if together else [(m, [(m, curves)]) for m, curves in panels]
     written = []
     for name, group in figures if panels else []:
-        fig, axes = plt.subplots(1, len(group), figsize=(6 * len(group), 4), layout="tight", squeeze=False)
+        fig, axes = plt.subplots(1, len(group), figsize=(6 * len(group), 4), layout="tight",
+                                 squeeze=False)
         for ax, (metric, curves) in zip(axes[0], group):
             for label, steps, ys in curves:
                 ax.plot(steps, smooth(ys, k), label=label)
-            ax.set(xlabel="step", ylabel=metric, title=metric + (f" (moving average of {k})" if k > 1 else ""))
+            title = metric + (f" (moving average of {k})" if k > 1 else "")
+            ax.set(xlabel="step", ylabel=metric, title=title)
             ax.grid(alpha=0.3)
             ax.legend()
         written.append(save(plt, fig, out / f"{name}.png"))
@@ -93,17 +95,19 @@ def plot_runs(plt, runs, labels, k, out, metrics=METRICS, together=None):
 
 
 def plot_eval(plt, files, out):
-    """Accuracy (mean@n) and parallel rate: one bar per model and dataset."""
+    """Accuracy (mean@n) and parallel rate: a bar per model and dataset; returns [the PNG file]."""
     models = {Path(f).parent.name: json.loads(Path(f).read_text())["datasets"] for f in files}
-    datasets = list(dict.fromkeys(d for sets in models.values() for d in sets))  # in first-seen order
-    panels = [("accuracy (mean@n)", lambda s: s[next(k for k in s if k.startswith("mean@"))]),
+    datasets = list(dict.fromkeys(d for sets in models.values() for d in sets))  # first-seen order
+    mean_at = lambda s: s[next(k for k in s if k.startswith("mean@"))]
+    panels = [("accuracy (mean@n)", mean_at),
               ("parallel (share of rollouts with a block)", lambda s: s["parallel"])]
     width = 0.8 / len(models)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), layout="tight")
     for ax, (title, value) in zip(axes, panels):
         for j, (model, sets) in enumerate(models.items()):
             have = [i for i, d in enumerate(datasets) if d in sets]  # a model may lack a dataset
-            ax.bar([i + j * width for i in have], [value(sets[datasets[i]]) for i in have], width, label=model)
+            bars = [value(sets[datasets[i]]) for i in have]
+            ax.bar([i + j * width for i in have], bars, width, label=model)
         ax.set_xticks([i + (len(models) - 1) * width / 2 for i in range(len(datasets))], datasets)
         ax.set(title=title, ylim=(0, 1))
         ax.legend()
@@ -127,9 +131,10 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     labels = args.labels.split(",") if args.labels else [Path(r.rstrip("/")).name for r in args.runs]
-    written = plot_runs(plt, [read_metrics(r) for r in args.runs], labels, args.smooth, out, args.metrics.split(","),
-                        args.together)
-    written += plot_eval(plt, args.eval, out) if args.eval else []
+    runs = [read_metrics(r) for r in args.runs]
+    written = plot_runs(plt, runs, labels, args.smooth, out, args.metrics.split(","), args.together)
+    if args.eval:
+        written += plot_eval(plt, args.eval, out)
     for path in written:
         print(path)
     return written

@@ -1,22 +1,17 @@
 """
 Stages 2 and 3 of the curriculum: GRPO with our own loop.
 
-    python train_rl.py --preset toy --stage easy                      # toy, CPU, after train_sft.py --preset toy
-    accelerate launch --config_file configs/fsdp_8gpu.yaml train_rl.py --stage easy    # GSM8K, correct AND a block
-    accelerate launch --config_file configs/fsdp_8gpu.yaml train_rl.py --stage hard    # DAPO-Math-17k, accuracy
+    python train_rl.py --preset toy --stage easy              # the toy, CPU, after train_sft.py --preset toy
+    accelerate launch --config_file configs/fsdp_8gpu.yaml train_rl.py --stage easy   # GSM8K
+    accelerate launch --config_file configs/fsdp_8gpu.yaml train_rl.py --stage hard   # DAPO-Math-17k
     accelerate launch --config_file configs/lora_1gpu.yaml train_rl.py --stage hard --lora
-    python train_rl.py --plan --init DIR --num-gpus 8 --gpu-memory-gb 80   # will it fit? (DIR: a config.json)
+    python train_rl.py --plan --init DIR --num-gpus 8 --gpu-memory-gb 80   # will it fit? DIR: a config.json
 
-Each step reads top to bottom: prompts -> rollouts (the branching sampler, group_size per prompt) ->
-rewards -> group advantages -> old log-probs -> clipped loss -> backward -> optimizer step -> log ->
-checkpoint. Each stage starts by default from the previous stage's output dir, so the curriculum chains
-with no paths typed. The defaults of each (stage, variant) are the paper's recipes (nanopr1/recipes.py;
-`--help` prints the table); explicit flags win.
-
-Memory: rollouts are sampled from a bf16 copy of the model refreshed once per rollout phase, with one KV
-cache for the whole run; on a GPU its rows are what a measured worst-case training step leaves (see
-nanopr1/plan.py). Multi-GPU: every rank samples its own share of the step's prompts (a group never
-straddles ranks); the loss is normalised by the token count of the whole step across ranks.
+A step reads top to bottom: prompts -> rollouts -> rewards -> group advantages -> old log-probs ->
+clipped loss -> backward -> optimizer step -> log -> checkpoint. The defaults of each (stage, variant)
+are the paper's recipes (`--help` prints the table), and each stage starts from the previous one's
+output dir; explicit flags win. Every rank samples its own share of a step's prompts (a group never
+straddles ranks); the loss is a mean over the loss tokens of all ranks.
 
 Simplifications relative to the paper / official code:
 1. Rollouts are sampled by our transformers sampler, not vLLM.
@@ -26,98 +21,96 @@ Simplifications relative to the paper / official code:
 import argparse
 import sys
 import time
-from collections import Counter
+from collections import Counter, namedtuple
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, ProjectConfiguration
+from accelerate.utils import ProjectConfiguration
 from tqdm import tqdm
 
 from nanopr1 import UsageError, checkpoint, data, format, metrics, recipes, rewards
 from nanopr1.grpo import group_advantages, policy_loss, tis_weight
-from nanopr1.model import apply_lora, load, refresh_copy, sampling_copy, tag_ids
+from nanopr1.model import apply_lora, load, refresh_copy, sampling_copy, save_checkpoint, tag_ids
 from nanopr1.rollout import mix, rollout_row
 from nanopr1.sampler import sample
-from nanopr1.scoring import micro_batches, pad_rows, sampler_gap, score
+from nanopr1.scoring import micro_batches_on_every_rank, pad_rows, sampler_gap, score, sync_gradients
 
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="\n\n".join(
+    recipes.__doc__.split("\n\n")[2:4]), formatter_class=argparse.RawDescriptionHelpFormatter)
+arg = parser.add_argument
+arg("--preset", choices=["toy"], help="toy: the CPU-sized world")
+arg("--stage", choices=["easy", "hard"], default="hard", help="easy: GSM8K; hard: DAPO-Math-17k")
+# model
+arg("--init", help="checkpoint to start from (default: the recipe's)")
+arg("--variant", choices=["seen", "unseen"], default="seen", help="unseen: path-isolating attention")
+arg("--lora", action="store_true", help="train LoRA adapters only (one GPU)")
+arg("--lora-r", type=int, default=64)
+arg("--grad-ckpt", action=argparse.BooleanOptionalAction, help="gradient checkpointing (default: on a GPU)")
+# data
+arg("--data", help="problems: a short name, a file or a hub id (default: the recipe's)")
+arg("--data-config", help="the hub dataset's config (name)")
+arg("--data-split", default="train")
+arg("--question-key", help="the question's column (default: question, problem, prompt, ...)")
+arg("--answer-key", help="the gold answer's column (default: answer, ground_truth, ...)")
+arg("--data-dir", help="read the short dataset names from local files in this dir")
+arg("--prompt-file", help="prompt template with a {problem} slot (default: the parallel prompt)")
+arg("--max-prompt-tokens", type=int, default=2000, help="longer prompts are left out (counted)")
+# sampling
+arg("--group-size", type=int, help="rollouts per prompt (default: the recipe's)")
+arg("--num-paths", type=int, default=2)
+arg("--max-blocks", type=int, default=4)
+arg("--max-new-tokens", type=int, default=3000, help="response budget, everything included")
+arg("--answer-reserve", type=int, help="tokens a block leaves for its summary and the answer "
+    "(default: min(64, max-new-tokens / 8))")
+arg("--temperature", type=float, default=1.0)
+arg("--top-p", type=float, default=1.0)
+arg("--kv-memory-gb", type=float, help="GPU: the KV cache's size (default: what a measured step leaves)")
+arg("--max-rows", type=int, help="KV cache rows in flight at most (default: as memory allows)")
+# reward
+arg("--reward", help=f"{', '.join(rewards.SCHEDULES)} or module:function (default: the recipe's)")
+arg("--grader", default="is_equiv", help="is_equiv (the built-in) or module:function")
+arg("--scaffold-switch", type=int, default=200, help="scaffold: alternating until this step, then acc")
+# optimisation
+arg("--prompts-per-step", type=int, help="prompts per step, all ranks (default: the recipe's)")
+arg("--steps", type=int, help="RL steps (default: the recipe's)")
+arg("--lr", type=float, default=1e-6)
+arg("--weight-decay", type=float, default=0.01)
+arg("--clip-low", type=float, default=0.2)
+arg("--clip-high", type=float, help="default: 0.2, or 0.28 with the Unseen (S2) recipe")
+arg("--dual-clip", type=float, default=3.0)
+arg("--kl-coef", type=float, default=0.0, help="k3 KL to the initial model (0: off, the paper)")
+arg("--ppo-epochs", type=int, default=1)
+arg("--mini-batches", type=int, default=2, help="optimizer steps per rollout batch and epoch (official: 2)")
+arg("--tis-cap", type=float, help="weight each token's loss by min(trainer / sampler probability, C)")
+arg("--micro-batch-tokens", type=int, default=16384, help="rows x padded length of one forward")
+arg("--seed", type=int, default=0)
+# memory plan
+arg("--plan", action="store_true", help="print the per-GPU memory plan and exit (needs a config.json only)")
+arg("--gpu-memory-gb", type=float, help="for the plan: one GPU's memory (default: this device's)")
+arg("--num-gpus", type=int, help="for the plan: the run's GPUs (default: this launch's processes)")
+# logging, checkpoints, eval
+arg("--out", help="output dir (default: the recipe's)")
+arg("--report-to", choices=["none", "tensorboard", "wandb"], default="none", help="also log to a tracker")
+arg("--project", default="nanopr1", help="the tracker's project")
+arg("--run-name", help="the tracker's run name (default: OUT's name)")
+arg("--log-rollouts", type=int, default=4, help="rollouts a step keeps in OUT/rollouts.jsonl")
+arg("--save-every", type=int, default=20)
+arg("--keep-checkpoints", type=int, default=1, help="the newest K step checkpoints are kept")
+arg("--resume", action="store_true", help="continue the run in --out")
+arg("--overwrite", action="store_true", help="start over in an --out that holds a run")
+arg("--eval-every", type=int, default=0, help="evaluate on --eval-data every N steps (0: never)")
+arg("--eval-data", default="aime25")
+arg("--eval-n", type=int, default=4)
+arg("--eval-limit", type=int, help="only the first N eval problems")
 # --resume keeps the run's value of every flag not typed again; typed anew, a flag of APPLY is used (and
-# said), one of REFUSE is an error; LOCAL flags belong to this invocation only.
+# said), one of REFUSE is an error; LOCAL flags belong to this invocation only
 APPLY = ("lr", "steps", "save_every", "keep_checkpoints", "log_rollouts", "eval_every", "eval_data", "eval_n",
          "eval_limit", "micro_batch_tokens", "kv_memory_gb", "max_rows", "grad_ckpt", "report_to", "project",
          "run_name", "data_dir")
 LOCAL = ("resume", "overwrite", "out", "plan", "gpu_memory_gb", "num_gpus")
-p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                            epilog="\n\n".join(recipes.__doc__.split("\n\n")[2:4]))
-p.add_argument("--preset", choices=["toy"], help="toy: the CPU-sized world")
-p.add_argument("--stage", choices=["easy", "hard"], default="hard", help="easy: GSM8K; hard: DAPO-Math-17k")
-# model
-p.add_argument("--init", help="checkpoint to start from (default: by stage and variant)")
-p.add_argument("--variant", choices=["seen", "unseen"], default="seen", help="unseen: path-isolating attention")
-p.add_argument("--lora", action="store_true", help="train LoRA adapters only (one GPU)")
-p.add_argument("--lora-r", type=int, default=64)
-p.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, help="gradient checkpointing (default: on a GPU)")
-# data
-p.add_argument("--data", help="problems: a short name, a file or a hub id (default: by stage)")
-p.add_argument("--data-config", help="the hub dataset's config (name)")
-p.add_argument("--data-split", default="train", help="the split to train on")
-p.add_argument("--question-key", help="the column holding the question (default: question, problem, prompt, ...)")
-p.add_argument("--answer-key", help="the column holding the gold answer (default: answer, ground_truth, ...)")
-p.add_argument("--data-dir", help="read short dataset names from local files in this dir")
-p.add_argument("--prompt-file", help="prompt template with a {problem} slot (default: the parallel prompt)")
-p.add_argument("--max-prompt-tokens", type=int, default=2000, help="longer prompts are left out (counted)")
-# sampling
-p.add_argument("--group-size", type=int, help="rollouts per prompt (default: by stage)")
-p.add_argument("--num-paths", type=int, default=2)
-p.add_argument("--max-blocks", type=int, default=4)
-p.add_argument("--max-new-tokens", type=int, default=3000, help="response budget, everything included")
-p.add_argument("--answer-reserve", type=int, help="tokens a block leaves for its summary and the answer "
-               "(default: min(64, max-new-tokens / 8), the 3,000-token budget keeps 64)")
-p.add_argument("--temperature", type=float, default=1.0)
-p.add_argument("--top-p", type=float, default=1.0)
-p.add_argument("--kv-memory-gb", type=float, help="GPU: the KV cache's size (default: what a measured step leaves)")
-p.add_argument("--max-rows", type=int, help="cap on KV cache rows in flight (default: every rollout, as memory allows)")
-# reward
-p.add_argument("--reward", help=f"{', '.join(rewards.SCHEDULES)} or module:function (default: by stage and variant)")
-p.add_argument("--grader", default="is_equiv", help="is_equiv (the built-in) or module:function")
-p.add_argument("--scaffold-switch", type=int, default=200, help="scaffold: alternating until this step, then acc")
-# optimisation
-p.add_argument("--prompts-per-step", type=int, help="prompts per step, all ranks (default: by stage)")
-p.add_argument("--steps", type=int, help="RL steps (default: by stage)")
-p.add_argument("--lr", type=float, default=1e-6)
-p.add_argument("--weight-decay", type=float, default=0.01)
-p.add_argument("--clip-low", type=float, default=0.2)
-p.add_argument("--clip-high", type=float, help="default: 0.2, or 0.28 with the Unseen (S2) recipe")
-p.add_argument("--dual-clip", type=float, default=3.0)
-p.add_argument("--kl-coef", type=float, default=0.0, help="k3 KL to the initial model (0: off, the paper)")
-p.add_argument("--ppo-epochs", type=int, default=1)
-p.add_argument("--mini-batches", type=int, default=2, help="optimizer steps per rollout batch and epoch (the "
-               "official scripts: 2, a PPO mini-batch of half the prompts)")
-p.add_argument("--tis-cap", type=float, help="weight each token's loss by min(trainer / sampler probability, C): "
-               "corrects the bf16 sampling copy's mismatch (off by default)")
-p.add_argument("--micro-batch-tokens", type=int, default=16384, help="rows x padded length of one forward")
-p.add_argument("--seed", type=int, default=0)
-# memory plan
-p.add_argument("--plan", action="store_true", help="print the per-GPU memory plan and exit (needs only a config.json)")
-p.add_argument("--gpu-memory-gb", type=float, help="for the plan: memory of one GPU (default: this device's)")
-p.add_argument("--num-gpus", type=int, help="for the plan: GPUs of the run (default: this launch's processes)")
-# logging, checkpoints, eval
-p.add_argument("--out", help="output dir (default: by stage and variant)")
-p.add_argument("--report-to", choices=["none", "tensorboard", "wandb"], default="none",
-               help="also log metrics.jsonl's rows to a tracker (tensorboard: OUT/tensorboard/<run name>)")
-p.add_argument("--project", default="nanopr1", help="the tracker's project")
-p.add_argument("--run-name", help="the tracker's run name (default: OUT's name)")
-p.add_argument("--log-rollouts", type=int, default=4, help="rollouts a step keeps in OUT/rollouts.jsonl")
-p.add_argument("--save-every", type=int, default=20)
-p.add_argument("--keep-checkpoints", type=int, default=1, help="the newest K step checkpoints are kept")
-p.add_argument("--resume", action="store_true", help=f"continue the run in --out (may change: {', '.join(APPLY)})")
-p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run")
-p.add_argument("--eval-every", type=int, default=0, help="run eval on --eval-data every N steps (0: off)")
-p.add_argument("--eval-data", default="aime25", help="held-out set for --eval-every")
-p.add_argument("--eval-n", type=int, default=4)
-p.add_argument("--eval-limit", type=int, default=None, help="only the first N eval problems")
-REFUSE = tuple(a.dest for a in p._actions if a.dest not in APPLY + LOCAL + ("help",)) + ("script",)
+REFUSE = tuple(a.dest for a in parser._actions if a.dest not in APPLY + LOCAL + ("help",)) + ("script",)
 
 # -----------------------------------------------------------------------------
 
@@ -136,6 +129,7 @@ def main(args):
     sampling = dict(num_paths=args.num_paths, max_blocks=args.max_blocks, max_new_tokens=args.max_new_tokens,
                     reserve=args.answer_reserve, temperature=args.temperature, top_p=args.top_p,
                     variant=args.variant, max_rows=args.max_rows)
+    clip = dict(eps_low=args.clip_low, eps_high=args.clip_high, dual_clip=args.dual_clip, kl_coef=args.kl_coef)
     out.mkdir(parents=True, exist_ok=True)
     step = checkpoint.load_state(out, acc) if checkpoint.latest(out) and args.resume else 0  # data position: step
     checkpoint.apply_lr(opt, args.lr)
@@ -158,37 +152,38 @@ def main(args):
         # 5) log-probs held fixed during the update: the trainer's before its first optimizer step (the old
         #    policy of the clipped ratio; with one step per batch it is the update's own forward) and the
         #    reference model's (KL)
-        old = fixed_logprobs(model, nullcontext, rollouts, run, args, acc) if args.ppo_epochs * args.mini_batches > 1 \
-            else None
-        ref = None if run.reference is None else fixed_logprobs(*run.reference, rollouts, run, args, acc)
+        old = ref = None
+        if args.ppo_epochs * args.mini_batches > 1:
+            old = fixed_logprobs(model, nullcontext, rollouts, run, args, acc)
+        if run.reference is not None:
+            ref = fixed_logprobs(run.reference.model, run.reference.context, rollouts, run, args, acc)
         stats = Counter() if old is None else sampler_gap(old, rollouts, args.variant)
-        # 6) the update: an optimizer step per mini-batch of rollouts, each in micro-batches of at most
-        #    --micro-batch-tokens; the loss is a mean over every loss token of the mini-batch on every rank
+        # 6) the update: an optimizer step per mini-batch (a block of the step's prompts, whole groups), its
+        #    loss the mean over every loss token of the mini-batch on every rank
         for epoch in range(args.ppo_epochs):
             for mb in mini_batches(len(idx), G, args.prompts_per_step // args.mini_batches, rank, world):
-                n_tokens = acc.reduce(torch.tensor(sum(sum(not f for f in rollouts[i].forced) for i in mb), device=acc.device,
+                n_tokens = acc.reduce(torch.tensor(sum(rollouts[i].forced.count(False) for i in mb), device=acc.device,
                                                    dtype=torch.float64), "sum").item()
-                chunks = equal_count_on_every_rank(acc, [len(rollouts[i].prompt_ids) + len(rollouts[i].ids) for i in mb],
-                                                   args.micro_batch_tokens)
-                for j, (chunk, live) in enumerate(chunks):
-                    ids = [mb[k] for k in chunk]
-                    batch = [rollouts[i] for i in ids]
-                    with sync_gradients(acc, model, last=j == len(chunks) - 1):
-                        logp, mask = score(model, batch, run.tags, args.variant, args.temperature, run.pad, acc.device)
-                        old_lp = logp.detach() if old is None else pad_rows([old[i] for i in ids], logp)
+                for micro in micro_batches_of(acc, rollouts, mb, args.micro_batch_tokens):
+                    with sync_gradients(acc, model, micro.last):
+                        logp, mask = score(model, micro.rollouts, run.tags, args.variant, args.temperature, run.pad,
+                                           acc.device)  # (B, T) the trainer's log-probs, the loss mask
+                        mask &= micro.live  # (a filler micro-batch: no weight)
+                        old_lp = logp.detach() if old is None else pad_rows([old[i] for i in micro.ids], logp)
+                        ref_lp = None if ref is None else pad_rows([ref[i] for i in micro.ids], logp)
                         weight = None  # --tis-cap: the trainer's old probability over the sampler's, capped
                         if args.tis_cap:
-                            weight = tis_weight(old_lp, pad_rows([r.logprobs for r in batch], logp), args.tis_cap)
-                        loss, s = policy_loss(logp, old_lp, adv[ids].to(logp), mask & live, n_tokens, args.clip_low,
-                                              args.clip_high, args.dual_clip, None if ref is None else
-                                              pad_rows([ref[i] for i in ids], logp), args.kl_coef, weight)
+                            sampler_lp = pad_rows([r.logprobs for r in micro.rollouts], logp)
+                            weight = tis_weight(old_lp, sampler_lp, args.tis_cap)
+                        loss, s = policy_loss(logp, old_lp, adv[micro.ids].to(logp), mask, n_tokens, ref_logp=ref_lp,
+                                              weight=weight, **clip)
                         acc.backward(loss * world)  # DDP averages over ranks: * world makes it a sum
-                    if live:
-                        stats.update(s, loss=loss.item())
-                        if weight is not None:
-                            stats.update(tis_sum=float((weight * mask).sum()), tis_capped=float(((weight >= args.tis_cap) & mask).sum()))
-                        if old is None and epoch == 0:  # on-policy: this forward is the trainer's view
-                            stats.update(sampler_gap(logp.detach(), batch, args.variant))
+                    stats.update(s, loss=loss.item())
+                    if weight is not None:
+                        weight = weight * mask
+                        stats.update(tis_sum=float(weight.sum()), tis_capped=float((weight >= args.tis_cap).sum()))
+                    if old is None and epoch == 0 and micro.live:  # on-policy: this forward is the trainer's view
+                        stats.update(sampler_gap(logp.detach(), micro.rollouts, args.variant))
                 acc.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -204,7 +199,7 @@ def main(args):
         bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.3f}", par=f"{row['parallel_rate']:.2f}")
         bar.update()
         if step % args.save_every == 0 or step == args.steps:  # every rank (FSDP gathers); the previous survives a kill
-            checkpoint.save_run(out, step, acc, model, tokenizer, args, args.keep_checkpoints)
+            save_checkpoint(out, step, acc, model, tokenizer, args, args.keep_checkpoints)
     bar.close()
     acc.end_training()
     acc.print(f"done: {step} steps, model in {out}")
@@ -217,6 +212,9 @@ class Run:
     """What main() trains with (prepare)."""
     model = opt = tokenizer = sampler_model = reference = kv = tags = pad = None
     problems = prompts = eval_problems = template = ()
+
+
+Reference = namedtuple("Reference", "model context")  # the KL reference: a model, run under context()
 
 
 def prepare(args, acc):
@@ -261,7 +259,10 @@ def prepare(args, acc):
     run.model, run.opt = acc.prepare(model, opt)
     run.model.train()
     if args.kl_coef > 0:
-        run.reference = (run.model, acc.unwrap_model(run.model).disable_adapter) if args.lora else (frozen, nullcontext)
+        if args.lora:  # the policy with its adapter switched off
+            run.reference = Reference(run.model, acc.unwrap_model(run.model).disable_adapter)
+        else:
+            run.reference = Reference(frozen, nullcontext)
     run.sampler_model = sampling_copy(acc.unwrap_model(run.model), torch.bfloat16 if cuda else torch.float32, acc.device)
     # memory: the plan's estimate (GPU), then the worst-case training micro-batch measured (every device)
     config, cols = acc.unwrap_model(run.model).config, longest + args.max_new_tokens + 1
@@ -296,19 +297,15 @@ def mini_batches(n_prompts, G, per_mini_batch, rank, world):
             for i in range(max(which) + 1)]
 
 
-def equal_count_on_every_rank(acc, lengths, max_tokens):
-    """scoring.micro_batches as (indices, live) pairs, as many on every rank: under FSDP each forward and
-    backward is a collective, so a rank with fewer micro-batches runs fillers (its first sequence again,
-    live=False: no weight in the loss)."""
-    chunks = micro_batches(lengths, max_tokens)
-    n = int(acc.reduce(torch.tensor(len(chunks), device=acc.device), "max").item())
-    return [(c, True) for c in chunks] + [(chunks[0][:1], False)] * (n - len(chunks))
+MicroBatch = namedtuple("MicroBatch", "ids rollouts live last")  # ids: indices into the step's rollouts
 
 
-def sync_gradients(acc, model, last):
-    """DDP: all-reduce once per optimizer step (on the last micro-batch). FSDP: reduce-scatter every
-    micro-batch into the sharded gradient, never accumulate an unsharded one (8 GB at 4B)."""
-    return nullcontext() if last or acc.distributed_type == DistributedType.FSDP else acc.no_sync(model)
+def micro_batches_of(acc, rollouts, ids, max_tokens):
+    """The rollouts `ids` in micro-batches of at most max_tokens, as many on every rank (FSDP fillers:
+    live=False, see scoring.micro_batches_on_every_rank)."""
+    lengths = [len(rollouts[i].prompt_ids) + len(rollouts[i].ids) for i in ids]
+    return [MicroBatch([ids[k] for k in c], [rollouts[ids[k]] for k in c], live, last)
+            for c, live, last in micro_batches_on_every_rank(acc, lengths, max_tokens)]
 
 
 @torch.no_grad()
@@ -316,12 +313,10 @@ def fixed_logprobs(model, context, rollouts, run, args, acc):
     """Per-rollout log-probs that stay fixed during the update, from one no-grad forward of each micro-batch
     under `context` (LoRA's reference: the adapter disabled): the old policy's or the reference model's."""
     out = [None] * len(rollouts)
-    for chunk, live in equal_count_on_every_rank(acc, [len(r.prompt_ids) + len(r.ids) for r in rollouts],
-                                                 args.micro_batch_tokens):
+    for micro in micro_batches_of(acc, rollouts, list(range(len(rollouts))), args.micro_batch_tokens):
         with context():
-            logp, _ = score(model, [rollouts[i] for i in chunk], run.tags, args.variant, args.temperature, run.pad,
-                            acc.device)
-        for i, lp in zip(chunk if live else [], logp):
+            logp, _ = score(model, micro.rollouts, run.tags, args.variant, args.temperature, run.pad, acc.device)
+        for i, lp in zip(micro.ids if micro.live else [], logp):
             out[i] = lp[:len(rollouts[i].ids)]
     return out
 
@@ -361,7 +356,7 @@ def run_eval(run, grader, args, acc, step):
 
 def parse_args(argv=None):
     """Flags, the preset's and the (stage, variant) recipe's defaults; every check that needs no file."""
-    args = recipes.parse(p, argv, "train_rl")
+    args = recipes.parse(parser, argv, "train_rl")
     recipe = (recipes.TOY_RL if args.preset == "toy" else recipes.RL)[(args.stage, args.variant)]
     for k, v in recipe.items():  # the recipe fills whatever was not given
         if getattr(args, k) is None:

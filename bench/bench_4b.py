@@ -173,7 +173,7 @@ def decode(args, res, R):
               f"{prefill:.3g} s   decode {R * (N - 1) / decode_s:9.1f} tok/s = {floor / decode_s:6.1%} of the "
               f"floor ({R * (N - 1) / floor:9.1f})   graphs {stats['graphs']} ({stats['capture_s']:.1f} s to "
               f"capture, pool {stats['graph_pool_gb']:.3g} GB) {stats.get('graph_error', '')}", flush=True)
-        del kv, run
+        kv = run = None  # this mode's cache freed before the next one
         free()
     if "eager" in res:
         res["graphs_over_eager"] = res["graphs"]["tokens_per_s_best"] / res["eager"]["tokens_per_s_best"]

@@ -1,31 +1,20 @@
 """
-Checkpoints that survive a kill at any moment; the guard that keeps a run's output dir from being
-overwritten, or resumed by another run; the run's logs.
-
-    OUT/checkpoint-000040/   config.json, model.safetensors, tokenizer files   (what model.load reads)
-                             args.json, step.json, state/ (accelerate: optimizer, scheduler, RNG per rank)
-                             manifest.json: every file's size, written last
-    OUT/metrics.jsonl        a row per step        OUT/rollouts.jsonl   rollouts kept per step (--log-rollouts)
-
-A save writes checkpoint-NNNNNN.tmp/, makes it durable, writes the manifest and renames the dir into
-place; only then are checkpoints beyond the newest `keep` deleted. A kill leaves complete checkpoints
-and perhaps a .tmp dir, which nothing reads. The newest valid checkpoint is the run's model and where
---resume starts. Simplification: the manifest holds sizes, not hashes (hashing gigabytes per save is
-slow), so a file damaged in place at its size passes.
-
-The package never imports accelerate: `acc` is whatever the script made.
+A run's output dir: checkpoints that survive a kill at any moment, the guard that keeps OUT from
+being overwritten or resumed by another run, --resume, and the logs (metrics.jsonl, trackers).
+The layout and why a save stays whole: docs/design.md, "Checkpoints". The package never imports
+accelerate: `acc` is whatever the script made.
 """
 
 import json
 import os
 import shutil
+from collections import namedtuple
 from pathlib import Path
-
-import torch
 
 from nanopr1 import UsageError
 
-LOGS = ("metrics.jsonl", "rollouts.jsonl", "eval_rollouts.jsonl")  # a row per step (or per rollout) each
+LOGS = ("metrics.jsonl", "rollouts.jsonl", "eval_rollouts.jsonl")  # a row per step or rollout
+Found = namedtuple("Found", "path step")  # latest(): the newest valid checkpoint
 
 
 def _fsync(path):
@@ -47,8 +36,8 @@ def _json(path):
 
 
 def save(out, step, acc, write, args=None, keep=1):
-    """Write the checkpoint of `step` in OUT; then keep only the newest `keep`. Every rank calls it: `write(dir)`
-    writes the model files (each rank runs it, for FSDP's collective gather), then accelerate's state."""
+    """Write OUT's checkpoint of `step`, keep the newest `keep`; returns its path. Every rank calls
+    it and runs `write(dir)`, which writes the model files (FSDP gathers them collectively)."""
     path = Path(out) / f"checkpoint-{step:06d}"
     tmp = path.with_name(path.name + ".tmp")
     if acc.is_main_process:
@@ -71,7 +60,7 @@ def save(out, step, acc, write, args=None, keep=1):
         (tmp / "manifest.json").write_text(json.dumps({"step": step, "files": files}, indent=1))
         _fsync(tmp / "manifest.json")
         _fsync(tmp)
-        shutil.rmtree(path, ignore_errors=True)  # a checkpoint of this step from a run that was not resumed
+        shutil.rmtree(path, ignore_errors=True)  # this step's checkpoint of a run not resumed
         tmp.rename(path)
         _fsync(out)  # the rename itself durable
         for _, old in checkpoints(out)[:-keep]:
@@ -81,16 +70,17 @@ def save(out, step, acc, write, args=None, keep=1):
 
 
 def save_run(out, step, acc, model, tokenizer, args, keep=1):
-    """A training script's checkpoint: the model dir model.load reads (LoRA merged, FSDP gathered: every
-    rank calls this), accelerate's state, the step and the run's flags, as one unit (`save`)."""
+    """A training run's `save` (every rank): model dir (LoRA merged, FSDP gathered), state, flags."""
     from nanopr1.model import save as save_model
-    write = lambda d: save_model(acc.unwrap_model(model), tokenizer, d, state_dict=acc.get_state_dict(model),
-                                 is_main=acc.is_main_process)
+
+    def write(d):
+        save_model(acc.unwrap_model(model), tokenizer, d, state_dict=acc.get_state_dict(model),
+                   is_main=acc.is_main_process)
     return save(out, step, acc, write, args=plain(args), keep=keep)
 
 
 def checkpoints(out):
-    """[(step, path)] of OUT's checkpoint dirs, oldest first (valid or not; .tmp dirs are not checkpoints)."""
+    """[(step, path)] of OUT's checkpoint dirs, oldest first, valid or not (a .tmp dir is none)."""
     found = [(int(p.name.rsplit("-", 1)[1]), p) for p in Path(out).glob("checkpoint-*")
              if p.is_dir() and p.name.rsplit("-", 1)[1].isdigit()]
     return sorted(found)
@@ -117,8 +107,8 @@ def validate(path):
 
 
 def latest(out):
-    """(path, step) of OUT's newest valid checkpoint, or None."""
-    return next(((path, step) for step, path in reversed(checkpoints(out)) if validate(path) is None), None)
+    """Found(path, step) of OUT's newest valid checkpoint, or None."""
+    return next((Found(p, s) for s, p in reversed(checkpoints(out)) if validate(p) is None), None)
 
 
 def _why(out):
@@ -128,114 +118,116 @@ def _why(out):
 
 
 def model_dir(path):
-    """The dir model.load reads for `path`: a model dir (a step checkpoint too) itself, a run dir its
-    newest valid checkpoint. Users pass run dirs to sample.py, eval.py and the next stage's --init."""
+    """The dir model.load reads: a model dir itself, a run dir its newest valid checkpoint."""
     path = Path(path)
     if (path / "config.json").is_file() or not checkpoints(path):
         return path
     found = latest(path)
     if found is None:
         raise UsageError(_why(path))
-    return found[0]
+    return found.path
 
 
 def load_state(out, acc):
-    """--resume: restore accelerate's state from OUT's newest valid checkpoint and drop the log rows
-    written after it. Returns its step."""
+    """--resume: load the state of OUT's newest valid checkpoint and cut the logs back to it;
+    returns its step."""
     found = latest(out)
     if found is None:
         raise UsageError(f"--resume: {_why(out)}")
-    path, step = found
-    acc.load_state(str(path / "state"))
+    acc.load_state(str(found.path / "state"))
     if acc.is_main_process:
         for name in LOGS:
-            trim_rows(Path(out) / name, step)
-    return step
+            trim_rows(Path(out) / name, found.step)
+    return found.step
 
 
 def plain(args):
-    """The run's flags as JSON gives them back (a Path as str, a tuple as list), so they compare; private
-    attributes (`_typed`, the flags typed on this command line) are not the run's."""
-    return {k: v for k, v in json.loads(json.dumps(vars(args), default=str)).items() if not k.startswith("_")}
+    """The run's flags as JSON gives them back (so they compare), without private attributes."""
+    flags = json.loads(json.dumps(vars(args), default=str))
+    return {k: v for k, v in flags.items() if not k.startswith("_")}
 
 
 def prepare_out(out, args, acc, resume=False, overwrite=False, refuse=(), apply=()):
-    """Check OUT before a run writes to it; returns a note to print.
-
-    A dir holding a run is refused unless --resume or --overwrite; --overwrite removes this project's
-    files only. --resume takes the run's stored flags for every flag of `refuse` and `apply` not typed
-    again (args is updated in place: a stored value is never replaced by a default); a typed flag of
-    `refuse` that differs is an error, one of `apply` is used and listed in the note."""
+    """Check OUT before a run writes to it; returns a note to print. --resume: a flag of `refuse`
+    typed anew is an error, one of `apply` is used, every other one takes the run's value."""
     out, now = Path(out), plain(args)
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
-    held = sorted({p.name for p in out.glob("checkpoint-*")} | {n for n in (*LOGS, "tensorboard") if (out / n).exists()})
+    logs = [name for name in (*LOGS, "tensorboard") if (out / name).exists()]
+    held = sorted({p.name for p in out.glob("checkpoint-*")} | set(logs))  # this project's only
     if not resume:
         if held and not overwrite:
-            raise UsageError(f"{out} already holds a run ({', '.join(held)}): --resume continues it, --overwrite "
-                             f"starts over")
+            raise UsageError(f"{out} already holds a run ({', '.join(held)}): "
+                             "--resume continues it, --overwrite starts over")
         if acc.is_main_process:
             for name in held:
-                shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+                if (out / name).is_dir():
+                    shutil.rmtree(out / name)
+                else:
+                    (out / name).unlink()
         acc.wait_for_everyone()
         return f"--overwrite: removed {', '.join(held)} from {out}" if held else ""
     found = latest(out)
-    if found is None and not checkpoints(out) and held:  # killed before its first checkpoint: start again
+    if found is None and not checkpoints(out) and held:  # killed before its first checkpoint
         if acc.is_main_process:
             for name in LOGS:
                 trim_rows(out / name, 0)
         return f"--resume: {out} has no checkpoint yet: starting from step 0"
     if found is None:
         raise UsageError(f"--resume: {_why(out)}")
-    saved, typed, changed = _json(found[0] / "args.json"), getattr(args, "_typed", set()), []
+    saved, typed, changed = _json(found.path / "args.json"), getattr(args, "_typed", set()), []
     for k in (*refuse, *apply):
-        if k not in typed:
+        if k not in typed:  # the run's value: a stored value is never replaced by a default
             setattr(args, k, saved.get(k, getattr(args, k)))
         elif saved.get(k, now[k]) != now[k] and k in refuse:
-            raise UsageError(f"--resume: {out} was run with --{k.replace('_', '-')} {saved.get(k)!r}, not "
-                             f"{now[k]!r}: a resumed run keeps it (--overwrite starts over; or choose another --out)")
+            flag = "--" + k.replace("_", "-")
+            raise UsageError(f"--resume: {out} was run with {flag} {saved.get(k)!r}, not "
+                             f"{now[k]!r}: a resumed run keeps it (--overwrite starts over; "
+                             "or choose another --out)")
         elif saved.get(k, now[k]) != now[k]:
             changed.append(f"{k} {saved.get(k)!r} -> {now[k]!r}")
-    return f"resuming {out} at step {found[1]}" + (f" with {', '.join(changed)}" if changed else "")
+    with_changes = f" with {', '.join(changed)}" if changed else ""
+    return f"resuming {out} at step {found.step}{with_changes}"
 
 
 def start_trackers(acc, args):
-    """--report-to: accelerate's tracker gets the run's flags; tensorboard writes OUT/tensorboard/<run name>,
-    wandb logs to project --project as run --run-name. They log what metrics.jsonl holds (log_metrics)."""
+    """--report-to: start the tracker with the run's flags (wandb: --project, --run-name)."""
     if args.report_to != "none":
         flags = {k: v for k, v in plain(args).items() if isinstance(v, (int, float, str, bool))}
-        acc.init_trackers(args.project if args.report_to == "wandb" else args.run_name, config=flags,
-                          init_kwargs={"wandb": {"name": args.run_name}})
+        name = args.project if args.report_to == "wandb" else args.run_name
+        acc.init_trackers(name, config=flags, init_kwargs={"wandb": {"name": args.run_name}})
 
 
 def log_metrics(acc, out, row):
     """One step's row: appended to OUT/metrics.jsonl, and its numbers to the trackers if any."""
     append_rows(acc, Path(out) / "metrics.jsonl", [row])
     if acc.log_with:
-        acc.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=row["step"])
+        numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+        acc.log(numbers, step=row["step"])
 
 
 def log_rollouts(acc, path, rows):
-    """A step's kept rollouts (rollout.rollout_row): appended to OUT/rollouts.jsonl, and to the tracker as a
-    table (wandb) or as text (tensorboard)."""
+    """A step's kept rollouts: appended to `path`, and to the trackers (a table or text)."""
     append_rows(acc, path, rows)
     for tracker in acc.trackers if rows else []:
         if hasattr(tracker, "log_table"):
-            tracker.log_table("rollouts", columns=list(rows[0]), data=[[str(v) for v in r.values()] for r in rows],
-                              step=rows[0]["step"])
+            table = [[str(v) for v in r.values()] for r in rows]
+            tracker.log_table("rollouts", columns=list(rows[0]), data=table, step=rows[0]["step"])
         elif tracker.name == "tensorboard":
-            tracker.tracker.add_text("rollouts", "\n\n".join(f"    {r['response']}" for r in rows), rows[0]["step"])
+            text = "\n\n".join(f"    {r['response']}" for r in rows)  # indented: markdown code
+            tracker.tracker.add_text("rollouts", text, rows[0]["step"])
 
 
 def append_rows(acc, path, rows):
+    """Append `rows` to the JSONL file `path` (the main process writes)."""
     if acc.is_main_process:
         with open(path, "a", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
 def trim_rows(path, step):
-    """Keep the rows of a log up to `step`, so a resumed run appends without repeating steps; a line torn
-    by a kill is dropped. Replaced whole (written aside, renamed), so a kill here loses nothing."""
+    """Keep a log's rows up to `step` (a torn line dropped), so a resumed run repeats no step.
+    Written aside and renamed: a kill here loses nothing."""
     if not Path(path).is_file():
         return
     keep = []
@@ -253,8 +245,8 @@ def trim_rows(path, step):
 
 
 def apply_lr(optimizer, lr, scheduler=None):
-    """Use a new --lr after load_state, which restored the saved one (it lives in the optimizer's param
-    groups). Under a LambdaLR the base lr changes and the schedule keeps its place."""
+    """Set a new --lr after load_state restored the saved one; under a LambdaLR it becomes the base
+    lr and the schedule keeps its place."""
     sched = getattr(scheduler, "scheduler", scheduler)  # accelerate wraps it
     if sched is None:
         for g in optimizer.param_groups:

@@ -1,51 +1,31 @@
 """
-Datasets as plain lists of {question, answer} records.
-
-One loader, `load(source, split=None, data_dir=None, ...)`, reads
-- a short name of HUB below: from the hub, or offline with `data_dir` (the
-  scripts' `--data-dir DIR`) from the file named in its row;
-- toy-easy / toy-hard: the held-out problems of the toy world (nanopr1.toy);
-- a local .jsonl / .json / .parquet file;
-- any other hub id ("owner/name").
-Every record comes back with `question` and `answer` as strings; other fields
-(a GSM8K `solution`, a teacher trace's `response`) are kept. The columns are found by
-name (QUESTION_KEYS, ANSWER_KEYS) or named (`--question-key`, `--answer-key`); an SFT
-corpus may also be in TRL's layouts (`messages`, or `prompt` / `completion`).
-
-The hub ids are our choice where the paper names none. Three sets need care:
-- gsm8k: its `answer` field is a worked solution ending in `#### n`; we keep
-  it as `solution` and the number n as `answer`.
-- dapo: the hub copy repeats each problem many times and wraps it in DAPO's
-  own instruction; we strip the wrapper (our prompt is added later) and keep
-  one copy of each problem.
-- math300: the paper evaluates on a ~300-problem integer-answer subset of
-  MATH; we take the integer-answer problems of MATH-500 (the shared offline
-  copy has 316 problems).
-
-For the cold-start corpus, `judge_trace` decides whether a teacher's trace is kept;
-`sft_examples` turns the kept traces into token ids.
+Datasets as plain lists of {question, answer} records (other fields kept), from one loader:
+`load(source)` reads a short name of HUB (from the hub, or offline from a --data-dir), the toy
+world's held-out sets, a local .jsonl / .json / .parquet file, or any hub id "owner/name".
+For the cold-start corpus, `judge_trace` decides whether a teacher's trace is kept and
+`sft_examples` turns the kept traces into token ids. Also: the RL steps' problem order.
 """
 
 import json
-import os
 import re
+from collections import Counter
 from pathlib import Path
 
 import torch
 
-from nanopr1 import UsageError
-from nanopr1.format import chat_prompt_ids, check_format, normalize, parse
-from nanopr1.rewards import grade
+from nanopr1 import UsageError, offline_if_unreachable
+from nanopr1.attention import structure
+from nanopr1.format import chat_prompt_ids, normalize
+from nanopr1.rewards import reward_rollout
 
-# short name -> (hub id, config, split, file name in a data dir); `split` only chooses between
-# gsm8k's train and test (and fills in its file name)
+# short name -> (hub id, config, split, file name in a --data-dir); only gsm8k's split is chosen
 HUB = {
-    "gsm8k": ("openai/gsm8k", "main", "train", "gsm8k_{split}.jsonl"),
-    "dapo": ("BytedTsinghua-SIA/DAPO-Math-17k", None, "train", "dapo_math_17k.jsonl"),
+    "gsm8k": ("openai/gsm8k", "main", "train", "gsm8k_{split}.jsonl"),  # answer: after '####'
+    "dapo": ("BytedTsinghua-SIA/DAPO-Math-17k", None, "train", "dapo_math_17k.jsonl"),  # unwrapped
     "aime24": ("HuggingFaceH4/aime_2024", None, "train", "eval_aime24.jsonl"),
     "aime25": ("math-ai/aime25", None, "test", "eval_aime25.jsonl"),
     "amc23": ("math-ai/amc23", None, "test", "eval_amc23.jsonl"),
-    "math300": ("HuggingFaceH4/MATH-500", None, "test", "eval_math300.jsonl"),
+    "math300": ("HuggingFaceH4/MATH-500", None, "test", "eval_math300.jsonl"),  # integer answers
 }
 LOCAL_FILES = {name: row[3] for name, row in HUB.items()}
 TOY = ("toy-easy", "toy-hard")
@@ -60,7 +40,9 @@ def gsm8k_answer(solution):
     return solution.rsplit("####", 1)[1].strip().replace(",", "")
 
 
-_DAPO_RE = re.compile(r"^Solve the following math problem.*?\n\n(.*)\n\nRemember to put your answer.*$", re.DOTALL)
+# DAPO's own instruction around each problem (our prompt is added later)
+_DAPO_RE = re.compile(r"^Solve the following math problem.*?\n\n(.*)"
+                      r"\n\nRemember to put your answer.*$", re.DOTALL)
 
 
 def _content(messages, role, last=True):
@@ -70,9 +52,10 @@ def _content(messages, role, last=True):
 
 
 def _question(raw, keys=QUESTION_KEYS):
+    """The question of a raw record: the first of `keys` that holds one, DAPO's wrapper dropped."""
     for key in keys:
         q = raw.get(key)
-        if isinstance(q, list):  # chat messages (DAPO's `prompt`, TRL's `messages`): the last user turn
+        if isinstance(q, list):  # chat messages (DAPO's `prompt`, TRL's `messages`): last user turn
             q = _content(q, "user")
         if isinstance(q, str) and q.strip():
             m = _DAPO_RE.match(q)
@@ -81,6 +64,7 @@ def _question(raw, keys=QUESTION_KEYS):
 
 
 def _answer(raw, keys=ANSWER_KEYS):
+    """The gold answer of a raw record as a string, or None."""
     a = next((raw[k] for k in keys if raw.get(k) not in (None, "")), None)
     if isinstance(a, dict):  # verl's layout: reward_model = {"ground_truth": ..., "style": ...}
         a = a.get("ground_truth")
@@ -92,12 +76,12 @@ def _answer(raw, keys=ANSWER_KEYS):
 
 
 def _response(raw):
-    """A teacher's response in our layout (`response`) or TRL's: the assistant turn after the last user
-    turn of `messages`, or `completion` (a string or a list of messages)."""
+    """A teacher's response in our layout (`response`) or TRL's: the assistant turn after the last
+    user turn of `messages`, or `completion` (a string or a list of messages)."""
     r, msgs, comp = raw.get("response"), raw.get("messages"), raw.get("completion")
     if r is None and isinstance(msgs, list):
-        last_user = max((i for i, m in enumerate(msgs) if isinstance(m, dict) and m.get("role") == "user"),
-                        default=-1)
+        users = [i for i, m in enumerate(msgs) if isinstance(m, dict) and m.get("role") == "user"]
+        last_user = max(users, default=-1)
         r = _content(msgs[last_user + 1:], "assistant", last=False)
     if r is None and comp is not None:
         r = _content(comp, "assistant", last=False) if isinstance(comp, list) else comp
@@ -105,11 +89,10 @@ def _response(raw):
 
 
 def to_records(rows, source, fields=(), question_key=None, answer_key=None):
-    """Raw dicts -> {question, answer, ...} records; one clear error naming the source, row and columns.
-    fields: text fields every record must also have. An SFT corpus ("response") may come in TRL's
-    layouts and may lack the gold answer (None then: SFT does not need it).
-    question_key / answer_key: the one column to read (default: the first of QUESTION_KEYS /
-    ANSWER_KEYS that holds a value)."""
+    """Raw dicts -> {question, answer, ...} records, or an error naming source, row and columns.
+    fields: text fields every record must also have; an SFT corpus ("response") may be in TRL's
+    layouts and lack the gold answer (None). question_key / answer_key: the one column to read
+    (default: the first of QUESTION_KEYS / ANSWER_KEYS that holds a value)."""
     keys = {"question": (question_key,) if question_key else QUESTION_KEYS,
             "answer": (answer_key,) if answer_key else ANSWER_KEYS,
             "response": ("response", "messages", "completion")}
@@ -117,15 +100,18 @@ def to_records(rows, source, fields=(), question_key=None, answer_key=None):
     for i, raw in enumerate(rows):
         if not isinstance(raw, dict):
             raise UsageError(f"{source}: record {i} is a {type(raw).__name__}, not a JSON object")
-        record = dict(raw, question=_question(raw, keys["question"]), answer=_answer(raw, keys["answer"]))
+        record = dict(raw, question=_question(raw, keys["question"]),
+                      answer=_answer(raw, keys["answer"]))
         record.update({f: _response(raw) if f == "response" else raw.get(f) for f in fields})
         for what in ("question", "answer", *fields):
-            if not isinstance(record[what], str) and not (what == "answer" and "response" in fields):
-                looked, found = ", ".join(keys.get(what, (what,))), ", ".join(map(str, raw)) or "nothing"
+            optional = what == "answer" and "response" in fields  # SFT needs no gold answer
+            if not isinstance(record[what], str) and not optional:
+                looked = ", ".join(keys.get(what, (what,)))
+                found = ", ".join(map(str, raw)) or "nothing"
                 flag = f": pass --{what}-key" if what in ("question", "answer") else ""
                 raise UsageError(f"{source}: record {i} has no {what} column "
                                  f"(looked for {looked}; found: {found}){flag}")
-        if record["answer"] and "####" in record["answer"]:  # GSM8K layout: the answer is the whole solution
+        if record["answer"] and "####" in record["answer"]:  # GSM8K: the answer is a whole solution
             record["solution"], record["answer"] = record["answer"], gsm8k_answer(record["answer"])
         out.append(record)
     return out
@@ -137,43 +123,26 @@ def read_file(path):
     if not path.is_file():
         raise UsageError(f"data file {str(path)!r} does not exist")
     if path.suffix not in (".jsonl", ".json", ".parquet", ".txt", ""):
-        raise UsageError(f"data file {str(path)!r}: a {path.suffix} file; use JSONL (one JSON object a line), "
-                         f"a JSON list or parquet")
+        raise UsageError(f"data file {str(path)!r}: a {path.suffix} file; use JSONL "
+                         f"(one JSON object a line), a JSON list or parquet")
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
         return pq.read_table(path).to_pylist()
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise UsageError(f"data file {str(path)!r} is not UTF-8 text (bad byte at offset {e.start}): "
-                         f"re-save it as UTF-8") from None
+        raise UsageError(f"data file {str(path)!r} is not UTF-8 text (bad byte at offset "
+                         f"{e.start}): re-save it as UTF-8") from None
     if path.suffix == ".json" and text.lstrip().startswith("["):
         return json.loads(text)
     rows = []
-    for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): it also splits at U+2028 inside strings
+    for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): it splits at U+2028 too
         if line.strip():
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise UsageError(f"{path}: line {n} is not JSON ({e.msg})") from None
     return rows
-
-
-def offline_if_unreachable():
-    """If the hub's host cannot be reached (no network), put the hub libraries in offline mode: a cached
-    copy still loads, a missing one fails at once instead of after a minute of retries."""
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-    if constants.HF_HUB_OFFLINE:
-        return
-    url = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=5).close()
-    except OSError:
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        constants.HF_HUB_OFFLINE = True
 
 
 def read_hub(name, hub_id, config, split):
@@ -186,19 +155,17 @@ def read_hub(name, hub_id, config, split):
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         local = LOCAL_FILES.get(name, "FILE.jsonl").format(split=split)
         what = f"config {config}, split {split}" if config else f"split {split}"
-        raise UsageError(f"dataset {name!r}: could not load {hub_id} ({what}) from the hub ({first}). "
-                           f"Offline? Put the records in a local JSONL/parquet file and pass --data-dir DIR "
-                           f"(expects DIR/{local}) or the file path instead of the name") from None
+        raise UsageError(f"dataset {name!r}: could not load {hub_id} ({what}) from the hub "
+                         f"({first}). Offline? Put the records in a local JSONL/parquet file and "
+                         f"pass --data-dir DIR (expects DIR/{local}) or the file path instead of "
+                         f"the name") from None
 
 
-def load(source, split=None, data_dir=None, fields=(), config=None, question_key=None, answer_key=None):
+def load(source, split=None, data_dir=None, fields=(), config=None, question_key=None,
+         answer_key=None):
     """A list of {question, answer, ...} records from a short name, a file or a hub id.
-
-    split: for gsm8k "train" (default) or "test"; the other named sets have one
-    split and ignore it; a hub id uses it as given (default "train").
-    config: the hub config (load_dataset's `name`); for a short name it replaces the table's.
-    question_key / answer_key / fields: see to_records.
-    """
+    split: gsm8k's "train" (default) or "test"; a hub id's (default "train"); else ignored.
+    config: the hub config (load_dataset's `name`), replacing HUB's. The rest: see to_records."""
     source = str(source)
     records = lambda rows, where: to_records(rows, where, fields, question_key, answer_key)
     if source in TOY:
@@ -210,14 +177,14 @@ def load(source, split=None, data_dir=None, fields=(), config=None, question_key
         if data_dir is not None:
             path = Path(data_dir) / local.format(split=split)
             if not path.is_file():
-                raise UsageError(f"dataset {source!r}: {path} does not exist "
-                                 f"(with --data-dir, {source} is read from {local.format(split=split)})")
+                raise UsageError(f"dataset {source!r}: {path} does not exist (with --data-dir, "
+                                 f"{source} is read from {local.format(split=split)})")
             return records(read_file(path), f"{source} ({path})")
         rows = read_hub(source, hub_id, config or default_config, split)
         if source == "dapo":  # the hub copy repeats each problem ~100 times: keep the first copy
-            first = {}
+            keys, first = (question_key,) if question_key else QUESTION_KEYS, {}
             for raw in rows:  # streamed: the full list would not fit comfortably
-                first.setdefault(_question(raw, (question_key,) if question_key else QUESTION_KEYS), raw)
+                first.setdefault(_question(raw, keys), raw)
             rows = list(first.values())
         out = records(rows, f"{source} ({hub_id})")
         if source == "math300":  # the integer-answer subset of MATH-500
@@ -231,8 +198,21 @@ def load(source, split=None, data_dir=None, fields=(), config=None, question_key
                      f"a .jsonl/.json/.parquet file, or a hub id owner/name")
 
 
+def training_problems(source, seed=0, data_dir=None, split="train", **options):
+    """Problems to train on: a name, file or hub id (its train split unless `split` says otherwise;
+    `options`: load's config / question_key / answer_key), or toy:easy / toy:hard, the toy world's
+    training problems (toy-easy / toy-hard are its held-out evaluation sets: refused)."""
+    if source in TOY:
+        raise UsageError(f"--data {source} is the toy's held-out evaluation set; "
+                         f"train on toy:{source[4:]}")
+    if source.startswith("toy:"):
+        from nanopr1 import toy
+        return to_records(toy.problems(source[4:], 20000, seed=seed), source)
+    return load(source, split=split, data_dir=data_dir, **options)
+
+
 def write_rows(path, rows, mode="w"):
-    """Append rows (mode "a"), or replace the file: written aside and renamed, so a kill leaves the old one."""
+    """Append rows (mode "a"), or replace the file: written aside, then renamed (kill-safe)."""
     tmp = Path(f"{path}.tmp") if mode == "w" else Path(path)
     with open(tmp, mode, encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
@@ -242,67 +222,65 @@ def write_rows(path, rows, mode="w"):
 def read_rows(path):
     """Rows of a JSONL file a run appends to (none if it is absent); a torn line (the run was killed
     mid-write) is skipped, so the row it held is simply decided again."""
-    if not Path(path).is_file():
-        return []
+    lines = Path(path).read_text(encoding="utf-8").split("\n") if Path(path).is_file() else []
     rows = []
-    for line in Path(path).read_text(encoding="utf-8").split("\n"):
+    for line in lines:
         try:
             rows.append(json.loads(line))
-        except json.JSONDecodeError:
+        except json.JSONDecodeError:  # a torn line, or the empty one after the last
             pass
     return rows
 
+# -----------------------------------------------------------------------------
+# the cold-start corpus: teacher traces judged and tokenized
 
-def judge_trace(text, gold):
-    """A teacher's trace for the SFT corpus: (response, None) to keep it, or (None, reason).
+_INDEX_RE = re.compile(r"^block at \d+: | (?:opened )?at \d+")  # token indices in a parser's reason
 
-    The teacher's thinking (everything up to its last </think>) is dropped and the rest normalised;
-    the trace is kept if it is well formed, has at least one block and its final answer is right
-    (the paper's filter). The reason is cut at ':' so that rejections count by kind."""
-    response = normalize(text.split("</think>")[-1].strip())
-    why = check_format(response)
-    if why is None and not parse(response).blocks:
+
+def reason_kind(reason):
+    """The kind of a rejection, for counting: the reason without token indices, cut at ':'."""
+    return _INDEX_RE.sub("", reason).split(":")[0]
+
+
+def judge_trace(text, gold, tokenizer):
+    """A teacher's trace for the SFT corpus: (response, None) to keep it, or (None, the kind of
+    reason). Kept (the paper's filter): tag tokens well formed, a block, the right final answer."""
+    from nanopr1.rollout import make_rollout  # here, not at the top: rollout -> model -> data
+    response = normalize(text.split("</think>")[-1].strip())  # the teacher's thinking is dropped
+    ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    rollout = make_rollout(tokenizer, [], ids, "budget")  # "budget": the last token is no EOS
+    why = rollout.format_error
+    if why is None and not rollout.blocks:
         why = "no parallel block"
-    if why is None and not grade(response, gold):
+    if why is None and not reward_rollout(rollout, gold)[1]["correct"]:
         why = "wrong final answer"
-    return (response, None) if why is None else (None, why.split(":")[0])
-
-
-def training_problems(source, seed=0, data_dir=None, split="train", **options):
-    """Problems to train on: a name, file or hub id (its train split unless `split` says otherwise;
-    `options`: load's config / question_key / answer_key), or toy:easy / toy:hard, the toy world's
-    training problems (toy-easy / toy-hard are its held-out evaluation sets: refused)."""
-    if source in TOY:
-        raise UsageError(f"--data {source} is the toy's held-out evaluation set; train on toy:{source[4:]}")
-    if source.startswith("toy:"):
-        from nanopr1 import toy
-        return to_records(toy.problems(source[4:], 20000, seed=seed), source)
-    return load(source, split=split, data_dir=data_dir, **options)
+    return (response, None) if why is None else (None, reason_kind(why))
 
 
 def sft_examples(rows, tokenizer, template, max_len):
-    """Tokenise rows into (prompt, response + EOS) id lists. Malformed or too-long traces
-    are dropped and counted by reason; the prompt is tokenised apart and never parsed."""
-    examples, dropped = [], {}
+    """(examples, dropped): each row as (prompt ids, response ids + EOS), and the rows dropped
+    (malformed tag tokens, too long) counted by kind of reason. The prompt is never parsed."""
+    from nanopr1.model import tag_ids  # here, not at the top: model -> data
+    tags, examples, dropped = tag_ids(tokenizer), [], Counter()
     for row in rows:
-        response = normalize(row["response"])
-        why = check_format(response)
+        prompt = chat_prompt_ids(tokenizer, template, row["question"])
+        ids = tokenizer(normalize(row["response"]), add_special_tokens=False)["input_ids"]
+        why = structure(ids, tags)[1]  # the token parser's reason, or None
+        if why is None and len(prompt) + len(ids) + 1 > max_len:  # + EOS
+            why = f"longer than --max-len {max_len}"
         if why is None:
-            prompt = chat_prompt_ids(tokenizer, template, row["question"])
-            resp = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            why = f"longer than --max-len {max_len}" if len(prompt) + len(resp) > max_len else None
-        if why is not None:
-            key = why.split(":")[0]
-            dropped[key] = dropped.get(key, 0) + 1
-            continue
-        examples.append((prompt, resp))
-    return examples, dropped
+            examples.append((prompt, ids + [tokenizer.eos_token_id]))
+        else:
+            dropped[reason_kind(why)] += 1
+    return examples, dict(dropped)
 
+# -----------------------------------------------------------------------------
+# the order of RL problems
 
 def step_problems(n_problems, per_step, seed, step):
-    """Problem indices of RL step `step` (from 0): the step's slice of its epoch's fixed random order
-    (epoch_batches; the problems left over at an epoch's end wait for a later order), so a step's
-    problems are distinct, and a resumed run sees the same prompts."""
+    """Problem indices of RL step `step` (from 0): its slice of its epoch's fixed random order
+    (epoch_batches; an epoch's leftovers wait for a later order), so a step's problems are
+    distinct and a resumed run sees the same prompts."""
     per_epoch = n_problems // per_step
     return epoch_batches(n_problems, per_step, seed, step // per_epoch)[step % per_epoch]
 

@@ -1,15 +1,11 @@
 """
 Evaluation: n rollouts per problem from the branching sampler, graded like RL, summarised as
-Mean@n, Pass@k (unbiased), parallel rate, format-valid rate and response length.
-
-eval.py (the benchmark table, its resume files) and train_rl.py (the --eval-every hook) both
-call `evaluate`. Several processes split the problems by batch: batch b holds problems
-[b * batch_size, (b + 1) * batch_size), rank b % world samples it. Each problem samples from its
-own seed (seed, problem index), so its rows are the same whatever the batch size, the number of
-ranks or a resume in between (on a CPU, bit for bit; a GPU may differ in the last bits).
-Gathering the ranks' rows is the caller's job (`merge` puts them back in order).
+Mean@n, Pass@k (unbiased), parallel rate, format-valid rate and response length. eval.py (the
+benchmark table) and train_rl.py (--eval-every) both call `evaluate`; how the ranks share the
+problems and why a problem's rollouts do not depend on it: docs/design.md, "Evaluation".
 """
 
+from collections import namedtuple
 from math import comb
 
 import torch
@@ -19,6 +15,8 @@ from nanopr1 import metrics, sampler
 from nanopr1.format import PARALLEL_PROMPT, chat_prompt_ids
 from nanopr1.rewards import reward_rollout
 from nanopr1.rollout import mix
+
+Difference = namedtuple("Difference", "mean stderr")  # paired_difference()
 
 # -----------------------------------------------------------------------------
 # metrics
@@ -40,19 +38,25 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else 0.0
 
 
+def _by_problem(rows, key):
+    """{problem: [r[key] of its rows]}, rows in order."""
+    found = {}
+    for r in rows:
+        found.setdefault(r["problem"], []).append(r[key])
+    return found
+
+
 def summarize(rows, n):
     """One dataset's metrics from its graded rollout rows (n per problem)."""
-    by_problem = {}
-    for r in rows:
-        by_problem.setdefault(r["problem"], []).append(r["correct"])
-    counts = [(len(v), sum(v)) for v in by_problem.values()]  # (samples, correct) per problem
-    s = {"problems": len(counts), "rollouts": len(rows), "n": n, f"mean@{n}": _mean([c / m for m, c in counts])}
+    counts = [(len(v), sum(v)) for v in _by_problem(rows, "correct").values()]  # (samples, correct)
+    s = {"problems": len(counts), "rollouts": len(rows), "n": n,
+         f"mean@{n}": _mean([c / m for m, c in counts])}
     for k in ks_for(n):
         s[f"pass@{k}"] = _mean([pass_at_k(m, c, k) for m, c in counts])
     s["parallel"] = _mean([r["has_block"] for r in rows])   # share of rollouts with a valid block
     s["format_ok"] = _mean([r["format_ok"] for r in rows])
     s["length"] = _mean([r["length"] for r in rows])        # response tokens
-    sums = {}  # the behaviour metrics (blocks, where they open, latency ratio, ...): reduced from per-row sums
+    sums = {}  # the behaviour metrics (blocks, where they open, latency ratio, ...) from row sums
     for r in rows:
         for k, v in r.get("behaviour", {}).items():
             sums[k] = sums.get(k, 0) + v
@@ -60,37 +64,37 @@ def summarize(rows, n):
 
 
 def paired_difference(rows_a, rows_b, key="correct"):
-    """(mean of b - a, its standard error) over the problems both share: each problem's difference of
-    its rollouts' mean `key` (correct, has_block), paired because both models saw the same problems."""
-    per = lambda rows: {p: _mean([r[key] for r in rows if r["problem"] == p]) for p in {r["problem"] for r in rows}}
-    a, b = per(rows_a), per(rows_b)
+    """Difference(mean, stderr) of b - a over the problems both share, a problem's value being the
+    mean `key` (correct, has_block) of its rollouts: paired, as both models saw the same problems."""
+    a = {p: _mean(v) for p, v in _by_problem(rows_a, key).items()}
+    b = {p: _mean(v) for p, v in _by_problem(rows_b, key).items()}
     d = [b[p] - a[p] for p in sorted(set(a) & set(b))]
     if len(d) < 2:
-        return _mean(d), float("nan")
+        return Difference(_mean(d), float("nan"))
     m = _mean(d)
-    return m, (sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5
+    return Difference(m, (sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5)
 
 
 def format_table(summaries):
-    """{dataset: summary} -> a printable table: rates in %, length in tokens.
-
-    Datasets may have different n (the paper: MATH300 Mean@1, AIME Mean@16): the columns are every
-    mean@n and pass@k that some dataset has, and a dataset shows "-" where its n defines none.
-    """
+    """{dataset: summary} -> a printable table, rates in %. Datasets may differ in n (MATH300
+    Mean@1, AIME Mean@16): every mean@n and pass@k of some dataset is a column, "-" where none."""
     if not summaries:
         return "(no datasets)"
     keys = [k for s in summaries.values() for k in s if "@" in k]
     means = list(dict.fromkeys(k for k in keys if k.startswith("mean@")))
     passes = sorted({k for k in keys if k.startswith("pass@")}, key=lambda k: int(k[5:]))
     rates = means + passes + ["parallel", "format_ok"]
-    head = ["dataset", "problems"] + [{"parallel": "parallel%", "format_ok": "format%"}.get(k, k) for k in rates]
-    lines = [head + ["length", "blocks", "latency"]]  # blocks per rollout; length / critical path
+    names = {"parallel": "parallel%", "format_ok": "format%"}
+    # length in tokens, blocks per rollout, latency = length / critical path
+    lines = [["dataset", "problems"] + [names.get(k, k) for k in rates] + ["length", "blocks", "latency"]]
     show = lambda s, k: "-" if s.get(k) is None else f"{s[k]:.2f}"
     for name, s in summaries.items():
-        lines.append([name, str(s["problems"])] + [f"{100 * s[k]:.1f}" if k in s else "-" for k in rates]
+        percents = [f"{100 * s[k]:.1f}" if k in s else "-" for k in rates]
+        lines.append([name, str(s["problems"])] + percents
                      + [f"{s['length']:.0f}", show(s, "blocks_per_rollout"), show(s, "latency_ratio")])
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
-    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+    align = lambda i, c, w: c.ljust(w) if i == 0 else c.rjust(w)  # names left, numbers right
+    return "\n".join("  ".join(align(i, c, w) for i, (c, w) in enumerate(zip(line, widths)))
                      for line in lines)
 
 # -----------------------------------------------------------------------------
@@ -98,12 +102,12 @@ def format_table(summaries):
 
 
 def grade_rollout(problem, index, sample_index, rollout, grader=None):
-    """One JSONL row: the rollout's text and its grade under R_acc (by `grader`, None: the built-in)."""
+    """One JSONL row: the rollout's text and its grade under R_acc (by `grader`, None: built-in)."""
     _, m = reward_rollout(rollout, problem["answer"], "accuracy", grader=grader)
-    return {"problem": index, "sample": sample_index, "question": problem["question"], "gold": problem["answer"],
-            **{k: m[k] for k in ("answer", "correct", "has_block", "format_ok", "num_blocks")},
-            "length": len(rollout.ids), "stop_reason": rollout.stop_reason, "behaviour": metrics.sums([rollout]),
-            "text": rollout.text}
+    grade = {k: m[k] for k in ("answer", "correct", "has_block", "format_ok", "num_blocks")}
+    return {"problem": index, "sample": sample_index, "question": problem["question"],
+            "gold": problem["answer"], **grade, "length": len(rollout.ids),
+            "stop_reason": rollout.stop_reason, "behaviour": metrics.sums([rollout]), "text": rollout.text}
 
 
 def complete_rows(rows, problems, n):
@@ -126,36 +130,37 @@ def merge(rows_lists):
 
 
 def shard(num_problems, batch_size, rank=0, world=1):
-    """The batches of problem indices that `rank` samples: every world-th batch, starting at its own."""
-    batches = [list(range(s, min(s + batch_size, num_problems))) for s in range(0, num_problems, batch_size)]
+    """The batches of problem indices `rank` samples: every world-th batch, starting at its own."""
+    starts = range(0, num_problems, batch_size)
+    batches = [list(range(s, min(s + batch_size, num_problems))) for s in starts]
     return batches[rank::world]
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, problems, n=16, *, template=PARALLEL_PROMPT, parallel=True, batch_size=4,
-             done=(), on_rows=None, progress=True, desc="eval", seed=None, rank=0, world=1, grader=None, **sampling):
-    """Sample n rollouts per problem of this rank's share, grade them, return (rows, summary) of the share.
-
-    `done`: rows of an earlier run (resume); complete problems are kept, the rest of the share is
-    sampled. `on_rows(new_rows)` is called after each batch (eval.py appends them to a JSONL).
-    `sampling`: keyword arguments of sampler.sample.
-    """
+def evaluate(model, tokenizer, problems, n=16, *, template=PARALLEL_PROMPT, parallel=True,
+             batch_size=4, done=(), on_rows=None, progress=True, desc="eval", seed=None, rank=0,
+             world=1, grader=None, **sampling):
+    """Sample and grade n rollouts per problem of this rank's share; returns (rows, summary) of it.
+    `done`: an earlier run's rows (its complete problems are kept); `on_rows(new_rows)`: called
+    after each batch (eval.py appends them to a JSONL); `sampling`: sampler.sample's options."""
     batches = shard(len(problems), batch_size, rank, world)
     mine = {i for batch in batches for i in batch}
     rows = [r for r in complete_rows(list(done), problems, n) if r["problem"] in mine]
     finished = {r["problem"] for r in rows}
     was_training = model.training
     model.eval()
-    with tqdm(total=len(mine), initial=len(finished), desc=desc, unit="problem", disable=not progress) as bar:
+    with tqdm(total=len(mine), initial=len(finished), desc=desc, unit="problem",
+              disable=not progress) as bar:
         for batch in batches:
             batch = [i for i in batch if i not in finished]
             if not batch:
                 continue
             prompts = [chat_prompt_ids(tokenizer, template, problems[i]["question"]) for i in batch]
-            rollouts = sampler.sample(model, tokenizer, prompts, group_size=n, parallel=parallel,  # a seed per problem
-                                      seed=None if seed is None else [mix(seed, i) for i in batch], **sampling)
-            new = [grade_rollout(problems[i], i, j, rollouts[b * n + j], grader) for b, i in enumerate(batch)
-                   for j in range(n)]
+            seeds = None if seed is None else [mix(seed, i) for i in batch]  # a seed per problem
+            rollouts = sampler.sample(model, tokenizer, prompts, group_size=n, parallel=parallel,
+                                      seed=seeds, **sampling)
+            new = [grade_rollout(problems[i], i, j, rollouts[b * n + j], grader)
+                   for b, i in enumerate(batch) for j in range(n)]
             rows += new
             if on_rows is not None:
                 on_rows(new)
@@ -166,8 +171,8 @@ def evaluate(model, tokenizer, problems, n=16, *, template=PARALLEL_PROMPT, para
 
 
 def evaluate_everywhere(model, tokenizer, problems, n, gather, rank=0, world=1, **kw):
-    """Every rank evaluates its share; `gather` (e.g. accelerate.utils.gather_object) collects every
-    rank's rows; every rank returns (rows, summary) of the whole set (train_rl.py's --eval-every hook)."""
+    """Every rank evaluates its share and `gather` (e.g. accelerate.utils.gather_object) collects
+    the rows; every rank returns (rows, summary) of the whole set (train_rl.py's --eval-every)."""
     rows, _ = evaluate(model, tokenizer, problems, n, rank=rank, world=world, progress=False, **kw)
     rows = merge([gather(rows)])
     return rows, summarize(rows, n)

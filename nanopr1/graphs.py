@@ -1,23 +1,11 @@
 """
-CUDA graphs, and a stand-in that runs the same capture code on a CPU.
-
-A CUDA graph records the kernels one decode step launches, with the raw device
-addresses they read and write, and replays them with a single launch: the
-overhead of a few hundred small kernels per token is what dominates eager
-decoding of a 36-layer model. Two rules follow from "raw addresses":
-- every tensor a captured step reads must stay alive as long as the graph
-  (kept with the graph, or a persistent buffer): freed memory is handed to the
-  next allocation, and a replay would read whatever is there now;
-- nothing in the step may wait for the host (`.item()`, `nonzero`, a
-  host-to-device copy): capture fails.
-
-`CpuGraph` keeps both rules on a CPU, so that the tests run the GPU's capture
-code and catch what the first GPU hour would. Capture records the aten ops the
-step runs (a TorchDispatchMode); replay runs them again on the tensors they
-read. Tensors made outside the capture are held weakly, like the addresses a
-CUDA graph holds: a replay after one was freed raises `FreedInputError`. An op
-that waits for the host raises at capture. `pool_bytes` is the peak of the
-memory the capture allocated, what the CUDA graph's private pool would hold.
+CUDA graphs replay a decode step's kernels on the raw addresses they were captured with, so every tensor a
+captured step reads must outlive the graph, and nothing in the step may wait for the host. `CpuGraph` is
+a stand-in that keeps both rules on a CPU, so that the tests run the GPU's capture code (kvcache.py):
+capture records the aten ops the step runs; replay runs them again on the tensors they read, holding
+the tensors made before the capture only weakly, as raw addresses hold nothing. A replay after one of
+them was freed raises FreedInputError (a GPU would read reused memory); an op that waits for the host
+raises at capture. `pool_bytes`: the peak of what the capture allocated (a CUDA graph's memory pool).
 """
 
 import weakref

@@ -1,28 +1,10 @@
 """
-The KV cache of the branching sampler, the same on a CPU and on a GPU: every
-row being decoded (the main line of a rollout, or one of its paths) keeps its
-own keys and values.
-
-R rows of S columns per layer are allocated once, sized by a memory budget
-(`rows_for_budget`), and kept for a whole run: train_rl.py makes one and hands
-it to every sample() call. Each row appends at its own write position
-(`length`). RoPE is already in the keys and positions are passed explicitly,
-so a row's columns need only be valid, not in any order: a fork is a row copy,
-an Unseen merge appends the sibling paths' entries to the first path's row, a
-finished row is freed.
-
-The decode step feeds one token to every row. It attends to the first `view`
-columns only (the longest row, rounded up to a multiple of 256) and pads the
-rows up to a bucket (1, 8, 32, 64, 128, 256, ...) with dead rows, which write
-to the last column (scratch) that no query attends to. Its shapes then depend
-on (bucket, view) alone, so each such step is captured once as a graph
-(graphs.py: CUDA graphs on a GPU, a stand-in that checks the same rules on a
-CPU) and replayed with its inputs copied into persistent buffers. Prefills and
-Seen re-encodes run eagerly. Under autocast the step runs eagerly too (the
-sampler decodes a bf16 copy of the model, no autocast).
-
-Simplification: every row gets the worst case S = longest prompt +
-max_new_tokens + 1 columns (no paging).
+The KV cache of the branching sampler, the same on a CPU and a GPU (docs/design.md, "One KV cache"):
+R rows of S columns per layer, allocated once from a memory budget and kept for a whole run; each row
+(a rollout's main line, or one of its paths) appends at its own write position. The decode step pads
+the rows to a bucket (1, 8, 32, 64, ...) and attends to a multiple of 256 columns, so its shapes take a
+few values and each is captured once as a graph (graphs.py) and replayed. Simplification: every row
+holds the worst case, the longest prompt + max_new_tokens (no paging).
 """
 
 import time

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen3Config
 
-from nanopr1 import UsageError
+from nanopr1 import UsageError, offline_if_unreachable
+from nanopr1 import checkpoint
 from nanopr1.checkpoint import model_dir
-from nanopr1.data import offline_if_unreachable
 from nanopr1.format import TAGS
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -68,6 +68,15 @@ def save(model, tokenizer, path, args=None, state_dict=None, is_main=True):
     tokenizer.save_pretrained(path)
     if args is not None:
         (Path(path) / "args.json").write_text(json.dumps(args, indent=1, default=str))
+
+
+def save_checkpoint(out, step, acc, model, tokenizer, args, keep=1):
+    """A training run's checkpoint OUT/checkpoint-<step>: the model dir load() reads (LoRA merged, FSDP
+    gathered: every rank calls this), accelerate's state and the run's flags, written atomically
+    (checkpoint.save), the newest `keep` kept."""
+    write = lambda path: save(acc.unwrap_model(model), tokenizer, path, state_dict=acc.get_state_dict(model),
+                              is_main=acc.is_main_process)
+    return checkpoint.save(out, step, acc, write, args=checkpoint.plain(args), keep=keep)
 
 
 def sampling_copy(model, dtype, device):

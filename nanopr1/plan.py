@@ -1,12 +1,8 @@
 """
-Will it fit? GPU memory per rank of a training run: worked out from the model
-config alone (`--plan`: a directory holding only config.json is enough), then
-measured at the start of a GPU run before the KV cache takes the rest.
-
-The plan counts the model states, the bf16 sampling copy, the KL reference,
-the larger of the training and sampling transients, the CUDA graphs' memory
-pool, the CUDA context and a headroom; the KV cache gets what is left. Each
-figure and where it comes from: docs/design.md, "Memory".
+Will it fit? The GPU memory per rank of a training run, worked out from the model config alone
+(`--plan`: a dir holding only config.json is enough), then measured at the start of a GPU run
+before the KV cache takes the rest. Each figure and where it comes from: docs/design.md,
+"Memory at 4B".
 """
 
 import os
@@ -22,12 +18,13 @@ from nanopr1.model import LORA_TARGETS
 from nanopr1.scoring import LOGITS_CHUNK_TOKENS
 
 GB = 1e9
-HEADROOM = 0.05        # of the GPU, never planned for: allocator fragmentation, what the estimates miss
-CONTEXT = 2 * GB       # the CUDA context, cuBLAS workspaces, NCCL buffers
-LOGITS_BYTES = 17      # per entry of a chunk of logits in training: bf16, fp32, masked and softmax copies (16.5)
-ADAMW_BYTES = 4        # per trained parameter: the temporaries of AdamW's foreach step (4.0)
-SAMPLING_BYTES = 32    # per (row x vocab) entry: the sampler's masking, log-softmax and noise (32.0)
-POOL_BYTES = 8         # per (row x vocab) entry: what a captured decode step leaves in the graph pool (8.3)
+HEADROOM = 0.05      # of the GPU, never planned for: fragmentation, what the estimates miss
+CONTEXT = 2 * GB     # the CUDA context, cuBLAS workspaces, NCCL buffers
+# bytes per entry, measured (in brackets) and rounded up
+LOGITS_BYTES = 17    # a chunk of logits in training: bf16, fp32, masked and softmax copies (16.5)
+ADAMW_BYTES = 4      # per trained parameter: the temporaries of AdamW's foreach step (4.0)
+SAMPLING_BYTES = 32  # per (row x vocab): the sampler's masking, log-softmax and noise (32.0)
+POOL_BYTES = 8       # per (row x vocab): what a captured decode step leaves in the graph pool (8.3)
 
 
 @dataclass
@@ -37,7 +34,7 @@ class Plan:
     cols: int = 0          # columns per row
     kv_bytes: float = 0.0
     gpu_bytes: float = 0.0
-    training: float = 0.0  # the training transient: one micro-batch's forward and backward, or AdamW's step
+    training: float = 0.0  # the training transient: a micro-batch's forward and backward, or AdamW
     fits: bool = False
     verdict: str = ""
 
@@ -53,7 +50,7 @@ class Plan:
 
 
 def load_config(name):
-    """The model config of a hub id, a model dir or a run dir (its checkpoint): config.json alone is read."""
+    """The model config of a hub id, a model dir or a run dir (its checkpoint): only config.json."""
     from nanopr1.checkpoint import model_dir
     from nanopr1.data import offline_if_unreachable
     local = Path(name).expanduser()
@@ -64,15 +61,18 @@ def load_config(name):
     try:
         return AutoConfig.from_pretrained(str(local) if local.exists() else name)
     except (OSError, ValueError) as e:
-        raise UsageError(f"--plan: no model config at {name!r} ({str(e).strip().splitlines()[0][:120]})") from None
+        why = str(e).strip().splitlines()[0][:120]
+        raise UsageError(f"--plan: no model config at {name!r} ({why})") from None
 
 
 def run_setup(gpu_memory_gb, num_gpus, lora):
-    """(GPU bytes, ranks, FSDP?) of the run being planned: the flags, else this machine and this launch
-    (a full fine-tune over several GPUs is assumed to use FSDP, as configs/fsdp_8gpu.yaml does)."""
-    gpu = gpu_memory_gb * GB if gpu_memory_gb else (
-        torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None)
-    if gpu is None:
+    """(GPU bytes, ranks, FSDP?) of the run being planned: the flags, else this machine and launch
+    (a full fine-tune on several GPUs is assumed to use FSDP, as configs/fsdp_8gpu.yaml does)."""
+    if gpu_memory_gb:
+        gpu = gpu_memory_gb * GB
+    elif torch.cuda.is_available():
+        gpu = torch.cuda.get_device_properties(0).total_memory
+    else:
         raise UsageError("no GPU here: pass --gpu-memory-gb (e.g. 80) to plan for one")
     world = num_gpus or int(os.environ.get("WORLD_SIZE", 1))
     fsdp = os.environ.get("ACCELERATE_USE_FSDP", str(world > 1 and not lora)).lower() == "true"
@@ -80,19 +80,19 @@ def run_setup(gpu_memory_gb, num_gpus, lora):
 
 
 def count_parameters(config, lora_r=0):
-    """(parameters, adapter parameters, parameters of one layer, of the embedding) from a model built on the
-    meta device: exact, instant, nothing allocated. Tied embeddings count once."""
+    """(parameters, adapter parameters, of one layer, of the embedding): exact and instant, from a
+    model on the meta device."""
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    n = sum(q.numel() for q in model.parameters())
-    adapters = sum(lora_r * (m.in_features + m.out_features) for name, m in model.named_modules()
-                   if name.split(".")[-1] in LORA_TARGETS) if lora_r else 0
+    n = sum(q.numel() for q in model.parameters())  # tied embeddings count once
+    targets = [m for name, m in model.named_modules() if name.split(".")[-1] in LORA_TARGETS]
+    adapters = lora_r * sum(m.in_features + m.out_features for m in targets) if lora_r else 0
     layer = sum(q.numel() for q in model.get_decoder().layers[0].parameters())
     return n, adapters, layer, model.get_input_embeddings().weight.numel()
 
 
 def activation_bytes_per_token(config, autocast=True):
-    """Bytes one decoder layer saves for backward per token: fp32, or bf16 autocast (its norms stay fp32)."""
+    """Bytes a decoder layer saves for backward per token: fp32, or bf16 autocast (norms in fp32)."""
     H, I = config.hidden_size, config.intermediate_size
     hd = getattr(config, "head_dim", None) or H // config.num_attention_heads
     q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
@@ -101,11 +101,12 @@ def activation_bytes_per_token(config, autocast=True):
     return 4 * (4 * H + q + kv + 2 * hd) + 2 * (6 * H + 4 * q + kv + 4 * I)
 
 
-def training_transient(config, tokens, row_tokens, *, grad_ckpt=True, autocast=True, unseen=False, trained=0):
-    """Peak bytes of one micro-batch of `tokens` (rows of `row_tokens`): forward and backward, above the
-    weights, gradients and optimizer states; or AdamW's foreach step over `trained` parameters, the larger."""
+def training_transient(config, tokens, row_tokens, *, grad_ckpt=True, autocast=True, unseen=False,
+                       trained=0):
+    """Peak bytes above the model states of a micro-batch of `tokens` (rows of `row_tokens`): its
+    forward and backward, or AdamW's foreach step over `trained` parameters, the larger."""
     act = activation_bytes_per_token(config, autocast) * tokens
-    if grad_ckpt:  # each layer keeps its input (fp32 residual stream), one layer is recomputed at a time
+    if grad_ckpt:  # each layer keeps its input (fp32 residual stream), one is recomputed at a time
         act += config.num_hidden_layers * tokens * config.hidden_size * 4
     else:
         act *= config.num_hidden_layers
@@ -115,15 +116,15 @@ def training_transient(config, tokens, row_tokens, *, grad_ckpt=True, autocast=T
     return max(act + logits, ADAMW_BYTES * trained)
 
 
-def memory_plan(config, *, gpu_bytes, world=1, fsdp=False, lora_r=0, grad_ckpt=True, micro_batch_tokens=16384,
-                unseen=False, sampling=True, max_prompt_tokens=2000, max_new_tokens=3000, num_paths=2,
-                max_rows=None, kv_bytes=None, reference=False):
-    """The per-rank memory of a run. kv_bytes None: the KV cache gets what is left; max_rows: no more rows
-    than the run can use (rollouts per rank x num_paths)."""
+def memory_plan(config, *, gpu_bytes, world=1, fsdp=False, lora_r=0, grad_ckpt=True,
+                micro_batch_tokens=16384, unseen=False, sampling=True, max_prompt_tokens=2000,
+                max_new_tokens=3000, num_paths=2, max_rows=None, kv_bytes=None, reference=False):
+    """The per-rank memory of a run, a Plan. kv_bytes None: the KV cache gets what is left;
+    max_rows: no more rows than the run can use (rollouts per rank x num_paths)."""
     n, adapters, layer, embed = count_parameters(config, lora_r)
-    shard = world if fsdp else 1
-    V = config.vocab_size
+    shard, V = world if fsdp else 1, config.vocab_size
     p = Plan(gpu_bytes=gpu_bytes)
+    # 1) what stays: the model states, the sampling copy, the KL reference, context, headroom
     if lora_r:
         p.items += [("base weights (bf16, frozen)", 2 * n),
                     (f"LoRA adapters r={lora_r}: weights, gradients, AdamW (fp32)", 16 * adapters)]
@@ -132,7 +133,8 @@ def memory_plan(config, *, gpu_bytes, world=1, fsdp=False, lora_r=0, grad_ckpt=T
         p.items += [(f"weights (fp32, {part})", 4 * n / shard), (f"gradients (fp32, {part})", 4 * n / shard),
                     (f"AdamW moments (fp32, {part})", 8 * n / shard)]
         if shard > 1:
-            p.items.append(("FSDP: gathered layers in flight, embedding/head group", 2 * 2 * layer + 2 * embed + 4 * layer))
+            p.items.append(("FSDP: gathered layers in flight, embedding/head group",
+                            2 * 2 * layer + 2 * embed + 4 * layer))
     if sampling:
         p.items.append(("sampling copy (bf16, whole model)", 2 * n))
     if reference:
@@ -140,53 +142,64 @@ def memory_plan(config, *, gpu_bytes, world=1, fsdp=False, lora_r=0, grad_ckpt=T
     p.items.append(("CUDA context, cuBLAS and NCCL buffers", CONTEXT))
     p.items.append((f"headroom ({HEADROOM:.0%} of the GPU)", HEADROOM * gpu_bytes))
 
-    T, how = micro_batch_tokens, "checkpointed" if grad_ckpt else "not checkpointed"
-    p.training = training_transient(config, T, min(T, max_prompt_tokens + max_new_tokens), grad_ckpt=grad_ckpt,
-                                    unseen=unseen, trained=(adapters if lora_r else n) / shard)
+    # 2) the training transient, and KV cache rows in what is left beside the larger transient
+    T = micro_batch_tokens
+    trained = (adapters if lora_r else n) / shard
+    p.training = training_transient(config, T, min(T, max_prompt_tokens + max_new_tokens),
+                                    grad_ckpt=grad_ckpt, unseen=unseen, trained=trained)
     p.cols = max_prompt_tokens + max_new_tokens + 1  # what sampler.sample asks of the cache
-    dtype = torch.bfloat16
-    row = (p.cols + 1) * kv_bytes_per_token(config, dtype)  # KVCache adds a scratch column
+    kv_token = kv_bytes_per_token(config, torch.bfloat16)
+    row = (p.cols + 1) * kv_token  # KVCache adds a scratch column
     sample = 0
-    if sampling:  # per KV row: its columns, its share of the persistent logits buffer and of the graph pool
+    if sampling:  # per KV row: its columns, its share of the logits buffer and of the graph pool
         per_row = row + 4 * V + POOL_BYTES * V
-        rows = lambda budget: max(0, min(int(budget // per_row), max_rows or 1 << 30))
-        left = gpu_bytes - p.total - p.training if kv_bytes is None else None
-        p.rows = rows(left) if kv_bytes is None else min(rows_for_budget(config, dtype, p.cols, kv_bytes),
-                                                         max_rows or 1 << 30)
+        cap = max_rows or 1 << 30
+        fit = lambda budget: max(0, min(int(budget // per_row), cap))  # rows in `budget` bytes
+        if kv_bytes is None:
+            p.rows = fit(gpu_bytes - p.total - p.training)
+        else:
+            p.rows = min(rows_for_budget(config, torch.bfloat16, p.cols, kv_bytes), cap)
         sample = bucket(max(p.rows, 1)) * V * SAMPLING_BYTES
-        if kv_bytes is None and sample > p.training:  # the sampler's transient is the larger: fewer rows
-            p.rows = rows(gpu_bytes - p.total - sample)
+        if kv_bytes is None and sample > p.training:  # the sampler's transient is larger: fewer rows
+            p.rows = fit(gpu_bytes - p.total - sample)
             sample = bucket(max(p.rows, 1)) * V * SAMPLING_BYTES
         p.kv_bytes = p.rows * row
-    p.items.append((f"training ({T:,}-token micro-batch, {how})" + (f", or sampling {sample / GB:.1f} GB if larger"
-                                                                    if sampling else ""), max(p.training, sample)))
+    how = "checkpointed" if grad_ckpt else "not checkpointed"
+    what = f"training ({T:,}-token micro-batch, {how})"
+    if sampling:
+        what += f", or sampling {sample / GB:.1f} GB if larger"
+    p.items.append((what, max(p.training, sample)))
     if sampling:
         p.items.append(("CUDA graphs: their logits buffer and memory pool", p.rows * V * (4 + POOL_BYTES)))
         p.items.append((f"KV cache: {p.rows:,} rows x {p.cols + 1:,} columns x "
-                        f"{kv_bytes_per_token(config, dtype) / 1024:.0f} KiB per token (bf16)", p.kv_bytes))
-    need = num_paths if sampling else 0
+                        f"{kv_token / 1024:.0f} KiB per token (bf16)", p.kv_bytes))
+
+    # 3) the verdict
+    need = num_paths if sampling else 0  # KV rows of one rollout
     p.fits = p.total <= gpu_bytes and p.rows >= need
     if not p.fits:
         short = p.total - gpu_bytes if p.total > gpu_bytes else (need - p.rows) * row
-        p.verdict = (f"does not fit: {short / GB:.1f} GB short" + (f" (one rollout needs {need} KV rows, "
-                     f"{p.rows} fit)" if p.rows < need else "") +
-                     "; try --lora, more GPUs, a smaller --micro-batch-tokens or --max-new-tokens")
+        few = f" (one rollout needs {need} KV rows, {p.rows} fit)" if p.rows < need else ""
+        p.verdict = (f"does not fit: {short / GB:.1f} GB short{few}; try --lora, more GPUs, "
+                     "a smaller --micro-batch-tokens or --max-new-tokens")
     elif sampling:
-        p.verdict = (f"fits: {p.rows:,} KV rows in flight ({p.rows // num_paths:,} rollouts of {num_paths} paths "
-                     f"at once), {p.kv_bytes / GB:.1f} GB of KV cache")
+        p.verdict = (f"fits: {p.rows:,} KV rows in flight ({p.rows // num_paths:,} rollouts of "
+                     f"{num_paths} paths at once), {p.kv_bytes / GB:.1f} GB of KV cache")
     else:
         p.verdict = f"fits: {(gpu_bytes - p.total) / GB:.1f} GB to spare"
     return p
 
 
 def plan_for(args, config, sampling=True, longest_prompt=None):
-    """The plan of a training script's run from its flags (train_rl.py or train_sft.py): GPU memory and GPU
-    count from --gpu-memory-gb / --num-gpus or this machine and launch."""
+    """The Plan of a training script's run (train_rl.py, train_sft.py) from its flags."""
     gpu, world, fsdp = run_setup(args.gpu_memory_gb, args.num_gpus, args.lora)
-    rl = dict(max_prompt_tokens=longest_prompt or args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
-              num_paths=args.num_paths, max_rows=args.prompts_per_step * args.group_size // world * args.num_paths,
-              reference=args.kl_coef > 0 and not args.lora,
-              kv_bytes=args.kv_memory_gb * GB if args.kv_memory_gb else None) if sampling else {}
+    rl = {}
+    if sampling:
+        rollouts = args.prompts_per_step * args.group_size // world  # this rank's
+        rl = dict(max_prompt_tokens=longest_prompt or args.max_prompt_tokens,
+                  max_new_tokens=args.max_new_tokens, num_paths=args.num_paths,
+                  max_rows=rollouts * args.num_paths, reference=args.kl_coef > 0 and not args.lora,
+                  kv_bytes=args.kv_memory_gb * GB if args.kv_memory_gb else None)
     return memory_plan(config, gpu_bytes=gpu, world=world, fsdp=fsdp, lora_r=args.lora_r if args.lora else 0,
                        grad_ckpt=args.grad_ckpt is not False, micro_batch_tokens=args.micro_batch_tokens,
                        unseen=args.variant == "unseen", sampling=sampling, **rl)
@@ -196,9 +209,8 @@ def plan_for(args, config, sampling=True, longest_prompt=None):
 
 
 def peak_bytes(fn, device):
-    """The peak memory `fn()` allocates above what was allocated before it, in bytes. CUDA: the allocator's
-    peak of reserved memory (what the KV cache cannot have); CPU: every allocation and free the profiler
-    saw, replayed in order."""
+    """The peak bytes `fn()` allocates above what was allocated before. CUDA: the peak of reserved
+    memory (what the KV cache cannot have); CPU: the profiler's allocations and frees, replayed."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -209,25 +221,25 @@ def peak_bytes(fn, device):
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    memory = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     now = peak = 0
-    for _, nbytes in events:
+    for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in memory):
         now += nbytes
         peak = max(peak, now)
     return peak
 
 
 def profile_training(model, opt, acc, score, tags, variant, pad, tokens, row_tokens):
-    """Run the worst-case micro-batch once (rows of `row_tokens` filling `tokens`): forward, backward and an
-    AdamW step at lr 0, so the weights do not move and the optimizer's state is back to a fresh one after
-    it (zero moments, step 0). Returns its peak bytes (peak_bytes)."""
+    """peak_bytes of the worst-case micro-batch (rows of `row_tokens` filling `tokens`): forward,
+    backward, an AdamW step at lr 0; the weights stay, the optimizer state is fresh again."""
     from nanopr1.rollout import ALL_TAGS, Rollout
     L = max(2, min(tokens, row_tokens))
     vocab = acc.unwrap_model(model).get_input_embeddings().num_embeddings
-    words = [i for i in range(min(64, vocab)) if i not in set(tags.values())]  # any ids but the tags
+    words = [i for i in range(min(64, vocab)) if i not in set(tags.values())]  # any ids but tags
     ids = [words[i % len(words)] for i in range(L - 1)]
-    rollouts = [Rollout([words[0]], ids, [False] * len(ids), [0.0] * len(ids), list(range(1, L)),
-                        [ALL_TAGS] * len(ids), [], "", "budget") for _ in range(max(1, tokens // L))]
+    rollouts = [Rollout([words[0]], ids, forced=[False] * len(ids), logprobs=[0.0] * len(ids),
+                        positions=list(range(1, L)), allowed=[ALL_TAGS] * len(ids), blocks=[], text="",
+                        stop_reason="budget") for _ in range(max(1, tokens // L))]
 
     def step():
         logp, mask = score(model, rollouts, tags, variant, 1.0, pad, acc.device)
@@ -241,14 +253,14 @@ def profile_training(model, opt, acc, score, tags, variant, pad, tokens, row_tok
         opt.zero_grad(set_to_none=True)
 
     peak = peak_bytes(step, acc.device)
-    for state in opt.state.values():  # zero gradients left the moments at 0: only the step count moved
+    for state in opt.state.values():  # zero gradients left the moments at 0: only the step moved
         state["step"] = torch.zeros_like(state["step"]) if torch.is_tensor(state["step"]) else 0
     return peak
 
 
 def kv_rows_left(config, dtype, cols, peak, device, max_rows):
-    """CUDA, after the measurements: the KV cache rows that fit in what is really free, minus the headroom
-    and the measured peak of the work that runs beside the cache (training, or a decode step)."""
+    """CUDA, after the measurements: the KV cache rows that fit in what is really free, minus the
+    headroom and the measured peak of the work beside the cache (training, or a decode step)."""
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
     per_row = (cols + 1) * kv_bytes_per_token(config, dtype) + (4 + POOL_BYTES) * config.vocab_size

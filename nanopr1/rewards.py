@@ -1,24 +1,10 @@
-"""Grading answers and turning grades into rewards.
+"""
+Grading answers and turning grades into rewards, for a rollout.Rollout.
 
-0) Structure from tokens. Blocks, the format check and the main text (`Rollout.blocks`,
-   `.format_error`, `.main_text`) come from the six tag *token ids*, never from decoded text: a tag
-   spelled with sub-word pieces (`<`, `Parallel`, `>`) decodes to the same text, and would earn the
-   parallel reward with a block never forked. A spelled tag is plain main text.
-1) Extraction (`extract_answer`, the only extractor). The rest of the line after the last
-   `Final Answer:` of the main text (case-insensitive, bold allowed), or the next line when only
-   markup (`**`, `$$`, `\\[`) follows. One in a path or a summary does not count (scratch work).
-   Without one: the main text's last `\\boxed{...}` (a base model's habit; not in the paper).
-2) Normalisation. `$1,080.`, `\\boxed{-\\frac{3}{4}}`, `x = 42 apples`, `\\(42\\)`, `−7` match
-   `1080`, `-3/4`, `42`, `-7`: strip LaTeX, currency and spelled tags, keep what follows the last
-   `=`, compare the leading numbers' values (0.75 == 3/4, `2\\frac{1}{2}` == 5/2). A number that is
-   only part of the answer is not read: in more math (`3x`, `5 - 3`, `2:3`, `x - 7`) or one of
-   several candidates (`6, 7`, `6 or 7`). Other answers compare as cleaned strings.
-3) Rewards, functions of (correct, has_block): R_acc ±1, the paper's easy-stage reward and its
-   tiered reward; a schedule (`reward_fn`) picks one per RL step; `reward_rollout` grades a Rollout
-   and applies it (`grade` grades a plain text). Yours, "module:function", replace them (`resolve`).
-
-Simplification: the built-in grader is a small normaliser for integer and simple numeric answers,
-not a symbolic checker like math-verify (tests/custom_rewards.py plugs one in as a grader).
+1) extraction: the answer of a response's main-line text (`extract_answer`);
+2) normalisation: does it mean the gold answer (`is_equiv`, a small numeric normaliser);
+3) rewards: R_acc, the easy-stage and tiered rewards, the schedules that pick one per RL step,
+   `reward_rollout`, and your own reward or grader by "module:function" (`resolve`).
 """
 
 import importlib
@@ -29,12 +15,12 @@ from fractions import Fraction
 from pathlib import Path
 
 from nanopr1 import UsageError
-from nanopr1.format import TAGS, main_text
+from nanopr1.format import TAGS
 
 # -----------------------------------------------------------------------------
 # 1) extraction
 
-# also **Final Answer**: 42 and **Final Answer:** 42 (the closing ** is eaten, it is not part of the answer)
+# also **Final Answer**: 42 and **Final Answer:** 42 (the closing ** is eaten: not the answer)
 _ANSWER_RE = re.compile(r"final\s+answer[\s*_]*:(?:\*\*|__)?", re.IGNORECASE)
 _MARKUP_LINE_RE = re.compile(r"(?:\s|[*_`$]|\\[\[\]()])*")  # a line of markup only: **, $$, \[, ```
 
@@ -53,7 +39,8 @@ def last_boxed(text):
 
 
 def extract_answer(main):
-    """The raw answer string of a response's *main text* (see the module docstring), or None."""
+    """The raw answer string of a response's main-line text, or None: the rest of the line after
+    its last `Final Answer:`, else its last \\boxed{...}."""
     hits = list(_ANSWER_RE.finditer(main))
     if not hits:
         return last_boxed(main) or None  # an empty \\boxed{} is no answer
@@ -68,22 +55,24 @@ _UNWRAP_RE = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox|operatornam
 _FRAC_RE = re.compile(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
 _FRAC_SHORT_RE = re.compile(r"\\[dt]?frac(\d)(\d)")
 _MIXED_RE = re.compile(r"(\d)\s*(?=\\[dt]?frac)")  # 2\frac{1}{2}: the mixed number 2 1/2, not 21/2
-_DROP = ["\\\\", "\\$", "$", "\\(", "\\)", "\\[", "\\]", "\\left", "\\right", "\\!", "\\,", "\\;", "\\:", "\\ ",
-         "^\\circ", "^{\\circ}", "\\circ", "°", "\\%", "%", "**", "`"]
+_DROP = ["\\\\", "\\$", "$", "\\(", "\\)", "\\[", "\\]", "\\left", "\\right", "\\!", "\\,", "\\;",
+         "\\:", "\\ ", "^\\circ", "^{\\circ}", "\\circ", "°", "\\%", "%", "**", "`"]
 _MINUS = {"\u2212": "-", "\u2013": "-", "\u2012": "-", "\u2014": "-", "\uff0d": "-"}
 
 _NUMBER = r"[-+]?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|[-+]?\.\d+"
 # an optional whole part (the 2 of the mixed number 2 1/2), a number, an optional denominator
-_NUMBER_RE = re.compile(rf"(?<![\w.])(?:([-+]?\d+)\s+(?=\d+\s*/\s*[-+]?\d))?({_NUMBER})(?:\s*/\s*({_NUMBER}))?")
-# what may not come before the number: digits or LaTeX (\sqrt{3}, x_2), an operator it is the operand of (x - 7)
+_NUMBER_RE = re.compile(rf"(?<![\w.])(?:([-+]?\d+)\s+(?=\d+\s*/\s*[-+]?\d))?"
+                        rf"({_NUMBER})(?:\s*/\s*({_NUMBER}))?")
+# not before the number: digits or LaTeX (\sqrt{3}, x_2), an operator it is the operand of (x - 7)
 _BEFORE_RE = re.compile(r"[\d\\{^_]|[-+*/×·<>≤≥]\s*$")
-# what may not follow it: more math (3x, 2^{10}, 5 - 3), a ratio or a time (2:3, 10:30), more candidates (6, 7; 6 or 7)
-_AFTER_RE = re.compile(r"[A-Za-z](?![A-Za-z])|\s*[\^*/+\-×·\\√!_=<>≤≥]|\s*:\s*\d|\s*[,;]\s*[-+]?\.?\d"
-                       r"|\s+(?:or|and)\s+[-+]?\.?\d", re.IGNORECASE)
+# not after it: more math (3x, 2^{10}, 5 - 3), a ratio or a time (2:3), candidates (6, 7; 6 or 7)
+_AFTER_RE = re.compile(r"[A-Za-z](?![A-Za-z])|\s*[\^*/+\-×·\\√!_=<>≤≥]|\s*:\s*\d"
+                       r"|\s*[,;]\s*[-+]?\.?\d|\s+(?:or|and)\s+[-+]?\.?\d", re.IGNORECASE)
 
 
 def clean_answer(s):
-    """Strip wrappers and keep what follows the last `=` (see the module docstring)."""
+    """The answer string without its wrappers (\\boxed, \\text, $, units, currency, spelled tags),
+    \\frac as a/b, and only what follows the last `=`."""
     s = s.strip()
     boxed = last_boxed(s)
     if boxed is not None:
@@ -96,22 +85,20 @@ def clean_answer(s):
     s = s.replace("{,}", ",")
     for d in _DROP:
         s = s.replace(d, "")
-    for t in TAGS:  # a tag spelled in the main text is no part of the answer: `42</Summary>` (`4<Path>2` is not 42)
+    for t in TAGS:  # a tag spelled in the main text is no answer: 42</Summary> (4<Path>2 != 42)
         s = s.replace(t, " ")
     s = s.split("=")[-1]  # "x = 42", "3 + 4 = 7"
     return s.strip().rstrip(".").strip()
 
 
 def parse_number(s):
-    """The value of the leading number of a cleaned answer, or None.
-
-    `42 apples` -> 42; `(3)/(4)` (from \\frac) -> 3/4; `- 7` -> -7; `-2 (1)/(2)` -> -5/2; `3x + 1` -> None.
-    """
+    """The value of the leading number of a cleaned answer, or None when it is only part of it:
+    `42 apples` -> 42; `(3)/(4)` -> 3/4; `-2 (1)/(2)` -> -5/2; `3x + 1`, `6 or 7` -> None."""
     s = re.sub(r"\(\s*([-+]?[\d.,]+)\s*\)", r"\1", s)  # (3)/(4) -> 3/4
     s = re.sub(r"^([-+])\s+(?=[\d.])", r"\1", s)  # a leading sign keeps its number: - 7 -> -7
     m = _NUMBER_RE.search(s)
     if m is None or _BEFORE_RE.search(s, 0, m.start()) or _AFTER_RE.match(s, m.end()):
-        return None  # the number is only part of the answer (see the module docstring)
+        return None  # the number is only part of the answer
     whole, num, den = m.groups()
     try:  # the denominator of a plain number is 1
         value = Fraction(num.replace(",", "")) / Fraction((den or "1").replace(",", ""))
@@ -137,11 +124,6 @@ def is_equiv(pred, gold):
     return pred != "" and _squash(pred) == _squash(gold)
 
 
-def grade(text, gold):
-    """Is the final answer of the plain text `text` correct? For teacher traces, whose structure is their
-    text; a sampled rollout is graded from its tokens by reward_rollout."""
-    return is_equiv(extract_answer(main_text(text)), gold)
-
 # -----------------------------------------------------------------------------
 # 3) rewards and schedules
 
@@ -161,7 +143,7 @@ def tiered_reward(correct, has_block):
 
 
 def is_tiered_step(step, window=10, tiered=2):
-    """Steps count from 1; the last `tiered` steps of each window (9, 10, 19, 20, ...) are tiered."""
+    """Is RL step `step` (from 1) one of the last `tiered` of its window (9, 10, 19, 20, ...)?"""
     return (step - 1) % window >= window - tiered
 
 
@@ -169,16 +151,14 @@ SCHEDULES = ("accuracy", "parallel", "tiered", "alternating", "scaffold")
 
 
 def reward_fn(schedule, step, scaffold_until=200):
-    """The reward function a schedule uses at RL step `step` (counted from 1).
-
-    accuracy: R_acc always. parallel: the easy-stage reward always. tiered: always.
-    alternating (S2): R_acc, except tiered on steps 9-10 of each window of 10.
-    scaffold (paper): alternating for steps 1..scaffold_until, then R_acc. A callable: itself.
-    """
+    """The reward function `schedule` uses at RL step `step` (from 1): accuracy, parallel and tiered
+    always their own; alternating (S2) R_acc but tiered on steps 9-10 of every 10; scaffold
+    alternating up to `scaffold_until`, then R_acc; a callable is its own schedule."""
     if callable(schedule):
         return schedule
     if schedule not in SCHEDULES:
-        raise ValueError(f"unknown reward schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        raise ValueError(f"unknown reward schedule {schedule!r}; "
+                         f"choose one of {', '.join(SCHEDULES)}")
     if schedule == "scaffold":
         schedule = "alternating" if step <= scaffold_until else "accuracy"
     if schedule == "alternating":
@@ -187,35 +167,33 @@ def reward_fn(schedule, step, scaffold_until=200):
 
 
 def reward_rollout(rollout, gold, schedule="accuracy", step=1, scaffold_until=200, grader=None):
-    """(reward, metrics) of a rollout.Rollout under a schedule (a SCHEDULES name or a custom reward)
-    at RL step `step` (from 1), graded by `grader` (None: is_equiv); see resolve. From the tag
-    tokens (module docstring, 0): format_ok, has_block (format_ok and a block of >= 2 paths),
-    num_blocks (0 if malformed); the answer from the main-line tokens. metrics["reward_fn"]: the
-    reward's name.
-    """
-    fn = reward_fn(schedule, step, scaffold_until)
+    """(reward, metrics) of a rollout.Rollout at RL step `step` (from 1) under `schedule` (a
+    SCHEDULES name or your reward), its answer judged by `grader` (None: is_equiv); see resolve."""
+    # grade: the answer of the main-line text; the blocks of the tag tokens (none if malformed)
     answer = extract_answer(rollout.main_text)
     format_ok = rollout.format_error is None
+    blocks = rollout.blocks if format_ok else []
     correct = bool((grader or is_equiv)(answer, gold))
     info = {"answer": answer, "correct": correct, "format_ok": format_ok,
-            "has_block": format_ok and any(len(b.paths) >= 2 for b in rollout.blocks),
-            "num_blocks": len(rollout.blocks) if format_ok else 0}
-    reward = float(fn(rollout, gold, step, dict(info)) if callable(schedule)
-                   else fn(correct, info["has_block"]))
-    return reward, {"reward": reward, **info, "has_answer": answer is not None,
-                    "reward_fn": getattr(fn, "__name__", type(fn).__name__)}
+            "has_block": any(len(b.paths) >= 2 for b in blocks), "num_blocks": len(blocks)}
+    # reward: a built-in one of (correct, has_block), or yours of the whole rollout
+    fn = reward_fn(schedule, step, scaffold_until)
+    if callable(schedule):
+        reward = float(fn(rollout, gold, step, dict(info)))  # a copy: the metrics keep the grade
+    else:
+        reward = float(fn(correct, info["has_block"]))
+    name = getattr(fn, "__name__", type(fn).__name__)  # a functools.partial has no __name__
+    return reward, {"reward": reward, **info, "has_answer": answer is not None, "reward_fn": name}
 
 
 def resolve(spec, kind):
     """The reward (kind "reward") or grader ("grader") named by `spec`: a built-in name, or
-    "module:function" with the module on sys.path or a file, "path/to/file.py:function".
-    Returns what reward_rollout takes (a schedule name or a function); UsageError if not found.
+    "module:function" (a module on sys.path, or a file: "path/to/file.py:function"); what
+    reward_rollout takes. UsageError if not found.
 
-    grader(answer: str | None, gold: str) -> bool: is the answer (extract_answer's string from the
-        main text, None when there is none) the gold answer? Built-in: "is_equiv".
-    reward(rollout, gold: str, step: int, info: dict) -> float: the reward of a rollout.Rollout at
-        RL step `step` (from 1); info is what the built-in grading computed: answer, correct (by the
-        grader in use), has_block, format_ok, num_blocks. Built-in: the schedules of SCHEDULES.
+    grader(answer: str | None, gold: str) -> bool; built-in: "is_equiv".
+    reward(rollout, gold: str, step: int, info: dict) -> float, info: answer, correct (by the grader
+    in use), has_block, format_ok, num_blocks; built-in: the SCHEDULES.
     """
     builtin = {"reward": {s: s for s in SCHEDULES}, "grader": {"is_equiv": is_equiv}}[kind]
     where, _, name = spec.rpartition(":")

@@ -1,18 +1,15 @@
 """
-A rollout: what the sampler returns and everything downstream reads (rewards,
-scoring, behaviour metrics, eval), and the state of one in progress. Its structure is read from its tag tokens
-alone (`make_rollout`): a tag spelled with ordinary sub-word pieces is text.
-
-`allowed` records, per response token, the tags the sampler let it be (a
-bitmask over format.TAGS); `apply_tag_mask` turns logits into the distribution
-that token was sampled from, for the sampler and the trainer alike. A rollout's
-random draws come from a stream of its own (`mix`, `gumbel`).
+A rollout, and how one is asked for: what the sampler takes (Options, check_request), returns (Rollout)
+and draws with (the tag mask, a random stream of its own: mix, gumbel, draw). Everything downstream
+(rewards, scoring, metrics, eval) reads Rollouts. A rollout's structure comes from its tag tokens alone
+(make_rollout): a tag spelled with ordinary sub-word pieces is text.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from nanopr1 import UsageError
 from nanopr1.attention import main_line, structure
 from nanopr1.format import TAGS
 from nanopr1.model import tag_ids
@@ -35,6 +32,43 @@ class Rollout:
     main_text: str = ""       # decoded main-line tokens (outside blocks and summaries) without special tokens;
                               # a tag spelled with ordinary sub-word pieces stays plain text here
     format_error: str = None  # None if the tag tokens are well formed (always, when the sampler forks)
+
+
+@dataclass(frozen=True)
+class Options:
+    num_paths: int = 2              # paths per block
+    max_blocks: int = 4             # blocks per rollout at most
+    max_new_tokens: int = 3000      # response budget: paths, summaries, inserted tags and answer included
+    path_max_tokens: int = None     # one path's budget, its two tags included (None: its share of what is left)
+    reserve: int = None             # tokens a block leaves for its summary and the answer (None: min(64, budget/8))
+    temperature: float = 1.0        # 0 = greedy
+    top_p: float = 1.0
+    seed: object = None             # an int, or one int per prompt (None: drawn from torch's generator)
+    variant: str = "seen"           # how paths are merged: "seen" (re-encoded in sequence) or "unseen"
+    parallel: bool = True           # False: no forking, tags are ordinary tokens
+    force_block: object = False     # True: open a block after the first line (or 32 tokens); n: after n tokens
+                                    # (0: the response starts with <Parallel>)
+    max_prompt_tokens: int = None   # refuse longer prompts
+    max_rows: int = None            # cache rows in flight (None: every rollout at once, as far as memory allows)
+
+def check_request(model, prompts, opts):
+    """Refuse a request the sampler cannot serve: bad options (ValueError), a prompt too long (UsageError)."""
+    need = opts.num_paths if opts.parallel else 1  # rows of one rollout
+    checks = [(opts.variant in ("seen", "unseen"), f"variant must be 'seen' or 'unseen', not {opts.variant!r}"),
+              (not opts.parallel or opts.num_paths >= 2, f"num_paths={opts.num_paths}: a block needs at least 2 paths"),
+              (opts.path_max_tokens is None or opts.path_max_tokens >= 2, "path_max_tokens counts its two tags: at least 2"),
+              (opts.max_rows is None or opts.max_rows >= need, f"max_rows={opts.max_rows}: one rollout needs {need} rows"),
+              (prompts and all(prompts), "every prompt needs at least one token")]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    for p in prompts:  # the user's prompts: one-line errors
+        if opts.max_prompt_tokens and len(p) > opts.max_prompt_tokens:
+            raise UsageError(f"prompt of {len(p)} tokens is longer than max_prompt_tokens={opts.max_prompt_tokens}")
+        if limit and len(p) + opts.max_new_tokens > limit:
+            raise UsageError(f"prompt of {len(p)} tokens + max_new_tokens={opts.max_new_tokens} exceeds the "
+                             f"model's {limit} positions: shorten the prompt or lower max_new_tokens")
 
 
 def apply_tag_mask(logits, allowed, tags):
@@ -104,69 +138,6 @@ def tree(row):
     return "\n".join(lines + [f"answer: {row['answer']}{gold}"])
 
 # -----------------------------------------------------------------------------
-# a rollout in progress: the sampler's state (sampler.py changes it)
-
-
-MAIN, PATHS, SUMMARY_PHASE = "main", "paths", "summary"  # what a rollout is writing
-
-
-class Segment:
-    """Tokens written by one row (the main line of a rollout, or one path), as five parallel lists."""
-
-    def __init__(self):
-        self.ids, self.forced, self.logprobs, self.positions, self.allowed = [], [], [], [], []
-
-    def columns(self):
-        return self.ids, self.forced, self.logprobs, self.positions, self.allowed
-
-    def add(self, tok, forced, logprob, pos, allowed):
-        for column, x in zip(self.columns(), (tok, forced, 0.0 if forced else logprob, pos, allowed)):
-            column.append(x)
-
-
-@dataclass
-class BlockState:  # the block a rollout is writing
-    parallel: int     # response index of <Parallel>
-    p: int            # its position id
-    budget: int       # tokens per path, its two tags included
-    n_prefix: int     # valid cache entries before the paths (shared by all path rows)
-    paths: list       # one Segment per path
-    done: int = 0     # paths finished (their rows park until the merge)
-    spans: list = None  # (start, end) of each path in the response, set at the merge
-    summary: int = 0  # response index of <Summary>
-
-
-@dataclass(eq=False)
-class RolloutState:  # one rollout being written
-    prompt: list                                # the prompt token ids
-    key: int                                    # the seed of its random stream (prompt seed, rollout of its group)
-    force: object                               # None, or when to force the first <Parallel>: n tokens or "line"
-    out: Segment = field(default_factory=Segment)  # the response so far, canonical layout
-    phase: str = MAIN                           # MAIN, PATHS or SUMMARY_PHASE
-    blocks: list = field(default_factory=list)  # finished blocks (BlockSpan)
-    block: BlockState = None                    # the block being written
-    stop: str = None                            # "eos" | "budget" once finished
-
-
-@dataclass(eq=False)
-class RowState:  # one cache row: the main line of a rollout (path None) or one of its paths
-    ro: RolloutState                            # the rollout it writes
-    path: object                                # None or the path index
-    seg: Segment                                # where its tokens go: ro.out, or its path's segment
-    pos: int                                    # position id of the next token fed
-    queue: list = field(default_factory=list)   # forced tokens to insert next
-    fork: bool = False                          # <Parallel> was just fed: fork before the next token
-    closing: bool = False                       # </Path> is being fed: the path ends after this forward
-    parked: bool = False                        # a finished path: not fed, kept for the merge
-
-    def noise_key(self):
-        """The key of this row's next draw, new at every draw of the rollout: the main line's response
-        index, or a path's (block, path, index in the path)."""
-        ro = self.ro
-        return mix(ro.key, len(ro.out.ids)) if self.path is None else mix(ro.key, len(ro.blocks), self.path,
-                                                                            len(self.seg.ids), -1)
-
-# -----------------------------------------------------------------------------
 # random streams that do not depend on the batch: hashes of integers
 
 M64 = (1 << 64) - 1
@@ -190,3 +161,16 @@ def gumbel(keys, V):
         x = x * (m - (1 << 64) if m >> 63 else m) if m else x
     u = ((x >> 40) & 0xFFFFFF).float().add_(0.5).div_(1 << 24)  # 24 random bits -> (0, 1)
     return -torch.log(-torch.log(u))
+
+
+def draw(logp, temperature, top_p, keys):
+    """One token per row (R,) from log-probs (R, V): the argmax at temperature 0; else a Gumbel-max draw with
+    each row's noise from its key, restricted to the smallest set of tokens of mass >= top_p."""
+    if temperature == 0:
+        return logp.argmax(-1)
+    scores = logp
+    if top_p < 1.0:
+        sorted_p, idx = logp.exp().sort(-1, descending=True)
+        cut = (sorted_p.cumsum(-1) - sorted_p) >= top_p  # (R, V) outside the top-p set
+        scores = logp.masked_fill(torch.zeros_like(cut).scatter_(-1, idx, cut), float("-inf"))
+    return (scores + gumbel(keys, logp.shape[1])).argmax(-1)

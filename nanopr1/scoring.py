@@ -21,7 +21,7 @@ count: 8 rollouts of 300 tokens and 2 of 4,000 cost about the same memory.
 """
 
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -138,3 +138,20 @@ def micro_batches(lengths, max_tokens):
         rows.append(i)
         longest = max(longest, lengths[i])
     return out + [rows] if rows else out
+
+
+def micro_batches_on_every_rank(acc, lengths, max_tokens):
+    """micro_batches as (indices, live, last) triples, as many on every rank: under FSDP each forward and
+    backward is a collective, so a rank with fewer micro-batches runs fillers (its first sequence again,
+    live=False: no weight in the loss). `acc`: the script's Accelerator."""
+    chunks = micro_batches(lengths, max_tokens)
+    n = int(acc.reduce(torch.tensor(len(chunks), device=acc.device), "max").item())
+    chunks = [(c, True) for c in chunks] + [(chunks[0][:1], False)] * (n - len(chunks))
+    return [(c, live, k == n - 1) for k, (c, live) in enumerate(chunks)]
+
+
+def sync_gradients(acc, model, last):
+    """The context of a micro-batch's backward. DDP: all-reduce once per optimizer step (on the last
+    micro-batch). FSDP: reduce-scatter every micro-batch into the sharded gradient, never accumulate an
+    unsharded one (8 GB at 4B)."""
+    return nullcontext() if last or acc.distributed_type == "FSDP" else acc.no_sync(model)

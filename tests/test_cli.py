@@ -141,7 +141,7 @@ def test_every_flag_has_one_resume_rule(script):
     """Each dest of the parser is in exactly one of APPLY (a new value is used), LOCAL (this invocation's
     only) and REFUSE (a new value is an error); APPLY and LOCAL name real flags."""
     g = runpy.run_path(str(ROOT / script), run_name="not_main")
-    dests = {a.dest for a in g["p"]._actions} - {"help"}
+    dests = {a.dest for a in g["parser"]._actions} - {"help"}
     rules = {"APPLY": g["APPLY"], "LOCAL": g["LOCAL"], "REFUSE": g["REFUSE"]}
     named = [d for names in rules.values() for d in names]
     assert sorted(dests - set(named)) == [], "flags with no --resume rule"

@@ -27,14 +27,28 @@ ONE_PATH = "<Parallel><Path>a</Path></Parallel><Summary>s</Summary>Final Answer:
     (GOOD.replace("Final Answer: 3", "Final Answer: 4"), None, "wrong final answer"),
     (GOOD.replace("Final Answer: 3", ""), None, "wrong final answer"),  # no answer at all
     (GOOD.replace("\nFinal Answer: 3", "").replace("b = 3", "Final Answer: 3"), None, "wrong final answer"),  # in a path
-    (ONE_PATH, None, "a block with 1 path(s)"),  # format reasons are cut at ':'
-    (GOOD.replace("<Summary>3</Summary>", ""), None, "missing summary"),
-    ("x <Parallel><Path>a</Path><Path>b</Path>\nFinal Answer: 3", None, "text between paths"),
-    ("x <Parallel><Path>a</Path><Path>b</Path>", None, "unclosed block"),  # cut off by the budget
+    # the token parser's reasons, without token indices and cut at ':'
+    (ONE_PATH, None, "the block has 1 path(s)"),
+    (GOOD.replace("<Summary>3</Summary>", ""), None, "</Parallel> is not followed by <Summary>"),
+    ("x <Parallel><Path>a</Path><Path>b</Path>\nFinal Answer: 3", None,
+     "expected </Parallel> after its last path"),  # text between paths
+    ("x <Parallel><Path>a</Path><Path>b</Path>", None,
+     "expected </Parallel> after its last path"),  # cut off by the budget
+    ("x <Parallel><Path>a</Path><Path>b", None, "<Path> is never closed by </Path>"),
+    ("x <Parallel><Path>a<Parallel>", None, "<Parallel> inside the <Path>"),
+    ("x </Path> <Parallel>", None, "</Path> outside a parallel block"),
     ("No block at all.\nFinal Answer: 3", None, "no parallel block"),
 ])
-def test_judge_trace(text, response, reason):
-    assert data.judge_trace(text, "3") == (response, reason)
+def test_judge_trace(bpe_tokenizer, text, response, reason):
+    assert data.judge_trace(text, "3", bpe_tokenizer) == (response, reason)
+
+
+def test_judge_trace_reads_tag_tokens(bpe_tokenizer, monkeypatch):
+    """Judged after tokenizing, as the trainer will read the trace: tags that become sub-word pieces
+    (here: a tokenizer that splits special tokens) are text, and the trace has no block."""
+    assert data.judge_trace(GOOD, "3", bpe_tokenizer) == (CANON, None)
+    monkeypatch.setattr(bpe_tokenizer, "split_special_tokens", True)
+    assert data.judge_trace(GOOD, "3", bpe_tokenizer) == (None, "no parallel block")
 
 # -----------------------------------------------------------------------------
 # the script, with a fake teacher
@@ -105,7 +119,7 @@ def test_kept_traces_are_normalised_well_formed_with_a_block_and_correct(tmp_pat
     kept = data.read_rows(tmp_path / "corpus.jsonl")
     assert kept == [{"index": i, "question": f"Find x in {i} 3.", "answer": "3", "response": CANON} for i in (0, 5)]
     assert "kept 2/6 (33.3%)" in report and "6 sampled now on 1 process" in report
-    assert "{'no parallel block': 2, 'wrong final answer': 1, 'a block with 1 path(s)': 1}" in report
+    assert "{'no parallel block': 2, 'wrong final answer': 1, 'the block has 1 path(s)': 1}" in report
     # the SFT reader takes the corpus as it is
     examples, dropped = data.sft_examples(data.load(tmp_path / "corpus.jsonl"), toy.build_tokenizer(), "{problem}", 512)
     assert len(examples) == 2 and not dropped

@@ -35,7 +35,7 @@ def test_rl_recipes(argv, expected):
 
 
 def test_the_preset_leaves_the_parser_as_it_was_and_typed_flags_are_known():
-    p = runpy.run_path(str(ROOT / "train_rl.py"), run_name="not_main")["p"]
+    p = runpy.run_path(str(ROOT / "train_rl.py"), run_name="not_main")["parser"]
     toy_args = recipes.parse(p, ["--preset", "toy", "--lr=2e-5", "--mini-b", "1"], "train_rl")
     assert toy_args.lr == 2e-5 and toy_args.mini_batches == 1 and toy_args.max_new_tokens == toy.MAX_NEW_TOKENS
     assert toy_args._typed == {"preset", "lr", "mini_batches", "script"}  # (abbreviated too; the script: always)

@@ -1,7 +1,8 @@
 """Tests for nanopr1/rewards.py: answer extraction and grading (table-driven, with
-adversarial cases), the reward functions and schedules, rollouts graded from their tag
-tokens (real tags vs the same tags spelled as text), your own rewards and graders
-(module:function, tests/custom_rewards.py), and the real teacher traces."""
+adversarial cases, each response tokenized into a rollout), the reward functions and
+schedules, rollouts graded from their tag tokens (real tags vs the same tags spelled as
+text), your own rewards and graders (module:function, tests/custom_rewards.py), and the
+real teacher traces."""
 
 import functools
 import json
@@ -14,11 +15,10 @@ import pytest
 
 import custom_rewards
 from conftest import shared_file
-from nanopr1 import UsageError
-from nanopr1.format import (PARALLEL, PARALLEL_END, PATH, PATH_END, SUMMARY, SUMMARY_END, check_format, main_text,
-                            normalize, parse)
+from nanopr1 import UsageError, data
+from nanopr1.format import PARALLEL, PARALLEL_END, PATH, PATH_END, SUMMARY, SUMMARY_END, normalize
 from nanopr1.model import tag_ids
-from nanopr1.rewards import (SCHEDULES, clean_answer, extract_answer, grade, is_equiv,
+from nanopr1.rewards import (SCHEDULES, clean_answer, extract_answer, is_equiv,
                              is_tiered_step, last_boxed, parse_number, resolve, reward_fn,
                              reward_rollout)
 from nanopr1.rollout import make_rollout
@@ -28,6 +28,17 @@ BLOCK = "<Parallel><Path>{p1}</Path><Path>{p2}</Path></Parallel><Summary>{s}</Su
 
 def block(p1="a", p2="b", s="s"):
     return BLOCK.format(p1=p1, p2=p2, s=s)
+
+
+def tokenized(tokenizer, text, spelled=False):
+    """The rollout of a response text: its tags as tag tokens (or spelled with sub-word pieces)."""
+    ids = tokenizer(text, add_special_tokens=False, split_special_tokens=spelled)["input_ids"]
+    return make_rollout(tokenizer, [], ids, "budget")
+
+
+def grade(tokenizer, text, gold, spelled=False):
+    """Is the final answer of a response text correct, graded as a rollout is?"""
+    return reward_rollout(tokenized(tokenizer, text, spelled), gold)[1]["correct"]
 
 
 # (response, gold, correct)
@@ -165,9 +176,6 @@ GRADE_CASES = [
     ("\\boxed{}", "42", False),
     ("Final Answer: \\boxed{}\n42", "42", False),  # an empty box is the answer line: nothing after it counts
     ("Final Answer: \\boxed{2:3}", "2", False),
-    # a tag spelled in the main text next to the answer
-    ("Final Answer: 42</Summary>", "42", True),
-    ("Final Answer: 4</Path>2", "42", False),
     # empty, huge and tag-only responses
     ("", "42", False),
     ("   \n\n", "42", False),
@@ -183,20 +191,30 @@ GRADE_CASES = [
 ]
 
 
+# a tag spelled (sub-word pieces) in the main text next to the answer
+SPELLED_CASES = [("Final Answer: 42</Summary>", "42", True), ("Final Answer: 4</Path>2", "42", False)]
+
+
 @pytest.mark.parametrize("text,gold,correct", GRADE_CASES, ids=[f"{i}" for i in range(len(GRADE_CASES))])
-def test_grade(text, gold, correct):
-    assert grade(text, gold) is correct
+def test_grade(bpe_tokenizer, text, gold, correct):
+    assert grade(bpe_tokenizer, text, gold) is correct
+
+
+@pytest.mark.parametrize("text,gold,correct", SPELLED_CASES)
+def test_grade_spelled_tags(bpe_tokenizer, text, gold, correct):
+    assert grade(bpe_tokenizer, text, gold, spelled=True) is correct
 
 
 def test_enough_cases():
-    assert len(GRADE_CASES) >= 60
+    assert len(GRADE_CASES) + len(SPELLED_CASES) >= 60
 
 
-def test_huge_responses_are_fast():
+def test_huge_responses_are_fast(bpe_tokenizer):
     texts = ["x" * 50_000, "1," * 25_000, "<Parallel>" * 5_000, "\\boxed{" * 7_000, "Final Answer: " * 3_500]
+    rollouts = [tokenized(bpe_tokenizer, t) for t in texts] + [tokenized(bpe_tokenizer, texts[2], True)]
     start = time.perf_counter()
-    for t in texts:
-        grade(t, "42")
+    for r in rollouts:
+        reward_rollout(r, "42")
     assert time.perf_counter() - start < 2.0
 
 
@@ -357,7 +375,8 @@ def test_reward_rollout(bpe_tokenizer, pieces, gold, schedule, expected):
 def test_spelled_block_decodes_like_a_real_one_but_earns_nothing(bpe_tokenizer):
     real, spelled = rollout(bpe_tokenizer, CHECK), rollout(bpe_tokenizer, SPELLED)
     assert real.text == spelled.text and real.ids != spelled.ids  # the text cannot tell them apart
-    assert grade(real.text, "42") and check_format(real.text) is None  # judged from text, both would have a block
+    again = [tokenized(bpe_tokenizer, r.text) for r in (real, spelled)]  # judged from their text...
+    assert all(r.blocks and r.format_error is None for r in again)  # ...both would have a block
     assert reward_rollout(real, "42", "parallel")[0] == 1.0
     assert reward_rollout(spelled, "42", "parallel")[0] == -1.0
     assert real.main_text == "Let me check.So\nFinal Answer: 42" and spelled.main_text == spelled.text
@@ -474,13 +493,11 @@ def test_math_verify_grader_is_optional(monkeypatch, hidden):
 
 
 def test_teacher_traces_grade_correct(bpe_tokenizer):
-    """The 341 real teacher traces: every final answer that exists grades correct against `answer`, and with
-    real tag tokens (the tags tokenize as special tokens) the token route agrees with the text route."""
+    """The 341 real teacher traces, tokenized (the tags are special tokens): every final answer that
+    exists grades correct against `answer`; the corpus filter (data.judge_trace) keeps the traces with
+    well-formed tag tokens, a block and a correct answer."""
     rows = [json.loads(line) for line in shared_file("parallel_gsm8k_sample.jsonl").read_text().split("\n") if line]
-    texts = [normalize(r["response"]) for r in rows]
-    eos = [bpe_tokenizer.eos_token_id]
-    results = [reward_rollout(make_rollout(bpe_tokenizer, eos, bpe_tokenizer(t, add_special_tokens=False)["input_ids"]
-                                           + eos), r["answer"])[1] for t, r in zip(texts, rows)]
+    results = [reward_rollout(tokenized(bpe_tokenizer, normalize(r["response"])), r["answer"])[1] for r in rows]
     correct = sum(m["correct"] for m in results)
     print(f"\n{correct} of {len(rows)} teacher traces grade correct; "
           f"{sum(m['has_block'] for m in results)} have a valid block")
@@ -489,8 +506,6 @@ def test_teacher_traces_grade_correct(bpe_tokenizer):
     # measured: 340; the one other trace writes its answer inside an unclosed summary
     assert correct == 340
     assert sum(not m["has_answer"] for m in results) == 1
-    for t, r, m in zip(texts, rows, results):
-        ok = check_format(t) is None
-        assert (m["correct"], m["format_ok"], m["num_blocks"]) == (grade(t, r["answer"]), ok,
-                                                                    len(parse(t).blocks) if ok else 0)
-        assert m["answer"] == extract_answer(main_text(t))
+    assert (sum(m["format_ok"] for m in results), sum(m["has_block"] for m in results)) == (338, 335)
+    kept = [data.judge_trace(r["response"], r["answer"], bpe_tokenizer)[1] is None for r in rows]
+    assert kept == [m["format_ok"] and m["has_block"] and m["correct"] for m in results] and sum(kept) == 335

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from nanopr1.attention import build_inputs
-from nanopr1.format import PARALLEL, PARALLEL_END, PATH, PATH_END, SUMMARY, SUMMARY_END, check_format
+from nanopr1.attention import build_inputs, structure
+from nanopr1.format import PARALLEL, PARALLEL_END, PATH, PATH_END, SUMMARY, SUMMARY_END
 from nanopr1.model import tag_ids
 from nanopr1.rollout import ALL_TAGS, BIT, apply_tag_mask, gumbel, mix
 from nanopr1.sampler import sample
@@ -80,7 +80,7 @@ def test_sampler_equals_scorer(bpe_tokenizer, variant, num_paths, top_p):
     model = biased(tok, par=4.0, path_end=3.0, summary_end=3.0, eos=1.0)
     rollouts = sample(model, tok, prompts_of(tok), 4, num_paths=num_paths, max_new_tokens=90, seed=1,
                       variant=variant, top_p=top_p)
-    assert all(check_format(r.text) is None for r in rollouts)
+    assert all(structure(r.ids, t)[1] is None for r in rollouts)
     assert sum(len(r.blocks) for r in rollouts) >= 8 and any(len(r.blocks) >= 2 for r in rollouts)
     later = 0
     for r, (logp, positions) in zip(rollouts, score(model, rollouts, t, variant)):
@@ -138,10 +138,10 @@ def test_gumbel_noise_samples_the_softmax():
 def test_every_draw_of_a_rollout_has_its_own_noise(bpe_tokenizer, monkeypatch):
     """The noise key of each sampled token is new within its rollout: paths of a second block at the same
     index as the first block's paths, the main line after a block, all draw fresh noise."""
-    import nanopr1.sampler
+    import nanopr1.rollout
     tok, seen = bpe_tokenizer, []
-    real = nanopr1.sampler.gumbel
-    monkeypatch.setattr(nanopr1.sampler, "gumbel", lambda keys, V: seen.append(keys.tolist()) or real(keys, V))
+    real = nanopr1.rollout.gumbel
+    monkeypatch.setattr(nanopr1.rollout, "gumbel", lambda keys, V: seen.append(keys.tolist()) or real(keys, V))
     model = biased(tok, par=6.0, path_end=6.0, summary_end=6.0)
     ros = sample(model, tok, prompts_of(tok)[:1], 1, max_new_tokens=80, seed=3, variant="unseen")
     assert len(ros[0].blocks) >= 2
@@ -214,7 +214,7 @@ def test_out_of_place(bpe_tokenizer, case, bias, kw, check, variant):
     rollouts = sample(biased(tok, **bias), tok, prompts_of(tok)[:2], 2, seed=0, variant=variant,
                       **{"max_new_tokens": 40, **kw})
     for r in rollouts:
-        assert check_format(r.text) is None, (case, r.text)
+        assert structure(r.ids, t)[1] is None, (case, r.text)
         assert check(r, t, tok), (case, _structure(r, t))
 
 
@@ -258,7 +258,7 @@ def test_budgets(bpe_tokenizer, max_new, path_max, num_paths, variant):
     rollouts = sample(model, tok, prompts_of(tok)[:2], 2, num_paths=num_paths, max_new_tokens=max_new,
                       path_max_tokens=path_max, variant=variant, seed=0)
     for r in rollouts:
-        assert check_format(r.text) is None and len(r.ids) == max_new and r.stop_reason == "budget"
+        assert r.format_error is None and len(r.ids) == max_new and r.stop_reason == "budget"
         assert len(r.ids) == len(r.forced) == len(r.logprobs) == len(r.positions) == len(r.allowed)
         assert all(len(b.paths) == num_paths for b in r.blocks)
         reserve = min(64, max_new // 8)  # the default: kept for the summary and the answer
@@ -332,7 +332,8 @@ def test_sample_script_json_and_tree(bpe_tokenizer, tmp_path, capsys):
     for row in rows:
         assert set(row) >= {"text", "main", "blocks", "answer", "tokens", "stop_reason"}
         assert len(row["blocks"]) >= 1 and len(row["blocks"][0]["paths"]) == 2 and "summary" in row["blocks"][0]
-        assert row["text"].startswith("<Parallel><Path>") and check_format(row["text"]) is None
+        ids = bpe_tokenizer(row["text"], add_special_tokens=False)["input_ids"]  # the tags become tag tokens
+        assert row["text"].startswith("<Parallel><Path>") and structure(ids, tag_ids(bpe_tokenizer))[1] is None
     script.main(args)
     out = capsys.readouterr().out
     assert out.count("=== rollout") == 2 and "├─ path 2" in out and "└─ summary" in out and "answer:" in out

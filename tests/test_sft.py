@@ -97,12 +97,15 @@ def test_malformed_and_long_traces_are_dropped_and_counted(bpe_tokenizer):
             {"question": "q", "response": "word " * 3000}]
     ex, dropped = data.sft_examples(rows, bpe_tokenizer, format.PARALLEL_PROMPT, max_len=1024)
     assert len(ex) == 1
-    assert dropped == {"a block with 1 path(s)": 1, "unclosed block": 1, "longer than --max-len 1024": 1}
+    assert dropped == {"the block has 1 path(s)": 1, "expected </Parallel> after its last path": 1,
+                       "longer than --max-len 1024": 1}  # the token parser's reasons, by kind
 
 
 def test_real_teacher_traces_become_training_examples():
-    """The 341 real traces with a BPE trained offline on them: which survive, and that each
-    survivor's tags are found, its loss mask is the response, its prompt is never parsed."""
+    """The 341 real traces with a BPE trained offline on them: which survive (those whose tag tokens
+    are well formed), and that each survivor's tags are found, its loss mask is the response, its
+    prompt is never parsed."""
+    from nanopr1.rollout import make_rollout, texts
     rows = [json.loads(line) for line in open(shared_file("parallel_gsm8k_sample.jsonl"), encoding="utf-8")]
     tokenizer = build_bpe_tokenizer([r["question"] + "\n" + r["response"] for r in rows], vocab_size=2000)
     tags = tag_ids(tokenizer)
@@ -112,14 +115,17 @@ def test_real_teacher_traces_become_training_examples():
     assert 0 < len(short) < len(ex)  # the length filter drops whole sequences
     tag_set = set(tags.values())
     prompt_tags = 0
-    for (prompt, response), row in zip(ex, [r for r in rows if format.check_format(format.normalize(r["response"])) is None]):
-        text = format.normalize(row["response"])
+    texts_of = [format.normalize(r["response"]) for r in rows]
+    rollouts = [make_rollout(tokenizer, [], tokenizer(t, add_special_tokens=False)["input_ids"], "budget")
+                for t in texts_of]
+    kept = [(t, r) for t, r in zip(texts_of, rollouts) if r.format_error is None]
+    for (prompt, response), (text, r) in zip(ex, kept):
+        assert response == r.ids + [tokenizer.eos_token_id]
         blocks = find_blocks(response, tags)
-        trace = format.parse(text)
-        assert len(blocks) == len(trace.blocks)
-        assert [len(b.paths) for b in blocks] == [len(b.paths) for b in trace.blocks]
-        for b, tb in zip(blocks, trace.blocks):  # every path span decodes to its path text
-            assert [tokenizer.decode(response[s + 1:e - 1]) for s, e in b.paths] == tb.paths
+        in_text = [seg.split("</Parallel>")[0].count("<Path>") for seg in text.split("<Parallel>")[1:]]
+        assert [len(b.paths) for b in blocks] == in_text  # the paths of each block of the text
+        for block in texts(r, tokenizer)["blocks"]:  # every path span decodes to a path of the text
+            assert all(f"<Path>{p}</Path>" in text for p in block["paths"])
         prompt_tags += sum(t in tag_set for t in prompt)
     assert prompt_tags > 0  # the instruction names the tags: the prompt does hold tag tokens...
     batch, targets, mask = collate(ex[:4], tags, "unseen", tokenizer.pad_token_id)

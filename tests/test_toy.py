@@ -7,19 +7,32 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from nanopr1 import toy
-from nanopr1.format import ANSWER_PREFIX, TAGS, chat_prompt_ids, check_format, main_text, parse
+from nanopr1.format import ANSWER_PREFIX, TAGS, chat_prompt_ids
 from nanopr1.model import add_tags, load, tag_ids
 from nanopr1.rewards import extract_answer
+from nanopr1.rollout import make_rollout, texts
+
+TOKENIZER = toy.build_tokenizer()
+
+
+def read(text):
+    """The rollout of a teacher trace: its structure from its tag tokens."""
+    return make_rollout(TOKENIZER, [], TOKENIZER(text, add_special_tokens=False)["input_ids"], "budget")
 
 
 def answer_of(text):
-    """The answer of a teacher trace, as the grader reads it: from its main text."""
-    return extract_answer(main_text(text))
+    """The answer of a teacher trace, as the grader reads it: from its main-line tokens."""
+    return extract_answer(read(text).main_text)
+
+
+def parse(text):
+    """A teacher trace's main segments and blocks ({"paths", "summary"}), read from its tokens."""
+    return texts(read(text), TOKENIZER)
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return toy.build_tokenizer()
+    return TOKENIZER
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +85,7 @@ def test_saved_dir_round_trip_gives_identical_logits(tmp_path, tokenizer, corpus
 def test_every_teacher_trace_is_valid_and_answers(corpus):
     for ex in corpus:
         r = ex["response"]
-        assert check_format(r) is None, r
+        assert read(r).format_error is None, r
         cands = toy.parse_question(ex["question"])[0]
         if "guess" in r:  # only the hard-level teacher guesses, and only among the candidates
             assert len(cands) == toy.LEVELS["hard"] and int(answer_of(r)) in cands
@@ -82,23 +95,24 @@ def test_every_teacher_trace_is_valid_and_answers(corpus):
 
 
 def test_corpus_mixes_blocks_and_plain_steps(corpus):
-    with_blocks = sum(bool(parse(ex["response"]).blocks) for ex in corpus) / len(corpus)
-    assert 0.5 < with_blocks < 0.7  # like real teacher data: blocks in only some traces
-    assert any(parse(ex["response"]).blocks and "\n" in parse(ex["response"]).main[0] for ex in corpus)
+    traces = [parse(ex["response"]) for ex in corpus]
+    assert 0.5 < sum(bool(t["blocks"]) for t in traces) / len(corpus) < 0.7  # blocks in only some traces
+    assert any(t["blocks"] and "\n" in t["main"][0] for t in traces)
 
 
 def test_paths_pick_candidates_independently_and_never_recheck(corpus):
     same = blocks = 0
     for ex in corpus:
         checked = []
-        for main, block in zip(parse(ex["response"]).main, parse(ex["response"]).blocks + [None]):
+        trace = parse(ex["response"])
+        for main, block in zip(trace["main"], trace["blocks"] + [None]):
             checked += [line.split("*")[0] for line in main.split("\n") if "*" in line]
             if block is not None:
-                firsts = [p.split("*")[0] for p in block.paths]
-                assert len(block.paths) == 2 and not set(firsts) & set(checked)  # only unchecked candidates
+                firsts = [p.split("*")[0] for p in block["paths"]]
+                assert len(firsts) == 2 and not set(firsts) & set(checked)  # only unchecked candidates
                 same, blocks = same + (firsts[0] == firsts[1]), blocks + 1
                 checked += firsts
-        assert len(parse(ex["response"]).blocks) <= toy.MAX_BLOCKS
+        assert len(trace["blocks"]) <= toy.MAX_BLOCKS
     assert 0.1 < same / blocks < 0.5  # like two independently sampled paths, they sometimes coincide
 
 

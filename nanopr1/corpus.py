@@ -1,0 +1,108 @@
+"""
+The cold-start corpus (`train_sft.py --generate`): a teacher writes one parallel-thinking trace per
+problem, kept if it is well formed, has a block and is correct (data.judge_trace, the paper's filter).
+
+Problem i is sampled on rank i % world with seed --seed + i, so the corpus depends on neither the
+number of processes nor --gen-batch. Each rank appends every decision to <data>.rank<r>.jsonl as it
+goes, so a rerun skips what was decided (generation is idempotent and resumes); at the end rank 0
+writes the kept traces to <data> in problem order, the rejections and the settings to <data>.meta.json.
+"""
+
+import glob
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+
+from tqdm import tqdm
+
+from nanopr1 import UsageError, data, kvcache, sampler
+from nanopr1.format import chat_prompt_ids
+from nanopr1.model import load
+from nanopr1.rollout import Options
+
+
+def _replace(path, text):
+    """Write aside and rename: a kill leaves the old file whole."""
+    Path(f"{path}.tmp").write_text(text, encoding="utf-8")
+    Path(f"{path}.tmp").replace(path)
+
+
+def generate(args, acc, template):
+    """Write the corpus at --data with --teacher (train_sft.py's flags), resuming an earlier one."""
+    world, rank = acc.num_processes, acc.process_index
+    procs = f"{world} process{'es' if world > 1 else ''}"
+    out, meta_file = Path(args.data), Path(f"{args.data}.meta.json")
+    rank_files = lambda: sorted(out.parent.glob(glob.escape(out.name) + ".rank*.jsonl"))
+    problems = data.load(args.source, split="train", data_dir=args.data_dir)
+    digest = lambda x: hashlib.sha256(json.dumps(x).encode()).hexdigest()[:16]
+    settings = {"source": args.source, "teacher": args.teacher, "seed": args.seed, "prompt": digest(template),
+                "max_new_tokens": args.gen_max_new_tokens,
+                "problems": digest([[r["question"], r["answer"]] for r in problems])}
+
+    # 1) an earlier corpus at --data: resumed if made with these settings, else refused (or --overwrite)
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else None
+    if (out.is_file() or meta or rank_files()) and not args.overwrite and (meta or {}).get("settings") != settings:
+        if meta:
+            differs = ", ".join(k for k in settings if meta["settings"].get(k) != settings[k])
+            differs = f"other settings ({differs})"
+        else:
+            differs = f"unknown settings (no {meta_file.name})"
+        raise UsageError(f"{out} holds a corpus generated with {differs}: pass --overwrite to replace it, "
+                         f"or another --data")
+    acc.wait_for_everyone()  # every rank has looked before rank 0 deletes or writes anything
+    if acc.is_main_process and (args.overwrite or meta is None):
+        for f in [out, meta_file, *rank_files()]:
+            f.unlink(missing_ok=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _replace(meta_file, json.dumps({"settings": settings, "rejected": []}))
+    acc.wait_for_everyone()
+
+    # 2) the decisions of earlier runs: kept in <data>, rejected in the meta file, any in rank files
+    old = data.read_rows(out) + json.loads(meta_file.read_text())["rejected"]
+    decided = {r["index"]: r for r in old + [r for f in rank_files() for r in data.read_rows(f)]}
+    todo = [i for i in range(rank, len(problems), world) if i not in decided]  # this rank's share of the rest
+    acc.print(f"{len(decided)}/{len(problems)} problems decided before; "
+              f"sampling {len(problems) - len(decided)} on {procs}")
+    acc.wait_for_everyone()  # every rank has read the files before any appends to them
+
+    # 3) sample this rank's share, appending each batch's decisions as soon as they are made
+    if todo:
+        dtype = "bfloat16" if acc.device.type == "cuda" else "float32"
+        model, tokenizer = load(args.teacher, dtype, str(acc.device))
+        prompt = lambda i: chat_prompt_ids(tokenizer, template, problems[i]["question"])
+        longest = max(len(prompt(i)) for i in todo)
+        options = Options(max_new_tokens=args.gen_max_new_tokens, parallel=False)
+        cache, _ = kvcache.for_call(model, options, [[0] * longest], args.gen_batch, None)  # for every batch
+        mine = Path(f"{out}.rank{rank}.jsonl")
+        bar = tqdm(total=len(todo), desc="teacher", disable=not acc.is_main_process)
+        with open(mine, "a", encoding="utf-8") as f:
+            if f.tell() and not mine.read_bytes().endswith(b"\n"):
+                f.write("\n")  # a line torn by a kill stays apart from the rows appended now
+            for k in range(0, len(todo), args.gen_batch):
+                chunk = todo[k:k + args.gen_batch]
+                rollouts = sampler.sample(model, tokenizer, [prompt(i) for i in chunk], parallel=False, cache=cache,
+                                  max_new_tokens=args.gen_max_new_tokens, temperature=0.6,
+                                  seed=[args.seed + i for i in chunk])  # a seed per problem
+                for i, rollout in zip(chunk, rollouts):
+                    gold = problems[i]["answer"]
+                    response, why = data.judge_trace(rollout.text, gold, tokenizer)
+                    row = {"index": i, "question": problems[i]["question"], "answer": gold, "response": response}
+                    f.write(json.dumps({"index": i, "rejected": why} if why else row) + "\n")
+                f.flush()
+                bar.update(len(chunk))
+        bar.close()
+
+    # 4) rank 0 merges every decision: the kept traces into <data>, the rejections into the meta file
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        new = [r for f in rank_files() for r in data.read_rows(f) if r["index"] not in decided]
+        rows = [r for _, r in sorted({**decided, **{r["index"]: r for r in new}}.items())]
+        kept, rejected = [r for r in rows if "rejected" not in r], [r for r in rows if "rejected" in r]
+        _replace(meta_file, json.dumps({"settings": settings, "rejected": rejected}))
+        _replace(out, "".join(json.dumps(r) + "\n" for r in kept))
+        for f in rank_files():
+            f.unlink()
+        reasons = dict(Counter(r["rejected"] for r in rejected).most_common())
+        print(f"kept {len(kept)}/{len(problems)} ({len(kept) / max(len(problems), 1):.1%}) -> {out}; "
+              f"rejected: {reasons}; {len(new)} sampled now on {procs}")
