@@ -1,20 +1,10 @@
 """
-plot.py: PNG figures of RL runs (training curves) and of eval results (bar charts).
+plot.py: PNG figures of RL runs (curves) and of eval results (bar charts).
 
-    python plot.py out/toy-easy --out plots
     python plot.py out/rl-seen out/rl-unseen --labels seen,unseen --smooth 5 --out plots
-    python plot.py out/toy-hard --metrics accuracy,blocks_per_rollout --together toy_hard --out docs/figures
-    python plot.py --eval out/eval/rl-easy/summary.json out/eval/rl-hard/summary.json --out plots
+    python plot.py --eval out/eval/*/summary.json --out plots
 
-One process; matplotlib is an optional extra (pip install -e ".[plot]"). RUN_DIR/metrics.jsonl
-gives OUT/<metric>.png (x = step, a line per run) or, with --together NAME, OUT/NAME.png (a panel
-per metric); eval.py's summary.json files give OUT/eval.png (accuracy and parallel rate per
-dataset, a bar per model).
-
-Simplifications:
-1. a fixed list of metrics; other keys in metrics.jsonl are not plotted;
-2. --smooth is a trailing moving average (a point never uses later steps), not an EMA;
-3. a step logged twice (a resumed run) keeps its last row; a torn last line is ignored.
+Simplifications: a fixed list of metrics; --smooth is a trailing moving average, not an EMA.
 """
 
 import argparse
@@ -27,28 +17,28 @@ METRICS = ["reward", "accuracy", "parallel_rate", "first_block_pos", "latency_ra
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     arg = parser.add_argument
     arg("runs", nargs="*", metavar="RUN_DIR", help="run dirs holding metrics.jsonl")
     arg("--labels", help="comma-separated legend names, one per RUN_DIR (default: the dir names)")
     arg("--smooth", type=int, default=1, metavar="K", help="moving average over the last K steps")
-    arg("--metrics", default=",".join(METRICS), help="comma-separated metrics of metrics.jsonl to plot")
+    arg("--metrics", default=",".join(METRICS), help="comma-separated metrics.jsonl keys to plot")
     arg("--together", metavar="NAME", help="the metrics as panels of one figure, OUT/NAME.png")
     arg("--eval", nargs="+", default=[], metavar="SUMMARY", help="eval.py summary.json files")
     arg("--out", required=True, help="directory for the PNG files")
     args = parser.parse_args(argv)
     if not args.runs and not args.eval:
         parser.error("give at least one RUN_DIR or --eval file")
-    if args.labels and len(args.labels.split(",")) != len(args.runs):
-        parser.error(f"--labels has {len(args.labels.split(','))} names for {len(args.runs)} run dirs")
+    args.labels = args.labels.split(",") if args.labels else [Path(r).name for r in args.runs]
+    if len(args.labels) != len(args.runs):
+        parser.error(f"--labels has {len(args.labels)} names for {len(args.runs)} run dirs")
     if args.smooth < 1:
         parser.error("--smooth K needs K >= 1")
     return args
 
 
 def read_metrics(run_dir):
-    """{step: row} from run_dir/metrics.jsonl."""
+    """{step: row} from run_dir/metrics.jsonl; a step logged twice (a resumed run): its last row."""
     text = (Path(run_dir) / "metrics.jsonl").read_text()
     rows, lines = {}, [line for line in text.splitlines() if line.strip()]
     for i, line in enumerate(lines):
@@ -67,39 +57,34 @@ def smooth(ys, k):
     return [sum(w) / len(w) for w in (ys[max(0, i - k + 1):i + 1] for i in range(len(ys)))]
 
 
-def plot_runs(plt, runs, labels, k, out, metrics=METRICS, together=None):
-    """The PNGs written: one per metric some run logged, or one (`together`) with a panel each."""
-    panels = []  # (metric, [(label, steps, values)]) of the metrics some run logged
-    for metric in metrics:
-        curves = []
+def plot_runs(plt, runs, labels, k, out, metrics, together):
+    """Writes OUT/<metric>.png per logged metric, a line per run (or one OUT/<together>.png)."""
+    panels = {}  # {metric: [(label, rows, steps)]}: the runs that logged it (None: no block yet)
+    for metric in metrics.split(","):
         for rows, label in zip(runs, labels):
-            steps = sorted(s for s, r in rows.items() if r.get(metric) is not None)  # None: no block
+            steps = sorted(s for s, r in rows.items() if r.get(metric) is not None)
             if steps:
-                curves.append((label, steps, [rows[s][metric] for s in steps]))
-        if curves:
-            panels.append((metric, curves))
-    figures = [(together, panels)] if together else [(m, [(m, curves)]) for m, curves in panels]
-    written = []
-    for name, group in figures if panels else []:
+                panels.setdefault(metric, []).append((label, rows, steps))
+    figures = {together: list(panels)} if together and panels else {m: [m] for m in panels}
+    smoothed = f" (moving average of {k})" if k > 1 else ""
+    for name, group in figures.items():
         fig, axes = plt.subplots(1, len(group), figsize=(6 * len(group), 4), layout="tight",
                                  squeeze=False)
-        for ax, (metric, curves) in zip(axes[0], group):
-            for label, steps, ys in curves:
-                ax.plot(steps, smooth(ys, k), label=label)
-            title = metric + (f" (moving average of {k})" if k > 1 else "")
-            ax.set(xlabel="step", ylabel=metric, title=title)
+        for ax, metric in zip(axes[0], group):
+            for label, rows, steps in panels[metric]:
+                ax.plot(steps, smooth([rows[s][metric] for s in steps], k), label=label)
+            ax.set(xlabel="step", ylabel=metric, title=metric + smoothed)
             ax.grid(alpha=0.3)
             ax.legend()
-        written.append(save(plt, fig, out / f"{name}.png"))
-    return written
+        save_figure(plt, fig, out / f"{name}.png")
+    return [out / f"{name}.png" for name in figures]
 
 
 def plot_eval(plt, files, out):
     """Accuracy (mean@n) and parallel rate: a bar per model and dataset; returns [the PNG file]."""
     models = {Path(f).parent.name: json.loads(Path(f).read_text())["datasets"] for f in files}
     datasets = list(dict.fromkeys(d for sets in models.values() for d in sets))  # first-seen order
-    mean_at = lambda s: s[next(k for k in s if k.startswith("mean@"))]
-    panels = [("accuracy (mean@n)", mean_at),
+    panels = [("accuracy (mean@n)", lambda s: s[next(k for k in s if k.startswith("mean@"))]),
               ("parallel (share of rollouts with a block)", lambda s: s["parallel"])]
     width = 0.8 / len(models)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), layout="tight")
@@ -111,10 +96,10 @@ def plot_eval(plt, files, out):
         ax.set_xticks([i + (len(models) - 1) * width / 2 for i in range(len(datasets))], datasets)
         ax.set(title=title, ylim=(0, 1))
         ax.legend()
-    return [save(plt, fig, out / "eval.png")]
+    return [save_figure(plt, fig, out / "eval.png")]
 
 
-def save(plt, fig, path):
+def save_figure(plt, fig, path):
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
@@ -123,20 +108,16 @@ def save(plt, fig, path):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        import matplotlib
+        import matplotlib.pyplot as plt
     except ImportError:
         sys.exit('error: plotting needs matplotlib: pip install -e ".[plot]"')
-    matplotlib.use("Agg")  # files only, no window
-    import matplotlib.pyplot as plt
+    plt.switch_backend("Agg")  # files only, no window
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    labels = args.labels.split(",") if args.labels else [Path(r.rstrip("/")).name for r in args.runs]
     runs = [read_metrics(r) for r in args.runs]
-    written = plot_runs(plt, runs, labels, args.smooth, out, args.metrics.split(","), args.together)
-    if args.eval:
-        written += plot_eval(plt, args.eval, out)
-    for path in written:
-        print(path)
+    written = plot_runs(plt, runs, args.labels, args.smooth, out, args.metrics, args.together)
+    written += plot_eval(plt, args.eval, out) if args.eval else []
+    sys.stdout.writelines(f"{path}\n" for path in written)
     return written
 
 

@@ -24,7 +24,7 @@ import torch
 from nanopr1 import recipes, toy
 from nanopr1.format import chat_prompt_ids
 from nanopr1.data import read_rows
-from nanopr1.model import load
+from nanopr1.model import load_model
 from nanopr1.rewards import reward_rollout
 from nanopr1.rollout import rollout_row, tree
 from nanopr1.sampler import sample
@@ -89,7 +89,7 @@ def main(argv=None):
     try:  # the template first: a bad --prompt-file should not wait for the model to load
         template = recipes.template(args)
         cuda = args.device.startswith("cuda")
-        model, tokenizer = load(name, dtype=args.dtype or ("bfloat16" if cuda else "float32"), device=args.device)
+        model, tokenizer = load_model(name, dtype=args.dtype or ("bfloat16" if cuda else "float32"), device=args.device)
         prompt = chat_prompt_ids(tokenizer, template, args.prompt)
         rollouts = sample(model.eval(), tokenizer, [prompt], args.n, num_paths=args.num_paths,
                           max_blocks=args.max_blocks, max_new_tokens=args.max_new_tokens, path_max_tokens=args.path_max_tokens,

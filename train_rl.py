@@ -9,9 +9,8 @@ Stages 2 and 3 of the curriculum: GRPO with our own loop.
 
 A step reads top to bottom: prompts -> rollouts -> rewards -> group advantages -> old log-probs ->
 clipped loss -> backward -> optimizer step -> log -> checkpoint. The defaults of each (stage, variant)
-are the paper's recipes (`--help` prints the table), and each stage starts from the previous one's
-output dir; explicit flags win. Every rank samples its own share of a step's prompts (a group never
-straddles ranks); the loss is a mean over the loss tokens of all ranks.
+are the paper's recipes (`--help` prints the table), each stage starting from the previous one's output
+dir; explicit flags win.
 
 Simplifications relative to the paper / official code:
 1. Rollouts are sampled by our transformers sampler, not vLLM.
@@ -27,15 +26,18 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import ProjectConfiguration, gather_object
 from tqdm import tqdm
 
 from nanopr1 import UsageError, checkpoint, data, format, metrics, recipes, rewards
+from nanopr1.evaluation import evaluate_everywhere
 from nanopr1.grpo import group_advantages, policy_loss, tis_weight
-from nanopr1.model import apply_lora, load, refresh_copy, sampling_copy, save_checkpoint, tag_ids
+from nanopr1.model import apply_lora, load_model, refresh_copy, sampling_copy, save_checkpoint, tag_ids
+from nanopr1.plan import kv_cache_for_run
 from nanopr1.rollout import mix, rollout_row
 from nanopr1.sampler import sample
-from nanopr1.scoring import micro_batches_on_every_rank, pad_rows, sampler_gap, score, sync_gradients
+from nanopr1.scoring import (fixed_logprobs, micro_batches_of, mini_batches, pad_rows, sampler_gap, score,
+                             sync_gradients)
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="\n\n".join(
     recipes.__doc__.split("\n\n")[2:4]), formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -117,21 +119,24 @@ REFUSE = tuple(a.dest for a in parser._actions if a.dest not in APPLY + LOCAL + 
 
 def main(args):
     out, cuda = Path(args.out), torch.cuda.is_available()
-    acc = Accelerator(mixed_precision="bf16" if cuda else "no", log_with=None if args.report_to == "none" else
-                      args.report_to, project_config=ProjectConfiguration(out, logging_dir=out / "tensorboard"))
+    trackers = None if args.report_to == "none" else args.report_to
+    acc = Accelerator(mixed_precision="bf16" if cuda else "no", log_with=trackers,
+                      project_config=ProjectConfiguration(out, logging_dir=out / "tensorboard"))
     world, rank, G = acc.num_processes, acc.process_index, args.group_size
-    acc.print(f"{world} process{'es' if world > 1 else ''} ({acc.device}, {acc.distributed_type.value})")
+    acc.print(f"{world} process{'es' * (world > 1)} ({acc.device}, {acc.distributed_type.value})")
     acc.print(checkpoint.prepare_out(out, args, acc, args.resume, args.overwrite, REFUSE, APPLY))
     torch.manual_seed(args.seed)
-    run = prepare(args, acc)  # problems and prompts, model, optimizer, sampling copy, KV cache: see below
-    model, opt, tokenizer, problems, prompts, kv = run.model, run.opt, run.tokenizer, run.problems, run.prompts, run.kv
+    run = prepare(args, acc)  # the problems, the model and its optimizer, the sampling copy, the KV cache
+    model, opt, tokenizer, problems, prompts = run.model, run.opt, run.tokenizer, run.problems, run.prompts
     reward, grader = rewards.resolve(args.reward, "reward"), rewards.resolve(args.grader, "grader")
     sampling = dict(num_paths=args.num_paths, max_blocks=args.max_blocks, max_new_tokens=args.max_new_tokens,
                     reserve=args.answer_reserve, temperature=args.temperature, top_p=args.top_p,
                     variant=args.variant, max_rows=args.max_rows)
     clip = dict(eps_low=args.clip_low, eps_high=args.clip_high, dual_clip=args.dual_clip, kl_coef=args.kl_coef)
     out.mkdir(parents=True, exist_ok=True)
-    step = checkpoint.load_state(out, acc) if checkpoint.latest(out) and args.resume else 0  # data position: step
+    step = 0
+    if args.resume and checkpoint.latest(out):  # model, optimizer and RNG as saved; the data position: the step
+        step = checkpoint.load_state(out, acc)
     checkpoint.apply_lr(opt, args.lr)
     checkpoint.start_trackers(acc, args)
     bar = tqdm(total=args.steps, initial=step, desc=f"rl-{args.stage}", disable=not acc.is_main_process)
@@ -139,24 +144,24 @@ def main(args):
         t0 = time.time()
         # 1) prompts: this rank's share of the step's problems (whole groups stay on one rank)
         idx = data.step_problems(len(problems), args.prompts_per_step, args.seed, step - 1)[rank::world]
+        golds = [problems[i]["answer"] for i in idx for _ in range(G)]
         # 2) rollouts: the branching sampler on the sampling copy, refreshed from the trained weights
         refresh_copy(run.sampler_model, acc.unwrap_model(model))  # every rank: a collective under FSDP
-        rollouts = sample(run.sampler_model, tokenizer, [prompts[i] for i in idx], G, cache=kv,
+        rollouts = sample(run.sampler_model, tokenizer, [prompts[i] for i in idx], G, cache=run.kv,
                           seed=[mix(args.seed, step, i) for i in idx], **sampling)
-        golds = [problems[i]["answer"] for i in idx for _ in range(G)]
         t_rollout = time.time() - t0
         # 3) rewards, and 4) advantages: each reward standardised within its group of G rollouts
         grades = [rewards.reward_rollout(r, gold, reward, step, args.scaffold_switch, grader)[1]
-                  for r, gold in zip(rollouts, golds)]
+                  for r, gold in zip(rollouts, golds)]  # (a dict each: reward, correct, has_block, ...)
         adv, zero_groups = group_advantages([g["reward"] for g in grades], G)
-        # 5) log-probs held fixed during the update: the trainer's before its first optimizer step (the old
-        #    policy of the clipped ratio; with one step per batch it is the update's own forward) and the
-        #    reference model's (KL)
+        # 5) log-probs fixed during the update: the trainer's before its first step (the clipped ratio's old
+        #    policy; with one step per batch, the update's own forward) and the reference model's (KL)
         old = ref = None
+        fixed = (run.tags, args.variant, args.temperature, run.pad, acc, args.micro_batch_tokens)
         if args.ppo_epochs * args.mini_batches > 1:
-            old = fixed_logprobs(model, nullcontext, rollouts, run, args, acc)
+            old = fixed_logprobs(model, rollouts, *fixed)
         if run.reference is not None:
-            ref = fixed_logprobs(run.reference.model, run.reference.context, rollouts, run, args, acc)
+            ref = fixed_logprobs(run.reference.model, rollouts, *fixed, context=run.reference.context)
         stats = Counter() if old is None else sampler_gap(old, rollouts, args.variant)
         # 6) the update: an optimizer step per mini-batch (a block of the step's prompts, whole groups), its
         #    loss the mean over every loss token of the mini-batch on every rank
@@ -189,16 +194,17 @@ def main(args):
                 opt.zero_grad(set_to_none=True)
         # 7) log (reduced over ranks), keep a few rollouts, evaluate, checkpoint
         row = log_row(acc, step, rollouts, grades, zero_groups, len(idx), stats, t0, t_rollout)
-        row.update(kv.stats())  # CUDA graphs: how many, their memory pool, capture time, a capture failure
-        checkpoint.log_rollouts(acc, out / "rollouts.jsonl", [rollout_row(r, tokenizer, grades[k], golds[k], step)
-                                                              for k, r in enumerate(rollouts[:args.log_rollouts])])
+        row.update(run.kv.stats())  # CUDA graphs: how many, their memory pool, capture time, a failure
+        kept = zip(rollouts[:args.log_rollouts], grades, golds)
+        checkpoint.log_rollouts(acc, out / "rollouts.jsonl", [rollout_row(r, tokenizer, g, gold, step)
+                                                              for r, g, gold in kept])
         if args.eval_every and step % args.eval_every == 0:
             refresh_copy(run.sampler_model, acc.unwrap_model(model))
             row.update(run_eval(run, grader, args, acc, step))
         checkpoint.log_metrics(acc, out, row)
         bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.3f}", par=f"{row['parallel_rate']:.2f}")
         bar.update()
-        if step % args.save_every == 0 or step == args.steps:  # every rank (FSDP gathers); the previous survives a kill
+        if step % args.save_every == 0 or step == args.steps:  # every rank (FSDP gathers)
             save_checkpoint(out, step, acc, model, tokenizer, args, args.keep_checkpoints)
     bar.close()
     acc.end_training()
@@ -208,8 +214,7 @@ def main(args):
 # the pieces main() calls
 
 
-class Run:
-    """What main() trains with (prepare)."""
+class Run:  # what main() trains with (prepare)
     model = opt = tokenizer = sampler_model = reference = kv = tags = pad = None
     problems = prompts = eval_problems = template = ()
 
@@ -218,107 +223,51 @@ Reference = namedtuple("Reference", "model context")  # the KL reference: a mode
 
 
 def prepare(args, acc):
-    """The problems and their prompts; the policy (+ LoRA / gradient checkpointing) and its optimizer through
-    accelerate; the KL reference (LoRA: the adapter switched off; else a frozen copy in the policy's
-    precision); the sampling copy; the run's one KV cache, on a GPU sized by a measured training step."""
-    from nanopr1.kvcache import KVCache, rows_for_budget
-    from nanopr1.plan import kv_rows_left, plan_for, profile_training
+    """What main() trains with: the problems and their prompts; the policy (+ LoRA, gradient checkpointing)
+    and its optimizer through accelerate; the KL reference; the sampling copy; the run's one KV cache."""
     run, cuda, world = Run(), acc.device.type == "cuda", acc.num_processes
     run.template = recipes.template(args)
-    problems = data.training_problems(args.data, args.seed + 1, args.data_dir, args.data_split, config=args.data_config,
-                                      question_key=args.question_key, answer_key=args.answer_key)
-    if args.prompts_per_step > len(problems) or args.prompts_per_step % (world * args.mini_batches):
-        raise UsageError(f"--prompts-per-step {args.prompts_per_step}: more than the {len(problems)} problems of "
-                         f"{args.data}" if args.prompts_per_step > len(problems) else
-                         f"--prompts-per-step {args.prompts_per_step} must divide into --mini-batches "
+    problems = data.training_problems(args.data, args.seed + 1, args.data_dir, args.data_split,
+                                      config=args.data_config, question_key=args.question_key,
+                                      answer_key=args.answer_key)
+    if args.prompts_per_step > len(problems):
+        raise UsageError(f"--prompts-per-step {args.prompts_per_step}: more than the {len(problems)} problems "
+                         f"of {args.data}")
+    if args.prompts_per_step % (world * args.mini_batches):
+        raise UsageError(f"--prompts-per-step {args.prompts_per_step} must divide into --mini-batches "
                          f"{args.mini_batches} over {world} processes")
-    model, run.tokenizer = load(args.init, "bfloat16" if cuda and args.lora else "float32")  # LoRA: a bf16 base
-    prompts = [format.chat_prompt_ids(run.tokenizer, run.template, r["question"]) for r in problems]
-    keep = [i for i, q in enumerate(prompts) if len(q) <= args.max_prompt_tokens]  # longer ones are left out
+    model, run.tokenizer = load_model(args.init, "bfloat16" if cuda and args.lora else "float32")  # LoRA: bf16
+    prompt = lambda r: format.chat_prompt_ids(run.tokenizer, run.template, r["question"])
+    prompts = [prompt(r) for r in problems]
+    keep = [i for i, q in enumerate(prompts) if len(q) <= args.max_prompt_tokens]  # longer ones: left out
     if len(keep) < len(prompts):
         acc.print(f"{len(prompts) - len(keep)} prompts are longer than --max-prompt-tokens: left out")
     if len(keep) < args.prompts_per_step:
         raise UsageError(f"only {len(keep)} prompts fit --max-prompt-tokens {args.max_prompt_tokens}")
     run.problems, run.prompts = [problems[i] for i in keep], [prompts[i] for i in keep]
-    run.eval_problems = data.load(args.eval_data, split="test", data_dir=args.data_dir)[:args.eval_limit] \
-        if args.eval_every else []  # --eval-every samples with the run's KV cache: sized for these prompts too
-    longest = max(len(q) for q in run.prompts + [format.chat_prompt_ids(run.tokenizer, run.template, r["question"])
-                                                 for r in run.eval_problems])
+    if args.eval_every:  # --eval-every samples with the run's KV cache: sized for these prompts too
+        run.eval_problems = data.load_problems(args.eval_data, "test", args.data_dir)[:args.eval_limit]
+    longest = max(len(q) for q in run.prompts + [prompt(r) for r in run.eval_problems])
     run.tags, run.pad = tag_ids(run.tokenizer), run.tokenizer.pad_token_id
-    # the policy, its optimizer, the frozen reference and the sampling copy
+    # the policy and its optimizer; the frozen reference (LoRA: the policy with its adapter switched off)
     if args.lora:
         model = apply_lora(model, r=args.lora_r, alpha=2 * args.lora_r)
     if args.grad_ckpt or args.grad_ckpt is None and cuda:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    frozen = None
-    if args.kl_coef > 0 and not args.lora:
-        frozen = sampling_copy(model, next(model.parameters()).dtype, acc.device)
-        refresh_copy(frozen, model)
+    if args.kl_coef > 0 and not args.lora:  # a copy in the policy's precision: the KL starts at 0
+        run.reference = Reference(sampling_copy(model, next(model.parameters()).dtype, acc.device), nullcontext)
+        refresh_copy(run.reference.model, model)
     trained = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(trained, lr=args.lr, weight_decay=args.weight_decay, foreach=True)  # as on a GPU
     run.model, run.opt = acc.prepare(model, opt)
     run.model.train()
-    if args.kl_coef > 0:
-        if args.lora:  # the policy with its adapter switched off
-            run.reference = Reference(run.model, acc.unwrap_model(run.model).disable_adapter)
-        else:
-            run.reference = Reference(frozen, nullcontext)
-    run.sampler_model = sampling_copy(acc.unwrap_model(run.model), torch.bfloat16 if cuda else torch.float32, acc.device)
-    # memory: the plan's estimate (GPU), then the worst-case training micro-batch measured (every device)
-    config, cols = acc.unwrap_model(run.model).config, longest + args.max_new_tokens + 1
-    rows = args.max_rows or args.prompts_per_step * args.group_size // world * args.num_paths
-    plan = plan_for(args, config, longest_prompt=longest) if cuda else None
-    if plan is not None:
-        acc.print(f"memory plan per GPU:\n{plan}")
-        if not plan.fits:
-            raise UsageError(plan.verdict)
-    peak = profile_training(run.model, run.opt, acc, score, run.tags, args.variant, run.pad, args.micro_batch_tokens,
-                            cols - 1)
-    acc.print(f"measured: the worst-case training micro-batch peaks {peak / 1e9:.2f} GB above the model states"
-              + (f" (plan: {plan.training / 1e9:.2f} GB + gradients)" if plan else ""))
-    if cuda and args.kv_memory_gb:
-        rows = min(rows, rows_for_budget(config, torch.bfloat16, cols, args.kv_memory_gb * 1e9))
-    elif cuda:
-        rows = kv_rows_left(config, torch.bfloat16, cols, peak, acc.device, rows)
-    if rows < args.num_paths:
-        raise UsageError(f"the GPU holds {rows} KV cache rows of {cols} columns beside the measured training step, "
-                         f"one rollout needs {args.num_paths}: lower --micro-batch-tokens or --max-new-tokens")
-    run.kv = KVCache(rows, cols, acc.device)
-    run.kv.note = str(plan or "")
+    if args.kl_coef > 0 and args.lora:
+        run.reference = Reference(run.model, acc.unwrap_model(run.model).disable_adapter)
+    # the sampling copy (bf16 on a GPU), and the KV cache: on a GPU, what a measured training step leaves
+    dtype = torch.bfloat16 if cuda else torch.float32
+    run.sampler_model = sampling_copy(acc.unwrap_model(run.model), dtype, acc.device)
+    run.kv = kv_cache_for_run(args, acc, run.model, run.opt, run.tags, run.pad, longest)
     return run
-
-
-def mini_batches(n_prompts, G, per_mini_batch, rank, world):
-    """This rank's rollouts of each mini-batch: mini-batch i holds the step's prompts i * per_mini_batch ..
-    (i + 1) * per_mini_batch - 1, whole groups, whatever the number of processes (rank r holds the step's
-    prompts r, r + world, ...)."""
-    which = [(j * world + rank) // per_mini_batch for j in range(n_prompts)]  # of this rank's prompts
-    return [[j * G + g for j in range(n_prompts) if which[j] == i for g in range(G)]
-            for i in range(max(which) + 1)]
-
-
-MicroBatch = namedtuple("MicroBatch", "ids rollouts live last")  # ids: indices into the step's rollouts
-
-
-def micro_batches_of(acc, rollouts, ids, max_tokens):
-    """The rollouts `ids` in micro-batches of at most max_tokens, as many on every rank (FSDP fillers:
-    live=False, see scoring.micro_batches_on_every_rank)."""
-    lengths = [len(rollouts[i].prompt_ids) + len(rollouts[i].ids) for i in ids]
-    return [MicroBatch([ids[k] for k in c], [rollouts[ids[k]] for k in c], live, last)
-            for c, live, last in micro_batches_on_every_rank(acc, lengths, max_tokens)]
-
-
-@torch.no_grad()
-def fixed_logprobs(model, context, rollouts, run, args, acc):
-    """Per-rollout log-probs that stay fixed during the update, from one no-grad forward of each micro-batch
-    under `context` (LoRA's reference: the adapter disabled): the old policy's or the reference model's."""
-    out = [None] * len(rollouts)
-    for micro in micro_batches_of(acc, rollouts, list(range(len(rollouts))), args.micro_batch_tokens):
-        with context():
-            logp, _ = score(model, micro.rollouts, run.tags, args.variant, args.temperature, run.pad, acc.device)
-        for i, lp in zip(micro.ids if micro.live else [], logp):
-            out[i] = lp[:len(rollouts[i].ids)]
-    return out
 
 
 def log_row(acc, step, rollouts, grades, zero_groups, groups, stats, t0, t_rollout):
@@ -326,25 +275,27 @@ def log_row(acc, step, rollouts, grades, zero_groups, groups, stats, t0, t_rollo
     m = {k: sum(g[k] for g in grades) for k in ("reward", "correct", "has_block", "format_ok")}
     m.update(length=sum(len(r.ids) for r in rollouts), zero_groups=zero_groups, groups=groups, **stats,
              **{f"b_{k}": v for k, v in metrics.sums(rollouts).items()})
-    m = Counter({k: v.item() for k, v in zip(m, acc.reduce(torch.tensor(list(m.values()), dtype=torch.float64,
-                                                                         device=acc.device), "sum"))})
+    sums = acc.reduce(torch.tensor(list(m.values()), dtype=torch.float64, device=acc.device), "sum")
+    m = Counter({k: v.item() for k, v in zip(m, sums)})
     n, tokens = m["b_rollouts"], max(m["tokens"], 1)
-    return {"step": step, "reward": m["reward"] / n, "accuracy": m["correct"] / n, "parallel_rate": m["has_block"] / n,
-            "format_ok": m["format_ok"] / n, "length": m["length"] / n, "zero_adv_groups": m["zero_groups"] / m["groups"],
-            "clip_frac": m["clipped_tokens"] / tokens, "ratio": m["ratio_sum"] / tokens, "kl": m["kl_sum"] / tokens,
-            "loss": m["loss"], "logp_gap": m["gap_sum"] / max(m["gap_tokens"], 1),  # where the trainer sees what
-            "seen_later_paths_gap": m["designed_sum"] / max(m["designed_tokens"], 1),  # the sampler saw; by design
-            **({"tis_weight": m["tis_sum"] / tokens, "tis_capped": m["tis_capped"] / tokens} if "tis_sum" in m else {}),
-            **metrics.from_sums({k[2:]: v for k, v in m.items() if k.startswith("b_")}),
-            "reward_fn": grades[0]["reward_fn"], "rollout_s": t_rollout, "update_s": time.time() - t0 - t_rollout,
-            "tokens_per_s": m["length"] / max(t_rollout, 1e-9) / acc.num_processes}  # rollout tokens per rank
+    row = {"step": step, "reward": m["reward"] / n, "accuracy": m["correct"] / n,
+           "parallel_rate": m["has_block"] / n, "format_ok": m["format_ok"] / n, "length": m["length"] / n,
+           "zero_adv_groups": m["zero_groups"] / m["groups"], "clip_frac": m["clipped_tokens"] / tokens,
+           "ratio": m["ratio_sum"] / tokens, "kl": m["kl_sum"] / tokens, "loss": m["loss"],
+           # |trainer - sampler| log-prob where the trainer sees what the sampler saw; Seen's later paths
+           "logp_gap": m["gap_sum"] / max(m["gap_tokens"], 1),
+           "seen_later_paths_gap": m["designed_sum"] / max(m["designed_tokens"], 1)}
+    if "tis_sum" in m:  # --tis-cap: the mean weight, and the share of tokens at the cap
+        row.update(tis_weight=m["tis_sum"] / tokens, tis_capped=m["tis_capped"] / tokens)
+    row.update(metrics.from_sums({k[2:]: v for k, v in m.items() if k.startswith("b_")}))
+    row.update(reward_fn=grades[0]["reward_fn"], rollout_s=t_rollout, update_s=time.time() - t0 - t_rollout,
+               tokens_per_s=m["length"] / max(t_rollout, 1e-9) / acc.num_processes)  # per rank
+    return row
 
 
 def run_eval(run, grader, args, acc, step):
     """The --eval-every hook: each rank evaluates its share of a held-out set with the run's KV cache; every
     rank gets the summary; its rollouts are kept in OUT/eval_rollouts.jsonl."""
-    from accelerate.utils import gather_object
-    from nanopr1.evaluation import evaluate_everywhere
     rows, summary = evaluate_everywhere(
         run.sampler_model, run.tokenizer, run.eval_problems, args.eval_n, gather_object, acc.process_index,
         acc.num_processes, template=run.template, seed=args.seed, cache=run.kv, grader=grader, variant=args.variant,
@@ -362,19 +313,20 @@ def parse_args(argv=None):
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.run_name = args.run_name or Path(args.out).name
+    need = args.num_paths  # KV cache rows of one rollout
     for ok, message in [
             (args.group_size >= 2, f"--group-size {args.group_size}: GRPO compares a prompt's rollouts, 2 or more"),
             (args.temperature > 0, f"--temperature {args.temperature}: RL samples, it must be above 0"),
             (0 < args.top_p <= 1, f"--top-p {args.top_p}: must be in (0, 1]"),
-            (args.num_paths >= 2, f"--num-paths {args.num_paths}: a parallel block needs 2 or more paths"),
-            (min(args.max_new_tokens, args.max_prompt_tokens) >= 1, "--max-new-tokens, --max-prompt-tokens: 1 or more"),
+            (need >= 2, f"--num-paths {need}: a parallel block needs 2 or more paths"),
+            (min(args.max_new_tokens, args.max_prompt_tokens) >= 1, "--max-new-tokens, --max-prompt-tokens: >= 1"),
             ((args.answer_reserve or 0) >= 0, "--answer-reserve must be 0 or more"),
             (min(args.prompts_per_step, args.steps) >= 1, "--prompts-per-step and --steps must be 1 or more"),
             (min(args.save_every, args.keep_checkpoints) >= 1, "--save-every and --keep-checkpoints: 1 or more"),
             (min(args.ppo_epochs, args.mini_batches) >= 1, "--ppo-epochs and --mini-batches must be 1 or more"),
             (args.mini_batches <= args.prompts_per_step, "--mini-batches: more than the prompts of a step"),
             (args.micro_batch_tokens >= 1, "--micro-batch-tokens must be 1 or more"),
-            ((args.max_rows or 2 ** 30) >= args.num_paths, f"--max-rows: one rollout needs {args.num_paths} rows"),
+            ((args.max_rows or need) >= need, f"--max-rows: one rollout needs {need} rows"),
             (args.lr > 0 and args.kl_coef >= 0, "--lr must be above 0 and --kl-coef 0 or more"),
             ((args.tis_cap or 1) >= 1, f"--tis-cap {args.tis_cap}: a cap below 1 down-weights on-policy tokens"),
             (args.log_rollouts >= 0, "--log-rollouts must be 0 or more"),
@@ -385,16 +337,14 @@ def parse_args(argv=None):
     return args
 
 
-def plan_only(args):
-    """--plan: the memory plan from the model config alone, then exit."""
-    from nanopr1.plan import load_config, plan_for
-    plan = plan_for(args, load_config(args.init))
-    print(f"memory plan per GPU: {args.init}, {'LoRA' if args.lora else 'full fine-tune'}\n{plan}")
-
-
 if __name__ == "__main__":
     try:
         args = parse_args()
-        plan_only(args) if args.plan else main(args)
+        if args.plan:  # the memory plan from the model config alone
+            from nanopr1.plan import load_config, plan_for
+            print(f"memory plan per GPU: {args.init}, {'LoRA' if args.lora else 'full fine-tune'}\n"
+                  f"{plan_for(args, load_config(args.init))}")
+        else:
+            main(args)
     except UsageError as e:
         sys.exit(f"error: {e}")

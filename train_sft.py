@@ -28,7 +28,7 @@ from accelerate.utils import ProjectConfiguration
 from tqdm import tqdm
 
 from nanopr1 import UsageError, checkpoint, corpus, data, recipes, toy
-from nanopr1.model import apply_lora, load, save_checkpoint, tag_ids
+from nanopr1.model import apply_lora, load_model, save_checkpoint, tag_ids
 from nanopr1.scoring import collate, micro_batches_on_every_rank, sequence_nll, sync_gradients
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -103,7 +103,7 @@ def main(args):
     torch.manual_seed(args.seed)
     # the traces, as (prompt ids, response ids) examples
     if args.data:
-        rows = data.load(args.data, args.data_split, fields=("response",), config=args.data_config,
+        rows = data.load_problems(args.data, args.data_split, fields=("response",), config=args.data_config,
                          question_key=args.question_key)
     else:  # the toy preset: its teacher's traces, and an untrained toy model
         rows = toy.sft_corpus(25600, seed=args.seed)
@@ -111,7 +111,7 @@ def main(args):
         tokenizer = toy.build_tokenizer()
         model = toy.new_model(tokenizer, seed=args.seed)
     else:  # LoRA: a frozen bf16 base
-        model, tokenizer = load(args.model, "bfloat16" if cuda and args.lora else "float32")
+        model, tokenizer = load_model(args.model, "bfloat16" if cuda and args.lora else "float32")
     tags = tag_ids(tokenizer)
     examples, dropped = data.sft_examples(rows, tokenizer, recipes.template(args), args.max_len)
     acc.print(f"{len(examples)}/{len(rows)} traces kept; dropped: {dropped or 'none'}")

@@ -94,7 +94,7 @@ def find_blocks(ids, tags):
     return blocks
 
 
-def structure(ids, tags):
+def parse_blocks(ids, tags):
     """(blocks, None) if the tag tokens of response `ids` are well formed with >= 2 paths per block,
     else ([], the reason). Judged from token ids only: a tag spelled with sub-word pieces is text."""
     try:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from nanopr1 import UsageError, data, kvcache, sampler
 from nanopr1.format import chat_prompt_ids
-from nanopr1.model import load
+from nanopr1.model import load_model
 from nanopr1.rollout import Options
 
 
@@ -34,7 +34,7 @@ def generate(args, acc, template):
     procs = f"{world} process{'es' if world > 1 else ''}"
     out, meta_file = Path(args.data), Path(f"{args.data}.meta.json")
     rank_files = lambda: sorted(out.parent.glob(glob.escape(out.name) + ".rank*.jsonl"))
-    problems = data.load(args.source, split="train", data_dir=args.data_dir)
+    problems = data.load_problems(args.source, split="train", data_dir=args.data_dir)
     digest = lambda x: hashlib.sha256(json.dumps(x).encode()).hexdigest()[:16]
     settings = {"source": args.source, "teacher": args.teacher, "seed": args.seed, "prompt": digest(template),
                 "max_new_tokens": args.gen_max_new_tokens,
@@ -69,7 +69,7 @@ def generate(args, acc, template):
     # 3) sample this rank's share, appending each batch's decisions as soon as they are made
     if todo:
         dtype = "bfloat16" if acc.device.type == "cuda" else "float32"
-        model, tokenizer = load(args.teacher, dtype, str(acc.device))
+        model, tokenizer = load_model(args.teacher, dtype, str(acc.device))
         prompt = lambda i: chat_prompt_ids(tokenizer, template, problems[i]["question"])
         longest = max(len(prompt(i)) for i in todo)
         options = Options(max_new_tokens=args.gen_max_new_tokens, parallel=False)

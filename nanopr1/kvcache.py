@@ -56,7 +56,7 @@ class KVCache:
         self.valid = torch.zeros(self.R, self.S, dtype=torch.bool, device=device)
         self.kv = []  # allocated by the first forward, with the model's dtype and heads
         self.length, self.n = [0] * self.R, 0
-        self.feed = None  # (rows, columns, view, prefix) of the forward in progress, for write_layer
+        self.writing = None  # (rows, columns, view, prefix) of the forward in progress, for write_layer
         # what captured steps read: persistent, so a graph never reads a freed tensor
         self.row_ids = torch.arange(self.R, device=device)
         self.step_inputs = torch.zeros(4, self.R, dtype=torch.long, device=device)  # ids, positions, columns, fed
@@ -105,7 +105,7 @@ class KVCache:
         col = torch.arange(view, device=cols.device)
         mask = valid[:, None, :] & (col <= cols[:, :, None])  # (n, Q, view) causal: a row's columns are in order
         mask |= col == cols.clamp(max=view - 1)[:, :, None]  # every query sees itself (pads: column view-1)
-        self.feed = (rows, cols, view, prefix)
+        self.writing = (rows, cols, view, prefix)
         writer = _Writer(self)
         out = model(input_ids=ids, position_ids=pos, attention_mask=mask[:, None], cache=writer, use_cache=True,
                     logits_to_keep=1)
@@ -117,7 +117,7 @@ class KVCache:
         """Called by each attention layer: store k, v (n, H, Q, D) at the fed columns; return (n, H, view, D)."""
         if len(self.kv) <= 2 * layer:  # first write: allocate with the model's dtype and heads
             self.kv += [x.new_zeros(self.R, x.shape[1], self.S, x.shape[3]) for x in (k, v)]
-        rows, cols, view, prefix = self.feed
+        rows, cols, view, prefix = self.writing
         out = []
         for t, x in zip(self.kv[2 * layer:2 * layer + 2], (k, v)):
             t.transpose(1, 2)[rows[:, None], cols] = x.transpose(1, 2)  # (n, Q, H, D) at each row's own columns

@@ -1,22 +1,17 @@
 """
-Behaviour metrics of rollouts, read from their token-level block structure (`Rollout.ids`,
-`Rollout.blocks`): how often and how early a policy opens blocks, how much of its text goes into
-paths, how much shorter its critical path would be if a block's paths decoded concurrently, and how
-different sibling paths are. What counts as a token: docs/design.md, "Behaviour metrics".
-`summarize` goes through per-batch sums (`sums` -> `from_sums`): ranks add sums, then divide once.
+Behaviour metrics of rollouts, read from their block structure (`Rollout.ids`, `Rollout.blocks`):
+how often and how early a policy opens blocks, how much of its text goes into paths, how much
+shorter its critical path is if a block's paths decode concurrently, and how different sibling
+paths are. Conventions and why a batch goes through `sums` -> `from_sums`: docs/design.md,
+"Behaviour metrics".
 """
 
 from itertools import combinations
 
 
-def bigrams(ids):
-    return set(zip(ids, ids[1:]))
-
-
 def path_overlap(a, b):
-    """Jaccard overlap of the token-id bigrams of two paths, each *with* its <Path> and </Path>: the
-    tags mark start and end, so a path always has a bigram and two empty paths are equal."""
-    A, B = bigrams(a), bigrams(b)
+    """Jaccard overlap of the token-id bigrams of two paths, each with its <Path> and </Path>."""
+    A, B = set(zip(a, a[1:])), set(zip(b, b[1:]))
     return len(A & B) / len(A | B)
 
 
@@ -32,7 +27,7 @@ def rollout_metrics(rollout):
     n = len(ids)
     lens = [[e - s for s, e in b.paths] for b in blocks]  # path lengths per block, tags included
     path_tokens = sum(sum(ls) for ls in lens)
-    # the tokens on the longest route if a block's paths decode concurrently: all but its shorter paths
+    # the tokens on the longest route if a block's paths decode concurrently
     critical_path = n - sum(sum(ls) - max(ls) for ls in lens)
     return {"num_blocks": len(blocks),
             "first_block_pos": blocks[0].parallel / n if blocks else None,
@@ -46,10 +41,11 @@ def rollout_metrics(rollout):
 
 
 def sums(rollouts):
-    """The additive pieces of `summarize`, as floats: the same keys in the same order for any
-    batch, so ranks can reduce them as one tensor."""
+    """The additive pieces of `means`, floats with the same keys in the same order for any batch
+    (ranks reduce them as one tensor)."""
     out = dict.fromkeys(["rollouts", "response_tokens", "blocks", "with_block", "first_block_pos",
-                         "paths", "path_tokens", "summary_tokens", "critical_path", "path_diversity"], 0.0)
+                         "paths", "path_tokens", "summary_tokens", "critical_path",
+                         "path_diversity"], 0.0)
     for r in rollouts:
         m = rollout_metrics(r)
         out["rollouts"] += 1
@@ -64,24 +60,19 @@ def sums(rollouts):
     return out
 
 
-def _div(a, b):
-    return a / b if b else None  # None: nothing to average (e.g. no block in the batch)
-
-
 def from_sums(s):
-    """Batch means from (possibly rank-summed) `sums`; lengths count the tags."""
-    return {"blocks_per_rollout": _div(s["blocks"], s["rollouts"]),
-            "first_block_pos": _div(s["first_block_pos"], s["with_block"]),  # rollouts with a block
-            "path_len": _div(s["path_tokens"], s["paths"]),
-            "summary_len": _div(s["summary_tokens"], s["blocks"]),
-            "path_share": _div(s["path_tokens"], s["response_tokens"]),  # token-weighted
-            "critical_path": _div(s["critical_path"], s["rollouts"]),
-            # a ratio of sums, the batch's decoding speed-up: a mean of ratios would let short
-            # rollouts, which cost little, weigh as much as long ones
-            "latency_ratio": _div(s["response_tokens"], s["critical_path"]),
-            "path_diversity": _div(s["path_diversity"], s["blocks"])}  # mean over blocks
+    """Batch means from (possibly rank-summed) `sums`; None where there is nothing to average."""
+    div = lambda a, b: a / b if b else None  # e.g. no block in the batch
+    return {"blocks_per_rollout": div(s["blocks"], s["rollouts"]),
+            "first_block_pos": div(s["first_block_pos"], s["with_block"]),  # rollouts with a block
+            "path_len": div(s["path_tokens"], s["paths"]),
+            "summary_len": div(s["summary_tokens"], s["blocks"]),
+            "path_share": div(s["path_tokens"], s["response_tokens"]),  # token-weighted
+            "critical_path": div(s["critical_path"], s["rollouts"]),
+            "latency_ratio": div(s["response_tokens"], s["critical_path"]),  # a ratio of sums
+            "path_diversity": div(s["path_diversity"], s["blocks"])}  # mean over blocks
 
 
-def summarize(rollouts):
+def means(rollouts):
     """Means over a batch of rollouts (from_sums)."""
     return from_sums(sums(rollouts))

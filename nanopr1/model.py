@@ -27,7 +27,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
-def load(name_or_path, dtype="float32", device="cpu", attn="sdpa"):
+def load_model(name_or_path, dtype="float32", device="cpu", attn="sdpa"):
     """(model, tokenizer) from a hub id, a local directory or a run dir (its checkpoint), with the tags added."""
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     local = Path(name_or_path).expanduser()
@@ -50,8 +50,8 @@ def load(name_or_path, dtype="float32", device="cpu", attn="sdpa"):
     return model.to(device), tokenizer
 
 
-def save(model, tokenizer, path, args=None, state_dict=None, is_main=True):
-    """Write a transformers dir (model, tokenizer, the run's args.json) that load() reads.
+def save_model(model, tokenizer, path, args=None, state_dict=None, is_main=True):
+    """Write a transformers dir (model, tokenizer, the run's args.json) that load_model() reads.
 
     A peft model is saved merged (its adapters and trained token rows folded into the base weights,
     one tensor at a time on the CPU: no copy of the model on the GPU), so sample.py and eval.py load
@@ -71,10 +71,10 @@ def save(model, tokenizer, path, args=None, state_dict=None, is_main=True):
 
 
 def save_checkpoint(out, step, acc, model, tokenizer, args, keep=1):
-    """A training run's checkpoint OUT/checkpoint-<step>: the model dir load() reads (LoRA merged, FSDP
+    """A training run's checkpoint OUT/checkpoint-<step>: the model dir load_model() reads (LoRA merged, FSDP
     gathered: every rank calls this), accelerate's state and the run's flags, written atomically
     (checkpoint.save), the newest `keep` kept."""
-    write = lambda path: save(acc.unwrap_model(model), tokenizer, path, state_dict=acc.get_state_dict(model),
+    write = lambda path: save_model(acc.unwrap_model(model), tokenizer, path, state_dict=acc.get_state_dict(model),
                               is_main=acc.is_main_process)
     return checkpoint.save(out, step, acc, write, args=checkpoint.plain(args), keep=keep)
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from nanopr1 import UsageError
-from nanopr1.attention import main_line, structure
+from nanopr1.attention import main_line, parse_blocks
 from nanopr1.format import TAGS
 from nanopr1.model import tag_ids
 
@@ -89,7 +89,7 @@ def make_rollout(tokenizer, prompt, ids, stop_reason="eos", forced=None, logprob
     from the tag tokens alone. The sampler builds every rollout here; tests build rollouts by hand
     (the per-token lists default to: sampled, log-prob 0, sequential positions, every tag allowed)."""
     n, tags = len(ids), tag_ids(tokenizer)
-    blocks, error = structure(ids, tags)
+    blocks, error = parse_blocks(ids, tags)
     end = n - (stop_reason == "eos")  # the EOS token is not text
     main = [t for t, m in zip(ids[:end], main_line(ids[:end], tags)) if m]
     text = tokenizer.decode(ids[:end], skip_special_tokens=False)  # tags kept

@@ -1,26 +1,12 @@
 """
-The trainer's view of a sequence: log-probabilities of its response tokens, for
-GRPO (rollouts) and SFT (teacher traces) alike, and the micro-batches they are
-computed in.
-
-Why not `model(...).logits`: at 4B one micro-batch of 8 x 3,000 response tokens
-has 8 x 3,000 x 151,936 logits: 7 GB in bf16 and 15 GB more once upcast to fp32,
-and autograd keeps them alive until backward (chunking the upcast does not help:
-every chunk is saved). Instead, for one forward, the model's output head computes
-the log-probs of the target tokens directly, a chunk of positions at a time,
-each chunk under activation checkpointing: only one chunk of logits exists at any
-moment, in the forward and again when backward recomputes it, and autograd
-saves the chunk's hidden states (which the model keeps anyway), not its logits.
-The head is swapped inside the model's own forward (the model still calls its
-head module), so wrappers that hook it keep working (FSDP2 gathers its weight
-there). This assumes a plain linear head (Qwen3, Llama): a model that
-post-processes its logits (e.g. soft-capping) would need that step here too.
-
-Micro-batches are sized by a token budget (rows x padded length), not by a
-count: 8 rollouts of 300 tokens and 2 of 4,000 cost about the same memory.
+The trainer's view of a sequence: the log-probs of its response tokens, for GRPO (rollouts) and SFT
+(teacher traces) alike, and the micro-batches they are computed in. The model's output head computes
+the target tokens' log-probs a chunk of positions at a time, each chunk under activation checkpointing,
+so full-vocabulary logits never exist for backward (docs/design.md, "Training"). Micro-batches are sized
+by a token budget (rows x padded length), not by a count.
 """
 
-from collections import Counter
+from collections import Counter, namedtuple
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -155,3 +141,36 @@ def sync_gradients(acc, model, last):
     micro-batch). FSDP: reduce-scatter every micro-batch into the sharded gradient, never accumulate an
     unsharded one (8 GB at 4B)."""
     return nullcontext() if last or acc.distributed_type == "FSDP" else acc.no_sync(model)
+
+
+def mini_batches(n_prompts, G, per_mini_batch, rank, world):
+    """This rank's rollouts of each mini-batch: mini-batch i holds the step's prompts i * per_mini_batch ..
+    (i + 1) * per_mini_batch - 1, whole groups, whatever the number of processes (rank r holds the step's
+    prompts r, r + world, ...)."""
+    which = [(j * world + rank) // per_mini_batch for j in range(n_prompts)]  # of this rank's prompts
+    return [[j * G + g for j in range(n_prompts) if which[j] == i for g in range(G)]
+            for i in range(max(which) + 1)]
+
+
+MicroBatch = namedtuple("MicroBatch", "ids rollouts live last")  # ids: indices into the step's rollouts
+
+
+def micro_batches_of(acc, rollouts, ids, max_tokens):
+    """The rollouts `ids` in micro-batches of at most max_tokens, as many on every rank (FSDP fillers:
+    live=False, see micro_batches_on_every_rank)."""
+    lengths = [len(rollouts[i].prompt_ids) + len(rollouts[i].ids) for i in ids]
+    return [MicroBatch([ids[k] for k in c], [rollouts[ids[k]] for k in c], live, last)
+            for c, live, last in micro_batches_on_every_rank(acc, lengths, max_tokens)]
+
+
+@torch.no_grad()
+def fixed_logprobs(model, rollouts, tags, variant, temperature, pad_id, acc, max_tokens, context=nullcontext):
+    """Per-rollout log-probs that stay fixed during an update, from one no-grad forward of each micro-batch
+    under `context` (LoRA's reference: the adapter disabled): the old policy's or the reference model's."""
+    out = [None] * len(rollouts)
+    for micro in micro_batches_of(acc, rollouts, list(range(len(rollouts))), max_tokens):
+        with context():
+            logp, _ = score(model, micro.rollouts, tags, variant, temperature, pad_id, acc.device)
+        for i, lp in zip(micro.ids if micro.live else [], logp):
+            out[i] = lp[:len(rollouts[i].ids)]
+    return out

@@ -10,12 +10,12 @@ from accelerate.utils import gather_object
 
 from nanopr1 import data, toy
 from nanopr1.evaluation import evaluate_everywhere
-from nanopr1.model import load
+from nanopr1.model import load_model
 
 out, model_dir = Path(sys.argv[1]), sys.argv[2]
 acc = Accelerator()
-model, tokenizer = load(model_dir)
-problems = data.load("toy-easy")[:5]
+model, tokenizer = load_model(model_dir)
+problems = data.load_problems("toy-easy")[:5]
 _, summary = evaluate_everywhere(model, tokenizer, problems, 2, gather_object, acc.process_index, acc.num_processes,
                                  template=toy.TEMPLATE, max_new_tokens=24, seed=0)
 (out / f"run_eval.rank{acc.process_index}.json").write_text(json.dumps({"world": acc.num_processes, **summary}))

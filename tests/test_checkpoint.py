@@ -16,8 +16,8 @@ from accelerate import Accelerator
 from nanopr1 import UsageError, checkpoint, toy
 from nanopr1.checkpoint import (LOGS, apply_lr, checkpoints, latest, load_state, model_dir, prepare_out, save,
                                 trim_rows, validate)
-from nanopr1.model import load
-from nanopr1.model import save as save_model
+from nanopr1.model import load_model
+from nanopr1.model import save_model
 
 LR = 1e-3
 
@@ -30,7 +30,7 @@ def toy_dir(tmp_path_factory):
 def trainer(toy_dir, lr=LR, schedule=True):
     """The toy model with AdamW (and a LambdaLR) through a real CPU Accelerator."""
     acc = Accelerator(cpu=True)
-    model, tokenizer = load(toy_dir)
+    model, tokenizer = load_model(toy_dir)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 / (s + 1)) if schedule else None
     model, opt, sched = acc.prepare(model, opt, sched) if schedule else (*acc.prepare(model, opt), None)
@@ -123,7 +123,7 @@ def test_round_trip_restores_weights_optimizer_rng_step_and_logs(tmp_path, toy_d
     assert checkpoints(out) == [(2, ckpt(out, 2))] and validate(ckpt(out, 2)) is None
 
     assert model_dir(out) == ckpt(out, 2)  # the run dir loads as its newest checkpoint
-    loaded = load(str(out))[0].state_dict()
+    loaded = load_model(str(out))[0].state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in saved_w.items() if k in loaded)
 
 
@@ -134,23 +134,23 @@ def test_model_load_resolves_run_dirs_and_step_dirs(tmp_path, toy_dir):
     t, out = trainer(toy_dir), tmp_path / "run"
     assert model_dir(toy_dir) == Path(toy_dir)
     save(out, 1, t.acc, writer(t), keep=2)
-    w1 = load(str(out))[0].state_dict()
+    w1 = load_model(str(out))[0].state_dict()
     train(t, 1)
     save(out, 2, t.acc, writer(t), keep=2)
-    w2 = load(str(out))[0].state_dict()
+    w2 = load_model(str(out))[0].state_dict()
     assert not all(torch.equal(w1[k], w2[k]) for k in w1)
     assert model_dir(out) == ckpt(out, 2)
     assert model_dir(ckpt(out, 1)) == ckpt(out, 1)  # a step dir: itself
-    step1 = load(str(ckpt(out, 1)))[0].state_dict()
+    step1 = load_model(str(ckpt(out, 1)))[0].state_dict()
     assert all(torch.equal(step1[k], w1[k]) for k in w1)
     shutil.copytree(ckpt(out, 2), out / "checkpoint-000003.tmp")  # a killed save's leftovers: never read
     assert model_dir(out) == ckpt(out, 2)
     (ckpt(out, 2) / "config.json").write_text("{}")  # damaged: the older one is the run's model
     assert model_dir(out) == ckpt(out, 1)
-    assert all(torch.equal(v, w1[k]) for k, v in load(str(out))[0].state_dict().items())
+    assert all(torch.equal(v, w1[k]) for k, v in load_model(str(out))[0].state_dict().items())
     (ckpt(out, 1) / "model.safetensors").unlink()
     with pytest.raises(UsageError) as e:
-        load(str(out))
+        load_model(str(out))
     said = str(e.value)
     assert said.startswith(f"no valid checkpoint in {out}: ") and "\n" not in said
     assert f"{ckpt(out, 2) / 'config.json'}: 2 bytes, the manifest says" in said
@@ -159,7 +159,7 @@ def test_model_load_resolves_run_dirs_and_step_dirs(tmp_path, toy_dir):
     empty.mkdir()
     assert model_dir(empty) == empty
     with pytest.raises(UsageError, match="no such model directory"):
-        load(str(empty))
+        load_model(str(empty))
 
 
 def test_the_toy_preset_finds_the_newest_run_dir(tmp_path, toy_dir, monkeypatch):
@@ -291,7 +291,7 @@ def test_a_damaged_checkpoint_is_named_and_the_previous_one_used(tmp_path, toy_d
     # nothing valid: every reader says why in one line
     alone = tmp_path / "alone"
     reason = validate(ckpt(alone, 2))
-    for call in (lambda: load_state(alone, t.acc), lambda: load(str(alone)),
+    for call in (lambda: load_state(alone, t.acc), lambda: load_model(str(alone)),
                  lambda: prepare_out(alone, Namespace(lr=LR, stage="easy", _typed=set()), t.acc, resume=True)):
         with pytest.raises(UsageError) as e:
             call()

@@ -14,7 +14,7 @@ import torch
 from conftest import ROOT, run
 from nanopr1 import toy
 from nanopr1.checkpoint import validate
-from nanopr1.model import load
+from nanopr1.model import load_model
 
 
 def snapshot(path):
@@ -210,7 +210,7 @@ def killed_and_resumed(script, args, out, kill):
     else:
         assert proc.returncode == 0, proc.stderr[-2000:]
     read = lambda name: [json.loads(line) for line in open(out / name)] if (out / name).exists() else None
-    return left, read("metrics.jsonl"), read("rollouts.jsonl"), load(str(out))[0].state_dict()
+    return left, read("metrics.jsonl"), read("rollouts.jsonl"), load_model(str(out))[0].state_dict()
 
 
 def kill_points(out, points):

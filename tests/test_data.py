@@ -38,7 +38,7 @@ def test_record_layouts(raw, question, answer):
 
 def test_gsm8k_layout_keeps_solution_and_extra_fields(tmp_path):
     path = write_jsonl(tmp_path / "x.jsonl", [{"question": "Q", "answer": "work\n#### 12", "response": "R", "id": 3}])
-    [r] = data.load(str(path))
+    [r] = data.load_problems(str(path))
     assert r == {"question": "Q", "answer": "12", "solution": "work\n#### 12", "response": "R", "id": 3}
 
 
@@ -54,23 +54,23 @@ def test_local_file_formats(tmp_path, suffix):
         import pyarrow as pa
         import pyarrow.parquet as pq
         pq.write_table(pa.Table.from_pylist(rows), path)
-    assert data.load(str(path)) == rows
+    assert data.load_problems(str(path)) == rows
 
 
 def test_unicode_line_separator_inside_a_record(tmp_path):
     # U+2028 inside a JSON string is legal; str.splitlines() would cut the line there
     path = write_jsonl(tmp_path / "d.jsonl", [{"question": "a\u2028b", "answer": "1"}])
-    assert data.load(str(path))[0]["question"] == "a\u2028b"
+    assert data.load_problems(str(path))[0]["question"] == "a\u2028b"
 
 
 def test_short_names_read_the_data_dir(tmp_path):
     write_jsonl(tmp_path / "gsm8k_test.jsonl", [{"question": "t", "answer": "1"}])
     write_jsonl(tmp_path / "gsm8k_train.jsonl", [{"question": "tr", "answer": "2"}])
     write_jsonl(tmp_path / "eval_aime25.jsonl", [{"problem": "a", "answer": "70"}])
-    assert data.load("gsm8k", "test", tmp_path)[0]["question"] == "t"
-    assert data.load("gsm8k", data_dir=tmp_path)[0]["question"] == "tr"  # default split: train
-    assert data.load("aime25", data_dir=str(tmp_path)) == [{"problem": "a", "question": "a", "answer": "70"}]
-    assert data.load("aime25", "test", tmp_path) == data.load("aime25", "train", tmp_path)  # one split only
+    assert data.load_problems("gsm8k", "test", tmp_path)[0]["question"] == "t"
+    assert data.load_problems("gsm8k", data_dir=tmp_path)[0]["question"] == "tr"  # default split: train
+    assert data.load_problems("aime25", data_dir=str(tmp_path)) == [{"problem": "a", "question": "a", "answer": "70"}]
+    assert data.load_problems("aime25", "test", tmp_path) == data.load_problems("aime25", "train", tmp_path)  # one split only
 
 
 @pytest.mark.parametrize("make,args,error,words", [
@@ -90,7 +90,7 @@ def test_clear_errors(tmp_path, make, args, error, words):
         (tmp_path / "d.jsonl").write_text(make)
     args = tuple(str(a).replace("DIR", str(tmp_path)) if a is not None else None for a in args)
     with pytest.raises(error) as e:
-        data.load(*args)
+        data.load_problems(*args)
     for w in words:
         assert w in str(e.value)
 
@@ -102,7 +102,7 @@ def test_offline_hub_says_how_to_use_a_local_file(monkeypatch):
         raise ConnectionError("Couldn't reach 'math-ai/aime25' on the Hub (LocalEntryNotFoundError)")
     monkeypatch.setattr(datasets, "load_dataset", unreachable)
     with pytest.raises(UsageError) as e:
-        data.load("aime25")
+        data.load_problems("aime25")
     msg = str(e.value)
     for w in ["'aime25'", "math-ai/aime25", "Couldn't reach", "--data-dir", "eval_aime25.jsonl"]:
         assert w in msg
@@ -117,10 +117,10 @@ def test_hub_post_processing(monkeypatch):
            "openai/gsm8k": [{"question": "g", "answer": "x\n#### 2,000"}]}
     asked = []
     monkeypatch.setattr(datasets, "load_dataset", lambda hub_id, config, split: asked.append(split) or hub[hub_id])
-    assert [r["question"] for r in data.load("dapo", "test")] == ["p1", "p2"]  # one copy of each problem
+    assert [r["question"] for r in data.load_problems("dapo", "test")] == ["p1", "p2"]  # one copy of each problem
     assert asked == ["train"]                                                   # dapo has only a train split
-    assert [r["answer"] for r in data.load("math300")] == ["3", "-4"]         # integer answers only
-    assert data.load("gsm8k")[0]["answer"] == "2000"
+    assert [r["answer"] for r in data.load_problems("math300")] == ["3", "-4"]         # integer answers only
+    assert data.load_problems("gsm8k")[0]["answer"] == "2000"
 
 
 @pytest.mark.parametrize("source,kw,asked", [
@@ -136,7 +136,7 @@ def test_hub_config_and_split_are_passed_through(monkeypatch, source, kw, asked)
     got = []
     hub = lambda hub_id, config, split: got.append((hub_id, config, split)) or [{"q": "Q", "a": "1"}]
     monkeypatch.setattr(datasets, "load_dataset", hub)
-    [r] = data.load(source, question_key="q", answer_key="a", **kw)
+    [r] = data.load_problems(source, question_key="q", answer_key="a", **kw)
     assert got == [asked] and (r["question"], r["answer"]) == ("Q", "1")
 
 
@@ -148,7 +148,7 @@ def test_hub_config_and_split_are_passed_through(monkeypatch, source, kw, asked)
 ])
 def test_question_and_answer_keys(tmp_path, raw, keys, question, answer):
     path = write_jsonl(tmp_path / "d.jsonl", [raw])
-    [r] = data.load(str(path), question_key=keys[0], answer_key=keys[1])
+    [r] = data.load_problems(str(path), question_key=keys[0], answer_key=keys[1])
     assert (r["question"], r["answer"]) == (question, answer)
 
 
@@ -170,7 +170,7 @@ def test_question_and_answer_keys(tmp_path, raw, keys, question, answer):
 def test_missing_column_is_one_line_naming_the_columns(tmp_path, raw, kw, message):
     path = write_jsonl(tmp_path / "d.jsonl", [raw])
     with pytest.raises(UsageError) as e:
-        data.load(str(path), **kw)
+        data.load_problems(str(path), **kw)
     assert str(e.value) == message.replace("d.jsonl", str(path))
 
 
@@ -185,7 +185,7 @@ def test_missing_column_is_one_line_naming_the_columns(tmp_path, raw, kw, messag
 ])
 def test_sft_layouts(tmp_path, bpe_tokenizer, raw, question, answer, response):
     from nanopr1.format import PARALLEL_PROMPT
-    [r] = data.load(str(write_jsonl(tmp_path / "d.jsonl", [raw])), fields=("response",))
+    [r] = data.load_problems(str(write_jsonl(tmp_path / "d.jsonl", [raw])), fields=("response",))
     assert (r["question"], r.get("answer"), r["response"]) == (question, answer, response)
     ex, _ = data.sft_examples([r], bpe_tokenizer, PARALLEL_PROMPT, 4096)  # what train_sft reads
     ours, _ = data.sft_examples([{"question": question, "response": response}],
@@ -201,7 +201,7 @@ def test_rl_records_still_need_an_answer():
 @pytest.mark.parametrize("level", ["easy", "hard"])
 def test_toy_sets(level):
     from nanopr1 import toy
-    records = data.load(f"toy-{level}")
+    records = data.load_problems(f"toy-{level}")
     assert records == toy.eval_set(level) and len(records) > 0
     assert all(set(r) >= {"question", "answer"} for r in records)
 
@@ -212,7 +212,7 @@ def test_toy_sets(level):
 @pytest.mark.parametrize("split,size", [("train", 7473), ("test", 1319)])
 def test_gsm8k_solutions_parse_to_their_answer(split, size):
     shared_file(f"gsm8k_{split}.jsonl")
-    records = data.load("gsm8k", split, SHARED)
+    records = data.load_problems("gsm8k", split, SHARED)
     assert len(records) == size
     bad = [r for r in records if data.gsm8k_answer(r["solution"]) != r["answer"]]
     assert bad == []
@@ -222,7 +222,7 @@ def test_gsm8k_solutions_parse_to_their_answer(split, size):
                                        ("dapo", 17917)])
 def test_shared_sets_load(name, size):
     shared_file(data.LOCAL_FILES[name])
-    records = data.load(name, data_dir=SHARED)
+    records = data.load_problems(name, data_dir=SHARED)
     assert len(records) == size
     assert all(r["question"].strip() and r["answer"].strip() for r in records)
 
@@ -230,7 +230,7 @@ def test_shared_sets_load(name, size):
 def test_teacher_traces_keep_their_response():
     path = shared_file("parallel_gsm8k_sample.jsonl")
     raw = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line]
-    records = data.load(str(path))
+    records = data.load_problems(str(path))
     assert len(records) == 341
     assert [r["response"] for r in records] == [r["response"] for r in raw]
 
@@ -239,7 +239,7 @@ def test_non_utf8_file_is_a_clear_error(tmp_path):
     bad = tmp_path / "traces.jsonl"
     bad.write_bytes(b'{"question": "q", "answer": "1", "response": "caf\xe9"}\n')
     with pytest.raises(UsageError, match=r"not UTF-8 text \(bad byte at offset 49\): re-save it as UTF-8"):
-        data.load(str(bad))
+        data.load_problems(str(bad))
 
 
 def test_step_problems_are_distinct_and_fixed():

@@ -89,7 +89,7 @@ def test_behaviour_metrics_of_the_table_equal_metrics_summarize(bpe_tokenizer):
            make_rollout(bpe_tokenizer, [5, 6], block + block + [34, bpe_tokenizer.eos_token_id])]
     rows = [ev.grade_rollout({"question": "q", "answer": "1"}, i, 0, r) for i, r in enumerate(ros)]
     s = ev.summarize(rows, 1)
-    expected = metrics.summarize(ros)
+    expected = metrics.means(ros)
     assert {k: s[k] for k in expected} == pytest.approx(expected)
     assert s["blocks_per_rollout"] == 1.0 and s["latency_ratio"] > 1
     line = ev.format_table({"x": s}).splitlines()[1].split()
@@ -149,7 +149,7 @@ def fake_sampler(monkeypatch, bpe_tokenizer):
                 out.append(nanopr1.rollout.make_rollout(tokenizer, p, ids + [tokenizer.eos_token_id], "eos"))
         return out
     monkeypatch.setattr(nanopr1.sampler, "sample", sample)
-    monkeypatch.setattr(nanopr1.model, "load", lambda *a, **kw: (tiny_model(bpe_tokenizer), bpe_tokenizer))
+    monkeypatch.setattr(nanopr1.model, "load_model", lambda *a, **kw: (tiny_model(bpe_tokenizer), bpe_tokenizer))
     return calls
 
 
@@ -445,8 +445,8 @@ def test_two_processes_equal_one(toy_model, tmp_path, capsys):
     argv = ["--model", toy_model] + TOY_ARGS + ["--datasets", "toy-easy,toy-hard"]
     argv[argv.index("--n")] = "--rollouts"  # torchrun would read --n as an abbreviation of its own flags
     run_main(argv + ["--out", str(tmp_path / "one")], capsys)
-    model, tokenizer = nanopr1.model.load(toy_model)
-    _, hook = ev.evaluate_everywhere(model, tokenizer, nanopr1.data.load("toy-easy")[:5], 2, lambda rows: rows,
+    model, tokenizer = nanopr1.model.load_model(toy_model)
+    _, hook = ev.evaluate_everywhere(model, tokenizer, nanopr1.data.load_problems("toy-easy")[:5], 2, lambda rows: rows,
                                      template=toy.TEMPLATE, max_new_tokens=24, seed=0)
     two = tmp_path / "two"
     proc = run(ROOT / "eval.py", *argv, "--out", str(two), procs=2)
@@ -477,8 +477,8 @@ def test_one_cache_serves_every_batch(toy_model):
     """eval.py hands one KV cache to every sample() call of every set (its captured steps kept): the same
     rows as a cache made per call."""
     from nanopr1.kvcache import KVCache
-    model, tokenizer = nanopr1.model.load(toy_model)
-    problems = nanopr1.data.load("toy-easy")[:6]
+    model, tokenizer = nanopr1.model.load_model(toy_model)
+    problems = nanopr1.data.load_problems("toy-easy")[:6]
     kw = dict(template=toy.TEMPLATE, max_new_tokens=40, seed=0, batch_size=2, progress=False)
     cache = KVCache(16, 80, "cpu")
     with_cache, _ = ev.evaluate(model, tokenizer, problems, 2, cache=cache, **kw)

@@ -1,5 +1,5 @@
 """Tests for nanopr1/format.py (tags, prompt templates, normalize) and for the one structure parser,
-which reads tag tokens (attention.structure, rollout.make_rollout): canonical text tokenized with the
+which reads tag tokens (attention.parse_blocks, rollout.make_rollout): canonical text tokenized with the
 conftest BPE, whose tags are special tokens; a tag spelled with sub-word pieces is text."""
 
 import json
@@ -8,7 +8,7 @@ import pytest
 
 from conftest import shared_file
 from nanopr1 import UsageError, data
-from nanopr1.attention import structure
+from nanopr1.attention import parse_blocks
 from nanopr1.format import PARALLEL_PROMPT, SEQUENTIAL_PROMPT, TAGS, load_template, normalize, render_prompt
 from nanopr1.model import tag_ids
 from nanopr1.rollout import make_rollout, texts
@@ -105,7 +105,7 @@ def test_canonical_passes(bpe_tokenizer):
 
 @pytest.mark.parametrize("text,reason", BAD.values(), ids=BAD.keys())
 def test_malformed_tag_tokens_are_rejected_with_a_reason(bpe_tokenizer, text, reason):
-    blocks, why = structure(tokens(bpe_tokenizer, text), tag_ids(bpe_tokenizer))
+    blocks, why = parse_blocks(tokens(bpe_tokenizer, text), tag_ids(bpe_tokenizer))
     assert blocks == [] and why is not None and reason in why, why
     assert read(bpe_tokenizer, text).format_error == why
 

@@ -121,7 +121,7 @@ def test_kept_traces_are_normalised_well_formed_with_a_block_and_correct(tmp_pat
     assert "kept 2/6 (33.3%)" in report and "6 sampled now on 1 process" in report
     assert "{'no parallel block': 2, 'wrong final answer': 1, 'the block has 1 path(s)': 1}" in report
     # the SFT reader takes the corpus as it is
-    examples, dropped = data.sft_examples(data.load(tmp_path / "corpus.jsonl"), toy.build_tokenizer(), "{problem}", 512)
+    examples, dropped = data.sft_examples(data.load_problems(tmp_path / "corpus.jsonl"), toy.build_tokenizer(), "{problem}", 512)
     assert len(examples) == 2 and not dropped
 
 

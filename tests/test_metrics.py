@@ -4,7 +4,7 @@ its closed-form value; sums from two batches add up to the sums of both."""
 import pytest
 
 from nanopr1.format import PARALLEL, PARALLEL_END, PATH, PATH_END, SUMMARY, SUMMARY_END
-from nanopr1.metrics import from_sums, rollout_metrics, summarize, sums
+from nanopr1.metrics import from_sums, rollout_metrics, means, sums
 from nanopr1.model import tag_ids
 from nanopr1.rollout import make_rollout
 
@@ -97,7 +97,7 @@ def test_summarize_and_sums(bpe_tokenizer):
     want = dict(blocks_per_rollout=3 / 3, first_block_pos=(2 / 17 + 1 / 29) / 2, path_len=26 / 7,
                 summary_len=9 / 3, path_share=26 / 50, critical_path=36 / 3, latency_ratio=50 / 36,
                 path_diversity=(3 / 5 + 1 + 2 / 3) / 3)
-    got = summarize([a, b, c])
+    got = means([a, b, c])
     assert got == pytest.approx(want, abs=1e-12)
     # what train_rl.py does across ranks: add the sums of each rank, divide once
     added = {k: v + sums([b, c])[k] for k, v in sums([a]).items()}
@@ -108,7 +108,7 @@ def test_summarize_and_sums(bpe_tokenizer):
 def test_summarize_without_blocks(bpe_tokenizer):
     a = rollout(bpe_tokenizer, [10, 11, 12])
     b = rollout(bpe_tokenizer, [10], eos=True)  # n = 2 with EOS
-    assert summarize([a, b]) == dict(blocks_per_rollout=0.0, first_block_pos=None, path_len=None, summary_len=None,
+    assert means([a, b]) == dict(blocks_per_rollout=0.0, first_block_pos=None, path_len=None, summary_len=None,
                                      path_share=0.0, critical_path=2.5, latency_ratio=1.0, path_diversity=None)
     assert list(sums([])) == list(sums([a, b]))  # same keys, same order on every rank
-    assert set(summarize([]).values()) == {None}
+    assert set(means([]).values()) == {None}

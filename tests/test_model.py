@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from conftest import CHAT_TEMPLATE, tiny_model
 from nanopr1 import UsageError
 from nanopr1.format import PARALLEL_PROMPT, TAGS, chat_prompt_ids
-from nanopr1.model import add_tags, apply_lora, load, tag_ids, tiny_llama_config, tiny_qwen3_config
+from nanopr1.model import add_tags, apply_lora, load_model, tag_ids, tiny_llama_config, tiny_qwen3_config
 
 
 def plain_tokenizer():
@@ -55,7 +55,7 @@ def test_save_load_round_trip_identical_logits(tmp_path, bpe_tokenizer):
     model = tiny_model(bpe_tokenizer)
     model.save_pretrained(tmp_path)
     bpe_tokenizer.save_pretrained(tmp_path)
-    loaded, tokenizer = load(str(tmp_path))
+    loaded, tokenizer = load_model(str(tmp_path))
     assert tag_ids(tokenizer) == tag_ids(bpe_tokenizer)
     ids = torch.tensor([chat_prompt_ids(tokenizer, PARALLEL_PROMPT, "What is 3 + 4?")])
     assert ids.tolist() == [chat_prompt_ids(bpe_tokenizer, PARALLEL_PROMPT, "What is 3 + 4?")]
@@ -65,12 +65,12 @@ def test_save_load_round_trip_identical_logits(tmp_path, bpe_tokenizer):
 
 def test_missing_model_is_a_clear_error(tmp_path):
     with pytest.raises(UsageError, match="no such model directory"):
-        load(str(tmp_path / "nope"))
+        load_model(str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(UsageError, match="config.json"):
-        load(str(tmp_path / "empty"))
+        load_model(str(tmp_path / "empty"))
     with pytest.raises(UsageError, match="could not be loaded"):
-        load("no-such-org/no-such-model-xyz")
+        load_model("no-such-org/no-such-model-xyz")
 
 
 def test_tokenizer_without_chat_template_is_a_clear_error():
@@ -95,7 +95,7 @@ def test_a_lora_model_saves_merged_without_copying_it(bpe_tokenizer, tmp_path, m
     deep-copied the whole model on its device: +8 GB at 4B at every checkpoint): the saved model's logits
     equal the adapted model's."""
     import copy
-    from nanopr1.model import save
+    from nanopr1.model import save_model
     model = apply_lora(tiny_model(bpe_tokenizer), r=4, alpha=8, train_tokens=list(tag_ids(bpe_tokenizer).values()))
     with torch.no_grad():
         for name, q in model.named_parameters():
@@ -104,9 +104,9 @@ def test_a_lora_model_saves_merged_without_copying_it(bpe_tokenizer, tmp_path, m
     deepcopy = copy.deepcopy
     monkeypatch.setattr(copy, "deepcopy", lambda x, *a: pytest.fail("the model was copied")
                         if isinstance(x, torch.nn.Module) else deepcopy(x, *a))
-    save(model, bpe_tokenizer, tmp_path / "merged")
+    save_model(model, bpe_tokenizer, tmp_path / "merged")
     monkeypatch.undo()
     ids = torch.tensor([[5, 6, 7, *tag_ids(bpe_tokenizer).values(), 8]])
-    loaded, _ = load(str(tmp_path / "merged"))
+    loaded, _ = load_model(str(tmp_path / "merged"))
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5, rtol=1e-4)

@@ -105,10 +105,10 @@ def test_the_plans_training_transient_is_the_measured_one(variant):
     model, opt = acc.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True))
     model.train()
     tags = {t: 1018 + i for i, t in enumerate(TAGS)}
-    profile_training(model, opt, acc, scoring.score, tags, variant, 0, 4096, 1024)  # AdamW's moments exist now
+    profile_training(model, opt, acc, tags, variant, 0, 4096, 1024)  # AdamW's moments exist now
     before = {k: v.clone() for k, v in model.state_dict().items()}
     n = sum(q.numel() for q in model.parameters())
-    measured = profile_training(model, opt, acc, scoring.score, tags, variant, 0, 4096, 1024) - 4 * n
+    measured = profile_training(model, opt, acc, tags, variant, 0, 4096, 1024) - 4 * n
     planned = training_transient(config, 4096, 1024, autocast=False, unseen=variant == "unseen", trained=n)
     assert abs(planned / measured - 1) < 0.15, (planned, measured)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # lr 0: the weights did not move

@@ -48,7 +48,7 @@ def test_runs_write_one_png_per_logged_metric(runs, tmp_path, capsys):
 def drawn(monkeypatch):
     """Keep the figures plot.py would save: {file name: figure}."""
     figs = {}
-    monkeypatch.setattr(plot, "save", lambda plt, fig, path: figs.setdefault(path.name, fig) and path)
+    monkeypatch.setattr(plot, "save_figure", lambda plt, fig, path: figs.setdefault(path.name, fig) and path)
     return figs
 
 

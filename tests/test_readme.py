@@ -13,3 +13,20 @@ def test_from_python_runs_as_written(tmp_path, monkeypatch, capsys):
     exec(compile(code, "README.md", "exec"), {})
     printed = capsys.readouterr().out
     assert printed.count("tokens, ") == 2 and printed.count("answer: ") == 2 and "gold: 6" in printed
+
+
+def test_the_reading_order_is_the_import_graph():
+    """The README lists the package files in reading order: each imports only files listed above it (no
+    import cycles, and a reader never meets a name from a file not read yet)."""
+    import ast
+    listing = re.search(r"## Files\n\n```\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL).group(1)
+    order = [m for m in re.findall(r"^  (\w+)\.py", listing, re.MULTILINE)]
+    files = sorted(p.stem for p in (ROOT / "nanopr1").glob("*.py"))
+    assert sorted(order) == files
+    for module in order:
+        tree = ast.parse((ROOT / "nanopr1" / f"{module}.py").read_text())
+        imported = {node.module.split(".")[1] if "." in node.module else a.name
+                    for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+                    and node.module.startswith("nanopr1") for a in node.names}
+        later = {m for m in imported & set(order) if order.index(m) > order.index(module)}
+        assert not later, f"{module}.py imports {later}, listed after it"

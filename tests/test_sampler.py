@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from nanopr1.attention import build_inputs, structure
+from nanopr1.attention import build_inputs, parse_blocks
 from nanopr1.format import PARALLEL, PARALLEL_END, PATH, PATH_END, SUMMARY, SUMMARY_END
 from nanopr1.model import tag_ids
 from nanopr1.rollout import ALL_TAGS, BIT, apply_tag_mask, gumbel, mix
@@ -80,7 +80,7 @@ def test_sampler_equals_scorer(bpe_tokenizer, variant, num_paths, top_p):
     model = biased(tok, par=4.0, path_end=3.0, summary_end=3.0, eos=1.0)
     rollouts = sample(model, tok, prompts_of(tok), 4, num_paths=num_paths, max_new_tokens=90, seed=1,
                       variant=variant, top_p=top_p)
-    assert all(structure(r.ids, t)[1] is None for r in rollouts)
+    assert all(parse_blocks(r.ids, t)[1] is None for r in rollouts)
     assert sum(len(r.blocks) for r in rollouts) >= 8 and any(len(r.blocks) >= 2 for r in rollouts)
     later = 0
     for r, (logp, positions) in zip(rollouts, score(model, rollouts, t, variant)):
@@ -214,7 +214,7 @@ def test_out_of_place(bpe_tokenizer, case, bias, kw, check, variant):
     rollouts = sample(biased(tok, **bias), tok, prompts_of(tok)[:2], 2, seed=0, variant=variant,
                       **{"max_new_tokens": 40, **kw})
     for r in rollouts:
-        assert structure(r.ids, t)[1] is None, (case, r.text)
+        assert parse_blocks(r.ids, t)[1] is None, (case, r.text)
         assert check(r, t, tok), (case, _structure(r, t))
 
 
@@ -333,7 +333,7 @@ def test_sample_script_json_and_tree(bpe_tokenizer, tmp_path, capsys):
         assert set(row) >= {"text", "main", "blocks", "answer", "tokens", "stop_reason"}
         assert len(row["blocks"]) >= 1 and len(row["blocks"][0]["paths"]) == 2 and "summary" in row["blocks"][0]
         ids = bpe_tokenizer(row["text"], add_special_tokens=False)["input_ids"]  # the tags become tag tokens
-        assert row["text"].startswith("<Parallel><Path>") and structure(ids, tag_ids(bpe_tokenizer))[1] is None
+        assert row["text"].startswith("<Parallel><Path>") and parse_blocks(ids, tag_ids(bpe_tokenizer))[1] is None
     script.main(args)
     out = capsys.readouterr().out
     assert out.count("=== rollout") == 2 and "├─ path 2" in out and "└─ summary" in out and "answer:" in out

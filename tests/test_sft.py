@@ -9,7 +9,7 @@ from conftest import build_bpe_tokenizer, run, shared_file, tiny_model
 from nanopr1 import data, format, toy
 from nanopr1.scoring import collate, sequence_nll
 from nanopr1.attention import build_inputs, find_blocks
-from nanopr1.model import load, tag_ids
+from nanopr1.model import load_model, tag_ids
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -178,7 +178,7 @@ def test_resume_and_two_processes_reproduce_the_run(tmp_path):
     then cosine over 6, stepped once per step); a run SIGKILLed right after logging step 4 (its checkpoint is
     step 3's) then resumed, and a run on two real processes (torchrun, gloo), reproduce the losses, the LR
     sequence and the weights of the uninterrupted single-process run."""
-    w = lambda d: torch.cat([q.flatten() for q in load(str(d))[0].state_dict().values()])
+    w = lambda d: torch.cat([q.flatten() for q in load_model(str(d))[0].state_dict().values()])
     full = run_sft(tmp_path / "full")
     lr = schedule(3e-3, 6, 0.04)  # the toy preset's --lr and --warmup
     assert lr[0] == 3e-3 and 0 < lr[-1] < 1e-3 and all(a > b for a, b in zip(lr, lr[1:]))
@@ -210,8 +210,8 @@ def test_lora_trains_adapters_only_and_checkpoint_reloads(tmp_path):
     assert newest.name == "checkpoint-000003"
     args = json.loads((newest / "args.json").read_text())
     assert args["lora"] is True and args["lora_r"] == 4 and args["max_steps"] == 3
-    before, _ = load(str(base))
-    after, tokenizer = load(str(tmp_path / "lora"))
+    before, _ = load_model(str(base))
+    after, tokenizer = load_model(str(tmp_path / "lora"))
     changed = [n for n, p in after.named_parameters() if not torch.equal(p, before.get_parameter(n))]
     # merged adapters move the projection weights; embeddings move only in the six tag rows
     assert any("q_proj" in n for n in changed) and "model.norm.weight" not in changed

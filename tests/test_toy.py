@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from nanopr1 import toy
 from nanopr1.format import ANSWER_PREFIX, TAGS, chat_prompt_ids
-from nanopr1.model import add_tags, load, tag_ids
+from nanopr1.model import add_tags, load_model, tag_ids
 from nanopr1.rewards import extract_answer
 from nanopr1.rollout import make_rollout, texts
 
@@ -69,7 +69,7 @@ def test_saved_dir_round_trip_gives_identical_logits(tmp_path, tokenizer, corpus
     fresh = toy.new_model(tokenizer, seed=3).eval()
     ids = torch.tensor([chat_prompt_ids(tokenizer, toy.TEMPLATE, corpus[0]["question"])
                         + tokenizer(corpus[0]["response"], add_special_tokens=False)["input_ids"]])
-    model, tok = load(path)
+    model, tok = load_model(path)
     auto_tok = AutoTokenizer.from_pretrained(path)
     auto_model = AutoModelForCausalLM.from_pretrained(path)
     assert tok.get_vocab() == auto_tok.get_vocab() == tokenizer.get_vocab()
