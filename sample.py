@@ -31,35 +31,35 @@ from nanopr1.sampler import sample
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    arg = parser.add_argument
     # model
-    p.add_argument("--model", help="hub id or local directory (toy preset: the newest of out/toy-*)")
-    p.add_argument("--preset", choices=["toy"], help="toy: the newest toy model, its prompt template and budget")
-    p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: bfloat16 on cuda, else float32)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu | cuda (default: cuda if available)")
+    arg("--model", help="hub id or local directory (toy preset: the newest of out/toy-*)")
+    arg("--preset", choices=["toy"], help="toy: the newest toy model, its prompt template and budget")
+    arg("--dtype", help="float32 | bfloat16 | float16 (default: bfloat16 on cuda, else float32)")
+    arg("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu | cuda")
     # prompt
-    p.add_argument("--prompt", help="the problem")
-    p.add_argument("--prompt-file", help="a prompt template with a {problem} slot (default: the parallel prompt)")
+    arg("--prompt", help="the problem")
+    arg("--prompt-file", help="a prompt template with a {problem} slot (default: the parallel prompt)")
     # sampling
-    p.add_argument("--n", type=int, default=1, help="rollouts of the prompt")
-    p.add_argument("--num-paths", type=int, default=2, help="paths per parallel block")
-    p.add_argument("--max-blocks", type=int, default=4, help="parallel blocks per rollout")
-    p.add_argument("--max-new-tokens", type=int, default=3000, help="response budget, everything included")
-    p.add_argument("--path-max-tokens", type=int, default=None, help="budget of one path, its tags included")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--variant", choices=["seen", "unseen"], default="seen", help="how paths are merged")
-    p.add_argument("--no-parallel", action="store_true", help="plain sampling: tags are ordinary text")
-    p.add_argument("--force-block", type=int, nargs="?", const=-1, default=None, metavar="N",
-                   help="open a block after the first line of the main text, or after N response tokens")
+    arg("--n", type=int, default=1, help="rollouts of the prompt")
+    arg("--num-paths", type=int, default=2, help="paths per parallel block")
+    arg("--max-blocks", type=int, default=4, help="parallel blocks per rollout")
+    arg("--max-new-tokens", type=int, default=3000, help="response budget, everything included")
+    arg("--path-max-tokens", type=int, help="budget of one path, its tags included")
+    arg("--temperature", type=float, default=1.0, help="0 = greedy")
+    arg("--top-p", type=float, default=1.0)
+    arg("--seed", type=int, default=0)
+    arg("--variant", choices=["seen", "unseen"], default="seen", help="how paths are merged")
+    arg("--no-parallel", action="store_true", help="plain sampling: tags are ordinary text")
+    arg("--force-block", type=int, nargs="?", const=-1, metavar="N",
+        help="open a block after the first line of the main text, or after N response tokens")
     # output
-    p.add_argument("--json", action="store_true", help="one JSON object per rollout")
-    p.add_argument("--show", metavar="FILE", help="print the rollouts a run kept (OUT/rollouts.jsonl) as trees")
-    p.add_argument("--step", type=int, help="with --show: the step (default: the last)")
-    return recipes.parse(p, argv, "sample")
+    arg("--json", action="store_true", help="one JSON object per rollout")
+    arg("--show", metavar="FILE", help="print the rollouts a run kept (OUT/rollouts.jsonl) as trees")
+    arg("--step", type=int, help="with --show: the step (default: the last)")
+    return recipes.parse(parser, argv, "sample")
 
 
 def show_file(path, step):
@@ -85,16 +85,17 @@ def main(argv=None):
     if name is None:
         sys.exit("no toy model yet: run `python train_sft.py --preset toy` first" if args.preset == "toy"
                  else "error: pass --model (a hub id or a local directory) or --preset toy")
-    force_block = False if args.force_block is None else (True if args.force_block < 0 else args.force_block)
+    force_block = {None: False, -1: True}.get(args.force_block, args.force_block)  # -1: after the first line
     try:  # the template first: a bad --prompt-file should not wait for the model to load
         template = recipes.template(args)
-        cuda = args.device.startswith("cuda")
-        model, tokenizer = load_model(name, dtype=args.dtype or ("bfloat16" if cuda else "float32"), device=args.device)
+        dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+        model, tokenizer = load_model(name, dtype=dtype, device=args.device)
         prompt = chat_prompt_ids(tokenizer, template, args.prompt)
         rollouts = sample(model.eval(), tokenizer, [prompt], args.n, num_paths=args.num_paths,
-                          max_blocks=args.max_blocks, max_new_tokens=args.max_new_tokens, path_max_tokens=args.path_max_tokens,
-                          temperature=args.temperature, top_p=args.top_p, seed=args.seed, variant=args.variant,
-                          parallel=not args.no_parallel, force_block=force_block)
+                          max_blocks=args.max_blocks, max_new_tokens=args.max_new_tokens,
+                          path_max_tokens=args.path_max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          seed=args.seed, variant=args.variant, parallel=not args.no_parallel,
+                          force_block=force_block)
     except ValueError as e:  # UsageError, or a prompt the sampler refuses
         sys.exit(f"error: {e}")
     for i, r in enumerate(rollouts):

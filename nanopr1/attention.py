@@ -1,36 +1,16 @@
 """
-Attention for the Unseen variant: a path-isolating mask and Multiverse position
-ids for one full forward over a prompt + response, built from the block
-structure of the response.
-
-In the Unseen variant the paths of a block are meant to be *independent*: the
-sampler decodes them in separate rows that all start from the same prefix. To
-score such a rollout with one ordinary forward (for the policy loss, or for SFT
-on teacher traces) the trainer must reproduce exactly what each token saw:
+Block structure from tag tokens, and attention for the Unseen variant: a path-isolating mask and
+Multiverse position ids, so that one ordinary forward over prompt + response (the policy loss, SFT)
+sees what each token saw when the sampler decoded the paths in separate rows:
 
     prompt  main <Parallel> <Path>path 1</Path> <Path>path 2</Path> </Parallel><Summary>...
     pos:    0..  p          p+1 ...             p+1 ...             p+max_k(len_k)+1 ...
     sees:   causal          prefix + own path   prefix + own path   everything before it
 
-- a token of path k (its <Path> through its </Path>) attends causally to the
-  prefix and to its own path, never to a sibling path of the same block;
-- everything after the block (</Parallel>, the summary, later main text)
-  attends to all paths;
-- positions follow the Multiverse rule (official): every <Path> of a block sits
-  at p+1 where p is the position of <Parallel>; </Parallel> sits one past the
-  longest path (p + max_k len_k + 1, len_k counting the path's two tags); later
-  tokens continue from there.
-
-The prompt is numbered 0..P-1 and is never parsed for tags (the official SFT
-parsed the prompt, whose instruction mentions the tags, and misnumbered it).
-
-The Seen variant needs none of this: paths are plain text, so its forward is an
-ordinary causal one with a padding mask.
-
-The Unseen mask is a dense (B, 1, T, T) boolean tensor (True = may attend),
-which sdpa and eager-with-conversion accept; FlashAttention cannot take it.
-A query row is never fully masked: every real token sees itself, and right-
-padding tokens attend to themselves (their outputs are ignored anyway).
+A path's tokens (its <Path> through its </Path>) never attend to a sibling path; everything after the
+block attends to all paths; len_k counts a path's two tags. The prompt is numbered 0..P-1 and never
+parsed for tags. The mask is a dense (B, 1, T, T) bool tensor (sdpa takes it, FlashAttention cannot);
+no query row is fully masked. Seen needs none of this: its forward is plainly causal.
 """
 
 from dataclasses import dataclass
@@ -61,12 +41,8 @@ def _close(ids, i, opener_tag, closer, tag_of):
 
 
 def find_blocks(ids, tags):
-    """Response ids in canonical layout -> [BlockSpan]. ValueError if anything is out of place.
-
-    tags = nanopr1.model.tag_ids(tokenizer). Structural check only: a block
-    with a single path is accepted here (format.parse is the place for the
-    "at least two paths" rule).
-    """
+    """Response ids in canonical layout -> [BlockSpan]; ValueError if a tag is out of place (a block of one
+    path passes: parse_blocks asks for two). tags = model.tag_ids(tokenizer)."""
     ids = list(ids)
     tag_of = {tags[t]: t for t in TAGS}
     blocks, i = [], 0
@@ -151,12 +127,8 @@ def unseen_mask(n_prompt, n_response, blocks, total):
 
 
 def build_inputs(prompts, responses, tags, variant, pad_id):
-    """A right-padded batch of prompt+response ready for model(**batch).
-
-    seen   -> input_ids, sequential position_ids, (B, T) padding attention_mask (plain causal);
-    unseen -> input_ids, Multiverse position_ids, (B, 1, T, T) bool attention_mask.
-    Blocks are found with find_blocks on each response (ValueError if malformed).
-    """
+    """A right-padded batch of prompt + response for model(**batch): Seen, sequential positions and a (B, T)
+    padding mask; Unseen, Multiverse positions and the (B, 1, T, T) bool mask (find_blocks on each)."""
     if variant not in ("seen", "unseen"):
         raise ValueError(f"variant must be 'seen' or 'unseen', not {variant!r}")
     B = len(prompts)

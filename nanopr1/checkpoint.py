@@ -1,9 +1,5 @@
-"""
-A run's output dir: checkpoints that survive a kill at any moment, the guard that keeps OUT from
-being overwritten or resumed by another run, --resume, and the logs (metrics.jsonl, trackers).
-The layout and why a save stays whole: docs/design.md, "Checkpoints". The package never imports
-accelerate: `acc` is whatever the script made.
-"""
+"""A run's output dir: checkpoints that survive a kill at any moment, the guard on OUT, --resume,
+the logs; `acc` is the script's Accelerator. The layout and why: docs/design.md, "Checkpoints"."""
 
 import json
 import os
@@ -36,8 +32,7 @@ def _json(path):
 
 
 def save(out, step, acc, write, args=None, keep=1):
-    """Write OUT's checkpoint of `step`, keep the newest `keep`; returns its path. Every rank calls
-    it and runs `write(dir)`, which writes the model files (FSDP gathers them collectively)."""
+    """Every rank: write OUT's checkpoint of `step` (`write(dir)`: the model files), keep `keep`."""
     path = Path(out) / f"checkpoint-{step:06d}"
     tmp = path.with_name(path.name + ".tmp")
     if acc.is_main_process:
@@ -52,11 +47,10 @@ def save(out, step, acc, write, args=None, keep=1):
         (tmp / "step.json").write_text(json.dumps({"step": step}))
         if args is not None:
             (tmp / "args.json").write_text(json.dumps(args, indent=1, default=str))
-        files = {}
-        for f in sorted(tmp.rglob("*")):  # durable before the manifest vouches for them
+        found = sorted(tmp.rglob("*"))
+        for f in found:  # durable before the manifest vouches for them
             _fsync(f)
-            if f.is_file():
-                files[f.relative_to(tmp).as_posix()] = f.stat().st_size
+        files = {f.relative_to(tmp).as_posix(): f.stat().st_size for f in found if f.is_file()}
         (tmp / "manifest.json").write_text(json.dumps({"step": step, "files": files}, indent=1))
         _fsync(tmp / "manifest.json")
         _fsync(tmp)
@@ -69,21 +63,10 @@ def save(out, step, acc, write, args=None, keep=1):
     return path
 
 
-def save_run(out, step, acc, model, tokenizer, args, keep=1):
-    """A training run's `save` (every rank): model dir (LoRA merged, FSDP gathered), state, flags."""
-    from nanopr1.model import save as save_model
-
-    def write(d):
-        save_model(acc.unwrap_model(model), tokenizer, d, state_dict=acc.get_state_dict(model),
-                   is_main=acc.is_main_process)
-    return save(out, step, acc, write, args=plain(args), keep=keep)
-
-
 def checkpoints(out):
     """[(step, path)] of OUT's checkpoint dirs, oldest first, valid or not (a .tmp dir is none)."""
-    found = [(int(p.name.rsplit("-", 1)[1]), p) for p in Path(out).glob("checkpoint-*")
-             if p.is_dir() and p.name.rsplit("-", 1)[1].isdigit()]
-    return sorted(found)
+    return sorted((int(p.name.rsplit("-", 1)[1]), p) for p in Path(out).glob("checkpoint-*")
+                  if p.is_dir() and p.name.rsplit("-", 1)[1].isdigit())
 
 
 def validate(path):
@@ -111,10 +94,13 @@ def latest(out):
     return next((Found(p, s) for s, p in reversed(checkpoints(out)) if validate(p) is None), None)
 
 
-def _why(out):
-    """Why OUT has no valid checkpoint, in one line."""
-    reasons = [validate(path) for _, path in checkpoints(out)]
-    return f"no valid checkpoint in {out}: " + ("; ".join(reasons) or "no checkpoint-* dir")
+def _latest(out, what=""):
+    """latest(out), or a UsageError saying why OUT has no valid checkpoint."""
+    found = latest(out)
+    if found is None:
+        reasons = "; ".join(validate(path) for _, path in checkpoints(out)) or "no checkpoint-* dir"
+        raise UsageError(f"{what}no valid checkpoint in {out}: {reasons}")
+    return found
 
 
 def model_dir(path):
@@ -122,18 +108,12 @@ def model_dir(path):
     path = Path(path)
     if (path / "config.json").is_file() or not checkpoints(path):
         return path
-    found = latest(path)
-    if found is None:
-        raise UsageError(_why(path))
-    return found.path
+    return _latest(path).path
 
 
 def load_state(out, acc):
-    """--resume: load the state of OUT's newest valid checkpoint and cut the logs back to it;
-    returns its step."""
-    found = latest(out)
-    if found is None:
-        raise UsageError(f"--resume: {_why(out)}")
+    """--resume: load OUT's newest valid checkpoint, cut the logs back to it; returns its step."""
+    found = _latest(out, "--resume: ")
     acc.load_state(str(found.path / "state"))
     if acc.is_main_process:
         for name in LOGS:
@@ -148,8 +128,7 @@ def plain(args):
 
 
 def prepare_out(out, args, acc, resume=False, overwrite=False, refuse=(), apply=()):
-    """Check OUT before a run writes to it; returns a note to print. --resume: a flag of `refuse`
-    typed anew is an error, one of `apply` is used, every other one takes the run's value."""
+    """Check OUT before a run; a note to print. --resume: a `refuse` flag typed anew is an error."""
     out, now = Path(out), plain(args)
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
@@ -167,14 +146,12 @@ def prepare_out(out, args, acc, resume=False, overwrite=False, refuse=(), apply=
                     (out / name).unlink()
         acc.wait_for_everyone()
         return f"--overwrite: removed {', '.join(held)} from {out}" if held else ""
-    found = latest(out)
-    if found is None and not checkpoints(out) and held:  # killed before its first checkpoint
+    if not checkpoints(out) and held:  # killed before its first checkpoint
         if acc.is_main_process:
             for name in LOGS:
                 trim_rows(out / name, 0)
         return f"--resume: {out} has no checkpoint yet: starting from step 0"
-    if found is None:
-        raise UsageError(f"--resume: {_why(out)}")
+    found = _latest(out, "--resume: ")
     saved, typed, changed = _json(found.path / "args.json"), getattr(args, "_typed", set()), []
     for k in (*refuse, *apply):
         if k not in typed:  # the run's value: a stored value is never replaced by a default
@@ -226,8 +203,7 @@ def append_rows(acc, path, rows):
 
 
 def trim_rows(path, step):
-    """Keep a log's rows up to `step` (a torn line dropped), so a resumed run repeats no step.
-    Written aside and renamed: a kill here loses nothing."""
+    """Keep a log's rows up to `step` (torn lines dropped), written aside and renamed: kill-safe."""
     if not Path(path).is_file():
         return
     keep = []
@@ -245,8 +221,7 @@ def trim_rows(path, step):
 
 
 def apply_lr(optimizer, lr, scheduler=None):
-    """Set a new --lr after load_state restored the saved one; under a LambdaLR it becomes the base
-    lr and the schedule keeps its place."""
+    """Set --lr after load_state restored the saved one (under a LambdaLR: the base lr)."""
     sched = getattr(scheduler, "scheduler", scheduler)  # accelerate wraps it
     if sched is None:
         for g in optimizer.param_groups:

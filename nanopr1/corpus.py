@@ -1,11 +1,8 @@
 """
-The cold-start corpus (`train_sft.py --generate`): a teacher writes one parallel-thinking trace per
-problem, kept if it is well formed, has a block and is correct (data.judge_trace, the paper's filter).
-
-Problem i is sampled on rank i % world with seed --seed + i, so the corpus depends on neither the
-number of processes nor --gen-batch. Each rank appends every decision to <data>.rank<r>.jsonl as it
-goes, so a rerun skips what was decided (generation is idempotent and resumes); at the end rank 0
-writes the kept traces to <data> in problem order, the rejections and the settings to <data>.meta.json.
+The cold-start corpus (`train_sft.py --generate`): a teacher writes one trace per problem, kept if well
+formed, with a block and correct (data.judge_trace). Problem i is sampled on rank i % world with seed
+--seed + i; each rank appends its decisions to <data>.rank<r>.jsonl, so a rerun resumes; rank 0 merges
+them into <data> and <data>.meta.json (docs/design.md, "The cold-start corpus").
 """
 
 import glob
@@ -22,8 +19,7 @@ from nanopr1.model import load_model
 from nanopr1.rollout import Options
 
 
-def _replace(path, text):
-    """Write aside and rename: a kill leaves the old file whole."""
+def _replace(path, text):  # written aside and renamed: a kill leaves the old file whole
     Path(f"{path}.tmp").write_text(text, encoding="utf-8")
     Path(f"{path}.tmp").replace(path)
 

@@ -1,20 +1,17 @@
-"""
-Datasets as plain lists of {question, answer} records (other fields kept), from one loader:
-`load(source)` reads a short name of HUB (from the hub, or offline from a --data-dir), the toy
-world's held-out sets, a local .jsonl / .json / .parquet file, or any hub id "owner/name".
-For the cold-start corpus, `judge_trace` decides whether a teacher's trace is kept and
-`sft_examples` turns the kept traces into token ids. Also: the RL steps' problem order.
-"""
+"""Datasets as lists of {question, answer} records (other fields kept) from a name, a file or a hub
+id (`load_problems`: docs/design.md, "Datasets"); the cold-start corpus's judge (`judge_trace`) and
+token ids (`sft_examples`); the order of the RL problems."""
 
 import json
 import re
 from collections import Counter
+from contextlib import suppress
 from pathlib import Path
 
 import torch
 
 from nanopr1 import UsageError, offline_if_unreachable
-from nanopr1.attention import structure
+from nanopr1.attention import parse_blocks
 from nanopr1.format import chat_prompt_ids, normalize
 from nanopr1.rewards import reward_rollout
 
@@ -31,6 +28,9 @@ LOCAL_FILES = {name: row[3] for name, row in HUB.items()}
 TOY = ("toy-easy", "toy-hard")
 QUESTION_KEYS = ("question", "problem", "prompt", "Question", "Problem", "messages")
 ANSWER_KEYS = ("answer", "Answer", "ground_truth", "final_answer", "reward_model")
+# DAPO's own instruction around each problem (our prompt is added later)
+_DAPO_RE = re.compile(r"^Solve the following math problem.*?\n\n(.*)"
+                      r"\n\nRemember to put your answer.*$", re.DOTALL)
 
 
 def gsm8k_answer(solution):
@@ -38,11 +38,6 @@ def gsm8k_answer(solution):
     if "####" not in solution:
         raise ValueError(f"GSM8K solution without '#### n': {solution[-80:]!r}")
     return solution.rsplit("####", 1)[1].strip().replace(",", "")
-
-
-# DAPO's own instruction around each problem (our prompt is added later)
-_DAPO_RE = re.compile(r"^Solve the following math problem.*?\n\n(.*)"
-                      r"\n\nRemember to put your answer.*$", re.DOTALL)
 
 
 def _content(messages, role, last=True):
@@ -76,23 +71,18 @@ def _answer(raw, keys=ANSWER_KEYS):
 
 
 def _response(raw):
-    """A teacher's response in our layout (`response`) or TRL's: the assistant turn after the last
-    user turn of `messages`, or `completion` (a string or a list of messages)."""
+    """A teacher's response: `response`, else the answer turn of TRL's `messages` / `completion`."""
     r, msgs, comp = raw.get("response"), raw.get("messages"), raw.get("completion")
     if r is None and isinstance(msgs, list):
         users = [i for i, m in enumerate(msgs) if isinstance(m, dict) and m.get("role") == "user"]
-        last_user = max(users, default=-1)
-        r = _content(msgs[last_user + 1:], "assistant", last=False)
+        r = _content(msgs[max(users, default=-1) + 1:], "assistant", last=False)
     if r is None and comp is not None:
         r = _content(comp, "assistant", last=False) if isinstance(comp, list) else comp
     return r if isinstance(r, str) else None
 
 
 def to_records(rows, source, fields=(), question_key=None, answer_key=None):
-    """Raw dicts -> {question, answer, ...} records, or an error naming source, row and columns.
-    fields: text fields every record must also have; an SFT corpus ("response") may be in TRL's
-    layouts and lack the gold answer (None). question_key / answer_key: the one column to read
-    (default: the first of QUESTION_KEYS / ANSWER_KEYS that holds a value)."""
+    """Raw dicts -> {question, answer, *fields} records; a UsageError names the row and columns."""
     keys = {"question": (question_key,) if question_key else QUESTION_KEYS,
             "answer": (answer_key,) if answer_key else ANSWER_KEYS,
             "response": ("response", "messages", "completion")}
@@ -161,11 +151,9 @@ def read_hub(name, hub_id, config, split):
                          f"the name") from None
 
 
-def load(source, split=None, data_dir=None, fields=(), config=None, question_key=None,
-         answer_key=None):
-    """A list of {question, answer, ...} records from a short name, a file or a hub id.
-    split: gsm8k's "train" (default) or "test"; a hub id's (default "train"); else ignored.
-    config: the hub config (load_dataset's `name`), replacing HUB's. The rest: see to_records."""
+def load_problems(source, split=None, data_dir=None, fields=(), config=None, question_key=None,
+                  answer_key=None):
+    """{question, answer, ...} records from a short name, a file or a hub id (see to_records)."""
     source = str(source)
     records = lambda rows, where: to_records(rows, where, fields, question_key, answer_key)
     if source in TOY:
@@ -199,16 +187,14 @@ def load(source, split=None, data_dir=None, fields=(), config=None, question_key
 
 
 def training_problems(source, seed=0, data_dir=None, split="train", **options):
-    """Problems to train on: a name, file or hub id (its train split unless `split` says otherwise;
-    `options`: load's config / question_key / answer_key), or toy:easy / toy:hard, the toy world's
-    training problems (toy-easy / toy-hard are its held-out evaluation sets: refused)."""
+    """Problems to train on: what load_problems reads (`options`: its keywords), or toy:level's."""
     if source in TOY:
         raise UsageError(f"--data {source} is the toy's held-out evaluation set; "
                          f"train on toy:{source[4:]}")
     if source.startswith("toy:"):
         from nanopr1 import toy
         return to_records(toy.problems(source[4:], 20000, seed=seed), source)
-    return load(source, split=split, data_dir=data_dir, **options)
+    return load_problems(source, split=split, data_dir=data_dir, **options)
 
 
 def write_rows(path, rows, mode="w"):
@@ -220,19 +206,14 @@ def write_rows(path, rows, mode="w"):
 
 
 def read_rows(path):
-    """Rows of a JSONL file a run appends to (none if it is absent); a torn line (the run was killed
-    mid-write) is skipped, so the row it held is simply decided again."""
+    """Rows of a JSONL file a run appends to (none if absent); a torn line (a kill) is skipped."""
     lines = Path(path).read_text(encoding="utf-8").split("\n") if Path(path).is_file() else []
     rows = []
     for line in lines:
-        try:
+        with suppress(json.JSONDecodeError):  # a torn line, or the empty one after the last
             rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a torn line, or the empty one after the last
-            pass
     return rows
 
-# -----------------------------------------------------------------------------
-# the cold-start corpus: teacher traces judged and tokenized
 
 _INDEX_RE = re.compile(r"^block at \d+: | (?:opened )?at \d+")  # token indices in a parser's reason
 
@@ -243,8 +224,7 @@ def reason_kind(reason):
 
 
 def judge_trace(text, gold, tokenizer):
-    """A teacher's trace for the SFT corpus: (response, None) to keep it, or (None, the kind of
-    reason). Kept (the paper's filter): tag tokens well formed, a block, the right final answer."""
+    """The paper's filter of a teacher's trace: (response, None) to keep it, else (None, why)."""
     from nanopr1.rollout import make_rollout  # here, not at the top: rollout -> model -> data
     response = normalize(text.split("</think>")[-1].strip())  # the teacher's thinking is dropped
     ids = tokenizer(response, add_special_tokens=False)["input_ids"]
@@ -258,14 +238,13 @@ def judge_trace(text, gold, tokenizer):
 
 
 def sft_examples(rows, tokenizer, template, max_len):
-    """(examples, dropped): each row as (prompt ids, response ids + EOS), and the rows dropped
-    (malformed tag tokens, too long) counted by kind of reason. The prompt is never parsed."""
+    """(examples, dropped): rows as (prompt ids, response ids + EOS); the dropped, by kind."""
     from nanopr1.model import tag_ids  # here, not at the top: model -> data
     tags, examples, dropped = tag_ids(tokenizer), [], Counter()
     for row in rows:
         prompt = chat_prompt_ids(tokenizer, template, row["question"])
         ids = tokenizer(normalize(row["response"]), add_special_tokens=False)["input_ids"]
-        why = structure(ids, tags)[1]  # the token parser's reason, or None
+        why = parse_blocks(ids, tags)[1]  # the token parser's reason, or None
         if why is None and len(prompt) + len(ids) + 1 > max_len:  # + EOS
             why = f"longer than --max-len {max_len}"
         if why is None:
@@ -274,20 +253,15 @@ def sft_examples(rows, tokenizer, template, max_len):
             dropped[reason_kind(why)] += 1
     return examples, dict(dropped)
 
-# -----------------------------------------------------------------------------
-# the order of RL problems
 
 def step_problems(n_problems, per_step, seed, step):
-    """Problem indices of RL step `step` (from 0): its slice of its epoch's fixed random order
-    (epoch_batches; an epoch's leftovers wait for a later order), so a step's problems are
-    distinct and a resumed run sees the same prompts."""
+    """Problem indices of RL step `step` (from 0): its slice of its epoch's (the same on resume)."""
     per_epoch = n_problems // per_step
     return epoch_batches(n_problems, per_step, seed, step // per_epoch)[step % per_epoch]
 
 
 def epoch_batches(n, batch_size, seed, epoch):
-    """The step batches of one epoch: a fixed permutation per (seed, epoch), so resuming
-    at any step sees the same data order as the uninterrupted run."""
+    """The step batches of one epoch: a fixed permutation per (seed, epoch), leftovers dropped."""
     g = torch.Generator().manual_seed(seed * 1000 + epoch)
     order = torch.randperm(n, generator=g).tolist()
     return [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]

@@ -1,11 +1,6 @@
-"""
-Evaluation: n rollouts per problem from the branching sampler, graded like RL, summarised as
-Mean@n, Pass@k (unbiased), parallel rate, format-valid rate and response length. eval.py (the
-benchmark table) and train_rl.py (--eval-every) both call `evaluate`; how the ranks share the
-problems and why a problem's rollouts do not depend on it: docs/design.md, "Evaluation".
-"""
+"""Mean@n, Pass@k, parallel rate of n graded rollouts per problem (docs/design.md, "Evaluation")."""
 
-from collections import namedtuple
+from collections import Counter, namedtuple
 from math import comb
 
 import torch
@@ -18,14 +13,9 @@ from nanopr1.rollout import mix
 
 Difference = namedtuple("Difference", "mean stderr")  # paired_difference()
 
-# -----------------------------------------------------------------------------
-# metrics
-
 
 def pass_at_k(n, c, k):
-    """Unbiased Pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k)."""
-    if n - c < k:
-        return 1.0  # every k-subset holds a correct sample
+    """Unbiased Pass@k from n samples with c correct (k <= n): 1 - C(n-c, k) / C(n, k)."""
     return 1.0 - comb(n - c, k) / comb(n, k)
 
 
@@ -38,8 +28,7 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else 0.0
 
 
-def _by_problem(rows, key):
-    """{problem: [r[key] of its rows]}, rows in order."""
+def _by_problem(rows, key):  # {problem: [r[key] of its rows]}
     found = {}
     for r in rows:
         found.setdefault(r["problem"], []).append(r[key])
@@ -49,65 +38,53 @@ def _by_problem(rows, key):
 def summarize(rows, n):
     """One dataset's metrics from its graded rollout rows (n per problem)."""
     counts = [(len(v), sum(v)) for v in _by_problem(rows, "correct").values()]  # (samples, correct)
-    s = {"problems": len(counts), "rollouts": len(rows), "n": n,
-         f"mean@{n}": _mean([c / m for m, c in counts])}
-    for k in ks_for(n):
-        s[f"pass@{k}"] = _mean([pass_at_k(m, c, k) for m, c in counts])
-    s["parallel"] = _mean([r["has_block"] for r in rows])   # share of rollouts with a valid block
-    s["format_ok"] = _mean([r["format_ok"] for r in rows])
-    s["length"] = _mean([r["length"] for r in rows])        # response tokens
-    sums = {}  # the behaviour metrics (blocks, where they open, latency ratio, ...) from row sums
+    sums = Counter()  # the behaviour metrics (blocks, latency ratio, ...) from the rows' sums
     for r in rows:
-        for k, v in r.get("behaviour", {}).items():
-            sums[k] = sums.get(k, 0) + v
-    return {**s, **(metrics.from_sums(sums) if sums else {})}
+        sums.update(r.get("behaviour", {}))
+    return {"problems": len(counts), "rollouts": len(rows), "n": n,
+            f"mean@{n}": _mean([c / m for m, c in counts]),
+            **{f"pass@{k}": _mean([pass_at_k(m, c, k) for m, c in counts]) for k in ks_for(n)},
+            "parallel": _mean([r["has_block"] for r in rows]),  # rollouts with a valid block
+            "format_ok": _mean([r["format_ok"] for r in rows]),
+            "length": _mean([r["length"] for r in rows]),  # response tokens
+            **(metrics.from_sums(sums) if sums else {})}
 
 
 def paired_difference(rows_a, rows_b, key="correct"):
-    """Difference(mean, stderr) of b - a over the problems both share, a problem's value being the
-    mean `key` (correct, has_block) of its rollouts: paired, as both models saw the same problems."""
-    a = {p: _mean(v) for p, v in _by_problem(rows_a, key).items()}
-    b = {p: _mean(v) for p, v in _by_problem(rows_b, key).items()}
+    """Difference(mean, stderr) of b - a, paired over the problems both have: their mean `key`."""
+    a, b = ({p: _mean(v) for p, v in _by_problem(rows, key).items()} for rows in (rows_a, rows_b))
     d = [b[p] - a[p] for p in sorted(set(a) & set(b))]
-    if len(d) < 2:
-        return Difference(_mean(d), float("nan"))
     m = _mean(d)
+    if len(d) < 2:
+        return Difference(m, float("nan"))
     return Difference(m, (sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5)
 
 
 def format_table(summaries):
-    """{dataset: summary} -> a printable table, rates in %. Datasets may differ in n (MATH300
-    Mean@1, AIME Mean@16): every mean@n and pass@k of some dataset is a column, "-" where none."""
-    if not summaries:
-        return "(no datasets)"
-    keys = [k for s in summaries.values() for k in s if "@" in k]
-    means = list(dict.fromkeys(k for k in keys if k.startswith("mean@")))
-    passes = sorted({k for k in keys if k.startswith("pass@")}, key=lambda k: int(k[5:]))
-    rates = means + passes + ["parallel", "format_ok"]
-    names = {"parallel": "parallel%", "format_ok": "format%"}
-    # length in tokens, blocks per rollout, latency = length / critical path
-    lines = [["dataset", "problems"] + [names.get(k, k) for k in rates] + ["length", "blocks", "latency"]]
+    """{dataset: summary} -> a printable table, "-" where a dataset lacks a column (pass@16)."""
+    keys = list(dict.fromkeys(k for s in summaries.values() for k in s))  # first-seen order
+    passes = sorted((k for k in keys if k.startswith("pass@")), key=lambda k: int(k[5:]))
+    rates = [k for k in keys if k.startswith("mean@")] + passes + ["parallel", "format_ok"]
+    # rates in %, length in tokens, blocks per rollout, latency = length / critical path
+    lines = [["dataset", "problems", *rates[:-2], "parallel%", "format%", "length", "blocks",
+              "latency"]]
     show = lambda s, k: "-" if s.get(k) is None else f"{s[k]:.2f}"
     for name, s in summaries.items():
         percents = [f"{100 * s[k]:.1f}" if k in s else "-" for k in rates]
-        lines.append([name, str(s["problems"])] + percents
-                     + [f"{s['length']:.0f}", show(s, "blocks_per_rollout"), show(s, "latency_ratio")])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
-    align = lambda i, c, w: c.ljust(w) if i == 0 else c.rjust(w)  # names left, numbers right
-    return "\n".join("  ".join(align(i, c, w) for i, (c, w) in enumerate(zip(line, widths)))
-                     for line in lines)
-
-# -----------------------------------------------------------------------------
-# grading, resuming, sharding
+        lines.append([name, str(s["problems"]), *percents, f"{s['length']:.0f}",
+                      show(s, "blocks_per_rollout"), show(s, "latency_ratio")])
+    widths = [max(map(len, column)) for column in zip(*lines)]
+    pad = lambda i, c: c.rjust(widths[i]) if i else c.ljust(widths[i])  # the name left
+    return "\n".join("  ".join(pad(i, c) for i, c in enumerate(line)) for line in lines)
 
 
-def grade_rollout(problem, index, sample_index, rollout, grader=None):
-    """One JSONL row: the rollout's text and its grade under R_acc (by `grader`, None: built-in)."""
+def grade_rollout(problem, i, j, rollout, grader=None):
+    """Problem i's sample j as a JSONL row: text, R_acc grade (by `grader`) and behaviour sums."""
     _, m = reward_rollout(rollout, problem["answer"], "accuracy", grader=grader)
     grade = {k: m[k] for k in ("answer", "correct", "has_block", "format_ok", "num_blocks")}
-    return {"problem": index, "sample": sample_index, "question": problem["question"],
-            "gold": problem["answer"], **grade, "length": len(rollout.ids),
-            "stop_reason": rollout.stop_reason, "behaviour": metrics.sums([rollout]), "text": rollout.text}
+    return {"problem": i, "sample": j, "question": problem["question"], "gold": problem["answer"],
+            **grade, "length": len(rollout.ids), "stop_reason": rollout.stop_reason,
+            "behaviour": metrics.sums([rollout]), "text": rollout.text}
 
 
 def complete_rows(rows, problems, n):
@@ -116,45 +93,39 @@ def complete_rows(rows, problems, n):
     for r in rows:
         i = r["problem"]
         if i >= len(problems) or r["question"] != problems[i]["question"]:
-            raise ValueError(f"rollout rows for problem {i} do not match this dataset: "
-                             f"they were written for other problems, use another --out")
+            raise ValueError(f"rows of problem {i} do not match this dataset: use another --out")
         if r["sample"] < n:
             by_problem.setdefault(i, {})[r["sample"]] = r
     return [r for i in sorted(by_problem) if len(by_problem[i]) == n
             for _, r in sorted(by_problem[i].items())]
 
 
-def merge(rows_lists):
+def merge(shares):
     """The rows of several ranks (or files) as one list, in (problem, sample) order."""
-    return sorted((r for rows in rows_lists for r in rows), key=lambda r: (r["problem"], r["sample"]))
+    return sorted((r for rows in shares for r in rows), key=lambda r: (r["problem"], r["sample"]))
 
 
 def shard(num_problems, batch_size, rank=0, world=1):
     """The batches of problem indices `rank` samples: every world-th batch, starting at its own."""
     starts = range(0, num_problems, batch_size)
-    batches = [list(range(s, min(s + batch_size, num_problems))) for s in starts]
-    return batches[rank::world]
+    return [list(range(s, min(s + batch_size, num_problems))) for s in starts][rank::world]
 
 
 @torch.no_grad()
 def evaluate(model, tokenizer, problems, n=16, *, template=PARALLEL_PROMPT, parallel=True,
              batch_size=4, done=(), on_rows=None, progress=True, desc="eval", seed=None, rank=0,
              world=1, grader=None, **sampling):
-    """Sample and grade n rollouts per problem of this rank's share; returns (rows, summary) of it.
-    `done`: an earlier run's rows (its complete problems are kept); `on_rows(new_rows)`: called
-    after each batch (eval.py appends them to a JSONL); `sampling`: sampler.sample's options."""
+    """(rows, summary) of this rank's share, n graded rollouts a problem; `done`: earlier rows."""
     batches = shard(len(problems), batch_size, rank, world)
     mine = {i for batch in batches for i in batch}
-    rows = [r for r in complete_rows(list(done), problems, n) if r["problem"] in mine]
+    rows = [r for r in complete_rows(done, problems, n) if r["problem"] in mine]
     finished = {r["problem"] for r in rows}
     was_training = model.training
     model.eval()
     with tqdm(total=len(mine), initial=len(finished), desc=desc, unit="problem",
               disable=not progress) as bar:
-        for batch in batches:
-            batch = [i for i in batch if i not in finished]
-            if not batch:
-                continue
+        todo = ([i for i in batch if i not in finished] for batch in batches)
+        for batch in filter(None, todo):  # the batches with problems left to sample
             prompts = [chat_prompt_ids(tokenizer, template, problems[i]["question"]) for i in batch]
             seeds = None if seed is None else [mix(seed, i) for i in batch]  # a seed per problem
             rollouts = sampler.sample(model, tokenizer, prompts, group_size=n, parallel=parallel,
@@ -171,8 +142,7 @@ def evaluate(model, tokenizer, problems, n=16, *, template=PARALLEL_PROMPT, para
 
 
 def evaluate_everywhere(model, tokenizer, problems, n, gather, rank=0, world=1, **kw):
-    """Every rank evaluates its share and `gather` (e.g. accelerate.utils.gather_object) collects
-    the rows; every rank returns (rows, summary) of the whole set (train_rl.py's --eval-every)."""
+    """train_rl.py's --eval-every: (rows, summary) of the set on all ranks (`gather` joins them)."""
     rows, _ = evaluate(model, tokenizer, problems, n, rank=rank, world=world, progress=False, **kw)
     rows = merge([gather(rows)])
     return rows, summarize(rows, n)

@@ -1,28 +1,20 @@
-"""
-The parallel-thinking format, defined once: the six tags, the prompt templates,
-the chat prompt's token ids, and `normalize` (teacher text -> canonical layout).
-
-The structure of a response is read from its tag tokens (attention.structure,
-rollout.make_rollout), never from its text. The rest of nanopr1 imports the tag
-strings from here.
-"""
+"""The parallel-thinking format, defined once: the six tags, the prompt templates, the chat prompt's
+token ids, `normalize` (teacher text -> canonical layout). A response's structure is read from its
+tag tokens (attention.parse_blocks), never from its text: docs/design.md, "The format"."""
 
 import re
 from pathlib import Path as FilePath
 
 from nanopr1 import UsageError
 
-# The six tags, in the order they are added to the tokenizer (official order:
-# on Qwen3 they become ids 151669..151674).
+# the six tags, in the order they are added to the tokenizer (official: ids 151669..151674 on Qwen3)
 PATH, PATH_END = "<Path>", "</Path>"
 PARALLEL, PARALLEL_END = "<Parallel>", "</Parallel>"
 SUMMARY, SUMMARY_END = "<Summary>", "</Summary>"
 TAGS = (PATH, PATH_END, PARALLEL, PARALLEL_END, SUMMARY, SUMMARY_END)
 ANSWER_PREFIX = "Final Answer:"
 
-# -----------------------------------------------------------------------------
 # prompts
-
 PARALLEL_PROMPT = f"""Solve the problem below. Reason step by step.
 When you reach a step where several independent lines of reasoning would help (different methods, different cases, or a check of the result), open a parallel block:
 - start the block with {PARALLEL};
@@ -67,8 +59,7 @@ def chat_prompt_ids(tokenizer, template, problem):
 
 
 def end_of_turn_id(tokenizer):
-    """The special token the chat template closes an assistant turn with, or None; the sampler
-    stops there too (Qwen3-4B-Base's EOS is <|endoftext|>, its turns end with <|im_end|>)."""
+    """The special token closing a chat template's assistant turn (Qwen3: <|im_end|>), or None."""
     if not getattr(tokenizer, "chat_template", None):
         return None
     turn = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "nanopr1"}]
@@ -78,16 +69,12 @@ def end_of_turn_id(tokenizer):
     special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     return after[0] if after and after[0] in special else None
 
-# -----------------------------------------------------------------------------
-# canonical layout
 
-# canonical: nothing between two structural tags of one block (what the sampler writes)
+# canonical layout: nothing between two structural tags of one block (what the sampler writes)
 _JOINS = [(PARALLEL, PATH), (PATH_END, PATH), (PATH_END, PARALLEL_END), (PARALLEL_END, SUMMARY)]
-_JOIN_RE = re.compile("|".join(f"(?<={re.escape(a)})\\s+(?={re.escape(b)})"
-                               for a, b in _JOINS))
+_JOIN_RE = re.compile("|".join(f"(?<={re.escape(a)})\\s+(?={re.escape(b)})" for a, b in _JOINS))
 
 
 def normalize(text):
-    """Teacher text -> canonical layout: drop whitespace between the structural
-    tags of a block; all other text (main text, path and summary contents) is kept."""
+    """Teacher text -> canonical layout: the whitespace between a block's structural tags cut."""
     return _JOIN_RE.sub("", text)

@@ -25,11 +25,9 @@ class FreedInputError(RuntimeError):
 
 
 class CpuGraph:
-    """The torch.cuda.CUDAGraph interface (capture with `capturing(graph)`, then `replay()`) on a CPU.
-
-    The recorded ops read and write one list of values, `env`: constants and the tensors made during the
-    capture (replaced at each replay) are stored in it; the tensors made before the capture are held weakly
-    and put in at each replay, after checking that none was freed."""
+    """torch.cuda.CUDAGraph's interface on a CPU (capture with `capturing(graph)`, then `replay()`). The ops
+    read and write one list, `env`: constants, tensors the capture made (new at each replay), and inputs
+    made before it, held weakly and put in at each replay after checking that none was freed."""
 
     def __init__(self):
         self.ops = []       # (op, args, kwargs, where its outputs go); an argument is an index into env

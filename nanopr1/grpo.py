@@ -1,23 +1,18 @@
 """
-GRPO, the pieces that are maths: group advantages, per-token log-probs, and the
-clipped token-level policy loss. The loop that uses them is train_rl.py.
+GRPO, the pieces that are maths; the loop that uses them is train_rl.py.
 
-1. Each prompt is sampled `group_size` times; a rollout's advantage is its reward
-   standardised within its group, A = (r - mean) / (std + 1e-6), and every token
-   of the rollout carries it. A group whose rewards are all equal teaches nothing
-   and gets A = 0 (we count how often that happens).
-2. The policy loss is PPO's clipped surrogate per token, with separate low/high
-   clip ranges (eps_low 0.2, eps_high 0.2 or 0.28) and the dual clip (c = 3)
-   that bounds the loss of a negative-advantage token whose ratio exploded.
-3. Token-mean over the whole optimizer step: the per-token losses of every
-   micro-batch on every rank are summed and divided ONCE by the step's total
-   token count. The caller passes that count (`num_tokens`), so splitting a step
-   into 1, 2 or 4 micro-batches, or over 1 or 2 processes, gives the same loss
-   and the same gradient.
-4. Forced (runtime-inserted) tokens and padding are masked out of the loss.
+1. Each prompt is sampled `group_size` times; a rollout's advantage is its reward standardised within
+   its group, A = (r - mean) / (std + 1e-6), carried by every token of the rollout. A group whose
+   rewards are all equal teaches nothing and gets A = 0 (we count how often).
+2. The policy loss is PPO's clipped surrogate per token, with separate low/high clip ranges (0.2, and
+   0.2 or 0.28) and the dual clip (3) that bounds the loss of a negative-advantage token whose ratio
+   exploded; log-ratios and each token's KL are clamped (verl's bounds).
+3. Token-mean over the whole optimizer step: the per-token losses of every micro-batch on every rank are
+   summed and divided once by the step's token count (`num_tokens`), so 1, 2 or 4 micro-batches, on 1 or
+   2 processes, give the same loss and gradient. Forced tokens and padding carry no loss.
 
-Simplifications: std is the unbiased sample std (as torch.std and the official
-verl code); no entropy bonus; the KL term is the optional k3 estimator.
+Simplifications: std is the unbiased sample std (as torch.std and verl); no entropy bonus; the KL term is
+the optional k3 estimator.
 """
 
 import torch
@@ -46,14 +41,9 @@ def tis_weight(old_logp, sampler_logp, cap):
 
 def policy_loss(logp, old_logp, adv, mask, num_tokens, eps_low=0.2, eps_high=0.2, dual_clip=3.0,
                 ref_logp=None, kl_coef=0.0, weight=None):
-    """Clipped token-level GRPO loss for one micro-batch.
-
-    logp, old_logp, ref_logp, mask, weight: (B, T); adv: (B,) one advantage per rollout;
-    num_tokens: loss tokens in the WHOLE optimizer step (all micro-batches, all ranks);
-    weight: a per-token importance weight on the policy-gradient term (train_rl's --tis-cap), or None.
-    Returns (loss, stats) where summing `loss` over the step's micro-batches gives the
-    token-mean loss of the step, and stats holds sums over the loss tokens.
-    """
+    """Clipped token-level GRPO loss of one micro-batch: logp, old_logp, ref_logp, mask, weight (B, T), adv
+    (B,); num_tokens: the loss tokens of the WHOLE optimizer step; weight: an importance weight on the
+    policy-gradient term (--tis-cap) or None. Returns (loss, stats): the step's losses sum to its token mean."""
     mask = mask.float()
     a = adv[:, None]  # (B, 1)
     ratio = torch.exp((logp - old_logp).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND))  # (B, T)

@@ -34,8 +34,7 @@ def rows_for_budget(config, dtype, max_cols, budget_bytes):
     return int(budget_bytes // ((max_cols + 1) * kv_bytes_per_token(config, dtype)))
 
 
-class _Writer(Cache):
-    """The Cache object the model sees: each attention layer's `update` hands its new K/V to the rows."""
+class _Writer(Cache):  # what the model sees: each attention layer's update() hands its K/V to the rows
 
     def __init__(self, rows):
         super().__init__(layers=[])
@@ -65,23 +64,21 @@ class KVCache:
         self.graphs, self.pool, self.model = {}, None, None  # (bucket, view) -> captured step
         self.pool_bytes, self.capture_s = 0, 0.0
 
-    def reset(self, model):
-        """Start a sample() call: no rows in use; graphs are kept if the model is the same object."""
+    def reset(self, model):  # a sample() call starts: no rows in use; graphs kept for the same model object
         if model is not self.model:
             self.graphs, self.model = {}, model
         self.valid.zero_()
         self.length, self.n = [0] * self.R, 0
 
-    def stats(self):
-        """Numbers for a run's metrics: graphs captured, their memory pool, capture time, a capture failure."""
+    def stats(self):  # for a run's metrics: graphs captured, their memory pool, capture time, a failure
         return {"graphs": len(self.graphs), "graph_pool_gb": self.pool_bytes / 1e9, "capture_s": self.capture_s,
                 **({"graph_error": self.graph_error} if self.graph_error else {})}
 
     # -- a forward through the cache
 
     def forward(self, model, ids, pos, q_valid, rows):
-        """Feed (n, Q) tokens of rows `rows`; each row writes its valid tokens at its own next columns, its
-        padding tokens at the scratch column. Logits of each row's last query (n, V) fp32."""
+        """Feed (n, Q) tokens of rows `rows` at their own next columns (padding: the scratch column); the
+        logits of each row's last query (n, V) fp32."""
         rows = list(rows)
         cols, view = self._columns(rows, q_valid.cpu())
         dev = self.device
@@ -150,8 +147,7 @@ class KVCache:
         graph.replay()
         return self.logits[:n]  # a view of the persistent output: read it before the next step
 
-    def _run_step(self, model, Rb, view, inp):
-        """The decode step of Rb rows from its inputs (4, Rb): what a graph captures."""
+    def _run_step(self, model, Rb, view, inp):  # the decode step of Rb rows from its inputs (4, Rb)
         return self._forward(model, inp[0, :, None], inp[1, :, None], self.row_ids[:Rb], inp[2, :, None],
                              inp[3, :, None].bool(), view, prefix=True)
 
@@ -192,12 +188,10 @@ class KVCache:
 
     # -- the other operations of the sampler
 
-    def prefill(self, model, ids, pos, q_valid, slots):
-        """Prompt i (left-padded) into row slots[i]; logits of each prompt's last token."""
+    def prefill(self, model, ids, pos, q_valid, slots):  # prompt i (left-padded) into row slots[i]
         return self.forward(model, ids, pos, q_valid, slots)
 
-    def extend(self, model, ids, pos, q_valid, rows):
-        """Several tokens into some rows (the Seen merge re-encodes the later paths)."""
+    def extend(self, model, ids, pos, q_valid, rows):  # the Seen merge: later paths re-encoded into rows
         self.forward(model, ids, pos, q_valid, rows)
 
     def add_rows(self, n):
@@ -241,15 +235,13 @@ class KVCache:
         self.length, self.n = [self.length[r] for r in keep] + [0] * (self.R - n), n
 
 
-def free_bytes(device):
-    """What a new cache may take: 80% of the free memory of a GPU; None on a CPU (no cap)."""
+def free_bytes(device):  # what a new cache may take: 80% of a GPU's free memory; None on a CPU (no cap)
     return 0.8 * torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
 
 
 def for_call(model, o, prompts, group_size, cache):
-    """The KV cache of a sample() call (o: its sampler.Options) and its row cap: `cache` (a run's, kept across
-    calls) or a new one, with the rows the call can use (all its rollouts at once, fewer if the GPU's free
-    memory holds fewer). A cap below one rollout's rows is a one-line error naming the flags to change."""
+    """The KV cache of a sample() call (o: its Options) and its row cap: `cache` (a run's) or a new one for all
+    its rollouts (fewer if a GPU's free memory holds fewer); fewer rows than a rollout: a one-line error."""
     device = next(model.parameters()).device
     cols = max(len(p) for p in prompts) + o.max_new_tokens + 1  # a row's worst case, +1 for the last token fed
     need = o.num_paths if o.parallel else 1  # rows of one rollout

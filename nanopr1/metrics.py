@@ -1,10 +1,7 @@
-"""
-Behaviour metrics of rollouts, read from their block structure (`Rollout.ids`, `Rollout.blocks`):
+"""Behaviour metrics of rollouts, read from their block structure (`Rollout.ids`, `Rollout.blocks`):
 how often and how early a policy opens blocks, how much of its text goes into paths, how much
-shorter its critical path is if a block's paths decode concurrently, and how different sibling
-paths are. Conventions and why a batch goes through `sums` -> `from_sums`: docs/design.md,
-"Behaviour metrics".
-"""
+shorter its critical path is if a block's paths decode concurrently, and how different sibling paths
+are. Conventions, why a batch goes `sums` -> `from_sums`: docs/design.md, "Behaviour metrics"."""
 
 from itertools import combinations
 
@@ -23,8 +20,7 @@ def block_diversity(paths):
 
 def rollout_metrics(rollout):
     """The metrics of one rollout, a dict; path_diversity is a list, one value per block."""
-    ids, blocks = rollout.ids, rollout.blocks
-    n = len(ids)
+    ids, blocks, n = rollout.ids, rollout.blocks, len(rollout.ids)
     lens = [[e - s for s, e in b.paths] for b in blocks]  # path lengths per block, tags included
     path_tokens = sum(sum(ls) for ls in lens)
     # the tokens on the longest route if a block's paths decode concurrently
@@ -41,22 +37,18 @@ def rollout_metrics(rollout):
 
 
 def sums(rollouts):
-    """The additive pieces of `means`, floats with the same keys in the same order for any batch
-    (ranks reduce them as one tensor)."""
+    """The additive pieces of `means`: floats, the same keys in the same order in any batch."""
     out = dict.fromkeys(["rollouts", "response_tokens", "blocks", "with_block", "first_block_pos",
                          "paths", "path_tokens", "summary_tokens", "critical_path",
                          "path_diversity"], 0.0)
     for r in rollouts:
         m = rollout_metrics(r)
-        out["rollouts"] += 1
-        out["response_tokens"] += len(r.ids)
-        out["blocks"] += m["num_blocks"]
-        out["with_block"] += m["num_blocks"] > 0
-        out["first_block_pos"] += m["first_block_pos"] or 0.0
-        out["paths"] += m["num_paths"]
-        for k in ("path_tokens", "summary_tokens", "critical_path"):
-            out[k] += m[k]
-        out["path_diversity"] += sum(m["path_diversity"])
+        this = {"rollouts": 1, "response_tokens": len(r.ids), "blocks": m["num_blocks"],
+                "with_block": m["num_blocks"] > 0, "first_block_pos": m["first_block_pos"] or 0.0,
+                "paths": m["num_paths"], "path_diversity": sum(m["path_diversity"]),
+                **{k: m[k] for k in ("path_tokens", "summary_tokens", "critical_path")}}
+        for k, v in this.items():
+            out[k] += v
     return out
 
 

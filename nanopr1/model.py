@@ -1,14 +1,7 @@
 """
-Loading a causal LM and its tokenizer, adding the six parallel-thinking tags,
-tiny configs for tests and the toy world, and the LoRA switch.
-
-The tags become special tokens, added in the official order so that on Qwen3
-they take ids 151669..151674 (the spare rows of its padded embedding matrix).
-Adding them is idempotent: a checkpoint that already has them (a released
-Parallel-R1 model, or one of ours) keeps its ids and its trained embeddings.
-A new tag's embedding starts as the mean of the embeddings of the ordinary
-sub-word pieces of its string ("<", "Path", ">" ...): reusing the spare rows as
-they are would make all six tags identical.
+Loading and saving a causal LM and its tokenizer, the six parallel-thinking tags (added as special
+tokens, idempotently, each new embedding the mean of its sub-word pieces': docs/design.md, "The
+format"), the LoRA switch, and the bf16 copy the sampler decodes with.
 """
 
 import copy
@@ -16,10 +9,9 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen3Config
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config
 
-from nanopr1 import UsageError, offline_if_unreachable
-from nanopr1 import checkpoint
+from nanopr1 import UsageError, checkpoint, offline_if_unreachable
 from nanopr1.checkpoint import model_dir
 from nanopr1.format import TAGS
 
@@ -51,13 +43,8 @@ def load_model(name_or_path, dtype="float32", device="cpu", attn="sdpa"):
 
 
 def save_model(model, tokenizer, path, args=None, state_dict=None, is_main=True):
-    """Write a transformers dir (model, tokenizer, the run's args.json) that load_model() reads.
-
-    A peft model is saved merged (its adapters and trained token rows folded into the base weights,
-    one tensor at a time on the CPU: no copy of the model on the GPU), so sample.py and eval.py load
-    every checkpoint the same way. Under FSDP pass the gathered `state_dict` (every rank must gather;
-    only the main one writes).
-    """
+    """A transformers dir load_model() reads. A peft model is saved merged, one tensor at a time on the CPU
+    (no copy of the model on the GPU); under FSDP pass the gathered `state_dict` (only the main rank writes)."""
     if hasattr(model, "get_base_model"):  # peft
         state_dict = {key: w.detach().to("cpu", copy=True) for key, w in merged_weights(model)}
         model = model.get_base_model()
@@ -71,18 +58,16 @@ def save_model(model, tokenizer, path, args=None, state_dict=None, is_main=True)
 
 
 def save_checkpoint(out, step, acc, model, tokenizer, args, keep=1):
-    """A training run's checkpoint OUT/checkpoint-<step>: the model dir load_model() reads (LoRA merged, FSDP
-    gathered: every rank calls this), accelerate's state and the run's flags, written atomically
-    (checkpoint.save), the newest `keep` kept."""
+    """A run's OUT/checkpoint-<step> (checkpoint.save): the model dir (LoRA merged, FSDP gathered: every rank
+    calls this), accelerate's state and the run's flags; the newest `keep` kept."""
     write = lambda path: save_model(acc.unwrap_model(model), tokenizer, path, state_dict=acc.get_state_dict(model),
                               is_main=acc.is_main_process)
     return checkpoint.save(out, step, acc, write, args=checkpoint.plain(args), keep=keep)
 
 
 def sampling_copy(model, dtype, device):
-    """A plain model of `model`'s architecture for the sampler (weights: refresh_copy). RL samples from
-    this copy, in bf16 on a GPU: no autocast re-casting every weight at every token, CUDA graphs
-    possible, and under FSDP no weight gather per generated token. At 4B it costs 8 GB per rank."""
+    """A plain model of `model`'s architecture for the sampler (weights: refresh_copy), bf16 on a GPU: no
+    autocast re-casting at every token, CUDA graphs possible, no FSDP gather per token (8 GB at 4B)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the base architecture
     with torch.device(device):  # random init straight on the device: seconds, replaced by refresh_copy
         copy_ = AutoModelForCausalLM.from_config(base.config, dtype=dtype, attn_implementation="sdpa")
@@ -92,9 +77,8 @@ def sampling_copy(model, dtype, device):
 
 @torch.no_grad()
 def merged_weights(model):
-    """(name in the plain model, whole weight) for every weight of `model`, one tensor at a time: an FSDP2
-    shard gathered (a collective: every rank iterates), LoRA deltas (W + scale * B @ A, in fp32) and peft's
-    trained token rows merged in, never written into the base weight. A bias is never merged into."""
+    """(name in the plain model, whole weight) one tensor at a time: FSDP2 shards gathered (every rank
+    iterates), LoRA deltas (W + scale B A, fp32) and peft's token rows merged in; biases as they are."""
     adapted = {name: m for name, m in model.named_modules() if hasattr(m, "base_layer")}
     for name, q in model.named_parameters():
         if ".lora_" in name or ".trainable_tokens_" in name:
@@ -160,23 +144,12 @@ def tiny_qwen3_config(vocab_size, hidden=64, layers=2, heads=4, kv_heads=2, **kw
                        head_dim=hidden // heads, max_position_embeddings=4096, tie_word_embeddings=True, **kw)
 
 
-def tiny_llama_config(vocab_size, hidden=64, layers=2, heads=4, kv_heads=2, **kw):
-    """A small Llama-architecture model: checks that nothing depends on Qwen3 internals."""
-    return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=4 * hidden,
-                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                       max_position_embeddings=4096, tie_word_embeddings=False, **kw)
-
-
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def apply_lora(model, r=64, alpha=128, dropout=0.0, train_tokens=()):
-    """Wrap the model with LoRA adapters on every attention and MLP projection.
-
-    Only the adapters train. The embedding matrix stays frozen except the rows in
-    `train_tokens` (pass the six tag ids), which peft trains as a small delta:
-    a base model has never seen the tags, so their rows must be able to move.
-    """
+    """LoRA adapters on every attention and MLP projection; only they train, and the embedding rows of
+    `train_tokens` (SFT passes the six tags: a base model has never seen them, their rows must move)."""
     from peft import LoraConfig, get_peft_model
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS,
                         trainable_token_indices={"embed_tokens": list(train_tokens)} if train_tokens else None,

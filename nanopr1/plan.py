@@ -1,21 +1,20 @@
-"""
-Will it fit? The GPU memory per rank of a training run, worked out from the model config alone
-(`--plan`: a dir holding only config.json is enough), then measured at the start of a GPU run
-before the KV cache takes the rest. Each figure and where it comes from: docs/design.md,
-"Memory at 4B".
-"""
+"""Will it fit? A run's GPU memory per rank, planned from its model config alone (`--plan`), then
+measured at the start of a GPU run. The figures' sources: docs/design.md, "Memory at 4B"."""
 
 import os
 from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from nanopr1 import UsageError
-from nanopr1.kvcache import bucket, kv_bytes_per_token, rows_for_budget
+from nanopr1 import UsageError, offline_if_unreachable
+from nanopr1.checkpoint import model_dir
+from nanopr1.kvcache import KVCache, bucket, kv_bytes_per_token, rows_for_budget
 from nanopr1.model import LORA_TARGETS
-from nanopr1.scoring import LOGITS_CHUNK_TOKENS
+from nanopr1.rollout import ALL_TAGS, Rollout
+from nanopr1.scoring import LOGITS_CHUNK_TOKENS, score
 
 GB = 1e9
 HEADROOM = 0.05      # of the GPU, never planned for: fragmentation, what the estimates miss
@@ -43,45 +42,27 @@ class Plan:
         return sum(b for _, b in self.items)
 
     def __str__(self):
-        width = max(len(what) for what, _ in self.items)
-        lines = [f"  {what:<{width}s} {b / GB:6.1f} GB" for what, b in self.items]
-        lines.append(f"  {'total':<{width}s} {self.total / GB:6.1f} GB of {self.gpu_bytes / GB:.0f} GB")
-        return "\n".join(lines + [self.verdict])
+        rows = self.items + [("total", self.total)]
+        width = max(len(what) for what, _ in rows)
+        lines = "\n".join(f"  {what:<{width}s} {b / GB:6.1f} GB" for what, b in rows)
+        return f"{lines} of {self.gpu_bytes / GB:.0f} GB\n{self.verdict}"
 
 
 def load_config(name):
     """The model config of a hub id, a model dir or a run dir (its checkpoint): only config.json."""
-    from nanopr1.checkpoint import model_dir
-    from nanopr1.data import offline_if_unreachable
     local = Path(name).expanduser()
-    if local.exists():
-        local = model_dir(local)
-    else:
+    if not local.exists():
         offline_if_unreachable()
+    source = str(model_dir(local)) if local.exists() else name
     try:
-        return AutoConfig.from_pretrained(str(local) if local.exists() else name)
+        return AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as e:
         why = str(e).strip().splitlines()[0][:120]
         raise UsageError(f"--plan: no model config at {name!r} ({why})") from None
 
 
-def run_setup(gpu_memory_gb, num_gpus, lora):
-    """(GPU bytes, ranks, FSDP?) of the run being planned: the flags, else this machine and launch
-    (a full fine-tune on several GPUs is assumed to use FSDP, as configs/fsdp_8gpu.yaml does)."""
-    if gpu_memory_gb:
-        gpu = gpu_memory_gb * GB
-    elif torch.cuda.is_available():
-        gpu = torch.cuda.get_device_properties(0).total_memory
-    else:
-        raise UsageError("no GPU here: pass --gpu-memory-gb (e.g. 80) to plan for one")
-    world = num_gpus or int(os.environ.get("WORLD_SIZE", 1))
-    fsdp = os.environ.get("ACCELERATE_USE_FSDP", str(world > 1 and not lora)).lower() == "true"
-    return gpu, world, fsdp
-
-
 def count_parameters(config, lora_r=0):
-    """(parameters, adapter parameters, of one layer, of the embedding): exact and instant, from a
-    model on the meta device."""
+    """(parameters, LoRA adapter parameters, one layer's, the embedding's), on the meta device."""
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     n = sum(q.numel() for q in model.parameters())  # tied embeddings count once
@@ -91,21 +72,17 @@ def count_parameters(config, lora_r=0):
     return n, adapters, layer, model.get_input_embeddings().weight.numel()
 
 
-def activation_bytes_per_token(config, autocast=True):
-    """Bytes a decoder layer saves for backward per token: fp32, or bf16 autocast (norms in fp32)."""
+def training_transient(config, tokens, row_tokens, *, grad_ckpt=True, autocast=True, unseen=False,
+                       trained=0):
+    """Peak bytes above the model states of a micro-batch: forward and backward, or AdamW's step."""
+    # what a decoder layer saves for backward per token: fp32, or bf16 autocast (norms in fp32)
     H, I = config.hidden_size, config.intermediate_size
     hd = getattr(config, "head_dim", None) or H // config.num_attention_heads
     q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
-    if not autocast:
-        return 4 * (6 * H + 4 * q + 2 * kv + 4 * I)
-    return 4 * (4 * H + q + kv + 2 * hd) + 2 * (6 * H + 4 * q + kv + 4 * I)
-
-
-def training_transient(config, tokens, row_tokens, *, grad_ckpt=True, autocast=True, unseen=False,
-                       trained=0):
-    """Peak bytes above the model states of a micro-batch of `tokens` (rows of `row_tokens`): its
-    forward and backward, or AdamW's foreach step over `trained` parameters, the larger."""
-    act = activation_bytes_per_token(config, autocast) * tokens
+    if autocast:
+        act = (4 * (4 * H + q + kv + 2 * hd) + 2 * (6 * H + 4 * q + kv + 4 * I)) * tokens
+    else:
+        act = 4 * (6 * H + 4 * q + 2 * kv + 4 * I) * tokens
     if grad_ckpt:  # each layer keeps its input (fp32 residual stream), one is recomputed at a time
         act += config.num_hidden_layers * tokens * config.hidden_size * 4
     else:
@@ -119,8 +96,7 @@ def training_transient(config, tokens, row_tokens, *, grad_ckpt=True, autocast=T
 def memory_plan(config, *, gpu_bytes, world=1, fsdp=False, lora_r=0, grad_ckpt=True,
                 micro_batch_tokens=16384, unseen=False, sampling=True, max_prompt_tokens=2000,
                 max_new_tokens=3000, num_paths=2, max_rows=None, kv_bytes=None, reference=False):
-    """The per-rank memory of a run, a Plan. kv_bytes None: the KV cache gets what is left;
-    max_rows: no more rows than the run can use (rollouts per rank x num_paths)."""
+    """The per-rank memory of a run, a Plan; kv_bytes None: the KV cache gets what is left."""
     n, adapters, layer, embed = count_parameters(config, lora_r)
     shard, V = world if fsdp else 1, config.vocab_size
     p = Plan(gpu_bytes=gpu_bytes)
@@ -130,8 +106,8 @@ def memory_plan(config, *, gpu_bytes, world=1, fsdp=False, lora_r=0, grad_ckpt=T
                     (f"LoRA adapters r={lora_r}: weights, gradients, AdamW (fp32)", 16 * adapters)]
     else:
         part = f"1/{shard} each" if shard > 1 else "whole"
-        p.items += [(f"weights (fp32, {part})", 4 * n / shard), (f"gradients (fp32, {part})", 4 * n / shard),
-                    (f"AdamW moments (fp32, {part})", 8 * n / shard)]
+        p.items += [(f"{what} (fp32, {part})", size * n / shard)
+                    for what, size in (("weights", 4), ("gradients", 4), ("AdamW moments", 8))]
         if shard > 1:
             p.items.append(("FSDP: gathered layers in flight, embedding/head group",
                             2 * 2 * layer + 2 * embed + 4 * layer))
@@ -143,15 +119,16 @@ def memory_plan(config, *, gpu_bytes, world=1, fsdp=False, lora_r=0, grad_ckpt=T
     p.items.append((f"headroom ({HEADROOM:.0%} of the GPU)", HEADROOM * gpu_bytes))
 
     # 2) the training transient, and KV cache rows in what is left beside the larger transient
-    T = micro_batch_tokens
-    trained = (adapters if lora_r else n) / shard
+    T, trained = micro_batch_tokens, (adapters if lora_r else n) / shard
     p.training = training_transient(config, T, min(T, max_prompt_tokens + max_new_tokens),
                                     grad_ckpt=grad_ckpt, unseen=unseen, trained=trained)
     p.cols = max_prompt_tokens + max_new_tokens + 1  # what sampler.sample asks of the cache
     kv_token = kv_bytes_per_token(config, torch.bfloat16)
     row = (p.cols + 1) * kv_token  # KVCache adds a scratch column
-    sample = 0
-    if sampling:  # per KV row: its columns, its share of the logits buffer and of the graph pool
+    what = f"training ({T:,}-token micro-batch, {'' if grad_ckpt else 'not '}checkpointed)"
+    if not sampling:
+        p.items.append((what, p.training))
+    else:  # per KV row: its columns, its share of the logits buffer and of the graph pool
         per_row = row + 4 * V + POOL_BYTES * V
         cap = max_rows or 1 << 30
         fit = lambda budget: max(0, min(int(budget // per_row), cap))  # rows in `budget` bytes
@@ -160,19 +137,16 @@ def memory_plan(config, *, gpu_bytes, world=1, fsdp=False, lora_r=0, grad_ckpt=T
         else:
             p.rows = min(rows_for_budget(config, torch.bfloat16, p.cols, kv_bytes), cap)
         sample = bucket(max(p.rows, 1)) * V * SAMPLING_BYTES
-        if kv_bytes is None and sample > p.training:  # the sampler's transient is larger: fewer rows
+        if kv_bytes is None and sample > p.training:  # the sampler's transient is larger: fewer
             p.rows = fit(gpu_bytes - p.total - sample)
             sample = bucket(max(p.rows, 1)) * V * SAMPLING_BYTES
         p.kv_bytes = p.rows * row
-    how = "checkpointed" if grad_ckpt else "not checkpointed"
-    what = f"training ({T:,}-token micro-batch, {how})"
-    if sampling:
         what += f", or sampling {sample / GB:.1f} GB if larger"
-    p.items.append((what, max(p.training, sample)))
-    if sampling:
-        p.items.append(("CUDA graphs: their logits buffer and memory pool", p.rows * V * (4 + POOL_BYTES)))
-        p.items.append((f"KV cache: {p.rows:,} rows x {p.cols + 1:,} columns x "
-                        f"{kv_token / 1024:.0f} KiB per token (bf16)", p.kv_bytes))
+        graphs = p.rows * V * (4 + POOL_BYTES)
+        p.items += [(what, max(p.training, sample)),
+                    ("CUDA graphs: their logits buffer and memory pool", graphs),
+                    (f"KV cache: {p.rows:,} rows x {p.cols + 1:,} columns x "
+                     f"{kv_token / 1024:.0f} KiB per token (bf16)", p.kv_bytes)]
 
     # 3) the verdict
     need = num_paths if sampling else 0  # KV rows of one rollout
@@ -191,8 +165,15 @@ def memory_plan(config, *, gpu_bytes, world=1, fsdp=False, lora_r=0, grad_ckpt=T
 
 
 def plan_for(args, config, sampling=True, longest_prompt=None):
-    """The Plan of a training script's run (train_rl.py, train_sft.py) from its flags."""
-    gpu, world, fsdp = run_setup(args.gpu_memory_gb, args.num_gpus, args.lora)
+    """The Plan of a script's run from its flags, else this GPU and launch (FSDP: full, >1 GPU)."""
+    if args.gpu_memory_gb:
+        gpu = args.gpu_memory_gb * GB
+    elif torch.cuda.is_available():
+        gpu = torch.cuda.get_device_properties(0).total_memory
+    else:
+        raise UsageError("no GPU here: pass --gpu-memory-gb (e.g. 80) to plan for one")
+    world = args.num_gpus or int(os.environ.get("WORLD_SIZE", 1))
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", str(world > 1 and not args.lora)).lower() == "true"
     rl = {}
     if sampling:
         rollouts = args.prompts_per_step * args.group_size // world  # this rank's
@@ -200,17 +181,14 @@ def plan_for(args, config, sampling=True, longest_prompt=None):
                   max_new_tokens=args.max_new_tokens, num_paths=args.num_paths,
                   max_rows=rollouts * args.num_paths, reference=args.kl_coef > 0 and not args.lora,
                   kv_bytes=args.kv_memory_gb * GB if args.kv_memory_gb else None)
-    return memory_plan(config, gpu_bytes=gpu, world=world, fsdp=fsdp, lora_r=args.lora_r if args.lora else 0,
-                       grad_ckpt=args.grad_ckpt is not False, micro_batch_tokens=args.micro_batch_tokens,
-                       unseen=args.variant == "unseen", sampling=sampling, **rl)
-
-# -----------------------------------------------------------------------------
-# measured: the peak of a piece of work, on a GPU or a CPU
+    return memory_plan(config, gpu_bytes=gpu, world=world, fsdp=fsdp, sampling=sampling,
+                       lora_r=args.lora_r if args.lora else 0, unseen=args.variant == "unseen",
+                       grad_ckpt=args.grad_ckpt is not False,
+                       micro_batch_tokens=args.micro_batch_tokens, **rl)
 
 
 def peak_bytes(fn, device):
-    """The peak bytes `fn()` allocates above what was allocated before. CUDA: the peak of reserved
-    memory (what the KV cache cannot have); CPU: the profiler's allocations and frees, replayed."""
+    """The peak bytes `fn()` allocates: CUDA's peak reserved memory, or the CPU profiler's."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -221,25 +199,20 @@ def peak_bytes(fn, device):
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    memory = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    now = peak = 0
-    for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in memory):
-        now += nbytes
-        peak = max(peak, now)
-    return peak
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    return max(accumulate((nbytes for _, nbytes in events), initial=0))  # the running total's peak
 
 
-def profile_training(model, opt, acc, score, tags, variant, pad, tokens, row_tokens):
-    """peak_bytes of the worst-case micro-batch (rows of `row_tokens` filling `tokens`): forward,
-    backward, an AdamW step at lr 0; the weights stay, the optimizer state is fresh again."""
-    from nanopr1.rollout import ALL_TAGS, Rollout
+def profile_training(model, opt, acc, tags, variant, pad, tokens, row_tokens):
+    """peak_bytes of a worst-case micro-batch: forward, backward, AdamW at lr 0 (no change)."""
     L = max(2, min(tokens, row_tokens))
     vocab = acc.unwrap_model(model).get_input_embeddings().num_embeddings
     words = [i for i in range(min(64, vocab)) if i not in set(tags.values())]  # any ids but tags
     ids = [words[i % len(words)] for i in range(L - 1)]
     rollouts = [Rollout([words[0]], ids, forced=[False] * len(ids), logprobs=[0.0] * len(ids),
-                        positions=list(range(1, L)), allowed=[ALL_TAGS] * len(ids), blocks=[], text="",
-                        stop_reason="budget") for _ in range(max(1, tokens // L))]
+                        positions=list(range(1, L)), allowed=[ALL_TAGS] * len(ids), blocks=[],
+                        text="", stop_reason="budget") for _ in range(max(1, tokens // L))]
 
     def step():
         logp, mask = score(model, rollouts, tags, variant, 1.0, pad, acc.device)
@@ -258,10 +231,34 @@ def profile_training(model, opt, acc, score, tags, variant, pad, tokens, row_tok
     return peak
 
 
-def kv_rows_left(config, dtype, cols, peak, device, max_rows):
-    """CUDA, after the measurements: the KV cache rows that fit in what is really free, minus the
-    headroom and the measured peak of the work beside the cache (training, or a decode step)."""
-    torch.cuda.empty_cache()
-    free, total = torch.cuda.mem_get_info(device)
-    per_row = (cols + 1) * kv_bytes_per_token(config, dtype) + (4 + POOL_BYTES) * config.vocab_size
-    return max(0, min(max_rows, int((free - HEADROOM * total - peak) // per_row)))
+def kv_cache_for_run(args, acc, model, opt, tags, pad, longest):
+    """train_rl.py's KV cache: rows for this rank's rollouts that fit beside the measured peak."""
+    cuda, config = acc.device.type == "cuda", acc.unwrap_model(model).config
+    cols = longest + args.max_new_tokens + 1
+    rollouts = args.prompts_per_step * args.group_size // acc.num_processes
+    rows = args.max_rows or rollouts * args.num_paths
+    plan = plan_for(args, config, longest_prompt=longest) if cuda else None
+    if plan is not None:
+        acc.print(f"memory plan per GPU:\n{plan}")
+        if not plan.fits:
+            raise UsageError(plan.verdict)
+    peak = profile_training(model, opt, acc, tags, args.variant, pad, args.micro_batch_tokens,
+                            cols - 1)
+    planned = f" (plan: {plan.training / GB:.2f} GB + gradients)" if plan else ""
+    acc.print(f"measured: the worst-case training micro-batch peaks {peak / GB:.2f} GB above the "
+              f"model states{planned}")
+    if cuda and args.kv_memory_gb:
+        rows = min(rows, rows_for_budget(config, torch.bfloat16, cols, args.kv_memory_gb * GB))
+    elif cuda:  # what is really free, minus the headroom and the measured peak beside the cache
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(acc.device)
+        per_row = ((cols + 1) * kv_bytes_per_token(config, torch.bfloat16)
+                   + (4 + POOL_BYTES) * config.vocab_size)
+        rows = max(0, min(rows, int((free - HEADROOM * total - peak) // per_row)))
+    if rows < args.num_paths:
+        raise UsageError(f"the GPU holds {rows} KV cache rows of {cols} columns beside the "
+                         f"measured training step, one rollout needs {args.num_paths}: lower "
+                         "--micro-batch-tokens or --max-new-tokens")
+    kv = KVCache(rows, cols, acc.device)
+    kv.note = str(plan or "")  # for an out-of-memory error during a graph capture
+    return kv

@@ -76,7 +76,7 @@ def parse(parser, argv, script):
 
 
 def template(args):
-    """The prompt template: --prompt-file's, the toy's, the sequential (--no-parallel) or parallel one."""
+    """The prompt template: --prompt-file's, the toy's, or the sequential / parallel one."""
     if getattr(args, "prompt_file", None):
         return load_template(args.prompt_file)
     if args.preset == "toy":

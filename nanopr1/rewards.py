@@ -1,13 +1,7 @@
-"""
-Grading answers and turning grades into rewards, for a rollout.Rollout.
+"""Grading a rollout.Rollout's answer and turning the grade into a reward: 1) extraction, 2)
+normalisation, 3) the rewards and their schedules, your own by "module:function" (`resolve`). The
+rules: docs/design.md, "Grading and rewards"."""
 
-1) extraction: the answer of a response's main-line text (`extract_answer`);
-2) normalisation: does it mean the gold answer (`is_equiv`, a small numeric normaliser);
-3) rewards: R_acc, the easy-stage and tiered rewards, the schedules that pick one per RL step,
-   `reward_rollout`, and your own reward or grader by "module:function" (`resolve`).
-"""
-
-import importlib
 import importlib.util
 import re
 import sys
@@ -17,9 +11,7 @@ from pathlib import Path
 from nanopr1 import UsageError
 from nanopr1.format import TAGS
 
-# -----------------------------------------------------------------------------
 # 1) extraction
-
 # also **Final Answer**: 42 and **Final Answer:** 42 (the closing ** is eaten: not the answer)
 _ANSWER_RE = re.compile(r"final\s+answer[\s*_]*:(?:\*\*|__)?", re.IGNORECASE)
 _MARKUP_LINE_RE = re.compile(r"(?:\s|[*_`$]|\\[\[\]()])*")  # a line of markup only: **, $$, \[, ```
@@ -39,8 +31,7 @@ def last_boxed(text):
 
 
 def extract_answer(main):
-    """The raw answer string of a response's main-line text, or None: the rest of the line after
-    its last `Final Answer:`, else its last \\boxed{...}."""
+    """The raw answer of a main-line text: what follows its last `Final Answer:`, else \\boxed{}."""
     hits = list(_ANSWER_RE.finditer(main))
     if not hits:
         return last_boxed(main) or None  # an empty \\boxed{} is no answer
@@ -48,16 +39,15 @@ def extract_answer(main):
     lines = main[hits[-1].end():].split("\n")
     return next((line.strip() for line in lines if not _MARKUP_LINE_RE.fullmatch(line)), None)
 
-# -----------------------------------------------------------------------------
-# 2) normalisation and comparison
 
+# 2) normalisation and comparison
 _UNWRAP_RE = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
 _FRAC_RE = re.compile(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
 _FRAC_SHORT_RE = re.compile(r"\\[dt]?frac(\d)(\d)")
 _MIXED_RE = re.compile(r"(\d)\s*(?=\\[dt]?frac)")  # 2\frac{1}{2}: the mixed number 2 1/2, not 21/2
 _DROP = ["\\\\", "\\$", "$", "\\(", "\\)", "\\[", "\\]", "\\left", "\\right", "\\!", "\\,", "\\;",
          "\\:", "\\ ", "^\\circ", "^{\\circ}", "\\circ", "°", "\\%", "%", "**", "`"]
-_MINUS = {"\u2212": "-", "\u2013": "-", "\u2012": "-", "\u2014": "-", "\uff0d": "-"}
+_MINUS = str.maketrans({"\u2212": "-", "\u2013": "-", "\u2012": "-", "\u2014": "-", "\uff0d": "-"})
 
 _NUMBER = r"[-+]?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|[-+]?\.\d+"
 # an optional whole part (the 2 of the mixed number 2 1/2), a number, an optional denominator
@@ -71,14 +61,12 @@ _AFTER_RE = re.compile(r"[A-Za-z](?![A-Za-z])|\s*[\^*/+\-×·\\√!_=<>≤≥]|\
 
 
 def clean_answer(s):
-    """The answer string without its wrappers (\\boxed, \\text, $, units, currency, spelled tags),
-    \\frac as a/b, and only what follows the last `=`."""
+    """An answer unwrapped (\\boxed, \\text, $, units, tags), \\frac as a/b, after its last `=`."""
     s = s.strip()
     boxed = last_boxed(s)
     if boxed is not None:
         s = boxed
-    for a, b in _MINUS.items():
-        s = s.replace(a, b)
+    s = s.translate(_MINUS)
     for _ in range(3):  # nested \text{\textbf{..}}
         s = _UNWRAP_RE.sub(r"\1", s)
     s = _FRAC_SHORT_RE.sub(r"\1/\2", _FRAC_RE.sub(r"(\1)/(\2)", _MIXED_RE.sub(r"\1 ", s)))
@@ -92,7 +80,7 @@ def clean_answer(s):
 
 
 def parse_number(s):
-    """The value of the leading number of a cleaned answer, or None when it is only part of it:
+    """The value of a cleaned answer's leading number, or None if it is only part of the answer:
     `42 apples` -> 42; `(3)/(4)` -> 3/4; `-2 (1)/(2)` -> -5/2; `3x + 1`, `6 or 7` -> None."""
     s = re.sub(r"\(\s*([-+]?[\d.,]+)\s*\)", r"\1", s)  # (3)/(4) -> 3/4
     s = re.sub(r"^([-+])\s+(?=[\d.])", r"\1", s)  # a leading sign keeps its number: - 7 -> -7
@@ -109,10 +97,6 @@ def parse_number(s):
     return value
 
 
-def _squash(s):
-    return re.sub(r"\s+", "", s).lower()
-
-
 def is_equiv(pred, gold):
     """Does the answer string `pred` mean the gold answer `gold`?"""
     if pred is None:
@@ -121,11 +105,13 @@ def is_equiv(pred, gold):
     g = parse_number(gold)
     if g is not None:
         return parse_number(pred) == g
-    return pred != "" and _squash(pred) == _squash(gold)
+    squash = lambda s: re.sub(r"\s+", "", s).lower()
+    return pred != "" and squash(pred) == squash(gold)
 
 
-# -----------------------------------------------------------------------------
 # 3) rewards and schedules
+SCHEDULES = ("accuracy", "parallel", "tiered", "alternating", "scaffold")
+
 
 def r_acc(correct, has_block=False):
     """R_acc: +1 correct, -1 otherwise."""
@@ -147,13 +133,8 @@ def is_tiered_step(step, window=10, tiered=2):
     return (step - 1) % window >= window - tiered
 
 
-SCHEDULES = ("accuracy", "parallel", "tiered", "alternating", "scaffold")
-
-
 def reward_fn(schedule, step, scaffold_until=200):
-    """The reward function `schedule` uses at RL step `step` (from 1): accuracy, parallel and tiered
-    always their own; alternating (S2) R_acc but tiered on steps 9-10 of every 10; scaffold
-    alternating up to `scaffold_until`, then R_acc; a callable is its own schedule."""
+    """The reward function of `schedule` at RL step `step` (from 1): S2 alternates R_acc, tiered."""
     if callable(schedule):
         return schedule
     if schedule not in SCHEDULES:
@@ -167,8 +148,7 @@ def reward_fn(schedule, step, scaffold_until=200):
 
 
 def reward_rollout(rollout, gold, schedule="accuracy", step=1, scaffold_until=200, grader=None):
-    """(reward, metrics) of a rollout.Rollout at RL step `step` (from 1) under `schedule` (a
-    SCHEDULES name or your reward), its answer judged by `grader` (None: is_equiv); see resolve."""
+    """(reward, metrics) of a rollout.Rollout at RL step `step` (from 1); grader None: is_equiv."""
     # grade: the answer of the main-line text; the blocks of the tag tokens (none if malformed)
     answer = extract_answer(rollout.main_text)
     format_ok = rollout.format_error is None
@@ -187,14 +167,7 @@ def reward_rollout(rollout, gold, schedule="accuracy", step=1, scaffold_until=20
 
 
 def resolve(spec, kind):
-    """The reward (kind "reward") or grader ("grader") named by `spec`: a built-in name, or
-    "module:function" (a module on sys.path, or a file: "path/to/file.py:function"); what
-    reward_rollout takes. UsageError if not found.
-
-    grader(answer: str | None, gold: str) -> bool; built-in: "is_equiv".
-    reward(rollout, gold: str, step: int, info: dict) -> float, info: answer, correct (by the grader
-    in use), has_block, format_ok, num_blocks; built-in: the SCHEDULES.
-    """
+    """The `kind` named by `spec`: a built-in, "module:function" or "path/to/file.py:function"."""
     builtin = {"reward": {s: s for s in SCHEDULES}, "grader": {"is_equiv": is_equiv}}[kind]
     where, _, name = spec.rpartition(":")
     if not where:

@@ -51,6 +51,7 @@ class Options:
     max_prompt_tokens: int = None   # refuse longer prompts
     max_rows: int = None            # cache rows in flight (None: every rollout at once, as far as memory allows)
 
+
 def check_request(model, prompts, opts):
     """Refuse a request the sampler cannot serve: bad options (ValueError), a prompt too long (UsageError)."""
     need = opts.num_paths if opts.parallel else 1  # rows of one rollout
@@ -72,11 +73,8 @@ def check_request(model, prompts, opts):
 
 
 def apply_tag_mask(logits, allowed, tags):
-    """Logits with the tags not in `allowed` set to -inf: what the sampler sampled from.
-
-    logits (..., V); allowed (...) int bitmask as in Rollout.allowed; tags = model.tag_ids(tokenizer).
-    The logits that predict response token t (at position P+t-1) take allowed[t].
-    """
+    """Logits (..., V) with the tags not in `allowed` (..., Rollout.allowed's bitmasks) at -inf: what the
+    sampler sampled from. tags = model.tag_ids(tokenizer)."""
     bits = (allowed[..., None] >> torch.arange(len(TAGS), device=logits.device)) & 1  # (..., 6)
     idx = torch.tensor([tags[t] for t in TAGS], device=logits.device)
     logits = logits.clone()
@@ -85,9 +83,8 @@ def apply_tag_mask(logits, allowed, tags):
 
 
 def make_rollout(tokenizer, prompt, ids, stop_reason="eos", forced=None, logprobs=None, positions=None, allowed=None):
-    """A Rollout from its response token ids; its structure (blocks, format_error, main_text) is read
-    from the tag tokens alone. The sampler builds every rollout here; tests build rollouts by hand
-    (the per-token lists default to: sampled, log-prob 0, sequential positions, every tag allowed)."""
+    """A Rollout from its response ids, its structure read from the tag tokens alone (the per-token lists
+    default to: sampled, log-prob 0, sequential positions, every tag allowed)."""
     n, tags = len(ids), tag_ids(tokenizer)
     blocks, error = parse_blocks(ids, tags)
     end = n - (stop_reason == "eos")  # the EOS token is not text
@@ -100,8 +97,7 @@ def make_rollout(tokenizer, prompt, ids, stop_reason="eos", forced=None, logprob
 
 
 def texts(rollout, tokenizer):
-    """The texts of a rollout, tags stripped: {"main": its main-text segments, "blocks": [{"paths": [...],
-    "summary": ...}]}, a block between each two main segments (what sample.py prints as a tree)."""
+    """{"main": the main-text segments, "blocks": [{"paths": [...], "summary": ...}]}, tags stripped."""
     dec = lambda a, b: tokenizer.decode(rollout.ids[a:b], skip_special_tokens=False)
     main, blocks, prev = [], [], 0
     for b in rollout.blocks:
@@ -113,8 +109,7 @@ def texts(rollout, tokenizer):
 
 
 def rollout_row(rollout, tokenizer, grade, gold=None, step=None):
-    """A rollout as a JSON row a person reads (train_rl.py's OUT/rollouts.jsonl, `sample.py --show`, tree);
-    grade: what rewards.reward_rollout said of it."""
+    """A rollout as a JSON row to read (OUT/rollouts.jsonl, tree); grade: rewards.reward_rollout's dict."""
     return {"step": step, "prompt": tokenizer.decode(rollout.prompt_ids, skip_special_tokens=False),
             "response": rollout.text, **texts(rollout, tokenizer), "answer": grade["answer"], "gold": gold,
             "reward": grade["reward"], "correct": grade["correct"], "tokens": len(rollout.ids),
@@ -164,8 +159,8 @@ def gumbel(keys, V):
 
 
 def draw(logp, temperature, top_p, keys):
-    """One token per row (R,) from log-probs (R, V): the argmax at temperature 0; else a Gumbel-max draw with
-    each row's noise from its key, restricted to the smallest set of tokens of mass >= top_p."""
+    """A token per row (R,) from log-probs (R, V): the argmax at temperature 0, else Gumbel-max with each
+    row's noise from its key, within the smallest set of mass >= top_p."""
     if temperature == 0:
         return logp.argmax(-1)
     scores = logp

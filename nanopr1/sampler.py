@@ -82,8 +82,7 @@ class RowState:  # one cache row: the main line of a rollout (path None) or one 
     parked: bool = False                        # a finished path: not fed, kept for the merge
 
     def noise_key(self):
-        """The key of this row's next draw, new at every draw of the rollout: the main line's response
-        index, or a path's (block, path, index in the path)."""
+        """The key of the row's next draw, new at each draw: the main line's index, or a path's place."""
         r = self.rollout
         if self.path is None:
             return mix(r.key, len(r.out.ids))
@@ -116,8 +115,7 @@ class _Sampler:
         self.logits = None  # (len(rows), V) the logits each row samples its next token from
         self.ready = []     # rollouts whose paths have all finished: merge them next step
 
-    def _alloc(self, n):
-        """n free row slots (free rows are reused, the rest added)."""
+    def _alloc(self, n):  # n free row slots (free rows reused, the rest added)
         free = [i for i, row in enumerate(self.rows) if row is None][:n]
         extra = n - len(free)
         if extra:
@@ -323,11 +321,8 @@ class _Sampler:
 
 @torch.inference_mode()
 def sample(model, tokenizer, prompts, group_size=1, *, cache=None, progress=False, **options):
-    """Rollouts for a batch of prompts (lists of token ids), `group_size` per prompt, prompt-major.
-
-    options: the fields of Options. cache: a kvcache.KVCache to use (a run keeps one, and its graphs, for
-    all its calls); else one is made for this call. force_block is for showing a block with any model (a
-    model that would stop first gets the block instead), not for training."""
+    """Rollouts of prompts (lists of token ids), `group_size` per prompt, prompt-major. options: Options's
+    fields; cache: a kvcache.KVCache (a run keeps one for all its calls), else one is made for the call."""
     opts = Options(**options)
     prompts = [list(p) for p in prompts]
     check_request(model, prompts, opts)

@@ -28,8 +28,7 @@ def _chunk_logprobs(head, h, targets, allowed, tags, temperature):
 
 @contextmanager
 def _head_returns_logprobs(model, targets, allowed, tags, temperature):
-    """While active, the model's output head turns hidden states (B, 1 + T, H) into the log-probs (B, T) of
-    `targets`: position t of the hidden states predicts targets[:, t]."""
+    """While active, the output head maps hidden states (B, 1 + T, H) to the log-probs (B, T) of targets."""
     inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     head = inner.get_output_embeddings()
 
@@ -46,10 +45,8 @@ def _head_returns_logprobs(model, targets, allowed, tags, temperature):
 
 
 def token_logprobs(model, batch, first, allowed=None, tags=None, temperature=1.0):
-    """log p of input_ids[:, first+1:] (B, L-1-first) fp32, from one forward of `batch` (model inputs).
-
-    allowed (B, L-1-first): the sampler's tag mask of each predicted token (rollout.apply_tag_mask),
-    so the log-probs are those of the distribution the rollout was sampled from."""
+    """log p of input_ids[:, first+1:] (B, L-1-first) fp32, from one forward of `batch`; allowed: the
+    sampler's tag mask of each predicted token, so they are of the distribution it sampled from."""
     targets = batch["input_ids"][:, first + 1:]
     with _head_returns_logprobs(model, targets, allowed, tags, temperature):
         return model(**batch, logits_to_keep=batch["input_ids"].shape[1] - first, use_cache=False).logits
@@ -74,7 +71,7 @@ def score(model, rollouts, tags, variant, temperature, pad_id, device):
 
 
 def pad_rows(rows, like):
-    """Per-rollout lists of floats (e.g. old log-probs) as a (B, T) tensor shaped, typed and placed like `like`."""
+    """Per-rollout lists of floats (old log-probs) as a (B, T) tensor like `like`."""
     return torch.stack([torch.nn.functional.pad(torch.as_tensor(r, dtype=torch.float32), (0, like.shape[1] - len(r)))
                         for r in rows]).to(like)
 
@@ -114,8 +111,7 @@ def sequence_nll(model, batch, targets, loss_mask):
 
 
 def micro_batches(lengths, max_tokens):
-    """Split sequence indices into micro-batches of similar length whose padded size
-    (rows x longest) stays within max_tokens; a longer sequence gets a micro-batch alone."""
+    """Sequence indices in micro-batches of similar lengths, rows x longest <= max_tokens (or one alone)."""
     out, rows, longest = [], [], 0
     for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
         if rows and (len(rows) + 1) * max(longest, lengths[i]) > max_tokens:
@@ -127,9 +123,8 @@ def micro_batches(lengths, max_tokens):
 
 
 def micro_batches_on_every_rank(acc, lengths, max_tokens):
-    """micro_batches as (indices, live, last) triples, as many on every rank: under FSDP each forward and
-    backward is a collective, so a rank with fewer micro-batches runs fillers (its first sequence again,
-    live=False: no weight in the loss). `acc`: the script's Accelerator."""
+    """micro_batches as (indices, live, last), as many on every rank (FSDP: each forward is a collective):
+    a rank with fewer runs fillers, its first sequence again with live=False (no weight in the loss)."""
     chunks = micro_batches(lengths, max_tokens)
     n = int(acc.reduce(torch.tensor(len(chunks), device=acc.device), "max").item())
     chunks = [(c, True) for c in chunks] + [(chunks[0][:1], False)] * (n - len(chunks))
@@ -137,16 +132,14 @@ def micro_batches_on_every_rank(acc, lengths, max_tokens):
 
 
 def sync_gradients(acc, model, last):
-    """The context of a micro-batch's backward. DDP: all-reduce once per optimizer step (on the last
-    micro-batch). FSDP: reduce-scatter every micro-batch into the sharded gradient, never accumulate an
-    unsharded one (8 GB at 4B)."""
+    """A micro-batch's backward context. DDP: all-reduce once a step (the last). FSDP: reduce-scatter each
+    micro-batch into the sharded gradient, never accumulating an unsharded one (8 GB at 4B)."""
     return nullcontext() if last or acc.distributed_type == "FSDP" else acc.no_sync(model)
 
 
 def mini_batches(n_prompts, G, per_mini_batch, rank, world):
-    """This rank's rollouts of each mini-batch: mini-batch i holds the step's prompts i * per_mini_batch ..
-    (i + 1) * per_mini_batch - 1, whole groups, whatever the number of processes (rank r holds the step's
-    prompts r, r + world, ...)."""
+    """This rank's rollouts of each mini-batch: mini-batch i holds the step's prompts from i * per_mini_batch
+    on, whole groups, whatever the number of processes (rank r holds prompts r, r + world, ...)."""
     which = [(j * world + rank) // per_mini_batch for j in range(n_prompts)]  # of this rank's prompts
     return [[j * G + g for j in range(n_prompts) if which[j] == i for g in range(G)]
             for i in range(max(which) + 1)]
@@ -156,8 +149,7 @@ MicroBatch = namedtuple("MicroBatch", "ids rollouts live last")  # ids: indices 
 
 
 def micro_batches_of(acc, rollouts, ids, max_tokens):
-    """The rollouts `ids` in micro-batches of at most max_tokens, as many on every rank (FSDP fillers:
-    live=False, see micro_batches_on_every_rank)."""
+    """The rollouts `ids` as MicroBatches, as many on every rank (micro_batches_on_every_rank)."""
     lengths = [len(rollouts[i].prompt_ids) + len(rollouts[i].ids) for i in ids]
     return [MicroBatch([ids[k] for k in c], [rollouts[ids[k]] for k in c], live, last)
             for c, live, last in micro_batches_on_every_rank(acc, lengths, max_tokens)]

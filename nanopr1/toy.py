@@ -1,10 +1,6 @@
-"""
-The toy world: the whole Parallel-R1 curriculum on a 2-core CPU in minutes, through the same code
-as the 4B run (a transformers tokenizer with a chat template, a Qwen3 model, `Final Answer:`).
-A problem is a small search, `Find x in 3 5 8 9 with x*7=56.`; a step checks one candidate
-(`3*7=21 vs 56 no`), a block checks two at once. Levels, teacher traces, the held-out split and
-why: docs/design.md, "The toy world".
-"""
+"""The toy world: the whole Parallel-R1 curriculum on a 2-core CPU in minutes, through the code of
+the 4B run. A problem is a small search, `Find x in 3 5 8 9 with x*7=56.`; a step checks one
+candidate (`3*7=21 vs 56 no`), a block two at once. The rest: docs/design.md, "The toy world"."""
 
 import random
 import re
@@ -16,8 +12,9 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from nanopr1.checkpoint import latest
-from nanopr1.format import ANSWER_PREFIX, PARALLEL, PARALLEL_END, PATH, PATH_END, SUMMARY, SUMMARY_END, TAGS
-from nanopr1.model import add_tags, tiny_qwen3_config
+from nanopr1.format import (ANSWER_PREFIX, PARALLEL, PARALLEL_END, PATH, PATH_END, SUMMARY,
+                            SUMMARY_END, TAGS)
+from nanopr1.model import tiny_qwen3_config
 
 TEMPLATE = "{problem}"  # the question alone: the format is learned in SFT, not asked for
 MAX_NEW_TOKENS = 160    # checking all 7 hard candidates takes ~125 tokens; the rest is slack
@@ -26,9 +23,7 @@ HARD_BUDGET = (1, 2, 3, 4, 5, 6)  # distinct candidates the hard-level teacher c
 MAX_BLOCKS = 4                    # as the sampler's default limit
 P_BLOCKS = 0.65                   # share of teacher traces that try to use blocks
 P_BLOCK_STEP = 0.7                # in those, the chance that a step is a block (not a plain step)
-
-# -----------------------------------------------------------------------------
-# tokenizer and model
+STAGE_DIRS = ("out/toy-hard", "out/toy-easy", "out/toy-sft")  # the curriculum's, newest first
 
 SPECIAL = ["<|pad|>", "<|endoftext|>", "<|user|>", "<|assistant|>", "<|unk|>"]
 # longest first: "none" before "no"
@@ -50,8 +45,8 @@ def build_tokenizer():
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
                                         pad_token="<|pad|>", unk_token="<|unk|>",
                                         clean_up_tokenization_spaces=False)
-    special = ["<|user|>", "<|assistant|>"] + list(TAGS)
-    tokenizer.add_special_tokens({"additional_special_tokens": special}, replace_extra_special_tokens=False)
+    special = {"additional_special_tokens": ["<|user|>", "<|assistant|>", *TAGS]}
+    tokenizer.add_special_tokens(special, replace_extra_special_tokens=False)
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
@@ -65,38 +60,23 @@ def new_model(tokenizer, seed=0):
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    add_tags(model, tokenizer)  # a no-op: the tags are already in the vocabulary
-    return model
-
-
-STAGE_DIRS = ("out/toy-hard", "out/toy-easy", "out/toy-sft")  # the curriculum's, newest first
+    return model  # the tags are in its vocabulary already: no model.add_tags
 
 
 def latest_model():
     """The newest toy run the curriculum has written (a run dir or a model dir), or None."""
-    for d in STAGE_DIRS:
-        if latest(d) or (Path(d) / "config.json").is_file():
-            return d
-    return None
+    return next((d for d in STAGE_DIRS if latest(d) or (Path(d) / "config.json").is_file()), None)
 
 
 def init_dir(path, seed=0):
-    """Write an untrained toy model and its tokenizer where nanopr1.model.load(path) finds them."""
+    """Write an untrained toy model and its tokenizer to `path` (for model.load_model); the path."""
     tokenizer = build_tokenizer()
-    model = new_model(tokenizer, seed)
-    model.save_pretrained(path)
+    new_model(tokenizer, seed).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
 
-# -----------------------------------------------------------------------------
-# problems
 
 QUESTION_RE = re.compile(r"Find x in ([\d ]+) with x\*(\d)=(\d+)\.")
-
-
-def _is_eval(question):
-    # a stable hash (not Python's salted hash()) so the split is the same in every process
-    return zlib.crc32(question.encode()) % 5 == 0
 
 
 def _problem(level, rng, held_out):
@@ -105,7 +85,8 @@ def _problem(level, rng, held_out):
         a, x = rng.randint(2, 9), rng.randint(1, 9)
         cands = sorted(rng.sample([c for c in range(1, 10) if c != x], k - 1) + [x])
         question = f"Find x in {' '.join(map(str, cands))} with x*{a}={a * x}."
-        if _is_eval(question) == held_out:
+        # held out: a stable hash (not Python's salted hash()), the same in every process
+        if (zlib.crc32(question.encode()) % 5 == 0) == held_out:
             return {"question": question, "answer": str(x)}
 
 
@@ -117,13 +98,11 @@ def problems(level, n, seed):
 
 def eval_set(level, n=200):
     """A fixed set of n distinct held-out problems (questions training problems never use)."""
-    rng, seen, out = random.Random(f"eval-{level}"), set(), []
-    while len(out) < n:
+    rng, out = random.Random(f"eval-{level}"), {}
+    while len(out) < n:  # by question, in the order drawn
         p = _problem(level, rng, held_out=True)
-        if p["question"] not in seen:
-            seen.add(p["question"])
-            out.append(p)
-    return out
+        out.setdefault(p["question"], p)
+    return list(out.values())
 
 
 def parse_question(question):
@@ -133,8 +112,6 @@ def parse_question(question):
         raise ValueError(f"not a toy question: {question!r}")
     return [int(c) for c in m.group(1).split()], int(m.group(2)), int(m.group(3))
 
-# -----------------------------------------------------------------------------
-# teacher traces
 
 def _check(c, a, t):
     # the target is copied next to the product so the yes/no is a local comparison
@@ -142,8 +119,7 @@ def _check(c, a, t):
 
 
 def teacher_trace(problem, rng):
-    """A canonical-layout response: checks in random order, some as blocks of two paths (each
-    path picks its candidate on its own, as sampled paths do), then the answer."""
+    """A canonical-layout response: checks in random order, some as two-path blocks, the answer."""
     cands, a, t = parse_question(problem["question"])
     todo = rng.sample(cands, len(cands))
     budget = len(cands) if len(cands) <= LEVELS["easy"] else rng.choice(HARD_BUDGET)
@@ -171,10 +147,8 @@ def teacher_trace(problem, rng):
 
 
 def sft_corpus(n, seed):
-    """n SFT examples {"question", "answer", "response"}: two thirds easy, one third hard (a model
-    this small does not generalise from 4 candidates to 7 on its own)."""
+    """n SFT examples {"question", "answer", "response"}: two thirds easy, one third hard."""
     rng = random.Random(f"sft-{seed}")
-    n_hard = n // 3
-    items = problems("easy", n - n_hard, seed) + problems("hard", n_hard, seed)
+    items = problems("easy", n - n // 3, seed) + problems("hard", n // 3, seed)
     rng.shuffle(items)
     return [dict(p, response=teacher_trace(p, rng)) for p in items]

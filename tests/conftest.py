@@ -16,7 +16,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from nanopr1.format import PARALLEL_PROMPT, TAGS
-from nanopr1.model import add_tags, tiny_llama_config, tiny_qwen3_config
+from transformers import LlamaConfig
+
+from nanopr1.model import add_tags, tiny_qwen3_config
 
 torch.set_num_threads(1)  # tiny models: one thread is as fast, and immune to a busy machine
 
@@ -60,6 +62,13 @@ def build_bpe_tokenizer(texts=_CORPUS, vocab_size=400):
 @pytest.fixture(scope="session")
 def bpe_tokenizer():
     return build_bpe_tokenizer()
+
+
+def tiny_llama_config(vocab_size, hidden=64, layers=2, heads=4, kv_heads=2, **kw):
+    """A small Llama-architecture model: checks that nothing depends on Qwen3 internals."""
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=4 * hidden,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                       max_position_embeddings=4096, tie_word_embeddings=False, **kw)
 
 
 def tiny_model(tokenizer, arch="qwen3", seed=0, **kw):

@@ -3,10 +3,10 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from conftest import CHAT_TEMPLATE, tiny_model
+from conftest import CHAT_TEMPLATE, tiny_llama_config, tiny_model
 from nanopr1 import UsageError
 from nanopr1.format import PARALLEL_PROMPT, TAGS, chat_prompt_ids
-from nanopr1.model import add_tags, apply_lora, load_model, tag_ids, tiny_llama_config, tiny_qwen3_config
+from nanopr1.model import add_tags, apply_lora, load_model, tag_ids, tiny_qwen3_config
 
 
 def plain_tokenizer():
