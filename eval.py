@@ -28,6 +28,7 @@ from nanopr1 import UsageError, data, kvcache, recipes, rewards, toy
 from nanopr1.checkpoint import model_dir
 from nanopr1.evaluation import complete_rows, evaluate, format_table, paired_difference, summarize
 from nanopr1.format import chat_prompt_ids
+from nanopr1.rollout import Options
 
 
 def fingerprint(model_path, model):
@@ -178,17 +179,9 @@ def main(argv=None):
 
 def kv_cache(model, tokenizer, template, sets, ns, args):
     """One KV cache for every batch of every set (its CUDA graphs kept), as large as one batch."""
-    questions = [p["question"] for ps in sets.values() for p in ps]
-    longest = max(len(chat_prompt_ids(tokenizer, template, q)) for q in questions)
-    need = 1 if args.no_parallel else args.num_paths  # the rows of one rollout
-    cols, rows = longest + args.max_new_tokens + 1, args.batch_size * max(ns.values()) * need
-    budget = kvcache.free_bytes(model.device)
-    if budget is not None:
-        rows = min(rows, kvcache.rows_for_budget(model.config, model.dtype, cols, budget))
-    if rows < need:
-        raise UsageError(f"{budget / 1e9:.1f} GB of free GPU memory hold {rows} KV cache rows of "
-                         f"{cols} columns, one rollout needs {need}: lower --max-new-tokens")
-    return kvcache.KVCache(rows, cols, model.device)
+    longest = max(len(chat_prompt_ids(tokenizer, template, p["question"])) for s in sets.values() for p in s)
+    opts = Options(max_new_tokens=args.max_new_tokens, num_paths=args.num_paths, parallel=not args.no_parallel)
+    return kvcache.for_call(model, opts, [[0] * longest], args.batch_size * max(ns.values()), None)[0]
 
 
 def evaluate_model(model_path, args, sets, ns, template, sampling, acc):

@@ -100,10 +100,8 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     for i, r in enumerate(rollouts):
         row = rollout_row(r, tokenizer, reward_rollout(r, None)[1])  # (no gold answer: only the answer read)
-        if args.json:
-            print(json.dumps({"text": r.text, **row}, ensure_ascii=False))
-        else:
-            print(f"=== rollout {i + 1}/{len(rollouts)}: {tree(row)}\n")
+        print(json.dumps({"text": r.text, **row}, ensure_ascii=False) if args.json
+              else f"=== rollout {i + 1}/{len(rollouts)}: {tree(row)}\n")
 
 
 if __name__ == "__main__":

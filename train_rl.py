@@ -114,8 +114,6 @@ APPLY = ("lr", "steps", "save_every", "keep_checkpoints", "log_rollouts", "eval_
 LOCAL = ("resume", "overwrite", "out", "plan", "gpu_memory_gb", "num_gpus")
 REFUSE = tuple(a.dest for a in parser._actions if a.dest not in APPLY + LOCAL + ("help",)) + ("script",)
 
-# -----------------------------------------------------------------------------
-
 
 def main(args):
     out, cuda = Path(args.out), torch.cuda.is_available()
@@ -210,7 +208,6 @@ def main(args):
     acc.end_training()
     acc.print(f"done: {step} steps, model in {out}")
 
-# -----------------------------------------------------------------------------
 # the pieces main() calls
 
 
@@ -223,8 +220,7 @@ Reference = namedtuple("Reference", "model context")  # the KL reference: a mode
 
 
 def prepare(args, acc):
-    """What main() trains with: the problems and their prompts; the policy (+ LoRA, gradient checkpointing)
-    and its optimizer through accelerate; the KL reference; the sampling copy; the run's one KV cache."""
+    """What main() trains with: problems, policy, optimizer, reference, sampling copy, KV cache."""
     run, cuda, world = Run(), acc.device.type == "cuda", acc.num_processes
     run.template = recipes.template(args)
     problems = data.training_problems(args.data, args.seed + 1, args.data_dir, args.data_split,
@@ -294,8 +290,7 @@ def log_row(acc, step, rollouts, grades, zero_groups, groups, stats, t0, t_rollo
 
 
 def run_eval(run, grader, args, acc, step):
-    """The --eval-every hook: each rank evaluates its share of a held-out set with the run's KV cache; every
-    rank gets the summary; its rollouts are kept in OUT/eval_rollouts.jsonl."""
+    """The --eval-every hook: every rank's share with the run's KV cache; the summary on every rank."""
     rows, summary = evaluate_everywhere(
         run.sampler_model, run.tokenizer, run.eval_problems, args.eval_n, gather_object, acc.process_index,
         acc.num_processes, template=run.template, seed=args.seed, cache=run.kv, grader=grader, variant=args.variant,

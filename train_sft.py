@@ -86,8 +86,6 @@ LOCAL = ("resume", "overwrite", "out", "plan", "gpu_memory_gb", "num_gpus", "gen
          "data_dir", "gen_max_new_tokens", "gen_batch")
 REFUSE = tuple(a.dest for a in parser._actions if a.dest not in APPLY + LOCAL + ("help",)) + ("script",)
 
-# -----------------------------------------------------------------------------
-
 
 def main(args):
     if args.generate:  # the cold-start corpus instead of training
@@ -104,7 +102,7 @@ def main(args):
     # the traces, as (prompt ids, response ids) examples
     if args.data:
         rows = data.load_problems(args.data, args.data_split, fields=("response",), config=args.data_config,
-                         question_key=args.question_key)
+                                  question_key=args.question_key)
     else:  # the toy preset: its teacher's traces, and an untrained toy model
         rows = toy.sft_corpus(25600, seed=args.seed)
     if args.model is None:

@@ -10,8 +10,7 @@ class UsageError(ValueError):
 
 
 def offline_if_unreachable():
-    """If the hub's host cannot be reached, put the hub libraries in offline mode: a cached copy
-    still loads, a missing one fails at once instead of after a minute of retries."""
+    """An unreachable hub: offline mode, so a missing model fails at once, not after minutes."""
     import socket
     from urllib.parse import urlparse
 

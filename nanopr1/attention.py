@@ -30,9 +30,7 @@ class BlockSpan:
 
 def _close(ids, i, opener_tag, closer, tag_of):
     """Index one past the `closer` that ends the span opened at ids[i]; no other tag may come between."""
-    j = i + 1
-    while j < len(ids) and ids[j] not in tag_of:
-        j += 1
+    j = next((k for k in range(i + 1, len(ids)) if ids[k] in tag_of), len(ids))  # the next tag
     if j == len(ids):
         raise ValueError(f"{opener_tag} at {i} is never closed by {closer}")
     if tag_of[ids[j]] != closer:
@@ -41,10 +39,8 @@ def _close(ids, i, opener_tag, closer, tag_of):
 
 
 def find_blocks(ids, tags):
-    """Response ids in canonical layout -> [BlockSpan]; ValueError if a tag is out of place (a block of one
-    path passes: parse_blocks asks for two). tags = model.tag_ids(tokenizer)."""
-    ids = list(ids)
-    tag_of = {tags[t]: t for t in TAGS}
+    """Response ids -> [BlockSpan]; ValueError if a tag is out of place (a block of one path passes)."""
+    ids, tag_of = list(ids), {tags[t]: t for t in TAGS}
     blocks, i = [], 0
     while i < len(ids):
         tag = tag_of.get(ids[i])
@@ -71,8 +67,7 @@ def find_blocks(ids, tags):
 
 
 def parse_blocks(ids, tags):
-    """(blocks, None) if the tag tokens of response `ids` are well formed with >= 2 paths per block,
-    else ([], the reason). Judged from token ids only: a tag spelled with sub-word pieces is text."""
+    """(blocks, None) if the tag tokens of `ids` form blocks of >= 2 paths each, else ([], why)."""
     try:
         blocks = find_blocks(ids, tags)
     except ValueError as e:
@@ -84,8 +79,7 @@ def parse_blocks(ids, tags):
 
 
 def main_line(ids, tags):
-    """Per response token: True if it is main-line text, i.e. not a tag token and not inside a
-    <Parallel>...</Parallel> or <Summary>...</Summary> token span (an unclosed one runs to the end)."""
+    """Per response token: is it main-line text (no tag, outside blocks and summaries)?"""
     opener = {tags[PARALLEL]: tags[PARALLEL_END], tags[SUMMARY]: tags[SUMMARY_END]}
     tag_ids, out, closer = set(tags.values()), [], None
     for t in ids:
@@ -101,10 +95,8 @@ def unseen_positions(n_prompt, n_response, blocks):
     """Multiverse position id of every response token (the prompt is 0..n_prompt-1)."""
     pos, nxt, i = [], n_prompt, 0
     for b in blocks:
-        while i <= b.parallel:  # main text up to and including <Parallel>
-            pos.append(nxt)
-            nxt, i = nxt + 1, i + 1
-        p = nxt - 1
+        pos.extend(range(nxt, nxt + b.parallel + 1 - i))  # main text up to and including <Parallel>
+        p = nxt + b.parallel - i  # <Parallel>'s position
         for s, e in b.paths:  # every path restarts at p+1
             pos.extend(range(p + 1, p + 1 + e - s))
         i = b.paths[-1][1]
@@ -115,9 +107,8 @@ def unseen_positions(n_prompt, n_response, blocks):
 
 def unseen_mask(n_prompt, n_response, blocks, total):
     """(total, total) bool mask: causal, minus sibling paths; padding columns hidden, pads see themselves."""
-    n = n_prompt + n_response
     mask = torch.ones(total, total, dtype=torch.bool).tril_()
-    mask[:, n:] = False
+    mask[:, n_prompt + n_response:] = False
     for b in blocks:
         for k, (s, e) in enumerate(b.paths):
             for s2, e2 in b.paths[:k]:  # later paths must not see earlier ones (causality hides the reverse)
@@ -127,16 +118,13 @@ def unseen_mask(n_prompt, n_response, blocks, total):
 
 
 def build_inputs(prompts, responses, tags, variant, pad_id):
-    """A right-padded batch of prompt + response for model(**batch): Seen, sequential positions and a (B, T)
-    padding mask; Unseen, Multiverse positions and the (B, 1, T, T) bool mask (find_blocks on each)."""
+    """A right-padded batch of prompt + response for model(**batch), with the variant's positions and mask."""
     if variant not in ("seen", "unseen"):
         raise ValueError(f"variant must be 'seen' or 'unseen', not {variant!r}")
-    B = len(prompts)
-    T = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    B, T = len(prompts), max(len(p) + len(r) for p, r in zip(prompts, responses))
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     position_ids = torch.arange(T).repeat(B, 1)  # (B, T) pads keep counting (never attended to)
-    pad_mask = torch.zeros(B, T, dtype=torch.long)
-    masks = []
+    pad_mask, masks = torch.zeros(B, T, dtype=torch.long), []  # Seen's mask; Unseen's, one per row
     for b, (prompt, response) in enumerate(zip(prompts, responses)):
         n = len(prompt) + len(response)
         input_ids[b, :n] = torch.tensor(list(prompt) + list(response), dtype=torch.long)
@@ -147,7 +135,5 @@ def build_inputs(prompts, responses, tags, variant, pad_id):
             position_ids[b, :n] = torch.tensor(pos, dtype=torch.long)
             position_ids[b, n:] = torch.arange(pos[-1] + 1, pos[-1] + 1 + T - n) if n else position_ids[b, n:]
             masks.append(unseen_mask(len(prompt), len(response), blocks, T))
-    if variant == "seen":
-        return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": pad_mask}
-    return {"input_ids": input_ids, "position_ids": position_ids,
-            "attention_mask": torch.stack(masks)[:, None]}  # (B, 1, T, T)
+    mask = pad_mask if variant == "seen" else torch.stack(masks)[:, None]  # (B, T) or (B, 1, T, T)
+    return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask}

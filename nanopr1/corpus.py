@@ -39,11 +39,8 @@ def generate(args, acc, template):
     # 1) an earlier corpus at --data: resumed if made with these settings, else refused (or --overwrite)
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else None
     if (out.is_file() or meta or rank_files()) and not args.overwrite and (meta or {}).get("settings") != settings:
-        if meta:
-            differs = ", ".join(k for k in settings if meta["settings"].get(k) != settings[k])
-            differs = f"other settings ({differs})"
-        else:
-            differs = f"unknown settings (no {meta_file.name})"
+        changed = meta and ", ".join(k for k in settings if meta["settings"].get(k) != settings[k])
+        differs = f"other settings ({changed})" if meta else f"unknown settings (no {meta_file.name})"
         raise UsageError(f"{out} holds a corpus generated with {differs}: pass --overwrite to replace it, "
                          f"or another --data")
     acc.wait_for_everyone()  # every rank has looked before rank 0 deletes or writes anything

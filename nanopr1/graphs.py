@@ -9,6 +9,7 @@ raises at capture. `pool_bytes`: the peak of what the capture allocated (a CUDA 
 """
 
 import weakref
+from contextlib import contextmanager
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -25,9 +26,7 @@ class FreedInputError(RuntimeError):
 
 
 class CpuGraph:
-    """torch.cuda.CUDAGraph's interface on a CPU (capture with `capturing(graph)`, then `replay()`). The ops
-    read and write one list, `env`: constants, tensors the capture made (new at each replay), and inputs
-    made before it, held weakly and put in at each replay after checking that none was freed."""
+    """torch.cuda.CUDAGraph's interface on a CPU: capture with `capturing(graph)`, then `replay()`."""
 
     def __init__(self):
         self.ops = []       # (op, args, kwargs, where its outputs go); an argument is an index into env
@@ -95,15 +94,8 @@ class _Recorder(TorchDispatchMode):
         return self.index[a]
 
 
-class capturing:
+@contextmanager
+def capturing(graph):
     """`with capturing(graph):` records into a CpuGraph (torch.cuda.graph on a GPU)."""
-
-    def __init__(self, graph):
-        self.mode = _Recorder(graph)
-
-    def __enter__(self):
-        self.mode.__enter__()
-
-    def __exit__(self, *exc):
-        self.mode.__exit__(*exc)
-        self.mode.own.clear()
+    with _Recorder(graph):
+        yield

@@ -32,10 +32,8 @@ KL_BOUND = 10.0         # one token's k3 KL at most this (as verl): one token ca
 
 
 def tis_weight(old_logp, sampler_logp, cap):
-    """Truncated importance weight of each token, min(pi_trainer / pi_sampler, cap): the rollouts come from
-    the sampling copy (bf16 on a GPU), whose distribution differs a little from the trainer's; weighting
-    each token's loss by this ratio makes the gradient the trainer's own on-policy one, the cap bounds
-    its variance (verl's rollout correction; Yao et al. 2025)."""
+    """Each token's truncated importance weight min(pi_trainer / pi_sampler, cap): it makes the gradient of
+    rollouts from the (bf16) sampling copy the trainer's on-policy one (verl's rollout correction)."""
     return torch.exp((old_logp - sampler_logp).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)).clamp(max=cap)
 
 
@@ -44,8 +42,7 @@ def policy_loss(logp, old_logp, adv, mask, num_tokens, eps_low=0.2, eps_high=0.2
     """Clipped token-level GRPO loss of one micro-batch: logp, old_logp, ref_logp, mask, weight (B, T), adv
     (B,); num_tokens: the loss tokens of the WHOLE optimizer step; weight: an importance weight on the
     policy-gradient term (--tis-cap) or None. Returns (loss, stats): the step's losses sum to its token mean."""
-    mask = mask.float()
-    a = adv[:, None]  # (B, 1)
+    mask, a = mask.float(), adv[:, None]  # a: (B, 1)
     ratio = torch.exp((logp - old_logp).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND))  # (B, T)
     surrogate = torch.maximum(-ratio * a, -ratio.clamp(1 - eps_low, 1 + eps_high) * a)
     dual = torch.minimum(surrogate, -dual_clip * a)  # bounds a negative-advantage token's loss

@@ -35,7 +35,6 @@ def rows_for_budget(config, dtype, max_cols, budget_bytes):
 
 
 class _Writer(Cache):  # what the model sees: each attention layer's update() hands its K/V to the rows
-
     def __init__(self, rows):
         super().__init__(layers=[])
         self.rows, self.calls = rows, 0
@@ -75,10 +74,8 @@ class KVCache:
                 **({"graph_error": self.graph_error} if self.graph_error else {})}
 
     # -- a forward through the cache
-
     def forward(self, model, ids, pos, q_valid, rows):
-        """Feed (n, Q) tokens of rows `rows` at their own next columns (padding: the scratch column); the
-        logits of each row's last query (n, V) fp32."""
+        """Feed (n, Q) tokens of rows `rows` at their next columns; the last query's logits (n, V) fp32."""
         rows = list(rows)
         cols, view = self._columns(rows, q_valid.cpu())
         dev = self.device
@@ -122,7 +119,6 @@ class KVCache:
         return out
 
     # -- the decode step, captured as a graph per (bucket, view)
-
     def step(self, model, ids, pos, fed):
         """One token (n, 1) for each row in use; fed (n, 1): which rows have a real token. Logits (n, V)."""
         n = self.n
@@ -187,7 +183,6 @@ class KVCache:
         return graph
 
     # -- the other operations of the sampler
-
     def prefill(self, model, ids, pos, q_valid, slots):  # prompt i (left-padded) into row slots[i]
         return self.forward(model, ids, pos, q_valid, slots)
 
@@ -200,15 +195,13 @@ class KVCache:
         self.n += n
 
     def free(self, i):
-        self.valid[i] = False
-        self.length[i] = 0
+        self.valid[i], self.length[i] = False, 0
 
     def copy_row(self, src, dst):
         L = self.length[src]
         for t in self.kv:
             t[dst, :, :L] = t[src, :, :L]
-        self.valid[dst] = self.valid[src]
-        self.length[dst] = L
+        self.valid[dst], self.length[dst] = self.valid[src], L
 
     def merge(self, dst, srcs, start):
         """Append the valid entries of rows srcs after their first `start` to row dst, at its write position."""
@@ -219,8 +212,7 @@ class KVCache:
                 raise RuntimeError(f"KV cache row full ({self.S - 1} columns)")
             for t in self.kv:
                 t[dst, :, L:L + m] = t[src][:, cols]
-            self.valid[dst, L:L + m] = True
-            self.length[dst] = L + m
+            self.valid[dst, L:L + m], self.length[dst] = True, L + m
 
     def compact_due(self, n_live):
         return bucket(n_live) < bucket(self.n)  # a smaller bucket of rows would do
@@ -240,8 +232,7 @@ def free_bytes(device):  # what a new cache may take: 80% of a GPU's free memory
 
 
 def for_call(model, o, prompts, group_size, cache):
-    """The KV cache of a sample() call (o: its Options) and its row cap: `cache` (a run's) or a new one for all
-    its rollouts (fewer if a GPU's free memory holds fewer); fewer rows than a rollout: a one-line error."""
+    """The cache of a sample() call and its row cap: `cache` (a run's) or a new one (GPU: as free memory allows)."""
     device = next(model.parameters()).device
     cols = max(len(p) for p in prompts) + o.max_new_tokens + 1  # a row's worst case, +1 for the last token fed
     need = o.num_paths if o.parallel else 1  # rows of one rollout

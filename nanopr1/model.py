@@ -24,8 +24,7 @@ def load_model(name_or_path, dtype="float32", device="cpu", attn="sdpa"):
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     local = Path(name_or_path).expanduser()
     looks_local = str(name_or_path).startswith((".", "/", "~")) or local.exists()
-    if looks_local:
-        local = model_dir(local)  # a run dir: its newest valid checkpoint-*
+    local = model_dir(local) if looks_local else local  # a run dir: its newest valid checkpoint-*
     if looks_local and not (local / "config.json").is_file():
         raise UsageError(f"model {name_or_path!r}: no such model directory (expected {local / 'config.json'})")
     if not looks_local:
@@ -58,16 +57,14 @@ def save_model(model, tokenizer, path, args=None, state_dict=None, is_main=True)
 
 
 def save_checkpoint(out, step, acc, model, tokenizer, args, keep=1):
-    """A run's OUT/checkpoint-<step> (checkpoint.save): the model dir (LoRA merged, FSDP gathered: every rank
-    calls this), accelerate's state and the run's flags; the newest `keep` kept."""
+    """OUT/checkpoint-<step>: the model dir, accelerate's state, the flags (every rank calls this)."""
     write = lambda path: save_model(acc.unwrap_model(model), tokenizer, path, state_dict=acc.get_state_dict(model),
-                              is_main=acc.is_main_process)
+                                    is_main=acc.is_main_process)
     return checkpoint.save(out, step, acc, write, args=checkpoint.plain(args), keep=keep)
 
 
 def sampling_copy(model, dtype, device):
-    """A plain model of `model`'s architecture for the sampler (weights: refresh_copy), bf16 on a GPU: no
-    autocast re-casting at every token, CUDA graphs possible, no FSDP gather per token (8 GB at 4B)."""
+    """A plain model of `model`'s architecture the sampler decodes with (bf16 on a GPU; refresh_copy)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the base architecture
     with torch.device(device):  # random init straight on the device: seconds, replaced by refresh_copy
         copy_ = AutoModelForCausalLM.from_config(base.config, dtype=dtype, attn_implementation="sdpa")
@@ -77,8 +74,7 @@ def sampling_copy(model, dtype, device):
 
 @torch.no_grad()
 def merged_weights(model):
-    """(name in the plain model, whole weight) one tensor at a time: FSDP2 shards gathered (every rank
-    iterates), LoRA deltas (W + scale B A, fp32) and peft's token rows merged in; biases as they are."""
+    """(name in the plain model, whole weight) one at a time: FSDP shards gathered, LoRA and token rows merged."""
     adapted = {name: m for name, m in model.named_modules() if hasattr(m, "base_layer")}
     for name, q in model.named_parameters():
         if ".lora_" in name or ".trainable_tokens_" in name:
@@ -148,8 +144,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 def apply_lora(model, r=64, alpha=128, dropout=0.0, train_tokens=()):
-    """LoRA adapters on every attention and MLP projection; only they train, and the embedding rows of
-    `train_tokens` (SFT passes the six tags: a base model has never seen them, their rows must move)."""
+    """LoRA adapters on every projection; only they train, and the embedding rows of `train_tokens`."""
     from peft import LoraConfig, get_peft_model
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS,
                         trainable_token_indices={"embed_tokens": list(train_tokens)} if train_tokens else None,

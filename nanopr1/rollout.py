@@ -29,8 +29,7 @@ class Rollout:
     blocks: list      # BlockSpan list: the blocks the tag tokens form (none if they are malformed)
     text: str         # decoded response, tags kept
     stop_reason: str  # "eos" | "budget"
-    main_text: str = ""       # decoded main-line tokens (outside blocks and summaries) without special tokens;
-                              # a tag spelled with ordinary sub-word pieces stays plain text here
+    main_text: str = ""       # the main line (no blocks, no summaries) decoded without special tokens
     format_error: str = None  # None if the tag tokens are well formed (always, when the sampler forks)
 
 
@@ -73,8 +72,7 @@ def check_request(model, prompts, opts):
 
 
 def apply_tag_mask(logits, allowed, tags):
-    """Logits (..., V) with the tags not in `allowed` (..., Rollout.allowed's bitmasks) at -inf: what the
-    sampler sampled from. tags = model.tag_ids(tokenizer)."""
+    """Logits (..., V) with the tags not in `allowed` (..., bitmasks) at -inf: what the sampler saw."""
     bits = (allowed[..., None] >> torch.arange(len(TAGS), device=logits.device)) & 1  # (..., 6)
     idx = torch.tensor([tags[t] for t in TAGS], device=logits.device)
     logits = logits.clone()
@@ -83,8 +81,7 @@ def apply_tag_mask(logits, allowed, tags):
 
 
 def make_rollout(tokenizer, prompt, ids, stop_reason="eos", forced=None, logprobs=None, positions=None, allowed=None):
-    """A Rollout from its response ids, its structure read from the tag tokens alone (the per-token lists
-    default to: sampled, log-prob 0, sequential positions, every tag allowed)."""
+    """A Rollout from its response ids, its structure read from the tag tokens alone."""
     n, tags = len(ids), tag_ids(tokenizer)
     blocks, error = parse_blocks(ids, tags)
     end = n - (stop_reason == "eos")  # the EOS token is not text
@@ -116,7 +113,6 @@ def rollout_row(rollout, tokenizer, grade, gold=None, step=None):
             "stop_reason": rollout.stop_reason}
 
 
-
 def tree(row):
     """A rollout's texts (a rollout_row, or texts() with tokens / stop_reason / answer) as a printable tree."""
     main, blocks = row["main"], row["blocks"]
@@ -132,9 +128,8 @@ def tree(row):
     gold = f"   gold: {row['gold']}   reward: {row['reward']}" if row.get("gold") is not None else ""
     return "\n".join(lines + [f"answer: {row['answer']}{gold}"])
 
-# -----------------------------------------------------------------------------
-# random streams that do not depend on the batch: hashes of integers
 
+# random streams that do not depend on the batch: hashes of integers
 M64 = (1 << 64) - 1
 
 
@@ -159,8 +154,7 @@ def gumbel(keys, V):
 
 
 def draw(logp, temperature, top_p, keys):
-    """A token per row (R,) from log-probs (R, V): the argmax at temperature 0, else Gumbel-max with each
-    row's noise from its key, within the smallest set of mass >= top_p."""
+    """A token per row (R,) from log-probs (R, V): the argmax at temperature 0, else top-p Gumbel-max."""
     if temperature == 0:
         return logp.argmax(-1)
     scores = logp

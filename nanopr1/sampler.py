@@ -24,7 +24,6 @@ from nanopr1.model import tag_ids
 from nanopr1.rollout import ALL_TAGS, BIT, Options, apply_tag_mask, check_request, draw, make_rollout, mix
 
 
-# -----------------------------------------------------------------------------
 # rollouts in progress: their state, which only this file changes
 
 
@@ -88,7 +87,6 @@ class RowState:  # one cache row: the main line of a rollout (path None) or one 
             return mix(r.key, len(r.out.ids))
         return mix(r.key, len(r.blocks), self.path, len(self.seg.ids), -1)
 
-# -----------------------------------------------------------------------------
 # the sampler
 
 

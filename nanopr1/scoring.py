@@ -7,7 +7,7 @@ by a token budget (rows x padded length), not by a count.
 """
 
 from collections import Counter, namedtuple
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -26,36 +26,27 @@ def _chunk_logprobs(head, h, targets, allowed, tags, temperature):
     return logits.gather(-1, targets[..., None])[..., 0] - logits.logsumexp(-1)
 
 
-@contextmanager
-def _head_returns_logprobs(model, targets, allowed, tags, temperature):
-    """While active, the output head maps hidden states (B, 1 + T, H) to the log-probs (B, T) of targets."""
+def token_logprobs(model, batch, first, allowed=None, tags=None, temperature=1.0):
+    """log p of input_ids[:, first+1:] (B, L-1-first) fp32; allowed: the sampler's tag masks, if any."""
+    targets = batch["input_ids"][:, first + 1:]
     inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     head = inner.get_output_embeddings()
 
-    def forward(h):
+    def forward(h):  # while the model runs: hidden states (B, 1 + T, H) -> log-probs (B, T) of targets
         h, c = h[:, :-1], max(1, LOGITS_CHUNK_TOKENS // h.shape[0])  # c positions per chunk
         return torch.cat([checkpoint(_chunk_logprobs, head, h[:, s:s + c], targets[:, s:s + c],
                                      None if allowed is None else allowed[:, s:s + c], tags, temperature,
                                      use_reentrant=False) for s in range(0, h.shape[1], c)], 1)
     head.forward = forward
     try:
-        yield
+        return model(**batch, logits_to_keep=batch["input_ids"].shape[1] - first, use_cache=False).logits
     finally:
         del head.forward  # back to the class's forward
 
 
-def token_logprobs(model, batch, first, allowed=None, tags=None, temperature=1.0):
-    """log p of input_ids[:, first+1:] (B, L-1-first) fp32, from one forward of `batch`; allowed: the
-    sampler's tag mask of each predicted token, so they are of the distribution it sampled from."""
-    targets = batch["input_ids"][:, first + 1:]
-    with _head_returns_logprobs(model, targets, allowed, tags, temperature):
-        return model(**batch, logits_to_keep=batch["input_ids"].shape[1] - first, use_cache=False).logits
-
-
 def score(model, rollouts, tags, variant, temperature, pad_id, device):
-    """The trainer's log-probs of every response token (B, T) and the loss mask (sampled, not forced,
-    not padding). Positions and the Unseen mask come from attention.py; the sampler's tag mask is
-    applied; logits are computed from the first position that predicts a response token on."""
+    """The trainer's log-probs of every response token (B, T) under the sampler's tag mask, and the loss
+    mask (sampled, not forced, not padding); positions and the Unseen mask from attention.py."""
     batch = build_inputs([r.prompt_ids for r in rollouts], [r.ids for r in rollouts], tags, variant, pad_id)
     B, L = batch["input_ids"].shape
     T, first = max(len(r.ids) for r in rollouts), min(len(r.prompt_ids) for r in rollouts) - 1
@@ -123,8 +114,7 @@ def micro_batches(lengths, max_tokens):
 
 
 def micro_batches_on_every_rank(acc, lengths, max_tokens):
-    """micro_batches as (indices, live, last), as many on every rank (FSDP: each forward is a collective):
-    a rank with fewer runs fillers, its first sequence again with live=False (no weight in the loss)."""
+    """micro_batches as (indices, live, last), as many on every rank: fillers (live=False) even them out."""
     chunks = micro_batches(lengths, max_tokens)
     n = int(acc.reduce(torch.tensor(len(chunks), device=acc.device), "max").item())
     chunks = [(c, True) for c in chunks] + [(chunks[0][:1], False)] * (n - len(chunks))
@@ -132,14 +122,12 @@ def micro_batches_on_every_rank(acc, lengths, max_tokens):
 
 
 def sync_gradients(acc, model, last):
-    """A micro-batch's backward context. DDP: all-reduce once a step (the last). FSDP: reduce-scatter each
-    micro-batch into the sharded gradient, never accumulating an unsharded one (8 GB at 4B)."""
+    """A backward's context: DDP all-reduces on the last micro-batch; FSDP reduce-scatters each one."""
     return nullcontext() if last or acc.distributed_type == "FSDP" else acc.no_sync(model)
 
 
 def mini_batches(n_prompts, G, per_mini_batch, rank, world):
-    """This rank's rollouts of each mini-batch: mini-batch i holds the step's prompts from i * per_mini_batch
-    on, whole groups, whatever the number of processes (rank r holds prompts r, r + world, ...)."""
+    """This rank's rollouts of each mini-batch: a block of the step's prompts, whatever the world size."""
     which = [(j * world + rank) // per_mini_batch for j in range(n_prompts)]  # of this rank's prompts
     return [[j * G + g for j in range(n_prompts) if which[j] == i for g in range(G)]
             for i in range(max(which) + 1)]
@@ -157,8 +145,7 @@ def micro_batches_of(acc, rollouts, ids, max_tokens):
 
 @torch.no_grad()
 def fixed_logprobs(model, rollouts, tags, variant, temperature, pad_id, acc, max_tokens, context=nullcontext):
-    """Per-rollout log-probs that stay fixed during an update, from one no-grad forward of each micro-batch
-    under `context` (LoRA's reference: the adapter disabled): the old policy's or the reference model's."""
+    """The old policy's or the reference's log-probs per rollout, no grad, each micro-batch under `context`."""
     out = [None] * len(rollouts)
     for micro in micro_batches_of(acc, rollouts, list(range(len(rollouts))), max_tokens):
         with context():

@@ -68,14 +68,6 @@ def latest_model():
     return next((d for d in STAGE_DIRS if latest(d) or (Path(d) / "config.json").is_file()), None)
 
 
-def init_dir(path, seed=0):
-    """Write an untrained toy model and its tokenizer to `path` (for model.load_model); the path."""
-    tokenizer = build_tokenizer()
-    new_model(tokenizer, seed).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
 QUESTION_RE = re.compile(r"Find x in ([\d ]+) with x\*(\d)=(\d+)\.")
 
 

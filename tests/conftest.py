@@ -71,6 +71,15 @@ def tiny_llama_config(vocab_size, hidden=64, layers=2, heads=4, kv_heads=2, **kw
                        max_position_embeddings=4096, tie_word_embeddings=False, **kw)
 
 
+def init_toy_dir(path, seed=0):
+    """Write an untrained toy model and its tokenizer to `path` (for model.load_model); the path."""
+    from nanopr1 import toy
+    tokenizer = toy.build_tokenizer()
+    toy.new_model(tokenizer, seed).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
 def tiny_model(tokenizer, arch="qwen3", seed=0, **kw):
     """A random tiny model in fp32 with the tokenizer's vocabulary (tags included)."""
     torch.manual_seed(seed)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
+from conftest import init_toy_dir
 from nanopr1 import UsageError, checkpoint, toy
 from nanopr1.checkpoint import (LOGS, apply_lr, checkpoints, latest, load_state, model_dir, prepare_out, save,
                                 trim_rows, validate)
@@ -24,7 +25,7 @@ LR = 1e-3
 
 @pytest.fixture(scope="module")
 def toy_dir(tmp_path_factory):
-    return toy.init_dir(tmp_path_factory.mktemp("toy") / "init")
+    return init_toy_dir(tmp_path_factory.mktemp("toy") / "init")
 
 
 def trainer(toy_dir, lr=LR, schedule=True):

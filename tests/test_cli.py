@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, run
+from conftest import ROOT, init_toy_dir, run
 from nanopr1 import toy
 from nanopr1.checkpoint import validate
 from nanopr1.model import load_model
@@ -36,7 +36,7 @@ def main_of(script, argv, monkeypatch):
 def dirs(tmp_path_factory):
     """An untrained toy model, a finished 2-step SFT run, and data files a user might get wrong."""
     d = tmp_path_factory.mktemp("cli")
-    toy.init_dir(str(d / "init"))
+    init_toy_dir(str(d / "init"))
     (d / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in toy.sft_corpus(32, seed=0)))
     run(ROOT / "train_sft.py", "--preset", "toy", "--data", str(d / "corpus.jsonl"), "--out", str(d / "sft"),
         "--batch-size", "8", "--max-steps", "2")

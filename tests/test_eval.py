@@ -16,7 +16,7 @@ import pytest
 
 import nanopr1.model
 import nanopr1.sampler
-from conftest import run, tiny_model
+from conftest import init_toy_dir, run, tiny_model
 import nanopr1.data
 from nanopr1 import UsageError, toy
 from nanopr1 import evaluation as ev
@@ -287,7 +287,7 @@ def test_n_per_dataset(fake_sampler, tmp_path, capsys, extra, ns):
 
 @pytest.fixture(scope="module")
 def toy_model(tmp_path_factory):
-    return toy.init_dir(tmp_path_factory.mktemp("toy") / "toy-model")
+    return init_toy_dir(tmp_path_factory.mktemp("toy") / "toy-model")
 
 
 def snapshot(out):
@@ -372,7 +372,7 @@ def test_end_to_end_tiny_model(problems_file, tmp_path, capsys, bpe_tokenizer, e
 
 def test_toy_preset_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    toy.init_dir(tmp_path / "out" / "toy-sft")
+    init_toy_dir(tmp_path / "out" / "toy-sft")
     summaries, printed = run_main(["--preset", "toy", "--limit", "2", "--max-new-tokens", "24", "--no-progress"],
                                   capsys)
     assert list(summaries) == ["toy-easy", "toy-hard"]
@@ -391,13 +391,13 @@ def rows_of(out):
 
 def test_new_weights_or_seed_are_recomputed(tmp_path, capsys):
     """Same --out, same model path: new weights, then another seed, each give the rows of a fresh run."""
-    model = toy.init_dir(tmp_path / "model", seed=0)
+    model = init_toy_dir(tmp_path / "model", seed=0)
     shared = ["--model", model, "--out", str(tmp_path / "out")] + TOY_ARGS
     first, printed = run_main(shared, capsys)
     again, printed = run_main(shared, capsys)
     assert again == first and "recomputing" not in printed
     old = rows_of(tmp_path / "out")
-    toy.init_dir(tmp_path / "model", seed=1)  # retrained in place
+    init_toy_dir(tmp_path / "model", seed=1)  # retrained in place
     cases = [([], "weights"), (["--seed", "1"], "seed")]
     for i, (extra, field) in enumerate(cases):
         summaries, printed = run_main(shared + extra, capsys)
@@ -413,17 +413,17 @@ def test_a_run_dir_with_a_new_checkpoint_is_recomputed(tmp_path, capsys):
     from accelerate import Accelerator
     from nanopr1 import checkpoint
     run_dir, acc = tmp_path / "run", Accelerator(cpu=True)
-    checkpoint.save(run_dir, 1, acc, lambda d: toy.init_dir(d, seed=0))
+    checkpoint.save(run_dir, 1, acc, lambda d: init_toy_dir(d, seed=0))
     shared = ["--model", str(run_dir), "--out", str(tmp_path / "out")] + TOY_ARGS
     run_main(shared, capsys)
-    checkpoint.save(run_dir, 2, acc, lambda d: toy.init_dir(d, seed=1))
+    checkpoint.save(run_dir, 2, acc, lambda d: init_toy_dir(d, seed=1))
     _, printed = run_main(shared, capsys)
     assert "toy-easy was evaluated with other settings (weights)" in printed
 
 
 def test_two_models_share_an_out(tmp_path, capsys):
     """Two models named alike (a/model, b/model) into one --out: a sub-directory each; the first is not redone."""
-    a, b = toy.init_dir(tmp_path / "a" / "model", seed=0), toy.init_dir(tmp_path / "b" / "model", seed=1)
+    a, b = init_toy_dir(tmp_path / "a" / "model", seed=0), init_toy_dir(tmp_path / "b" / "model", seed=1)
     out = tmp_path / "out"
     first, _ = run_main(["--model", a, "--out", str(out)] + TOY_ARGS, capsys)
     (d,) = out.iterdir()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run
+from conftest import ROOT, init_toy_dir, run
 from nanopr1 import UsageError, data, sampler, toy
 from nanopr1.rollout import Rollout, mix
 
@@ -57,7 +57,7 @@ def test_judge_trace_reads_tag_tokens(bpe_tokenizer, monkeypatch):
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     """An untrained toy model dir (with its tokenizer) and a bare prompt template in it."""
-    path = toy.init_dir(tmp_path_factory.mktemp("teacher") / "toy")
+    path = init_toy_dir(tmp_path_factory.mktemp("teacher") / "toy")
     (Path(path) / "prompt.txt").write_text("{problem}")
     return Path(path)
 
@@ -167,7 +167,7 @@ def test_another_runs_corpus_is_refused_unless_overwrite(tmp_path, teacher, monk
     write_problems(tmp_path / "problems.jsonl", 4)
     paths = {"OTHER": write_problems(tmp_path / "other.jsonl", 5), "TEACHER2": tmp_path / "teacher2"}
     if "TEACHER2" in change:
-        toy.init_dir(paths["TEACHER2"], seed=1)
+        init_toy_dir(paths["TEACHER2"], seed=1)
     change = [str(paths.get(c, c)) for c in change]
     fake_teacher(monkeypatch, seeded)
     if change:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run
+from conftest import init_toy_dir, run
 from nanopr1 import format, toy
 from nanopr1.grpo import policy_loss
 from nanopr1.model import load_model, tag_ids
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def toy_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("toy") / "init"
-    toy.init_dir(str(path), seed=0)
+    init_toy_dir(str(path), seed=0)
     return str(path)
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import build_bpe_tokenizer, run, shared_file, tiny_model
+from conftest import build_bpe_tokenizer, init_toy_dir, run, shared_file, tiny_model
 from nanopr1 import data, format, toy
 from nanopr1.scoring import collate, sequence_nll
 from nanopr1.attention import build_inputs, find_blocks
@@ -204,7 +204,7 @@ def test_resume_and_two_processes_reproduce_the_run(tmp_path):
 
 def test_lora_trains_adapters_only_and_checkpoint_reloads(tmp_path):
     base = tmp_path / "base"
-    toy.init_dir(str(base), seed=0)
+    init_toy_dir(str(base), seed=0)
     run_sft(tmp_path / "lora", "--model", str(base), "--lora", "--lora-r", "4", "--max-steps", "3", "--lr", "1e-2")
     newest = sorted((tmp_path / "lora").glob("checkpoint-*"))[-1]
     assert newest.name == "checkpoint-000003"

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import init_toy_dir
 from nanopr1 import toy
 from nanopr1.format import ANSWER_PREFIX, TAGS, chat_prompt_ids
 from nanopr1.model import add_tags, load_model, tag_ids
@@ -65,7 +66,7 @@ def test_text_round_trips_and_chat_prompt(tokenizer, corpus):
 
 
 def test_saved_dir_round_trip_gives_identical_logits(tmp_path, tokenizer, corpus):
-    path = toy.init_dir(tmp_path / "toy", seed=3)
+    path = init_toy_dir(tmp_path / "toy", seed=3)
     fresh = toy.new_model(tokenizer, seed=3).eval()
     ids = torch.tensor([chat_prompt_ids(tokenizer, toy.TEMPLATE, corpus[0]["question"])
                         + tokenizer(corpus[0]["response"], add_special_tokens=False)["input_ids"]])
