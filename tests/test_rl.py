@@ -196,7 +196,8 @@ def test_the_default_update_clips_and_the_kl_starts_at_zero(sft_dir, tmp_path):
     policy gave ~1e-3 per token from the start)."""
     rows, _ = rl(tmp_path / "clip", sft_dir, "--steps", "3", "--lr", "3e-3", "--kl-coef", "0.1", "--prompts-per-step", "8")
     moved = [r for r in rows if abs(r["ratio"] - 1) > 1e-3]  # a step whose first mini-batch had a learning signal
-    assert moved and all(r["clip_frac"] > 0 and r["kl"] > 0 for r in moved)
+    assert moved and all(r["kl"] > 0 for r in moved)  # (a moved ratio need not leave [0.8, 1.2]: any, not all)
+    assert any(r["clip_frac"] > 0 for r in moved)
     one, _ = rl(tmp_path / "one", sft_dir, "--steps", "1", "--mini-batches", "1", "--kl-coef", "0.1")
     assert one[0]["kl"] == 0 and one[0]["clip_frac"] == 0 and one[0]["ratio"] == 1  # on-policy, unmoved
 
