@@ -3,7 +3,7 @@
 # (b) where the first block opens during hard RL: seeds 0 (toy.sh's run), 1, 2 from the same out/toy-easy;
 # (c) Unseen: S2 alternating reward (the recipe) vs accuracy only, seeds 0 and 1, from an Unseen SFT;
 # (d) the scaffold: S2 for the first 20 of 40 steps, then accuracy.
-# About 40 minutes on 2 cores. Figures: python plot.py ... (the last lines).
+# About 35 minutes on 2 cores. Figures: python plot.py ... (the last lines).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 for s in 1 2; do python train_rl.py --preset toy --stage hard --seed $s --out out/toy-hard-s$s "$@"; done
