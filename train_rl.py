@@ -9,12 +9,13 @@ Stages 2 and 3 of the curriculum: GRPO with our own loop.
 
 A step reads top to bottom: prompts -> rollouts -> rewards -> group advantages -> old log-probs ->
 clipped loss -> backward -> optimizer step -> log -> checkpoint. The defaults of each (stage, variant)
-are the paper's recipes (`--help` prints the table), each stage starting from the previous one's output
-dir; explicit flags win.
+are the official code's recipes (`--help` prints the table), each stage starting from the previous one's
+output dir; explicit flags win.
 
-Simplifications relative to the paper / official code:
+Simplifications relative to the paper / official code (all of them, setting by setting: docs/fidelity.md):
 1. Rollouts are sampled by our transformers sampler, not vLLM.
 2. Forced (runtime-inserted) tokens carry no loss (official trained on them).
+3. The loss is a token mean over the optimizer step (verl: per micro-batch).
 """
 
 import argparse
@@ -29,7 +30,7 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, gather_object
 from tqdm import tqdm
 
-from nanopr1 import UsageError, checkpoint, data, format, metrics, recipes, rewards
+from nanopr1 import UsageError, checkpoint, data, metrics, recipes, rewards
 from nanopr1.evaluation import evaluate_everywhere
 from nanopr1.grpo import group_advantages, policy_loss, tis_weight
 from nanopr1.model import apply_lora, load_model, refresh_copy, sampling_copy, save_checkpoint, tag_ids
@@ -39,8 +40,8 @@ from nanopr1.sampler import sample
 from nanopr1.scoring import (fixed_logprobs, micro_batches_of, mini_batches, pad_rows, sampler_gap, score,
                              sync_gradients)
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="\n\n".join(
-    recipes.__doc__.split("\n\n")[2:4]), formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=recipes.table(),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
 arg = parser.add_argument
 arg("--preset", choices=["toy"], help="toy: the CPU-sized world")
 arg("--stage", choices=["easy", "hard"], default="hard", help="easy: GSM8K; hard: DAPO-Math-17k")
@@ -62,9 +63,12 @@ arg("--max-prompt-tokens", type=int, default=2000, help="longer prompts are left
 # sampling
 arg("--group-size", type=int, help="rollouts per prompt (default: the recipe's)")
 arg("--num-paths", type=int, default=2)
-arg("--max-blocks", type=int, default=4)
+arg("--max-blocks", type=int, default=4, help="blocks per rollout (official rules: the rollout ends after it)")
 arg("--max-new-tokens", type=int, default=3000, help="response budget, everything included")
-arg("--answer-reserve", type=int, help="tokens a block leaves for its summary and the answer "
+arg("--rules", choices=["official", "reserve"], default="official", help="official: a path is cut at "
+    "--path-max-tokens, the response at --max-new-tokens; reserve: nanopr1's, a block leaves room for the answer")
+arg("--path-max-tokens", type=int, help="one path's budget (default: official 4096; reserve: its share)")
+arg("--answer-reserve", type=int, help="--rules reserve: tokens a block leaves for its summary and the answer "
     "(default: min(64, max-new-tokens / 8))")
 arg("--temperature", type=float, default=1.0)
 arg("--top-p", type=float, default=1.0)
@@ -72,7 +76,8 @@ arg("--kv-memory-gb", type=float, help="GPU: the KV cache's size (default: what 
 arg("--max-rows", type=int, help="KV cache rows in flight at most (default: as memory allows)")
 # reward
 arg("--reward", help=f"{', '.join(rewards.SCHEDULES)} or module:function (default: the recipe's)")
-arg("--grader", default="is_equiv", help="is_equiv (the built-in) or module:function")
+arg("--grader", help="dapo, gsm8k (the official graders), is_equiv (lenient) or module:function "
+    "(default: the recipe's)")
 arg("--scaffold-switch", type=int, default=200, help="scaffold: alternating until this step, then acc")
 # optimisation
 arg("--prompts-per-step", type=int, help="prompts per step, all ranks (default: the recipe's)")
@@ -80,7 +85,7 @@ arg("--steps", type=int, help="RL steps (default: the recipe's)")
 arg("--lr", type=float, default=1e-6)
 arg("--weight-decay", type=float, default=0.01)
 arg("--clip-low", type=float, default=0.2)
-arg("--clip-high", type=float, help="default: 0.2, or 0.28 with the Unseen (S2) recipe")
+arg("--clip-high", type=float, help="default: 0.28 with the S2 (alternating) reward, else 0.2")
 arg("--dual-clip", type=float, default=3.0)
 arg("--kl-coef", type=float, default=0.0, help="k3 KL to the initial model (0: off, the paper)")
 arg("--ppo-epochs", type=int, default=1)
@@ -128,11 +133,11 @@ def main(args):
     model, opt, tokenizer, problems, prompts = run.model, run.opt, run.tokenizer, run.problems, run.prompts
     reward, grader = rewards.resolve(args.reward, "reward"), rewards.resolve(args.grader, "grader")
     sampling = dict(num_paths=args.num_paths, max_blocks=args.max_blocks, max_new_tokens=args.max_new_tokens,
-                    reserve=args.answer_reserve, temperature=args.temperature, top_p=args.top_p,
-                    variant=args.variant, max_rows=args.max_rows)
+                    rules=args.rules, path_max_tokens=args.path_max_tokens, reserve=args.answer_reserve,
+                    temperature=args.temperature, top_p=args.top_p, variant=args.variant, max_rows=args.max_rows)
     clip = dict(eps_low=args.clip_low, eps_high=args.clip_high, dual_clip=args.dual_clip, kl_coef=args.kl_coef)
     out.mkdir(parents=True, exist_ok=True)
-    step = 0
+    step = skipped = 0
     if args.resume and checkpoint.latest(out):  # model, optimizer and RNG as saved; the data position: the step
         step = checkpoint.load_state(out, acc)
     checkpoint.apply_lr(opt, args.lr)
@@ -149,8 +154,8 @@ def main(args):
                           seed=[mix(args.seed, step, i) for i in idx], **sampling)
         t_rollout = time.time() - t0
         # 3) rewards, and 4) advantages: each reward standardised within its group of G rollouts
-        grades = [rewards.reward_rollout(r, gold, reward, step, args.scaffold_switch, grader)[1]
-                  for r, gold in zip(rollouts, golds)]  # (a dict each: reward, correct, has_block, ...)
+        grades = every_rank(acc, lambda: [rewards.reward_rollout(r, gold, reward, step, args.scaffold_switch,
+                                                                 grader)[1] for r, gold in zip(rollouts, golds)])
         adv, zero_groups = group_advantages([g["reward"] for g in grades], G)
         # 5) log-probs fixed during the update: the trainer's before its first step (the clipped ratio's old
         #    policy; with one step per batch, the update's own forward) and the reference model's (KL)
@@ -187,19 +192,27 @@ def main(args):
                         stats.update(tis_sum=float(weight.sum()), tis_capped=float((weight >= args.tis_cap).sum()))
                     if old is None and epoch == 0 and micro.live:  # on-policy: this forward is the trainer's view
                         stats.update(sampler_gap(logp.detach(), micro.rollouts, args.variant))
-                acc.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
+                # a non-finite gradient norm (the same on every rank) skips the update; 3 in a row stop the run
+                # (below, once the step is logged)
+                finite = bool(torch.isfinite(acc.clip_grad_norm_(model.parameters(), 1.0)))
+                if finite:
+                    opt.step()
+                skipped = 0 if finite else skipped + 1
+                stats.update(skipped_updates=int(not finite))
                 opt.zero_grad(set_to_none=True)
         # 7) log (reduced over ranks), keep a few rollouts, evaluate, checkpoint
-        row = log_row(acc, step, rollouts, grades, zero_groups, len(idx), stats, t0, t_rollout)
+        row = metrics.step_row(acc, step, rollouts, grades, zero_groups, len(idx), stats, t0, t_rollout)
         row.update(run.kv.stats())  # CUDA graphs: how many, their memory pool, capture time, a failure
         kept = zip(rollouts[:args.log_rollouts], grades, golds)
         checkpoint.log_rollouts(acc, out / "rollouts.jsonl", [rollout_row(r, tokenizer, g, gold, step)
                                                               for r, g, gold in kept])
         if args.eval_every and step % args.eval_every == 0:
             refresh_copy(run.sampler_model, acc.unwrap_model(model))
-            row.update(run_eval(run, grader, args, acc, step))
+            row.update(run_eval(run, args, acc, step))
         checkpoint.log_metrics(acc, out, row)
+        if skipped >= 3:
+            raise UsageError(f"step {step}: {skipped} updates in a row had a non-finite loss or gradient norm: "
+                             f"stopped (the last checkpoint in {out} is kept)")
         bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.3f}", par=f"{row['parallel_rate']:.2f}")
         bar.update()
         if step % args.save_every == 0 or step == args.steps:  # every rank (FSDP gathers)
@@ -233,7 +246,7 @@ def prepare(args, acc):
         raise UsageError(f"--prompts-per-step {args.prompts_per_step} must divide into --mini-batches "
                          f"{args.mini_batches} over {world} processes")
     model, run.tokenizer = load_model(args.init, "bfloat16" if cuda and args.lora else "float32")  # LoRA: bf16
-    prompt = lambda r: format.chat_prompt_ids(run.tokenizer, run.template, r["question"])
+    prompt = lambda r: data.prompt_ids(run.tokenizer, run.template, r)  # a record's own chat as it is
     prompts = [prompt(r) for r in problems]
     keep = [i for i, q in enumerate(prompts) if len(q) <= args.max_prompt_tokens]  # longer ones: left out
     if len(keep) < len(prompts):
@@ -266,36 +279,28 @@ def prepare(args, acc):
     return run
 
 
-def log_row(acc, step, rollouts, grades, zero_groups, groups, stats, t0, t_rollout):
-    """The step's metrics row: sums reduced over ranks, then divided."""
-    m = {k: sum(g[k] for g in grades) for k in ("reward", "correct", "has_block", "format_ok")}
-    m.update(length=sum(len(r.ids) for r in rollouts), zero_groups=zero_groups, groups=groups, **stats,
-             **{f"b_{k}": v for k, v in metrics.sums(rollouts).items()})
-    sums = acc.reduce(torch.tensor(list(m.values()), dtype=torch.float64, device=acc.device), "sum")
-    m = Counter({k: v.item() for k, v in zip(m, sums)})
-    n, tokens = m["b_rollouts"], max(m["tokens"], 1)
-    row = {"step": step, "reward": m["reward"] / n, "accuracy": m["correct"] / n,
-           "parallel_rate": m["has_block"] / n, "format_ok": m["format_ok"] / n, "length": m["length"] / n,
-           "zero_adv_groups": m["zero_groups"] / m["groups"], "clip_frac": m["clipped_tokens"] / tokens,
-           "ratio": m["ratio_sum"] / tokens, "kl": m["kl_sum"] / tokens, "loss": m["loss"],
-           # |trainer - sampler| log-prob where the trainer sees what the sampler saw; Seen's later paths
-           "logp_gap": m["gap_sum"] / max(m["gap_tokens"], 1),
-           "seen_later_paths_gap": m["designed_sum"] / max(m["designed_tokens"], 1)}
-    if "tis_sum" in m:  # --tis-cap: the mean weight, and the share of tokens at the cap
-        row.update(tis_weight=m["tis_sum"] / tokens, tis_capped=m["tis_capped"] / tokens)
-    row.update(metrics.from_sums({k[2:]: v for k, v in m.items() if k.startswith("b_")}))
-    row.update(reward_fn=grades[0]["reward_fn"], rollout_s=t_rollout, update_s=time.time() - t0 - t_rollout,
-               tokens_per_s=m["length"] / max(t_rollout, 1e-9) / acc.num_processes)  # per rank
-    return row
+def every_rank(acc, fn):
+    """fn()'s result; a UsageError on any rank (a bad reward, a bad grader) stops every rank, so none
+    waits for the others in a collective."""
+    try:
+        result, error = fn(), None
+    except UsageError as e:
+        result, error = None, str(e)
+    failed = acc.reduce(torch.tensor(error is not None, device=acc.device, dtype=torch.int32), "sum").item()
+    if failed:
+        raise UsageError(error or "another process stopped on an error (its line is above)")
+    return result
 
 
-def run_eval(run, grader, args, acc, step):
-    """The --eval-every hook: every rank's share with the run's KV cache; the summary on every rank."""
+def run_eval(run, args, acc, step):
+    """The --eval-every hook: every rank's share with the run's KV cache; the summary on every rank. It
+    grades as the benchmarks are graded (dapo; the toy: the run's grader)."""
+    grader = rewards.resolve(args.grader if args.preset == "toy" else "dapo", "grader")
     rows, summary = evaluate_everywhere(
         run.sampler_model, run.tokenizer, run.eval_problems, args.eval_n, gather_object, acc.process_index,
         acc.num_processes, template=run.template, seed=args.seed, cache=run.kv, grader=grader, variant=args.variant,
         max_new_tokens=args.max_new_tokens, num_paths=args.num_paths, max_blocks=args.max_blocks,
-        reserve=args.answer_reserve)
+        rules=args.rules, path_max_tokens=args.path_max_tokens, reserve=args.answer_reserve)
     checkpoint.append_rows(acc, Path(args.out) / "eval_rollouts.jsonl", [dict(r, step=step) for r in rows])
     return {f"eval_{k}": v for k, v in summary.items() if isinstance(v, (int, float))}
 
@@ -303,31 +308,29 @@ def run_eval(run, grader, args, acc, step):
 def parse_args(argv=None):
     """Flags, the preset's and the (stage, variant) recipe's defaults; every check that needs no file."""
     args = recipes.parse(parser, argv, "train_rl")
-    recipe = (recipes.TOY_RL if args.preset == "toy" else recipes.RL)[(args.stage, args.variant)]
-    for k, v in recipe.items():  # the recipe fills whatever was not given
-        if getattr(args, k) is None:
+    for k, v in recipes.recipe(args.stage, args.variant, args.preset == "toy").items():
+        if getattr(args, k) is None:  # the recipe fills whatever was not given
             setattr(args, k, v)
+    if args.clip_high is None:
+        args.clip_high = recipes.clip_high(args.reward)
     args.run_name = args.run_name or Path(args.out).name
-    need = args.num_paths  # KV cache rows of one rollout
+    # every number in its range (one line each); then what ranges alone cannot say
+    recipes.check_ranges(args, parser, dict(
+        group_size=(2, "GRPO compares a prompt's rollouts"), num_paths=(2, "a block has 2 or more paths"),
+        temperature=(0.0, "RL samples"), top_p=0.0, max_new_tokens=1, max_prompt_tokens=1,
+        path_max_tokens=(2, "its two tags"), prompts_per_step=1, steps=1, save_every=1, keep_checkpoints=1,
+        ppo_epochs=1, mini_batches=1, micro_batch_tokens=1, max_rows=(args.num_paths, "one rollout's paths"),
+        lr=0.0, dual_clip=1.0, tis_cap=(1, "a cap below 1 down-weights on-policy tokens"), eval_n=1, lora_r=1,
+        max_blocks=1, kv_memory_gb=0.0, gpu_memory_gb=0.0, num_gpus=1, eval_limit=1))
     for ok, message in [
-            (args.group_size >= 2, f"--group-size {args.group_size}: GRPO compares a prompt's rollouts, 2 or more"),
-            (args.temperature > 0, f"--temperature {args.temperature}: RL samples, it must be above 0"),
-            (0 < args.top_p <= 1, f"--top-p {args.top_p}: must be in (0, 1]"),
-            (need >= 2, f"--num-paths {need}: a parallel block needs 2 or more paths"),
-            (min(args.max_new_tokens, args.max_prompt_tokens) >= 1, "--max-new-tokens, --max-prompt-tokens: >= 1"),
-            ((args.answer_reserve or 0) >= 0, "--answer-reserve must be 0 or more"),
-            (min(args.prompts_per_step, args.steps) >= 1, "--prompts-per-step and --steps must be 1 or more"),
-            (min(args.save_every, args.keep_checkpoints) >= 1, "--save-every and --keep-checkpoints: 1 or more"),
-            (min(args.ppo_epochs, args.mini_batches) >= 1, "--ppo-epochs and --mini-batches must be 1 or more"),
+            (args.top_p <= 1, f"--top-p {args.top_p}: must be in (0, 1]"),
+            (max(args.clip_low, args.clip_high) < 1, "--clip-low and --clip-high must be below 1"),
             (args.mini_batches <= args.prompts_per_step, "--mini-batches: more than the prompts of a step"),
-            (args.micro_batch_tokens >= 1, "--micro-batch-tokens must be 1 or more"),
-            ((args.max_rows or need) >= need, f"--max-rows: one rollout needs {need} rows"),
-            (args.lr > 0 and args.kl_coef >= 0, "--lr must be above 0 and --kl-coef 0 or more"),
-            ((args.tis_cap or 1) >= 1, f"--tis-cap {args.tis_cap}: a cap below 1 down-weights on-policy tokens"),
-            (args.log_rollouts >= 0, "--log-rollouts must be 0 or more"),
-            (args.eval_every >= 0 and args.eval_n >= 1, "--eval-every must be 0 or more and --eval-n 1 or more")]:
+            (args.answer_reserve is None or args.rules == "reserve", "--answer-reserve needs --rules reserve")]:
         if not ok:
             raise UsageError(message)
+    checkpoint.check_out(args.out)  # a file in the way: one line, before anything loads
+    checkpoint.check_tracker(args.report_to)
     rewards.resolve(args.reward, "reward"), rewards.resolve(args.grader, "grader")  # a typo: one line, now
     return args
 

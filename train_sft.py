@@ -47,6 +47,7 @@ arg("--data", default="out/parallel_gsm8k.jsonl", help="traces: question + respo
 arg("--data-config", help="the hub dataset's config (name)")
 arg("--data-split", default="train")
 arg("--question-key", help="the question's column (default: question, problem, prompt, ...)")
+arg("--response-key", help="the trace's column (default: response, else TRL's messages / completion)")
 arg("--prompt-file", help="prompt template with a {problem} slot (default: the parallel prompt)")
 arg("--max-len", type=int, default=4096, help="drop longer prompt + response sequences")
 # cold-start corpus generation (--generate)
@@ -62,7 +63,7 @@ arg("--micro-batch-tokens", type=int, default=16384, help="rows x padded length 
 arg("--lr", type=float, default=1e-5)
 arg("--weight-decay", type=float, default=0.01)
 arg("--warmup", type=float, default=0.1, help="share of the steps with a linear warm-up")
-arg("--epochs", type=int, default=3)
+arg("--epochs", type=int, default=5, help="passes over the traces (official: 5)")
 arg("--max-steps", type=int, default=0, help="train N steps (0: --epochs); the schedule spans them")
 arg("--seed", type=int, default=0)
 # logging and checkpoints
@@ -102,7 +103,7 @@ def main(args):
     # the traces, as (prompt ids, response ids) examples
     if args.data:
         rows = data.load_problems(args.data, args.data_split, fields=("response",), config=args.data_config,
-                                  question_key=args.question_key)
+                                  question_key=args.question_key, response_key=args.response_key)
     else:  # the toy preset: its teacher's traces, and an untrained toy model
         rows = toy.sft_corpus(25600, seed=args.seed)
     if args.model is None:
@@ -132,7 +133,7 @@ def main(args):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, cosine(s)))
     acc.register_for_checkpointing(sched)  # not prepared: accelerate would step it once per process per step
     out.mkdir(parents=True, exist_ok=True)
-    step = 0
+    step = skipped = 0
     if args.resume and checkpoint.latest(out):  # model, optimizer, schedule and RNG as saved; data position: step
         step = checkpoint.load_state(out, acc)
         checkpoint.apply_lr(opt, args.lr, sched)
@@ -156,17 +157,22 @@ def main(args):
                 acc.backward(nll * world / n_tokens)  # DDP averages over ranks: * world makes it a sum
             nll_sum += nll.item()
         # 3) the optimizer step, on the schedule
+        #    (a non-finite gradient norm skips the update; 3 in a row stop the run)
         grad_norm = acc.clip_grad_norm_(model.parameters(), 1.0)
-        lr = sched.get_last_lr()[0]
-        opt.step()
+        lr, finite = sched.get_last_lr()[0], bool(torch.isfinite(grad_norm))
+        if finite:
+            opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        step += 1
+        step, skipped = step + 1, 0 if finite else skipped + 1
         # 4) log (reduced over ranks), checkpoint
         loss = acc.reduce(torch.tensor(nll_sum, device=acc.device), "sum").item() / n_tokens
         row = {"step": step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm), "tokens": n_tokens,
-               "seconds": time.time() - t0}
+               "skipped_update": int(not finite), "seconds": time.time() - t0}
         checkpoint.log_metrics(acc, out, row)
+        if skipped >= 3:
+            raise UsageError(f"step {step}: {skipped} updates in a row had a non-finite loss or gradient norm: "
+                             f"stopped (the last checkpoint in {out} is kept)")
         bar.set_postfix(loss=f"{loss:.4f}")
         bar.update()
         if step % args.save_every == 0 or step == total:  # every rank (FSDP gathers)
@@ -182,16 +188,13 @@ def parse_args(argv=None):
     if args.out is None:  # where the RL stages look for it
         args.out = ("out/toy-sft" if args.preset == "toy" else "out/sft") + "-unseen" * (args.variant == "unseen")
     args.run_name = args.run_name or Path(args.out).name
-    for ok, message in [
-            (min(args.batch_size, args.micro_batch_tokens) >= 1, "--batch-size and --micro-batch-tokens must be 1 "
-                                                                 "or more"),
-            (args.epochs >= 1 and args.max_steps >= 0, "--epochs must be 1 or more and --max-steps 0 or more"),
-            (min(args.save_every, args.keep_checkpoints) >= 1, "--save-every and --keep-checkpoints: 1 or more"),
-            (args.lr > 0 and 0 <= args.warmup < 1, "--lr must be above 0 and --warmup in [0, 1)"),
-            (args.max_len >= 2, "--max-len must be 2 or more"),
-            (min(args.gen_batch, args.gen_max_new_tokens) >= 1, "--gen-batch, --gen-max-new-tokens: 1 or more")]:
-        if not ok:
-            raise UsageError(message)
+    recipes.check_ranges(args, parser, dict(batch_size=1, micro_batch_tokens=1, epochs=1, save_every=1,
+                                            keep_checkpoints=1, lr=0.0, max_len=2, gen_batch=1, gen_max_new_tokens=1,
+                                            lora_r=1, gpu_memory_gb=0.0, num_gpus=1))
+    if args.warmup >= 1:
+        raise UsageError(f"--warmup {args.warmup}: must be in [0, 1)")
+    checkpoint.check_out(args.out)  # a file in the way: one line, before anything loads
+    checkpoint.check_tracker(args.report_to)
     return args
 
 

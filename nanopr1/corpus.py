@@ -14,7 +14,6 @@ from pathlib import Path
 from tqdm import tqdm
 
 from nanopr1 import UsageError, data, kvcache, sampler
-from nanopr1.format import chat_prompt_ids
 from nanopr1.model import load_model
 from nanopr1.rollout import Options
 
@@ -34,7 +33,7 @@ def generate(args, acc, template):
     digest = lambda x: hashlib.sha256(json.dumps(x).encode()).hexdigest()[:16]
     settings = {"source": args.source, "teacher": args.teacher, "seed": args.seed, "prompt": digest(template),
                 "max_new_tokens": args.gen_max_new_tokens,
-                "problems": digest([[r["question"], r["answer"]] for r in problems])}
+                "problems": digest([[r["question"], r["answer"]] + [r["chat"]] * ("chat" in r) for r in problems])}
 
     # 1) an earlier corpus at --data: resumed if made with these settings, else refused (or --overwrite)
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else None
@@ -63,7 +62,7 @@ def generate(args, acc, template):
     if todo:
         dtype = "bfloat16" if acc.device.type == "cuda" else "float32"
         model, tokenizer = load_model(args.teacher, dtype, str(acc.device))
-        prompt = lambda i: chat_prompt_ids(tokenizer, template, problems[i]["question"])
+        prompt = lambda i: data.prompt_ids(tokenizer, template, problems[i])  # a record's own chat as it is
         longest = max(len(prompt(i)) for i in todo)
         options = Options(max_new_tokens=args.gen_max_new_tokens, parallel=False)
         cache, _ = kvcache.for_call(model, options, [[0] * longest], args.gen_batch, None)  # for every batch
@@ -80,7 +79,8 @@ def generate(args, acc, template):
                 for i, rollout in zip(chunk, rollouts):
                     gold = problems[i]["answer"]
                     response, why = data.judge_trace(rollout.text, gold, tokenizer)
-                    row = {"index": i, "question": problems[i]["question"], "answer": gold, "response": response}
+                    row = {"index": i, "question": problems[i]["question"], "answer": gold, "response": response,
+                           **{k: v for k, v in problems[i].items() if k == "chat"}}
                     f.write(json.dumps({"index": i, "rejected": why} if why else row) + "\n")
                 f.flush()
                 bar.update(len(chunk))

@@ -12,7 +12,7 @@ import torch
 
 from nanopr1 import UsageError, offline_if_unreachable
 from nanopr1.attention import parse_blocks
-from nanopr1.format import chat_prompt_ids, normalize
+from nanopr1.format import chat_ids, chat_prompt_ids, normalize
 from nanopr1.rewards import reward_rollout
 
 # short name -> (hub id, config, split, file name in a --data-dir); only gsm8k's split is chosen
@@ -47,15 +47,18 @@ def _content(messages, role, last=True):
 
 
 def _question(raw, keys=QUESTION_KEYS):
-    """The question of a raw record: the first of `keys` that holds one, DAPO's wrapper dropped."""
+    """(question, chat) of a raw record: the first of `keys` that holds a question. A record whose
+    question is a chat (verl's `prompt`, TRL's `messages`) keeps that chat up to its last user turn,
+    to be sent as it is; DAPO's hub wrapper is the exception: its bare problem gets our template."""
     for key in keys:
-        q = raw.get(key)
-        if isinstance(q, list):  # chat messages (DAPO's `prompt`, TRL's `messages`): last user turn
-            q = _content(q, "user")
+        q, chat = raw.get(key), None
+        if isinstance(q, list):  # chat messages: the question is the last user turn
+            users = [i for i, m in enumerate(q) if isinstance(m, dict) and m.get("role") == "user"]
+            chat, q = (q[:users[-1] + 1], q[users[-1]].get("content")) if users else (None, None)
         if isinstance(q, str) and q.strip():
             m = _DAPO_RE.match(q)
-            return m.group(1).strip() if m else q
-    return None
+            return (m.group(1).strip(), None) if m else (q, chat)
+    return None, None
 
 
 def _answer(raw, keys=ANSWER_KEYS):
@@ -70,9 +73,10 @@ def _answer(raw, keys=ANSWER_KEYS):
     return None if a is None or str(a).strip() == "" else str(a).strip()
 
 
-def _response(raw):
-    """A teacher's response: `response`, else the answer turn of TRL's `messages` / `completion`."""
-    r, msgs, comp = raw.get("response"), raw.get("messages"), raw.get("completion")
+def _response(raw, key=None):
+    """A teacher's response: `key`'s (default `response`), else the answer turn of TRL's `messages` /
+    `completion`."""
+    r, msgs, comp = raw.get(key or "response"), raw.get("messages"), raw.get("completion")
     if r is None and isinstance(msgs, list):
         users = [i for i, m in enumerate(msgs) if isinstance(m, dict) and m.get("role") == "user"]
         r = _content(msgs[max(users, default=-1) + 1:], "assistant", last=False)
@@ -81,24 +85,25 @@ def _response(raw):
     return r if isinstance(r, str) else None
 
 
-def to_records(rows, source, fields=(), question_key=None, answer_key=None):
+def to_records(rows, source, fields=(), question_key=None, answer_key=None, response_key=None):
     """Raw dicts -> {question, answer, *fields} records; a UsageError names the row and columns."""
     keys = {"question": (question_key,) if question_key else QUESTION_KEYS,
             "answer": (answer_key,) if answer_key else ANSWER_KEYS,
-            "response": ("response", "messages", "completion")}
+            "response": (response_key,) if response_key else ("response", "messages", "completion")}
     out = []
     for i, raw in enumerate(rows):
         if not isinstance(raw, dict):
             raise UsageError(f"{source}: record {i} is a {type(raw).__name__}, not a JSON object")
-        record = dict(raw, question=_question(raw, keys["question"]),
-                      answer=_answer(raw, keys["answer"]))
-        record.update({f: _response(raw) if f == "response" else raw.get(f) for f in fields})
+        question, chat = _question(raw, keys["question"])
+        chat = raw["chat"] if isinstance(raw.get("chat"), list) else chat  # a corpus row keeps its problem's
+        record = dict(raw, question=question, answer=_answer(raw, keys["answer"]), **({"chat": chat} if chat else {}))
+        record.update({f: _response(raw, response_key) if f == "response" else raw.get(f) for f in fields})
         for what in ("question", "answer", *fields):
             optional = what == "answer" and "response" in fields  # SFT needs no gold answer
             if not isinstance(record[what], str) and not optional:
                 looked = ", ".join(keys.get(what, (what,)))
                 found = ", ".join(map(str, raw)) or "nothing"
-                flag = f": pass --{what}-key" if what in ("question", "answer") else ""
+                flag = f": pass --{what}-key" if what in ("question", "answer", "response") else ""
                 raise UsageError(f"{source}: record {i} has no {what} column "
                                  f"(looked for {looked}; found: {found}){flag}")
         if record["answer"] and "####" in record["answer"]:  # GSM8K: the answer is a whole solution
@@ -152,10 +157,10 @@ def read_hub(name, hub_id, config, split):
 
 
 def load_problems(source, split=None, data_dir=None, fields=(), config=None, question_key=None,
-                  answer_key=None):
+                  answer_key=None, response_key=None):
     """{question, answer, ...} records from a short name, a file or a hub id (see to_records)."""
     source = str(source)
-    records = lambda rows, where: to_records(rows, where, fields, question_key, answer_key)
+    records = lambda rows, where: to_records(rows, where, fields, question_key, answer_key, response_key)
     if source in TOY:
         from nanopr1 import toy  # lazily: the toy world is not needed for real data
         return records(toy.eval_set(source.split("-", 1)[1]), source)
@@ -172,7 +177,7 @@ def load_problems(source, split=None, data_dir=None, fields=(), config=None, que
         if source == "dapo":  # the hub copy repeats each problem ~100 times: keep the first copy
             keys, first = (question_key,) if question_key else QUESTION_KEYS, {}
             for raw in rows:  # streamed: the full list would not fit comfortably
-                first.setdefault(_question(raw, keys), raw)
+                first.setdefault(_question(raw, keys)[0], raw)
             rows = list(first.values())
         out = records(rows, f"{source} ({hub_id})")
         if source == "math300":  # the integer-answer subset of MATH-500
@@ -242,7 +247,7 @@ def sft_examples(rows, tokenizer, template, max_len):
     from nanopr1.model import tag_ids  # here, not at the top: model -> data
     tags, examples, dropped = tag_ids(tokenizer), [], Counter()
     for row in rows:
-        prompt = chat_prompt_ids(tokenizer, template, row["question"])
+        prompt = prompt_ids(tokenizer, template, row)
         ids = tokenizer(normalize(row["response"]), add_special_tokens=False)["input_ids"]
         why = parse_blocks(ids, tags)[1]  # the token parser's reason, or None
         if why is None and len(prompt) + len(ids) + 1 > max_len:  # + EOS
@@ -252,6 +257,14 @@ def sft_examples(rows, tokenizer, template, max_len):
         else:
             dropped[reason_kind(why)] += 1
     return examples, dict(dropped)
+
+
+def prompt_ids(tokenizer, template, problem):
+    """The token ids of a problem's prompt: a record's own chat as it is (an official file's records
+    already hold the official instruction), else one user turn of `template` around the question."""
+    if problem.get("chat"):
+        return chat_ids(tokenizer, problem["chat"])
+    return chat_prompt_ids(tokenizer, template, problem["question"])
 
 
 def step_problems(n_problems, per_step, seed, step):

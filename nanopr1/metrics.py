@@ -3,7 +3,11 @@ how often and how early a policy opens blocks, how much of its text goes into pa
 shorter its critical path is if a block's paths decode concurrently, and how different sibling paths
 are. Conventions, why a batch goes `sums` -> `from_sums`: docs/design.md, "Behaviour metrics"."""
 
+import time
+from collections import Counter
 from itertools import combinations
+
+import torch
 
 
 def path_overlap(a, b):
@@ -68,3 +72,27 @@ def from_sums(s):
 def means(rollouts):
     """Means over a batch of rollouts (from_sums)."""
     return from_sums(sums(rollouts))
+
+
+def step_row(acc, step, rollouts, grades, zero_groups, groups, stats, t0, t_rollout):
+    """train_rl.py's metrics row of an RL step: sums reduced over the ranks, then divided."""
+    m = {k: sum(g[k] for g in grades) for k in ("reward", "correct", "has_block", "format_ok")}
+    m.update(length=sum(len(r.ids) for r in rollouts), zero_groups=zero_groups, groups=groups, **stats,
+             **{f"b_{k}": v for k, v in sums(rollouts).items()})
+    reduced = acc.reduce(torch.tensor(list(m.values()), dtype=torch.float64, device=acc.device), "sum")
+    m = Counter({k: v.item() for k, v in zip(m, reduced)})
+    n, tokens = m["b_rollouts"], max(m["tokens"], 1)
+    row = {"step": step, "reward": m["reward"] / n, "accuracy": m["correct"] / n,
+           "parallel_rate": m["has_block"] / n, "format_ok": m["format_ok"] / n, "length": m["length"] / n,
+           "zero_adv_groups": m["zero_groups"] / m["groups"], "clip_frac": m["clipped_tokens"] / tokens,
+           "skipped_updates": m["skipped_updates"] / acc.num_processes,  # non-finite gradient norms
+           "ratio": m["ratio_sum"] / tokens, "kl": m["kl_sum"] / tokens, "loss": m["loss"],
+           # |trainer - sampler| log-prob where the trainer sees what the sampler saw; Seen's later paths
+           "logp_gap": m["gap_sum"] / max(m["gap_tokens"], 1),
+           "seen_later_paths_gap": m["designed_sum"] / max(m["designed_tokens"], 1)}
+    if "tis_sum" in m:  # --tis-cap: the mean weight, and the share of tokens at the cap
+        row.update(tis_weight=m["tis_sum"] / tokens, tis_capped=m["tis_capped"] / tokens)
+    row.update(from_sums({k[2:]: v for k, v in m.items() if k.startswith("b_")}))
+    row.update(reward_fn=grades[0]["reward_fn"], rollout_s=t_rollout, update_s=time.time() - t0 - t_rollout,
+               tokens_per_s=m["length"] / max(t_rollout, 1e-9) / acc.num_processes)  # per rank
+    return row

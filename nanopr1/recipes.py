@@ -1,43 +1,69 @@
 """
 The settings of the runs in one place: the paper's RL recipes and every script's --preset toy.
 
-`parse` applies the preset; train_rl.py fills the rest from RL (its --help prints the next two
-paragraphs); `template` picks the prompt.
-
-    stage  variant  starts from        data   reward                     group  prompts  steps  clip-high
-    easy   seen     out/sft            gsm8k  parallel (correct+block)   5      1024     35     0.2
-    hard   seen     out/rl-easy        dapo   accuracy                   8      512      300    0.2
-    hard   unseen   out/sft-unseen     dapo   alternating (S2)           8      512      300    0.28
-    easy   unseen   out/sft-unseen     gsm8k  parallel                   5      1024     35     0.28   (not in the paper)
-
-Every recipe takes two optimizer steps per rollout batch (--mini-batches 2), as
-the official scripts do (256 prompts, PPO mini-batch 128): the second step's
-clipped ratio is live. The Seen recipe is SFT -> easy RL (reward: correct AND a block) -> hard RL
-(accuracy); the Unseen one skips easy RL and uses the S2 alternating reward
-with clip-high 0.28. The exploration scaffold is the reward schedule
-`scaffold` (S2 until --scaffold-switch, then accuracy).
+`parse` applies the preset; train_rl.py fills the rest from the recipe of its (stage, variant) and
+prints `table()` in its --help; `template` picks the prompt of bare problems.
 """
 
 import argparse
+import re
+import sys
 
-from nanopr1 import toy
+from nanopr1 import UsageError, toy
 from nanopr1.format import PARALLEL_PROMPT, SEQUENTIAL_PROMPT, load_template
 
-RECIPE = ("init", "out", "data", "reward", "group_size", "prompts_per_step", "steps", "clip_high")
-RL = {  # (stage, variant): the paper's settings (the table above), in RECIPE's order
-    ("easy", "seen"): ("out/sft", "out/rl-easy", "gsm8k", "parallel", 5, 1024, 35, 0.2),
-    ("hard", "seen"): ("out/rl-easy", "out/rl-hard", "dapo", "accuracy", 8, 512, 300, 0.2),
-    ("hard", "unseen"): ("out/sft-unseen", "out/rl-unseen", "dapo", "alternating", 8, 512, 300, 0.28),
-    ("easy", "unseen"): ("out/sft-unseen", "out/rl-easy-unseen", "gsm8k", "parallel", 5, 1024, 35, 0.28),
-}
-TOY_RL = {  # the CPU-sized curriculum on the toy world (nanopr1/toy.py)
-    ("easy", "seen"): ("out/toy-sft", "out/toy-easy", "toy:easy", "parallel", 8, 16, 35, 0.2),
-    ("hard", "seen"): ("out/toy-easy", "out/toy-hard", "toy:hard", "accuracy", 8, 16, 40, 0.2),
-    ("hard", "unseen"): ("out/toy-sft-unseen", "out/toy-unseen", "toy:hard", "alternating", 8, 16, 40, 0.28),
-    ("easy", "unseen"): ("out/toy-sft-unseen", "out/toy-easy-unseen", "toy:easy", "parallel", 8, 16, 35, 0.28),
-}
-RL = {k: dict(zip(RECIPE, row)) for k, row in RL.items()}  # {(stage, variant): {flag: value}}
-TOY_RL = {k: dict(zip(RECIPE, row)) for k, row in TOY_RL.items()}
+# The RL recipes, one row each. The batch follows the official scripts that made the released
+# checkpoints (256 prompts x 8 rollouts, PPO mini-batch 128: two optimizer steps per batch); the
+# paper's text says 512. The easy stage has no official script: its row is the paper's text.
+RL = [
+    dict(stage="easy", variant="seen", init="out/sft", out="out/rl-easy", data="gsm8k", reward="parallel",
+         grader="gsm8k", group_size=5, prompts_per_step=1024, steps=35),
+    dict(stage="hard", variant="seen", init="out/rl-easy", out="out/rl-hard", data="dapo", reward="accuracy",
+         grader="dapo", group_size=8, prompts_per_step=256, steps=300),
+    dict(stage="hard", variant="unseen", init="out/sft-unseen", out="out/rl-unseen", data="dapo",
+         reward="alternating", grader="dapo", group_size=8, prompts_per_step=256, steps=300),
+    dict(stage="easy", variant="unseen", init="out/sft-unseen", out="out/rl-easy-unseen", data="gsm8k",
+         reward="parallel", grader="gsm8k", group_size=5, prompts_per_step=1024, steps=35),  # not in the paper
+]
+# the CPU-sized curriculum on the toy world (nanopr1/toy.py): the same stages at the toy's sizes
+_TOY = dict(grader="is_equiv", group_size=8, prompts_per_step=16)
+TOY_RL = [
+    dict(RL[0], init="out/toy-sft", out="out/toy-easy", data="toy:easy", steps=35, **_TOY),
+    dict(RL[1], init="out/toy-easy", out="out/toy-hard", data="toy:hard", steps=40, **_TOY),
+    dict(RL[2], init="out/toy-sft-unseen", out="out/toy-unseen", data="toy:hard", steps=40, **_TOY),
+    dict(RL[3], init="out/toy-sft-unseen", out="out/toy-easy-unseen", data="toy:easy", steps=35, **_TOY),
+]
+
+
+def recipe(stage, variant, toy_preset=False):
+    """The recipe row of (stage, variant): the flags it sets."""
+    row = next(r for r in (TOY_RL if toy_preset else RL) if (r["stage"], r["variant"]) == (stage, variant))
+    return {k: v for k, v in row.items() if k not in ("stage", "variant")}
+
+
+def clip_high(reward):
+    """The official clip-high: 0.28 in the S2 (alternating reward) run, 0.2 in every other (S1, scaffold)."""
+    return 0.28 if reward == "alternating" else 0.2
+
+
+def table():
+    """The recipes as the text table --help prints."""
+    cols = ("stage", "variant", "init", "data", "reward", "grader", "group_size", "prompts_per_step", "steps")
+    head = ("stage", "variant", "starts from", "data", "reward", "grader", "group", "prompts", "steps", "clip-high")
+    rows = [head] + [tuple(str(r[c]) for c in cols) + (str(clip_high(r["reward"])),) for r in RL]
+    width = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(x.ljust(w) for x, w in zip(r, width)).rstrip() for r in rows]
+    return "the recipes (explicit flags win):\n    " + "\n    ".join(lines) + """
+
+Every recipe takes two optimizer steps per rollout batch (--mini-batches 2), as the official scripts
+do (256 prompts, PPO mini-batch 128). Seen: SFT -> easy RL (correct AND a block) -> hard RL
+(accuracy). Unseen skips easy RL; its default reward is S2 (alternating, clip-high 0.28);
+--reward accuracy is S1 (clip-high 0.2). The exploration scaffold is a second run from S2's
+step-200 checkpoint with a fresh optimizer and S1's settings:
+    train_rl.py --variant unseen --steps 200 --out out/rl-unseen-200
+    train_rl.py --variant unseen --reward accuracy --init out/rl-unseen-200 --out out/rl-scaffold"""
+
+
 TOY = {  # --preset toy, per script (SFT: 800 steps of toy.sft_corpus(25600))
     "train_sft": dict(model=None, data=None, max_len=512, batch_size=32, micro_batch_tokens=8192,
                       lr=3e-3, warmup=0.04, epochs=1, save_every=400, grad_ckpt=False),
@@ -52,6 +78,7 @@ TOY = {  # --preset toy, per script (SFT: 800 steps of toy.sft_corpus(25600))
 
 def parse(parser, argv, script):
     """Parse argv with --preset toy's defaults (a typed flag wins); args._typed: the flags typed."""
+    argv = negative_values(sys.argv[1:] if argv is None else list(argv))
     args = parser.parse_args(argv)
     if args.preset == "toy":  # parse again with the preset's defaults
         saved = {k: parser.get_default(k) for k in TOY[script]}
@@ -73,6 +100,34 @@ def parse(parser, argv, script):
             a.default = defaults[a.dest]
     args.script = script
     return args
+
+
+def negative_values(argv):
+    """`--lr -1e-4` as `--lr=-1e-4`: argparse takes a value that starts with '-' for a flag (so the
+    range checks, not argparse, answer a negative number)."""
+    out = []
+    for a in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and re.fullmatch(r"-[\d.]+(e[-+]?\d+)?", a):
+            out[-1] = f"{out[-1]}={a}"
+        else:
+            out.append(a)
+    return out
+
+
+def check_ranges(args, parser, at_least):
+    """Refuse a numeric flag out of its range, in one line. `at_least` maps a flag to its least value,
+    or to (value, why): a float must be above it, an int that or more; any other flag 0 or more."""
+    for a in parser._actions:
+        value = getattr(args, a.dest, None)
+        if a.type not in (int, float) or value is None:
+            continue
+        low, why = at_least.get(a.dest, 0), ""
+        if isinstance(low, tuple):
+            low, why = low[0], f" ({low[1]})"
+        above = isinstance(low, float)
+        if value < low or above and value <= low:
+            raise UsageError(f"{a.option_strings[0]} {value}: must be {'above ' if above else ''}{low}"
+                             f"{'' if above else ' or more'}{why}")
 
 
 def template(args):

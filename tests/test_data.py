@@ -162,9 +162,10 @@ def test_question_and_answer_keys(tmp_path, raw, keys, question, answer):
     ({"question": "q", "answer": "1"}, {"answer_key": "label"},
      "d.jsonl: record 0 has no answer column (looked for label; found: question, answer): pass --answer-key"),
     ({"question": "q", "answer": "1"}, {"fields": ("response",)}, "d.jsonl: record 0 has no response column "
-     "(looked for response, messages, completion; found: question, answer)"),
+     "(looked for response, messages, completion; found: question, answer): pass --response-key"),
     ({"messages": chat(("assistant", "hi"), ("user", "Q"))}, {"fields": ("response",)},  # no reply
-     "d.jsonl: record 0 has no response column (looked for response, messages, completion; found: messages)"),
+     "d.jsonl: record 0 has no response column (looked for response, messages, completion; found: messages): "
+     "pass --response-key"),
     (["q", "1"], {}, "d.jsonl: record 0 is a list, not a JSON object"),
 ])
 def test_missing_column_is_one_line_naming_the_columns(tmp_path, raw, kw, message):
@@ -174,23 +175,38 @@ def test_missing_column_is_one_line_naming_the_columns(tmp_path, raw, kw, messag
     assert str(e.value) == message.replace("d.jsonl", str(path))
 
 
-@pytest.mark.parametrize("raw,question,answer,response", [
-    ({"question": "Q", "answer": "5", "response": "R"}, "Q", "5", "R"),                # our layout
-    ({"question": "Q", "response": "R"}, "Q", None, "R"),                               # no gold answer: fine
+@pytest.mark.parametrize("raw,question,answer,response,sent", [
+    ({"question": "Q", "answer": "5", "response": "R"}, "Q", "5", "R", None),          # our layout
+    ({"question": "Q", "response": "R"}, "Q", None, "R", None),                         # no gold answer: fine
     ({"messages": chat(("system", "S"), ("user", "Q1"), ("assistant", "R1"), ("user", "Q"),
-                       ("assistant", "R"))}, "Q", None, "R"),                            # TRL conversational
-    ({"prompt": "Q", "completion": "R", "answer": "5"}, "Q", "5", "R"),  # TRL prompt-completion
+                       ("assistant", "R"))}, "Q", None, "R", 4),                         # TRL conversational
+    ({"prompt": "Q", "completion": "R", "answer": "5"}, "Q", "5", "R", None),  # TRL prompt-completion
     ({"prompt": chat(("system", "S"), ("user", "Q")), "completion": chat(("assistant", "R"))},
-     "Q", None, "R"),                                                                   # ...conversational
+     "Q", None, "R", 2),                                                                # ...conversational
 ])
-def test_sft_layouts(tmp_path, bpe_tokenizer, raw, question, answer, response):
-    from nanopr1.format import PARALLEL_PROMPT
+def test_sft_layouts(tmp_path, bpe_tokenizer, raw, question, answer, response, sent):
+    """A bare question gets our template; a record's own chat (up to its last user turn) goes as it is."""
+    from nanopr1.format import PARALLEL_PROMPT, chat_ids, chat_prompt_ids
     [r] = data.load_problems(str(write_jsonl(tmp_path / "d.jsonl", [raw])), fields=("response",))
     assert (r["question"], r.get("answer"), r["response"]) == (question, answer, response)
-    ex, _ = data.sft_examples([r], bpe_tokenizer, PARALLEL_PROMPT, 4096)  # what train_sft reads
-    ours, _ = data.sft_examples([{"question": question, "response": response}],
-                                bpe_tokenizer, PARALLEL_PROMPT, 4096)
-    assert len(ex) == 1 and ex == ours
+    [(prompt, _)], _ = data.sft_examples([r], bpe_tokenizer, PARALLEL_PROMPT, 4096)  # what train_sft reads
+    chat_ = raw.get("messages") or raw.get("prompt")
+    expected = (chat_prompt_ids(bpe_tokenizer, PARALLEL_PROMPT, question) if sent is None
+                else chat_ids(bpe_tokenizer, chat_[:sent]))
+    assert prompt == expected
+
+
+def test_an_official_record_reaches_the_model_unwrapped(bpe_tokenizer):
+    """verl's records (`prompt` = the chat with the official instruction) are sent as they are: one
+    instruction, not ours around theirs."""
+    from nanopr1.format import PARALLEL_PROMPT, chat_ids
+    rows = data.read_file(shared_file("official_apo_test_v3.parquet"))[:3]
+    for raw, r in zip(rows, data.to_records(rows, "official")):
+        ids = data.prompt_ids(bpe_tokenizer, PARALLEL_PROMPT, r)
+        assert ids == chat_ids(bpe_tokenizer, list(raw["prompt"]))
+        text = bpe_tokenizer.decode(ids)
+        assert text.count("Problem:") == 1 and PARALLEL_PROMPT.split("\n")[0] not in text
+        assert r["answer"] == raw["reward_model"]["ground_truth"]
 
 
 def test_rl_records_still_need_an_answer():

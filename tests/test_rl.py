@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import init_toy_dir, run
-from nanopr1 import format, toy
+from nanopr1 import UsageError, format, toy
 from nanopr1.grpo import policy_loss
 from nanopr1.model import load_model, tag_ids
 from nanopr1.sampler import sample
@@ -241,3 +241,24 @@ def test_own_data_reward_and_grader(sft_dir, tmp_path):
     assert all(r["reward"] < 2 * r["accuracy"] - 1 for r in got)  # R_acc minus a length penalty
     kept = [json.loads(line) for line in open(tmp_path / "own" / "rollouts.jsonl")]
     assert {r["gold"] for r in kept} <= {r["gold"] for r in rows}
+
+
+def test_non_finite_updates_are_skipped_counted_and_stop_the_run(toy_dir, tmp_path):
+    """A loss that turns NaN: no optimizer step takes it (the weights stay finite), the metrics count the
+    skipped updates, and the third in a row stops the run with one line; the checkpoint before is kept."""
+    import runpy
+    from safetensors.torch import load_file
+    g = runpy.run_path(str(ROOT / "train_rl.py"), run_name="not_main")["main"].__globals__  # the script's own
+    loss_of = g["policy_loss"]
+    g["policy_loss"] = lambda *a, **k: (lambda out: (out[0] * float("nan"), out[1]))(loss_of(*a, **k))
+    out = tmp_path / "rl"
+    args = g["parse_args"](["--preset", "toy", "--init", toy_dir, "--out", str(out), "--stage", "easy", "--steps", "3",
+                            "--save-every", "1", "--prompts-per-step", "2", "--group-size", "2",
+                            "--max-new-tokens", "40"])
+    with pytest.raises(UsageError, match=r"^step 2: 4 updates in a row had a non-finite loss or gradient norm"):
+        g["main"](args)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and [r["skipped_updates"] for r in rows] == [2, 2]
+    saved, first = load_file(str(out / "checkpoint-000001" / "model.safetensors")), load_file(
+        str(Path(toy_dir) / "model.safetensors"))
+    assert all(torch.isfinite(v).all() and torch.equal(v, first[k]) for k, v in saved.items())

@@ -233,3 +233,21 @@ def test_an_sft_run_on_trl_messages_records(tmp_path):
     assert "64/64 traces kept" in log
     got = [json.loads(line) for line in open(tmp_path / "msg" / "metrics.jsonl")]
     assert [r["loss"] for r in got] == [r["loss"] for r in plain]
+
+
+def test_sft_skips_non_finite_updates_and_stops_after_three(tmp_path):
+    """A NaN loss: the update is skipped (logged), three in a row stop SFT in one line, weights untouched."""
+    import runpy
+    from nanopr1 import UsageError
+    g = runpy.run_path(str(ROOT / "train_sft.py"), run_name="not_main")["main"].__globals__  # the script's own
+    nll_of = g["sequence_nll"]
+    g["sequence_nll"] = lambda *a, **k: nll_of(*a, **k) * float("nan")
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in toy.sft_corpus(64, seed=0)))
+    args = g["parse_args"](["--preset", "toy", "--data", str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "o"),
+                            "--batch-size", "8", "--max-steps", "5", "--save-every", "2"])
+    with pytest.raises(UsageError, match=r"^step 3: 3 updates in a row had a non-finite loss or gradient norm"):
+        g["main"](args)
+    rows = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_update"] for r in rows] == [1, 1, 1]
+    model, _ = load_model(str(tmp_path / "o" / "checkpoint-000002"))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
