@@ -6,10 +6,22 @@ sets: n rollouts per problem from the branching sampler, graded as in RL (defaul
     python eval.py --model Qwen/Qwen3-4B-Base --datasets aime25,aime24,amc23,math300
     python eval.py --model out/rl-hard --no-parallel --data-dir ../shared/data   # sequential
     accelerate launch eval.py --model out/rl-hard   # or torchrun; the problems split over the GPUs
+    python eval.py --model out/rl-hard --datasets official_apo_test_v3.parquet   # the official file
+
+A file in verl's layout (a `data_source` column, each record's `prompt` a chat that already holds the
+instruction and the problem, as the official eval file) is read as the official protocol: a table
+row per data_source, the records of one prompt grouped as one problem, their count its n (16 copies:
+Mean@16 and Pass@16 over 16 rollouts; one copy: Mean@1), the chat sent as it is (no template around
+it). Elsewhere n is 16, 1 on math300; --n sets it everywhere.
+
+Two graders side by side: --grader (default dapo, the paper's strict one, which reads the last
+`Final Answer:` of the whole response) decides `correct`, the paired differences and the bar charts;
+--lenient-grader (default is_equiv, a numeric normaliser of the main line's answer) adds its columns,
+so the gap between them is the share of a score that is formatting.
 
 OUT/<model>-<hash of its path>/ holds each dataset's rollouts, summary.json and keys.json; a killed
 run resumes (docs/design.md, "Evaluation"). Simplifications relative to the paper:
-1. the built-in grader is a small numeric normaliser, not math-verify (--grader plugs one in);
+1. a grader is a Python function (math-verify plugs in as one: --grader module:function);
 2. the weights are identified by file sizes, times and their first and last MiB, not a full hash;
 3. --batch-size is not in the key: a problem's rollouts draw from its own seed whatever the batch.
 """
@@ -17,6 +29,7 @@ run resumes (docs/design.md, "Evaluation"). Simplifications relative to the pape
 import argparse
 import hashlib
 import json
+import re
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -24,10 +37,9 @@ from pathlib import Path
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
-from nanopr1 import UsageError, data, kvcache, recipes, rewards, toy
+from nanopr1 import UsageError, data, kvcache, recipes, rewards, run_script, toy
 from nanopr1.checkpoint import model_dir
 from nanopr1.evaluation import complete_rows, evaluate, format_table, paired_difference, summarize
-from nanopr1.format import chat_prompt_ids
 from nanopr1.rollout import Options
 
 
@@ -50,9 +62,10 @@ def fingerprint(model_path, model):
 
 def run_key(weights, args, template, sampling, n, problems):
     """Everything that changes a dataset's rows. A resumed run must have the same key."""
-    questions = json.dumps([[p["question"], p["answer"]] for p in problems]).encode()
+    questions = json.dumps([[p.get("chat") or p["question"], p["answer"]] for p in problems]).encode()
     return {"weights": weights, "dtype": args.dtype, "seed": args.seed, "template": template,
-            "grader": args.grader, "parallel": not args.no_parallel, **sampling, "n": n,
+            "grader": args.grader, "lenient_grader": args.lenient_grader,
+            "parallel": not args.no_parallel, **sampling, "n": n,
             "limit": args.limit, "problems": hashlib.sha256(questions).hexdigest()[:16]}
 
 
@@ -88,8 +101,11 @@ def parse_args(argv=None):
     arg("--device", help="default: the process's accelerator (cuda under accelerate launch) or cpu")
     arg("--variant", default="seen", choices=["seen", "unseen"], help="how paths are merged")
     # data
-    arg("--datasets", default="aime25,aime24,amc23,math300", help="comma-separated names or files")
+    arg("--datasets", default="aime25,aime24,amc23,math300", help="comma-separated names or files "
+        "(a file with a data_source column: a set per source, see above)")
     arg("--data-dir", default=None, help="read the named sets from local files here (offline)")
+    arg("--question-key", help="the question column of your file (default: found by name)")
+    arg("--answer-key", help="the gold answer column of your file (default: found by name)")
     arg("--limit", type=int, default=None, help="only the first N problems of each set")
     # sampling
     arg("--n", "--rollouts", type=int, help="rollouts per problem (default: 1 on math300, 16 "
@@ -101,7 +117,10 @@ def parse_args(argv=None):
     arg("--max-blocks", type=int, default=4, help="parallel blocks per rollout at most")
     arg("--no-parallel", action="store_true", help="sequential baseline: plain prompt, no forking")
     arg("--prompt-file", help="a prompt template with a {problem} slot")
-    arg("--grader", default="is_equiv", help="is_equiv (built-in) or module:function (math-verify)")
+    arg("--grader", help="dapo (the paper's, the default; toy: is_equiv), is_equiv, gsm8k or "
+        "module:function (math-verify)")
+    arg("--lenient-grader", default="is_equiv", help="a second grader reported beside --grader "
+        "(none: only --grader)")
     arg("--batch-size", type=int, default=4, help="problems per sampler call (x n rollouts)")
     arg("--seed", type=int, default=0)
     # output
@@ -128,20 +147,71 @@ def parse_args(argv=None):
     ]:
         if bad:
             raise UsageError(message)
-    rewards.resolve(args.grader, "grader")  # a typo in --grader: one line, before any model loads
+    # the paper's grader; the toy's answers are bare numbers, which the lenient grader reads
+    args.grader = args.grader or ("is_equiv" if args.preset == "toy" else "dapo")
+    if args.lenient_grader in ("none", args.grader):
+        args.lenient_grader = None  # no second column (the same grader twice says nothing)
+    for spec in filter(None, (args.grader, args.lenient_grader)):
+        rewards.resolve(spec, "grader")  # a typo: one line, before any model loads
+    found = next(p for p in [Path(args.out), *Path(args.out).parents] if p.exists())  # "." at worst
+    if not found.is_dir():
+        raise UsageError(f"--out {args.out}: {found} is a file, not a directory")
     return args
+
+
+def load_sets(args):
+    """({name: problems}, {name: n}) of --datasets; a file in verl's layout: official_sets."""
+    sets, ns = {}, {}
+    for source in args.datasets.split(","):
+        problems = data.load_problems(source, split="test", data_dir=args.data_dir,
+                                      question_key=args.question_key, answer_key=args.answer_key)
+        if problems and all(p.get("data_source") is not None for p in problems):
+            found = official_sets(problems, source, args.n)
+        else:  # keyed by a short label (a file's stem); split "test" only matters for gsm8k
+            name = Path(source).stem
+            found = {name: (problems, 1 if name == "math300" else 16)}  # the paper's n
+        for name, (problems, n) in found.items():
+            if name in sets:
+                raise UsageError(f"--datasets: two sets are named {name} (the name of a file is "
+                                 "its stem; of an official file's set its data_source)")
+            sets[name], ns[name] = problems[:args.limit], args.n or n
+    return sets, ns
+
+
+def official_sets(records, source, n=None):
+    """{data_source: (problems, n)} of an official file: the records of one prompt are one problem,
+    their count its n (16 copies: Mean@16); each problem keeps its first record."""
+    by_source = {}
+    for r in records:
+        name = re.sub(r"[^\w.-]", "_", str(r["data_source"]))  # names a file in OUT
+        prompt = json.dumps(r.get("chat") or r["question"], sort_keys=True)
+        by_source.setdefault(name, {}).setdefault(prompt, []).append(r)
+    found = {}
+    for name, groups in by_source.items():
+        for copies in groups.values():
+            golds = sorted({c["answer"] for c in copies})
+            if len(golds) > 1:
+                raise UsageError(f"{source}: a prompt of {name} has {len(golds)} gold answers "
+                                 f"({', '.join(golds)})")
+        counts = sorted({len(copies) for copies in groups.values()})
+        if len(counts) > 1 and n is None:
+            raise UsageError(f"{source}: the prompts of {name} repeat {counts[0]} to {counts[-1]} "
+                             "times, so n is not one number: pass --n")
+        found[name] = ([copies[0] for copies in groups.values()], counts[-1])
+    return found
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:  # the data first: a typo in --datasets should not wait for a 4B model to load
         template = recipes.template(args)
-        # keyed by a short label (a file's stem); split "test" only matters for gsm8k
-        load = lambda name: data.load_problems(name, split="test", data_dir=args.data_dir)
-        sets = {Path(name).stem: load(name)[:args.limit] for name in args.datasets.split(",")}
+        sets, ns = load_sets(args)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         raise UsageError(str(e)) from None
-    ns = {name: args.n or (1 if name == "math300" else 16) for name in sets}  # the paper's n
+    chats = [name for name, problems in sets.items() if any(p.get("chat") for p in problems)]
+    if chats and (args.prompt_file or args.no_parallel):
+        print(f"note: {', '.join(chats)}: the records' own chat prompts are sent as they are "
+              "(--prompt-file and --no-parallel's prompt apply to bare questions)", file=sys.stderr)
     names = "temperature top_p max_new_tokens num_paths max_blocks variant".split()
     sampling = {k: getattr(args, k) for k in names}  # sampler.sample's options
     timeout = InitProcessGroupKwargs(timeout=timedelta(hours=6))  # a merge waits for the slowest
@@ -161,8 +231,9 @@ def main(argv=None):
         values, per_set = sorted(set(ns.values())), ", ".join(f"{k} {v}" for k, v in ns.items())
         n = f"n={values[0]}" if len(values) == 1 else f"n {per_set}"
         mode = "sequential" if args.no_parallel else "parallel, " + args.variant
+        graders = args.grader + (f" (lenient: {args.lenient_grader})" if args.lenient_grader else "")
         print(f"{args.model} ({mode}), {n}, temperature {args.temperature}, "
-              f"budget {args.max_new_tokens} tokens")
+              f"budget {args.max_new_tokens} tokens, graded by {graders}")
         print(format_table(table))
     if acc.is_main_process and len(models) > 1:  # before/after: paired over the same problems
         print(f"differences from {labels[0]}, paired over problems (± one standard error), "
@@ -173,13 +244,14 @@ def main(argv=None):
                 a, b = rows[labels[0]][name], rows[label][name]
                 d = {k: points(paired_difference(a, b, k)) for k in ("correct", "has_block")}
                 print(f"  {label}/{name}: accuracy {d['correct']}   parallel {d['has_block']}")
-    acc.end_training()  # the process group down before exit
+    acc.wait_for_everyone()  # every rank done with the group before it goes down
+    acc.end_training()
     return table
 
 
 def kv_cache(model, tokenizer, template, sets, ns, args):
     """One KV cache for every batch of every set (its CUDA graphs kept), as large as one batch."""
-    longest = max(len(chat_prompt_ids(tokenizer, template, p["question"])) for s in sets.values() for p in s)
+    longest = max(len(data.prompt_ids(tokenizer, template, p)) for s in sets.values() for p in s)
     opts = Options(max_new_tokens=args.max_new_tokens, num_paths=args.num_paths, parallel=not args.no_parallel)
     return kvcache.for_call(model, opts, [[0] * longest], args.batch_size * max(ns.values()), None)[0]
 
@@ -198,6 +270,7 @@ def evaluate_model(model_path, args, sets, ns, template, sampling, acc):
         raise UsageError(str(e)) from None
     weights = fingerprint(model_path, model)
     cache = kv_cache(model, tokenizer, template, sets, ns, args)
+    graders = [(g, rewards.resolve(g, "grader")) if g else None for g in (args.grader, args.lenient_grader)]
     keys, summaries, rows = {}, {}, {}
     for name, problems in sets.items():
         n = ns[name]
@@ -210,7 +283,7 @@ def evaluate_model(model_path, args, sets, ns, template, sampling, acc):
                  batch_size=args.batch_size, done=data.read_rows(out / f"{name}.jsonl"),
                  on_rows=lambda new: data.write_rows(mine, new, "a"), progress=not args.no_progress,
                  desc=name, seed=args.seed, rank=acc.process_index, world=acc.num_processes,
-                 cache=cache, grader=rewards.resolve(args.grader, "grader"), **sampling)
+                 cache=cache, grader=graders[0], lenient=graders[1], **sampling)
         acc.wait_for_everyone()
         if acc.is_main_process:
             rows[name] = gather(out, name, problems, n)
@@ -224,7 +297,4 @@ def evaluate_model(model_path, args, sets, ns, template, sampling, acc):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UsageError as e:
-        sys.exit(f"error: {e}")
+    run_script(main)

@@ -5,6 +5,7 @@ plot.py: PNG figures of RL runs (curves) and of eval results (bar charts).
     python plot.py --eval out/eval/*/summary.json --out plots
 
 Simplifications: a fixed list of metrics; --smooth is a trailing moving average, not an EMA.
+A missing run or file, a metric no run logged, or an --out that is a file: one line, nothing written.
 """
 
 import argparse
@@ -22,7 +23,8 @@ def parse_args(argv=None):
     arg("runs", nargs="*", metavar="RUN_DIR", help="run dirs holding metrics.jsonl")
     arg("--labels", help="comma-separated legend names, one per RUN_DIR (default: the dir names)")
     arg("--smooth", type=int, default=1, metavar="K", help="moving average over the last K steps")
-    arg("--metrics", default=",".join(METRICS), help="comma-separated metrics.jsonl keys to plot")
+    arg("--metrics", help="comma-separated metrics.jsonl keys to plot (default: those of "
+        f"{', '.join(METRICS)} the runs logged)")
     arg("--together", metavar="NAME", help="the metrics as panels of one figure, OUT/NAME.png")
     arg("--eval", nargs="+", default=[], metavar="SUMMARY", help="eval.py summary.json files")
     arg("--out", required=True, help="directory for the PNG files")
@@ -34,7 +36,45 @@ def parse_args(argv=None):
         parser.error(f"--labels has {len(args.labels)} names for {len(args.runs)} run dirs")
     if args.smooth < 1:
         parser.error("--smooth K needs K >= 1")
+    found = next(p for p in [Path(args.out), *Path(args.out).parents] if p.exists())  # "." at worst
+    if not found.is_dir():
+        sys.exit(f"error: --out {args.out}: {found} is a file, not a directory")
     return args
+
+
+def read_inputs(args):
+    """(runs, metrics): {step: row} of each run and the metrics to draw; `error: ...` if one is missing."""
+    runs = []
+    for run_dir in args.runs:
+        if not (Path(run_dir) / "metrics.jsonl").is_file():
+            what = "no such directory" if not Path(run_dir).is_dir() else "no metrics.jsonl in it"
+            sys.exit(f"error: {run_dir}: {what} (train_rl.py and train_sft.py write OUT/metrics.jsonl)")
+        try:
+            runs.append(read_metrics(run_dir))
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+    logged = lambda m: any(r.get(m) is not None for rows in runs for r in rows.values())
+    have = sorted({k for rows in runs for r in rows.values() for k, v in r.items()
+                   if isinstance(v, (int, float)) and k != "step"})
+    if args.metrics:  # asked by name: each must be drawn from some run
+        missing = [m for m in args.metrics.split(",") if not logged(m)]
+        if missing and runs:
+            sys.exit(f"error: --metrics {','.join(missing)}: no run logged a value of it (logged: "
+                     f"{', '.join(have) or 'nothing yet'})")
+        for m in args.metrics.split(","):
+            for run_dir, rows in zip(args.runs, runs):
+                if not any(r.get(m) is not None for r in rows.values()):
+                    print(f"note: {run_dir} has no {m}", file=sys.stderr)
+    metrics = args.metrics.split(",") if args.metrics else [m for m in METRICS if logged(m)]
+    if runs and not metrics:
+        sys.exit(f"error: the runs logged none of {', '.join(METRICS)} (logged: "
+                 f"{', '.join(have) or 'nothing yet'}): choose with --metrics")
+    for f in args.eval:
+        try:
+            json.loads(Path(f).read_text())["datasets"]
+        except (OSError, ValueError, KeyError, TypeError):
+            sys.exit(f"error: --eval {f}: not an eval.py summary.json (OUT/<model>/summary.json)")
+    return runs, metrics
 
 
 def read_metrics(run_dir):
@@ -60,7 +100,7 @@ def smooth(ys, k):
 def plot_runs(plt, runs, labels, k, out, metrics, together):
     """Writes OUT/<metric>.png per logged metric, a line per run (or one OUT/<together>.png)."""
     panels = {}  # {metric: [(label, rows, steps)]}: the runs that logged it (None: no block yet)
-    for metric in metrics.split(","):
+    for metric in metrics:
         for rows, label in zip(runs, labels):
             steps = sorted(s for s, r in rows.items() if r.get(metric) is not None)
             if steps:
@@ -84,7 +124,9 @@ def plot_eval(plt, files, out):
     """Accuracy (mean@n) and parallel rate: a bar per model and dataset; returns [the PNG file]."""
     models = {Path(f).parent.name: json.loads(Path(f).read_text())["datasets"] for f in files}
     datasets = list(dict.fromkeys(d for sets in models.values() for d in sets))  # first-seen order
-    panels = [("accuracy (mean@n)", lambda s: s[next(k for k in s if k.startswith("mean@"))]),
+    graders = sorted({s["grader"] for sets in models.values() for s in sets.values() if "grader" in s})
+    by = f", {' / '.join(graders)}" if graders else ""  # eval.py's --grader (not the lenient one)
+    panels = [(f"accuracy (mean@n{by})", lambda s: s[next(k for k in s if k.startswith("mean@"))]),
               ("parallel (share of rollouts with a block)", lambda s: s["parallel"])]
     width = 0.8 / len(models)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), layout="tight")
@@ -107,6 +149,7 @@ def save_figure(plt, fig, path):
 
 def main(argv=None):
     args = parse_args(argv)
+    runs, metrics = read_inputs(args)  # every input checked before matplotlib loads
     try:
         import matplotlib.pyplot as plt
     except ImportError:
@@ -114,8 +157,7 @@ def main(argv=None):
     plt.switch_backend("Agg")  # files only, no window
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = [read_metrics(r) for r in args.runs]
-    written = plot_runs(plt, runs, args.labels, args.smooth, out, args.metrics, args.together)
+    written = plot_runs(plt, runs, args.labels, args.smooth, out, metrics, args.together)
     written += plot_eval(plt, args.eval, out) if args.eval else []
     sys.stdout.writelines(f"{path}\n" for path in written)
     return written

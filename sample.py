@@ -13,10 +13,12 @@ Single process only (no `accelerate launch`: sampling a few rollouts needs one d
 Simplifications relative to the paper:
 1. one prompt per call (--n rollouts of it); the batched sampler is the same one RL and eval use;
 2. --json prints one object per rollout with the texts of its blocks, not its token-level data.
+Piped into `head`, it stops quietly when the reader has gone.
 """
 
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -105,4 +107,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+        sys.stdout.flush()  # here, where a closed pipe can still be caught
+    except BrokenPipeError:  # `sample.py --show FILE | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the flush at exit: nowhere

@@ -19,7 +19,6 @@ Simplifications relative to the paper / official code (all of them, setting by s
 """
 
 import argparse
-import sys
 import time
 from collections import Counter, namedtuple
 from contextlib import nullcontext
@@ -30,7 +29,7 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, gather_object
 from tqdm import tqdm
 
-from nanopr1 import UsageError, checkpoint, data, metrics, recipes, rewards
+from nanopr1 import UsageError, checkpoint, data, every_rank, metrics, recipes, rewards, run_script
 from nanopr1.evaluation import evaluate_everywhere
 from nanopr1.grpo import group_advantages, policy_loss, tis_weight
 from nanopr1.model import apply_lora, load_model, refresh_copy, sampling_copy, save_checkpoint, tag_ids
@@ -138,7 +137,7 @@ def main(args):
     clip = dict(eps_low=args.clip_low, eps_high=args.clip_high, dual_clip=args.dual_clip, kl_coef=args.kl_coef)
     out.mkdir(parents=True, exist_ok=True)
     step = skipped = 0
-    if args.resume and checkpoint.latest(out):  # model, optimizer and RNG as saved; the data position: the step
+    if args.resume and checkpoint.checkpoints(out):  # model, optimizer and RNG as saved; the data position: the step
         step = checkpoint.load_state(out, acc)
     checkpoint.apply_lr(opt, args.lr)
     checkpoint.start_trackers(acc, args)
@@ -218,6 +217,7 @@ def main(args):
         if step % args.save_every == 0 or step == args.steps:  # every rank (FSDP gathers)
             save_checkpoint(out, step, acc, model, tokenizer, args, args.keep_checkpoints)
     bar.close()
+    acc.wait_for_everyone()  # every rank done before the process group goes down
     acc.end_training()
     acc.print(f"done: {step} steps, model in {out}")
 
@@ -279,19 +279,6 @@ def prepare(args, acc):
     return run
 
 
-def every_rank(acc, fn):
-    """fn()'s result; a UsageError on any rank (a bad reward, a bad grader) stops every rank, so none
-    waits for the others in a collective."""
-    try:
-        result, error = fn(), None
-    except UsageError as e:
-        result, error = None, str(e)
-    failed = acc.reduce(torch.tensor(error is not None, device=acc.device, dtype=torch.int32), "sum").item()
-    if failed:
-        raise UsageError(error or "another process stopped on an error (its line is above)")
-    return result
-
-
 def run_eval(run, args, acc, step):
     """The --eval-every hook: every rank's share with the run's KV cache; the summary on every rank. It
     grades as the benchmarks are graded (dapo; the toy: the run's grader)."""
@@ -314,6 +301,8 @@ def parse_args(argv=None):
     if args.clip_high is None:
         args.clip_high = recipes.clip_high(args.reward)
     args.run_name = args.run_name or Path(args.out).name
+    if args.resume:  # the run's own flags, before anything reads them (typed again: applied or refused)
+        checkpoint.resume_args(args.out, args, REFUSE, APPLY)
     # every number in its range (one line each); then what ranges alone cannot say
     recipes.check_ranges(args, parser, dict(
         group_size=(2, "GRPO compares a prompt's rollouts"), num_paths=(2, "a block has 2 or more paths"),
@@ -329,20 +318,24 @@ def parse_args(argv=None):
             (args.answer_reserve is None or args.rules == "reserve", "--answer-reserve needs --rules reserve")]:
         if not ok:
             raise UsageError(message)
-    checkpoint.check_out(args.out)  # a file in the way: one line, before anything loads
-    checkpoint.check_tracker(args.report_to)
+    recipes.check_out(args.out)  # a file in the way: one line, before anything loads
+    recipes.check_tracker(args.report_to)
     rewards.resolve(args.reward, "reward"), rewards.resolve(args.grader, "grader")  # a typo: one line, now
     return args
 
 
+def plan_or_train(argv=None):
+    """--plan: the memory plan from the model config alone; else the run."""
+    args = parse_args(argv)
+    if not args.plan:
+        try:
+            return main(args)
+        finally:
+            checkpoint.release()  # OUT's lock (a refused run leaves OUT as it found it)
+    from nanopr1.plan import load_config, plan_for
+    print(f"memory plan per GPU: {args.init}, {'LoRA' if args.lora else 'full fine-tune'}\n"
+          f"{plan_for(args, load_config(args.init))}")
+
+
 if __name__ == "__main__":
-    try:
-        args = parse_args()
-        if args.plan:  # the memory plan from the model config alone
-            from nanopr1.plan import load_config, plan_for
-            print(f"memory plan per GPU: {args.init}, {'LoRA' if args.lora else 'full fine-tune'}\n"
-                  f"{plan_for(args, load_config(args.init))}")
-        else:
-            main(args)
-    except UsageError as e:
-        sys.exit(f"error: {e}")
+    run_script(plan_or_train)

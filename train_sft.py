@@ -18,7 +18,6 @@ Simplifications relative to the paper:
 
 import argparse
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 from tqdm import tqdm
 
-from nanopr1 import UsageError, checkpoint, corpus, data, recipes, toy
+from nanopr1 import UsageError, checkpoint, corpus, data, recipes, run_script, toy
 from nanopr1.model import apply_lora, load_model, save_checkpoint, tag_ids
 from nanopr1.scoring import collate, micro_batches_on_every_rank, sequence_nll, sync_gradients
 
@@ -92,6 +91,7 @@ def main(args):
     if args.generate:  # the cold-start corpus instead of training
         acc = Accelerator()
         corpus.generate(args, acc, recipes.template(args))
+        acc.wait_for_everyone()
         return acc.end_training()  # the process group down before exit
     out, cuda = Path(args.out), torch.cuda.is_available()
     acc = Accelerator(mixed_precision="bf16" if cuda else "no", log_with=None if args.report_to == "none" else
@@ -134,7 +134,7 @@ def main(args):
     acc.register_for_checkpointing(sched)  # not prepared: accelerate would step it once per process per step
     out.mkdir(parents=True, exist_ok=True)
     step = skipped = 0
-    if args.resume and checkpoint.latest(out):  # model, optimizer, schedule and RNG as saved; data position: step
+    if args.resume and checkpoint.checkpoints(out):  # model, optimizer, schedule and RNG as saved; data position: step
         step = checkpoint.load_state(out, acc)
         checkpoint.apply_lr(opt, args.lr, sched)
     checkpoint.start_trackers(acc, args)
@@ -178,6 +178,7 @@ def main(args):
         if step % args.save_every == 0 or step == total:  # every rank (FSDP gathers)
             save_checkpoint(out, step, acc, model, tokenizer, args, args.keep_checkpoints)
     bar.close()
+    acc.wait_for_everyone()  # every rank done before the process group goes down
     acc.end_training()
     acc.print(f"done: {step} steps, model in {out}")
 
@@ -188,24 +189,30 @@ def parse_args(argv=None):
     if args.out is None:  # where the RL stages look for it
         args.out = ("out/toy-sft" if args.preset == "toy" else "out/sft") + "-unseen" * (args.variant == "unseen")
     args.run_name = args.run_name or Path(args.out).name
+    if args.resume and not args.generate:  # the run's own flags, before anything reads them
+        checkpoint.resume_args(args.out, args, REFUSE, APPLY)
     recipes.check_ranges(args, parser, dict(batch_size=1, micro_batch_tokens=1, epochs=1, save_every=1,
                                             keep_checkpoints=1, lr=0.0, max_len=2, gen_batch=1, gen_max_new_tokens=1,
                                             lora_r=1, gpu_memory_gb=0.0, num_gpus=1))
     if args.warmup >= 1:
         raise UsageError(f"--warmup {args.warmup}: must be in [0, 1)")
-    checkpoint.check_out(args.out)  # a file in the way: one line, before anything loads
-    checkpoint.check_tracker(args.report_to)
+    recipes.check_out(args.out)  # a file in the way: one line, before anything loads
+    recipes.check_tracker(args.report_to)
     return args
 
 
+def plan_or_train(argv=None):
+    """--plan: the memory plan from the model config alone; else the run."""
+    args = parse_args(argv)
+    if not args.plan:
+        try:
+            return main(args)
+        finally:
+            checkpoint.release()  # OUT's lock (a refused run leaves OUT as it found it)
+    from nanopr1.plan import load_config, plan_for
+    print(f"memory plan per GPU: {args.model}, SFT, {'LoRA' if args.lora else 'full fine-tune'}\n"
+          f"{plan_for(args, load_config(args.model), sampling=False)}")
+
+
 if __name__ == "__main__":
-    try:
-        args = parse_args()
-        if args.plan:  # the memory plan from the model config alone
-            from nanopr1.plan import load_config, plan_for
-            print(f"memory plan per GPU: {args.model}, SFT, {'LoRA' if args.lora else 'full fine-tune'}\n"
-                  f"{plan_for(args, load_config(args.model), sampling=False)}")
-        else:
-            main(args)
-    except UsageError as e:
-        sys.exit(f"error: {e}")
+    run_script(plan_or_train)

@@ -1,28 +1,36 @@
-"""A run's output dir: checkpoints that survive a kill at any moment, the guard on OUT, --resume,
+"""A run's output dir: checkpoints that survive a kill at any moment, the lock and guard on OUT, --resume,
 the logs; `acc` is the script's Accelerator. The layout and why: docs/design.md, "Checkpoints"."""
 
+import atexit
+import hashlib
 import json
 import os
 import shutil
+import sys
+import time
 from collections import namedtuple
 from pathlib import Path
+
+from accelerate.utils import broadcast_object_list, extract_model_from_parallel
+from safetensors.torch import load_file
 
 from nanopr1 import UsageError
 
 LOGS = ("metrics.jsonl", "rollouts.jsonl", "eval_rollouts.jsonl")  # a row per step or rollout
+LOCK = ".lock"  # OUT/.lock: flocked by the run that writes OUT
 Found = namedtuple("Found", "path step")  # latest(): the newest valid checkpoint
+Saved = namedtuple("Saved", "path checkpoint_gb")  # save(): the checkpoint, its size (main process)
+_locks = {}  # OUT -> (fd of OUT/.lock, whether the lock made OUT): the dirs this process writes
+_hashes = {}  # (file, size, mtime) -> its sha256
 
 
 def _fsync(path):
     fd = os.open(path, os.O_RDONLY)  # a dir too: makes the names in it durable
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    os.fsync(fd)
+    os.close(fd)
 
 
-def _json(path):
-    """The parsed file; a ValueError naming it if it is missing or not JSON."""
+def _json(path):  # the parsed file; a ValueError naming it if it is missing or not JSON
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -31,17 +39,31 @@ def _json(path):
         raise ValueError(f"{path}: not JSON ({e})") from None
 
 
+def _sha256(f):  # once per version of a file (a resume checks a checkpoint more than once)
+    key = (str(f), os.stat(f).st_size, os.stat(f).st_mtime_ns)
+    if key not in _hashes:
+        h = hashlib.sha256()
+        with open(f, "rb") as stream:
+            while chunk := stream.read(1 << 24):  # streamed, 16 MB at a time
+                h.update(chunk)
+        _hashes[key] = h.hexdigest()
+    return _hashes[key]
+
+
 def save(out, step, acc, write, args=None, keep=1):
-    """Every rank: write OUT's checkpoint of `step` (`write(dir)`: the model files), keep `keep`."""
+    """Every rank: write OUT's checkpoint of `step` (`write(dir)`: the model dir), keep `keep`."""
     path = Path(out) / f"checkpoint-{step:06d}"
-    tmp = path.with_name(path.name + ".tmp")
+    tmp, gb = path.with_name(path.name + ".tmp"), None
     if acc.is_main_process:
         for stale in Path(out).glob("checkpoint-*.tmp"):  # killed saves' leftovers
             shutil.rmtree(stale)
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
     write(tmp)
+    # accelerate's state (optimizer, schedule, RNG) without the weights: the model dir holds them
+    handle = acc.register_save_state_pre_hook(_save_hook)
     acc.save_state(str(tmp / "state"))
+    handle.remove()
     acc.wait_for_everyone()  # every rank's files are in tmp
     if acc.is_main_process:
         (tmp / "step.json").write_text(json.dumps({"step": step}))
@@ -50,8 +72,11 @@ def save(out, step, acc, write, args=None, keep=1):
         found = sorted(tmp.rglob("*"))
         for f in found:  # durable before the manifest vouches for them
             _fsync(f)
-        files = {f.relative_to(tmp).as_posix(): f.stat().st_size for f in found if f.is_file()}
-        (tmp / "manifest.json").write_text(json.dumps({"step": step, "files": files}, indent=1))
+        # the manifest: each file's size (checked at every look) and sha256 (when a checkpoint is chosen)
+        files = {f.relative_to(tmp).as_posix(): f for f in found if f.is_file()}
+        manifest = {"step": step, "files": {name: f.stat().st_size for name, f in files.items()},
+                    "sha256": {name: _sha256(f) for name, f in files.items()}}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         _fsync(tmp / "manifest.json")
         _fsync(tmp)
         shutil.rmtree(path, ignore_errors=True)  # this step's checkpoint of a run not resumed
@@ -59,8 +84,33 @@ def save(out, step, acc, write, args=None, keep=1):
         _fsync(out)  # the rename itself durable
         for _, old in checkpoints(out)[:-keep]:
             shutil.rmtree(old)
+        gb = sum(manifest["files"].values()) / 1e9
+        print(f"{path.name}: {gb:.3g} GB", flush=True)
     acc.wait_for_everyone()
-    return path
+    return Saved(path, gb)
+
+
+def _save_hook(models, weights, output_dir):
+    """save_state writes no weights but LoRA's trained ones (the model dir has them merged)."""
+    if weights:  # (the scripts prepare one model; under FSDP accelerate writes its shards itself)
+        module = extract_model_from_parallel(models[0])
+        lora = hasattr(module, "get_base_model")  # peft
+        trained = [n for n, q in module.named_parameters() if q.requires_grad and lora]
+        weights[:] = [{k: v for k, v in module.state_dict().items() if k in trained}] if trained else []
+
+
+def _load_hook(models, input_dir):
+    """load_state: the weights from the checkpoint's model dir (LoRA: its trained ones from state/)."""
+    if models:
+        module, input_dir = extract_model_from_parallel(models[0]), Path(input_dir)
+        lora = hasattr(module, "get_base_model")  # peft
+        files = [input_dir / "model.safetensors"] if lora else sorted(input_dir.parent.glob("*.safetensors"))
+        weights = {k.removeprefix("module."): w for f in files for k, w in load_file(f).items()}
+        missing, unexpected = module.load_state_dict(weights, strict=False)
+        lost = {n for n, q in module.named_parameters() if q.requires_grad} & set(missing)  # (tied: not lost)
+        if unexpected or lost:
+            raise ValueError(f"{input_dir}: not this model's weights: {sorted(unexpected or lost)[:2]}")
+        models.clear()  # nothing left for accelerate to load
 
 
 def checkpoints(out):
@@ -70,7 +120,7 @@ def checkpoints(out):
 
 
 def validate(path):
-    """None if `path` is a complete checkpoint, else the reason in one line, naming the file."""
+    """None if `path` is a complete checkpoint (sizes, then sha256 if the manifest has them), else why."""
     path = Path(path)
     try:
         manifest = _json(path / "manifest.json")
@@ -82,6 +132,9 @@ def validate(path):
                 return f"{f}: {f.stat().st_size} bytes, the manifest says {size}"
         if _json(path / "step.json") != {"step": manifest["step"]}:
             return f"{path / 'step.json'}: not the manifest's step {manifest['step']}"
+        for name, sha256 in manifest.get("sha256", {}).items():
+            if _sha256(path / name) != sha256:
+                return f"{path / name}: not the content the manifest vouches for (sha256)"
     except ValueError as e:
         return str(e)
     except (KeyError, TypeError, AttributeError):
@@ -89,18 +142,20 @@ def validate(path):
     return None
 
 
-def latest(out):
-    """Found(path, step) of OUT's newest valid checkpoint, or None."""
-    return next((Found(p, s) for s, p in reversed(checkpoints(out)) if validate(p) is None), None)
+def latest(out, passed=None):
+    """Found(path, step) of OUT's newest valid checkpoint, or None; why each newer one is not: in `passed`."""
+    for step, path in reversed(checkpoints(out)):
+        if (reason := validate(path)) is None:
+            return Found(path, step)
+        (passed if passed is not None else []).append(reason)
 
 
 def _latest(out, what=""):
-    """latest(out), or a UsageError saying why OUT has no valid checkpoint."""
-    found = latest(out)
-    if found is None:
-        reasons = "; ".join(validate(path) for _, path in checkpoints(out)) or "no checkpoint-* dir"
-        raise UsageError(f"{what}no valid checkpoint in {out}: {reasons}")
-    return found
+    """(latest(out), a one-line note on the newer ones passed over, or ""); a UsageError if there is none."""
+    passed = []
+    if (found := latest(out, passed)) is None:
+        raise UsageError(f"{what}no valid checkpoint in {out}: {'; '.join(passed) or 'no checkpoint-* dir'}")
+    return found, f"{what}{found.path.name} is used: {'; '.join(passed)}" if passed else ""
 
 
 def model_dir(path):
@@ -108,13 +163,18 @@ def model_dir(path):
     path = Path(path)
     if (path / "config.json").is_file() or not checkpoints(path):
         return path
-    return _latest(path).path
+    found, note = _latest(path)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    return found.path
 
 
 def load_state(out, acc):
     """--resume: load OUT's newest valid checkpoint, cut the logs back to it; returns its step."""
-    found = _latest(out, "--resume: ")
+    found, _ = _latest(out, "--resume: ")  # (prepare_out's note said what it passed over)
+    handle = acc.register_load_state_pre_hook(_load_hook)  # the weights from the model dir
     acc.load_state(str(found.path / "state"))
+    handle.remove()
     if acc.is_main_process:
         for name in LOGS:
             trim_rows(Path(out) / name, found.step)
@@ -127,11 +187,62 @@ def plain(args):
     return {k: v for k, v in flags.items() if not k.startswith("_")}
 
 
+def lock(out):
+    """Hold OUT/.lock until release() or exit (a flock: a killed run's is let go); a UsageError if held."""
+    import fcntl  # (POSIX, as the fsync of a dir)
+    out, made = Path(out).resolve(), not Path(out).exists()
+    out.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:  # held by a live run (or a file system without locks)
+            owner = os.read(fd, 1000).decode(errors="replace") or "a run starting"
+            os.close(fd)
+            if not isinstance(e, BlockingIOError):
+                return f"{out} could not be locked ({e.strerror}): make sure no other run writes it"
+            raise UsageError(f"{out} is in use by {owner}: wait for it, or choose another --out") from None
+        if (out / LOCK).exists() and os.path.samestat(os.fstat(fd), os.stat(out / LOCK)):
+            gone = os.read(fd, 1000).decode(errors="replace")  # a run killed while it held the lock
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"process {os.getpid()} on {os.uname().nodename} since {time.ctime()}".encode(), 0)
+            _locks[out] = fd, made
+            return f"{out}: the lock of a run that is gone ({gone}) is taken over" if gone else ""
+        os.close(fd)  # its holder let go and removed it meanwhile: lock the new one
+
+
+@atexit.register
+def release(out=None):
+    """Let go of OUT's lock (all, if None: at exit); and of OUT if the lock made it and it is empty."""
+    for key in [k for k in list(_locks) if out is None or k == Path(out).resolve()]:
+        fd, made = _locks.pop(key)
+        (key / LOCK).unlink(missing_ok=True)  # removed while held: ours, never a new run's
+        os.close(fd)
+        if made and not any(key.iterdir()):
+            key.rmdir()
+
+
 def prepare_out(out, args, acc, resume=False, overwrite=False, refuse=(), apply=()):
-    """Check OUT before a run; a note to print. --resume: a `refuse` flag typed anew is an error."""
-    out, now = Path(out), plain(args)
+    """Lock and check OUT before a run; a note to print. --resume: a `refuse` flag typed anew is an error."""
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
+    try:  # locked before anything is written: one run in OUT at a time, --overwrite or not
+        note, error = (lock(out) if acc.is_main_process else ""), None
+    except UsageError as e:
+        note, error = "", str(e)
+    if acc.num_processes > 1:  # every rank stops on its main process's refusal: none waits for it
+        error = broadcast_object_list([error])[0]
+    if error:
+        raise UsageError(error)
+    try:
+        return "\n".join(filter(None, (note, *_guard(out, args, acc, resume, overwrite, refuse, apply))))
+    except BaseException:
+        release(out)
+        raise
+
+
+def _guard(out, args, acc, resume, overwrite, refuse, apply):  # prepare_out's checks of OUT: its notes
+    out = Path(out)
     logs = [name for name in (*LOGS, "tensorboard") if (out / name).exists()]
     held = sorted({p.name for p in out.glob("checkpoint-*")} | set(logs))  # this project's only
     if not resume:
@@ -140,31 +251,36 @@ def prepare_out(out, args, acc, resume=False, overwrite=False, refuse=(), apply=
                              "--resume continues it, --overwrite starts over")
         if acc.is_main_process:
             for name in held:
-                if (out / name).is_dir():
-                    shutil.rmtree(out / name)
-                else:
-                    (out / name).unlink()
+                shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
         acc.wait_for_everyone()
-        return f"--overwrite: removed {', '.join(held)} from {out}" if held else ""
+        return [f"--overwrite: removed {', '.join(held)} from {out}" if held else ""]
     if not checkpoints(out) and held:  # killed before its first checkpoint
         if acc.is_main_process:
             for name in LOGS:
                 trim_rows(out / name, 0)
-        return f"--resume: {out} has no checkpoint yet: starting from step 0"
-    found = _latest(out, "--resume: ")
-    saved, typed, changed = _json(found.path / "args.json"), getattr(args, "_typed", set()), []
+        return [f"--resume: {out} has no checkpoint yet: starting from step 0"]
+    return [resume_args(out, args, refuse, apply) or _latest(out, "--resume: ")]  # (none valid: one line)
+
+
+def resume_args(out, args, refuse=(), apply=()):
+    """--resume, before anything reads `args` (the scripts' parse_args; prepare_out again, for its note):
+    every flag not typed again takes the run's value; one of `refuse` typed anew is an error, one of
+    `apply` is applied. The note to print."""
+    if not checkpoints(out):
+        return ""  # prepare_out says why (nothing to resume, or a run killed before its first checkpoint)
+    found, passed = _latest(out, "--resume: ")
+    saved, typed, changed, now = _json(found.path / "args.json"), getattr(args, "_typed", set()), [], plain(args)
     for k in (*refuse, *apply):
         if k not in typed:  # the run's value: a stored value is never replaced by a default
             setattr(args, k, saved.get(k, getattr(args, k)))
         elif saved.get(k, now[k]) != now[k] and k in refuse:
-            flag = "--" + k.replace("_", "-")
-            raise UsageError(f"--resume: {out} was run with {flag} {saved.get(k)!r}, not "
+            raise UsageError(f"--resume: {out} was run with --{k.replace('_', '-')} {saved.get(k)!r}, not "
                              f"{now[k]!r}: a resumed run keeps it (--overwrite starts over; "
                              "or choose another --out)")
         elif saved.get(k, now[k]) != now[k]:
             changed.append(f"{k} {saved.get(k)!r} -> {now[k]!r}")
     with_changes = f" with {', '.join(changed)}" if changed else ""
-    return f"resuming {out} at step {found.step}{with_changes}"
+    return "\n".join(filter(None, [passed, f"resuming {out} at step {found.step}{with_changes}"]))
 
 
 def start_trackers(acc, args):
@@ -231,3 +347,4 @@ def apply_lr(optimizer, lr, scheduler=None):
     for g, f in zip(optimizer.param_groups, sched.lr_lambdas):
         g["initial_lr"], g["lr"] = lr, lr * f(sched.last_epoch)
     sched._last_lr = [g["lr"] for g in optimizer.param_groups]  # what get_last_lr() reports
+

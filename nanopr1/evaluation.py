@@ -7,8 +7,9 @@ import torch
 from tqdm import tqdm
 
 from nanopr1 import metrics, sampler
-from nanopr1.format import PARALLEL_PROMPT, chat_prompt_ids
-from nanopr1.rewards import reward_rollout
+from nanopr1.data import prompt_ids
+from nanopr1.format import PARALLEL_PROMPT
+from nanopr1.rewards import grade, reward_rollout
 from nanopr1.rollout import mix
 
 Difference = namedtuple("Difference", "mean stderr")  # paired_difference()
@@ -35,19 +36,29 @@ def _by_problem(rows, key):  # {problem: [r[key] of its rows]}
     return found
 
 
+def _accuracy(rows, n, key):
+    """Mean@n and Pass@k of the rows' grades in `key`."""
+    counts = [(len(v), sum(v)) for v in _by_problem(rows, key).values()]  # (samples, correct)
+    return {f"mean@{n}": _mean([c / m for m, c in counts]),
+            **{f"pass@{k}": _mean([pass_at_k(m, c, k) for m, c in counts]) for k in ks_for(n)}}
+
+
 def summarize(rows, n):
-    """One dataset's metrics from its graded rollout rows (n per problem)."""
-    counts = [(len(v), sum(v)) for v in _by_problem(rows, "correct").values()]  # (samples, correct)
+    """One dataset's metrics from its graded rollout rows (n per problem); rows graded a second
+    time (`lenient_correct`) add that grader's Mean@n and Pass@k under "lenient"."""
     sums = Counter()  # the behaviour metrics (blocks, latency ratio, ...) from the rows' sums
     for r in rows:
         sums.update(r.get("behaviour", {}))
-    return {"problems": len(counts), "rollouts": len(rows), "n": n,
-            f"mean@{n}": _mean([c / m for m, c in counts]),
-            **{f"pass@{k}": _mean([pass_at_k(m, c, k) for m, c in counts]) for k in ks_for(n)},
+    first = rows[0] if rows else {}
+    graders = {"grader": first["grader"]} if "grader" in first else {}
+    if "lenient_correct" in first:
+        graders["lenient"] = {"grader": first["lenient_grader"], **_accuracy(rows, n, "lenient_correct")}
+    return {"problems": len({r["problem"] for r in rows}), "rollouts": len(rows), "n": n,
+            **_accuracy(rows, n, "correct"),
             "parallel": _mean([r["has_block"] for r in rows]),  # rollouts with a valid block
             "format_ok": _mean([r["format_ok"] for r in rows]),
             "length": _mean([r["length"] for r in rows]),  # response tokens
-            **(metrics.from_sums(sums) if sums else {})}
+            **(metrics.from_sums(sums) if sums else {}), **graders}
 
 
 def paired_difference(rows_a, rows_b, key="correct"):
@@ -61,29 +72,53 @@ def paired_difference(rows_a, rows_b, key="correct"):
 
 
 def format_table(summaries):
-    """{dataset: summary} -> a printable table, "-" where a dataset lacks a column (pass@16)."""
+    """{dataset: summary} -> a printable table, "-" where a dataset lacks a column (pass@16). The
+    Mean@n columns name their grader; a lenient grader adds its Mean@n and Pass@n beside them."""
     keys = list(dict.fromkeys(k for s in summaries.values() for k in s))  # first-seen order
     passes = sorted((k for k in keys if k.startswith("pass@")), key=lambda k: int(k[5:]))
-    rates = [k for k in keys if k.startswith("mean@")] + passes + ["parallel", "format_ok"]
+    means = [k for k in keys if k.startswith("mean@")]
+    grader = next((s["grader"] for s in summaries.values() if "grader" in s), None)
+    lenient = [s["lenient"] for s in summaries.values() if "lenient" in s]
+    titled = lambda k, g: f"{k} ({g.rpartition(':')[2]})" if g else k  # module:function by its name
+    # (header, value of a summary) of each rate column; the lenient grader's read from its own dict
+    rates = [(titled(k, grader), lambda s, k=k: s.get(k)) for k in means]
+    rates += [(k, lambda s, k=k: s.get(k)) for k in passes]  # the Pass@k of --grader: the names stay short
+    if lenient:
+        extra = means + [f"pass@{n}" for n in sorted({s["n"] for s in summaries.values()}) if n > 1]
+        rates += [(titled(k, lenient[0]["grader"]), lambda s, k=k: s.get("lenient", {}).get(k))
+                  for k in extra]
+    rates += [("parallel%", lambda s: s["parallel"]), ("format%", lambda s: s["format_ok"])]
     # rates in %, length in tokens, blocks per rollout, latency = length / critical path
-    lines = [["dataset", "problems", *rates[:-2], "parallel%", "format%", "length", "blocks",
-              "latency"]]
+    lines = [["dataset", "problems", *(h for h, _ in rates), "length", "blocks", "latency"]]
     show = lambda s, k: "-" if s.get(k) is None else f"{s[k]:.2f}"
+    percent = lambda v: "-" if v is None else f"{100 * v:.1f}"
     for name, s in summaries.items():
-        percents = [f"{100 * s[k]:.1f}" if k in s else "-" for k in rates]
-        lines.append([name, str(s["problems"]), *percents, f"{s['length']:.0f}",
-                      show(s, "blocks_per_rollout"), show(s, "latency_ratio")])
+        lines.append([name, str(s["problems"]), *(percent(value(s)) for _, value in rates),
+                      f"{s['length']:.0f}", show(s, "blocks_per_rollout"), show(s, "latency_ratio")])
     widths = [max(map(len, column)) for column in zip(*lines)]
     pad = lambda i, c: c.rjust(widths[i]) if i else c.ljust(widths[i])  # the name left
     return "\n".join("  ".join(pad(i, c) for i, c in enumerate(line)) for line in lines)
 
 
-def grade_rollout(problem, i, j, rollout, grader=None):
-    """Problem i's sample j as a JSONL row: text, R_acc grade (by `grader`) and behaviour sums."""
-    _, m = reward_rollout(rollout, problem["answer"], "accuracy", grader=grader)
-    grade = {k: m[k] for k in ("answer", "correct", "has_block", "format_ok", "num_blocks")}
-    return {"problem": i, "sample": j, "question": problem["question"], "gold": problem["answer"],
-            **grade, "length": len(rollout.ids), "stop_reason": rollout.stop_reason,
+def named(grader):
+    """(name, function) of a grader given as a function, a (name, function) pair or None (is_equiv)."""
+    if grader is None or isinstance(grader, tuple):
+        return grader or ("is_equiv", None)
+    return getattr(grader, "__name__", type(grader).__name__), grader
+
+
+def grade_rollout(problem, i, j, rollout, grader=None, lenient=None):
+    """Problem i's sample j as a JSONL row: text, R_acc grade (by `grader`), behaviour sums; with a
+    `lenient` grader its grade too. A grader: a function or a (name, function) pair."""
+    name, fn = named(grader)
+    _, m = reward_rollout(rollout, problem["answer"], "accuracy", grader=fn)
+    row = {"problem": i, "sample": j, "question": problem["question"], "gold": problem["answer"],
+           "grader": name, **{k: m[k] for k in ("answer", "correct", "has_block", "format_ok", "num_blocks")}}
+    if lenient is not None:
+        name, fn = named(lenient)
+        correct, answer = grade(rollout, problem["answer"], fn)
+        row.update(lenient_grader=name, lenient_correct=correct, lenient_answer=answer)
+    return {**row, "length": len(rollout.ids), "stop_reason": rollout.stop_reason,
             "behaviour": metrics.sums([rollout]), "text": rollout.text}
 
 
@@ -114,8 +149,9 @@ def shard(num_problems, batch_size, rank=0, world=1):
 @torch.no_grad()
 def evaluate(model, tokenizer, problems, n=16, *, template=PARALLEL_PROMPT, parallel=True,
              batch_size=4, done=(), on_rows=None, progress=True, desc="eval", seed=None, rank=0,
-             world=1, grader=None, **sampling):
-    """(rows, summary) of this rank's share, n graded rollouts a problem; `done`: earlier rows."""
+             world=1, grader=None, lenient=None, **sampling):
+    """(rows, summary) of this rank's share, n graded rollouts a problem; `done`: earlier rows.
+    A problem's prompt: its own chat if it has one, else `template` around its question."""
     batches = shard(len(problems), batch_size, rank, world)
     mine = {i for batch in batches for i in batch}
     rows = [r for r in complete_rows(done, problems, n) if r["problem"] in mine]
@@ -126,11 +162,11 @@ def evaluate(model, tokenizer, problems, n=16, *, template=PARALLEL_PROMPT, para
               disable=not progress) as bar:
         todo = ([i for i in batch if i not in finished] for batch in batches)
         for batch in filter(None, todo):  # the batches with problems left to sample
-            prompts = [chat_prompt_ids(tokenizer, template, problems[i]["question"]) for i in batch]
+            prompts = [prompt_ids(tokenizer, template, problems[i]) for i in batch]
             seeds = None if seed is None else [mix(seed, i) for i in batch]  # a seed per problem
             rollouts = sampler.sample(model, tokenizer, prompts, group_size=n, parallel=parallel,
                                       seed=seeds, **sampling)
-            new = [grade_rollout(problems[i], i, j, rollouts[b * n + j], grader)
+            new = [grade_rollout(problems[i], i, j, rollouts[b * n + j], grader, lenient)
                    for b, i in enumerate(batch) for j in range(n)]
             rows += new
             if on_rows is not None:

@@ -57,42 +57,104 @@ def save_model(model, tokenizer, path, args=None, state_dict=None, is_main=True)
 
 
 def save_checkpoint(out, step, acc, model, tokenizer, args, keep=1):
-    """OUT/checkpoint-<step>: the model dir, accelerate's state, the flags (every rank calls this)."""
+    """OUT/checkpoint-<step>: the model dir, accelerate's state, the flags (every rank calls this); returns
+    checkpoint.Saved(path, checkpoint_gb). Refused, the older checkpoints kept, if a weight is NaN or inf."""
+    # never a checkpoint of non-finite weights: each rank checks its own (FSDP: its shard of each) weight
+    local = lambda q: q.to_local() if hasattr(q, "to_local") else q
+    bad = sum(int(not torch.isfinite(local(q).detach()).all()) for q in model.parameters())
+    bad = acc.reduce(torch.tensor(bad, device=acc.device), "sum").item()
+    if bad:
+        raise UsageError(f"step {step}: {bad} weight tensor(s) hold NaN or inf: checkpoint not written (the "
+                         f"newest in {out} is older; a lower --lr?)")
     write = lambda path: save_model(acc.unwrap_model(model), tokenizer, path, state_dict=acc.get_state_dict(model),
                                     is_main=acc.is_main_process)
     return checkpoint.save(out, step, acc, write, args=checkpoint.plain(args), keep=keep)
 
 
 def sampling_copy(model, dtype, device):
-    """A plain model of `model`'s architecture the sampler decodes with (bf16 on a GPU; refresh_copy)."""
+    """A plain model of `model`'s architecture the sampler decodes with (bf16 on a GPU; refresh_copy). A LoRA
+    model's copy keeps its adapters unmerged, in `dtype` like the trainer's bf16 branch: merged into bf16
+    weights, a small delta would round away and the sampler would draw from another policy."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the base architecture
     with torch.device(device):  # random init straight on the device: seconds, replaced by refresh_copy
         copy_ = AutoModelForCausalLM.from_config(base.config, dtype=dtype, attn_implementation="sdpa")
+        # each adapted projection becomes a LoraLinear around the copy's own: r x (in + out) more weights,
+        # 0.26 GB at 4B with r=64, beside the 8 GB of the base
+        for name, m, a in lora_layers(model):
+            parent, attr = name.removeprefix("base_model.model.").rsplit(".", 1)
+            parent = copy_.get_submodule(parent)
+            setattr(parent, attr, LoraLinear(getattr(parent, attr), m.r[a], m.scaling[a]))
     copy_.generation_config = copy.deepcopy(base.generation_config)
     return copy_.eval().requires_grad_(False)
 
 
+class LoraLinear(torch.nn.Module):
+    """A sampling copy's projection with its adapter unmerged: the same sum, in the same order, as peft's."""
+
+    def __init__(self, base_layer, r, scaling):
+        super().__init__()
+        kw = dict(bias=False, dtype=base_layer.weight.dtype)
+        self.base_layer, self.scaling = base_layer, scaling
+        self.lora_A = torch.nn.Linear(base_layer.in_features, r, **kw)
+        self.lora_B = torch.nn.Linear(r, base_layer.out_features, **kw)
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B(self.lora_A(x)) * self.scaling
+
+
+def lora_layers(model):
+    """(name, peft LoRA layer, its adapter) for each adapted projection of a peft model: one adapter each."""
+    for name, m in model.named_modules():
+        if hasattr(m, "lora_A") and hasattr(m, "base_layer"):
+            active = [a for a in m.active_adapters if a in m.lora_A]
+            if len(active) != 1 or getattr(m, "lora_variant", None) or m.fan_in_fan_out:
+                raise NotImplementedError(f"{name}: only one plain LoRA adapter a layer (apply_lora's)")
+            yield name, m, active[0]
+
+
+def whole(q):
+    """A parameter's whole value: an FSDP shard (DTensor) is gathered, a collective every rank must call."""
+    return q.full_tensor() if hasattr(q, "full_tensor") else q
+
+
 @torch.no_grad()
-def merged_weights(model):
-    """(name in the plain model, whole weight) one at a time: FSDP shards gathered, LoRA and token rows merged."""
-    adapted = {name: m for name, m in model.named_modules() if hasattr(m, "base_layer")}
+def merged_weights(model, merge=True):
+    """(name in the plain model, whole weight) one at a time, FSDP shards gathered (every rank calls this),
+    trainable token rows folded in. LoRA adapters: merged in fp32, then rounded to the base's dtype
+    (merge=True: a model dir), or unmerged as `<proj>.lora_A.weight` / `.lora_B.weight` (LoraLinear's)."""
+    lora = {name: (m, a) for name, m, a in lora_layers(model)}
+    tokens = {name: m for name, m in model.named_modules() if hasattr(m, "trainable_tokens_delta")}
     for name, q in model.named_parameters():
+        # under FSDP each parameter is a shard: the adapters too are gathered whole, in the same order on
+        # every rank, before anything combines them with a whole base weight
         if ".lora_" in name or ".trainable_tokens_" in name:
-            continue  # folded into its base weight below
-        full = q.full_tensor() if hasattr(q, "full_tensor") else q  # DTensor shard -> the whole weight
-        m = adapted.get(name.rsplit(".base_layer.", 1)[0]) if name.endswith(".base_layer.weight") else None
-        if hasattr(m, "get_delta_weight"):  # LoRA
-            full = full.float() + sum(m.get_delta_weight(a).float() for a in m.active_adapters if a in m.lora_A)
-        elif hasattr(m, "get_merged_weights"):  # trainable token rows
-            full = m.get_merged_weights(m.active_adapters)
-        yield name.removeprefix("base_model.model.").replace(".base_layer.", ".").replace(".token_adapter", ""), full
+            continue  # read with their base weight below
+        owner = name.rsplit(".base_layer.", 1)[0] if ".base_layer." in name else None
+        key = name.removeprefix("base_model.model.").replace(".token_adapter", "")
+        full, unmerged = whole(q), owner in lora and not merge
+        if owner in lora and name.endswith(".weight"):
+            m, a = lora[owner]
+            A, B = whole(m.lora_A[a].weight), whole(m.lora_B[a].weight)
+            if unmerged:  # the copy's LoraLinear: the adapter beside its base weight
+                yield key.replace(".base_layer.weight", ".lora_A.weight"), A
+                yield key.replace(".base_layer.weight", ".lora_B.weight"), B
+            else:  # W + B A * scaling in fp32, rounded once to W's dtype
+                full = (full.float() + B.float() @ A.float() * m.scaling[a]).to(full.dtype)
+        elif owner in tokens:  # the trained embedding rows replace the base's
+            m = tokens[owner]
+            for a in [a for a in m.active_adapters if a in m.trainable_tokens_delta]:
+                rows = whole(m.trainable_tokens_delta[a]).to(full)
+                full = full.index_copy(0, torch.tensor(m.token_indices[a], device=full.device), rows)
+        yield key if unmerged else key.replace(".base_layer.", "."), full
 
 
 @torch.no_grad()
 def refresh_copy(copy_, model):
-    """copy_ := the trained weights (merged_weights: every rank calls this under FSDP)."""
+    """copy_ := the trained weights, copied in place (a captured decode step reads them at fixed addresses),
+    LoRA adapters unmerged if the copy has LoraLinear layers (merged_weights: every rank calls this)."""
     target, done = dict(copy_.named_parameters()), set()  # tied weights appear once
-    for key, full in merged_weights(model):
+    unmerged = any(isinstance(m, LoraLinear) for m in copy_.modules())
+    for key, full in merged_weights(model, merge=not unmerged):
         if key not in target:
             raise RuntimeError(f"sampling copy: no weight {key!r} in {type(copy_).__name__}")
         target[key].copy_(full)

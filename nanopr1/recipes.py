@@ -6,8 +6,10 @@ prints `table()` in its --help; `template` picks the prompt of bare problems.
 """
 
 import argparse
+import importlib.util
 import re
 import sys
+from pathlib import Path
 
 from nanopr1 import UsageError, toy
 from nanopr1.format import PARALLEL_PROMPT, SEQUENTIAL_PROMPT, load_template
@@ -128,6 +130,19 @@ def check_ranges(args, parser, at_least):
         if value < low or above and value <= low:
             raise UsageError(f"{a.option_strings[0]} {value}: must be {'above ' if above else ''}{low}"
                              f"{'' if above else ' or more'}{why}")
+
+
+def check_out(out):
+    """Refuse an output dir that is, or lies under, a file (one line, before anything loads)."""
+    found = next((p for p in [Path(out), *Path(out).parents] if p.exists()), None) if out else None
+    if found is not None and not found.is_dir():
+        raise UsageError(f"--out {out}: {found} is a file, not a directory: choose another --out")
+
+
+def check_tracker(report_to):
+    """Refuse --report-to with a tracker that is not installed (before anything loads)."""
+    if report_to not in (None, "none") and importlib.util.find_spec(report_to) is None:
+        raise UsageError(f"--report-to {report_to}: {report_to} is not installed (pip install {report_to})")
 
 
 def template(args):

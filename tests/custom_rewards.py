@@ -1,11 +1,11 @@
-"""An example of your own reward and grader (the signatures: nanopr1.rewards.resolve), used by
+"""Examples of your own reward and graders (the signatures: nanopr1.rewards), used by
 tests/test_rewards.py. Pass them as module:function (this folder on sys.path) or as a file:
 
     python train_rl.py --stage hard --reward tests/custom_rewards.py:length_penalty \\
         --grader tests/custom_rewards.py:math_verify_grader
 """
 
-from nanopr1.rewards import is_equiv
+from nanopr1.rewards import is_equiv, last_boxed
 
 PENALTY_PER_1000 = 0.1  # reward lost per 1,000 response tokens
 
@@ -27,3 +27,12 @@ def math_verify_grader(answer, gold):
     except ImportError:
         return is_equiv(answer, gold)
     return answer is not None and verify(parse(f"${gold}$"), parse(f"${answer}$"))  # gold first
+
+
+def last_boxed_anywhere(response, gold):
+    """A response grader: the last \\boxed{} of the whole response (paths and summaries too), by is_equiv."""
+    return is_equiv(last_boxed(response), gold)
+
+
+last_boxed_anywhere.reads = "response"  # it gets Rollout.plain_text, not the main line's answer
+last_boxed_anywhere.extract = last_boxed  # what it compared, for the logs

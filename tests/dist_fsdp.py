@@ -13,7 +13,7 @@ from torch.distributed.fsdp import fully_shard
 
 from conftest import build_bpe_tokenizer, tiny_model
 from nanopr1 import scoring
-from nanopr1.model import refresh_copy, sampling_copy
+from nanopr1.model import apply_lora, load_model, refresh_copy, sampling_copy, save_model, tag_ids
 
 dist.init_process_group("gloo")
 mesh = init_device_mesh("cpu", (dist.get_world_size(),))
@@ -44,6 +44,31 @@ grads = dict(plain.named_parameters())
 grad_diff = max((full(q.grad) - grads[n].grad).abs().max().item() for n, q in model.named_parameters())
 result = {"world": dist.get_world_size(), "sharded": sharded, "copy_diff": copy_diff, "grad_diff": grad_diff,
           "grad_scale": max(q.grad.abs().max().item() for q in plain.parameters())}
+
+# LoRA under FSDP: the refresh and the save gather the adapters (and the tag rows) with their base weights
+lora_plain, lora = (apply_lora(tiny_model(tok), r=4, alpha=8, train_tokens=list(tag_ids(tok).values()))
+                    for _ in range(2))  # the same adapters: tiny_model reseeds before apply_lora draws lora_A
+with torch.no_grad():  # a trained state: lora_B and the tag rows moved from their initial values
+    for name, q in lora_plain.named_parameters():
+        if "lora_B" in name or "trainable_tokens" in name:
+            q.normal_(0, 0.1, generator=torch.Generator().manual_seed(q.numel()))
+    lora.load_state_dict(lora_plain.state_dict())
+base = lora.get_base_model()
+for layer in base.model.layers:
+    fully_shard(layer, mesh=mesh)
+fully_shard([base.model.norm, base.model.embed_tokens, base.lm_head], mesh=mesh, reshard_after_forward=False)
+fully_shard(lora, mesh=mesh)
+lora_copy = sampling_copy(lora, torch.float32, "cpu")
+refresh_copy(lora_copy, lora)
+save_model(lora, tok, Path(sys.argv[1]) / "lora", is_main=dist.get_rank() == 0)  # merged, written by rank 0
+dist.barrier()
+ids = torch.cat([ids, torch.tensor(list(tag_ids(tok).values())).expand(4, -1)], 1)  # the tag rows too
+with torch.no_grad():
+    want = lora_plain(input_ids=ids).logits
+    saved = load_model(str(Path(sys.argv[1]) / "lora"))[0](input_ids=ids).logits
+    result.update(lora_sharded=type(base.model.layers[0].self_attn.q_proj.lora_A.default.weight).__name__,
+                  lora_copy_diff=(lora_copy(input_ids=ids).logits - want).abs().max().item(),
+                  lora_save_diff=(saved - want).abs().max().item(), lora_scale=want.abs().max().item())
 (Path(sys.argv[1]) / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))  # one file each: no interleaving
 dist.barrier()  # both ranks done with the group before it goes down
 dist.destroy_process_group()

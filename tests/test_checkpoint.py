@@ -1,10 +1,15 @@
-"""Checkpoints: a save/resume round trip with a real Accelerator, a kill after every fsync of a save,
---keep-checkpoints, damaged checkpoints, the output-dir guard (--resume's flag rules), log trimming,
-a changed --lr on resume, and model.load / model_dir / the toy preset on run dirs."""
+"""Checkpoints: a save/resume round trip with a real Accelerator (the weights written once, LoRA too), a
+kill after every fsync of a save, --keep-checkpoints, damaged checkpoints (sizes and content), no checkpoint
+of non-finite weights, the output-dir guard (--resume's flag rules) and its lock, log trimming, a changed
+--lr on resume, and model.load / model_dir / the toy preset on run dirs."""
 
 import json
+import os
 import random
 import shutil
+import signal
+import subprocess
+import sys
 from argparse import Namespace
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,13 +17,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 from accelerate import Accelerator
+from safetensors.torch import load_file
 
-from conftest import init_toy_dir
+from conftest import ENV, ROOT, init_toy_dir, run
 from nanopr1 import UsageError, checkpoint, toy
-from nanopr1.checkpoint import (LOGS, apply_lr, checkpoints, latest, load_state, model_dir, prepare_out, save,
-                                trim_rows, validate)
-from nanopr1.model import load_model
-from nanopr1.model import save_model
+from nanopr1.checkpoint import (LOGS, apply_lr, checkpoints, latest, load_state, lock, model_dir, prepare_out,
+                                release, save, trim_rows, validate)
+from nanopr1.model import apply_lora, load_model, save_checkpoint, save_model
 
 LR = 1e-3
 
@@ -26,6 +31,13 @@ LR = 1e-3
 @pytest.fixture(scope="module")
 def toy_dir(tmp_path_factory):
     return init_toy_dir(tmp_path_factory.mktemp("toy") / "init")
+
+
+@pytest.fixture(autouse=True)
+def no_lock_left():
+    """Each test lets go of the output dirs its prepare_out calls locked (a run does at exit)."""
+    yield
+    release()
 
 
 def trainer(toy_dir, lr=LR, schedule=True):
@@ -100,13 +112,14 @@ def fake_model(d):
 def test_round_trip_restores_weights_optimizer_rng_step_and_logs(tmp_path, toy_dir):
     t, out = trainer(toy_dir), tmp_path / "run"
     train(t, 2)
-    assert save(out, 2, t.acc, writer(t), args={"lr": LR, "stage": "easy"}) == ckpt(out, 2)
+    assert save(out, 2, t.acc, writer(t), args={"lr": LR, "stage": "easy"}).path == ckpt(out, 2)
+    assert names(ckpt(out, 2) / "state") == ["optimizer.bin", "random_states_0.pkl", "scheduler.bin"]  # no weights
     saved_w, saved_opt, saved_lr = weights(t), t.opt.state_dict(), t.sched.get_last_lr()
     saved_opt = json.loads(json.dumps(saved_opt, default=lambda x: x.tolist()))  # a deep copy
     draws = (torch.rand(4), random.random())
     for name in LOGS:  # rows of steps 1..3, then a line torn by a kill
         (out / name).write_text("".join(json.dumps({"step": s, "x": name}) + "\n" for s in (1, 2, 3)) + '{"step": 4, "lo')
-    train(t, 3)  # everything moves on
+    train(t, 3)  # everything moves on: load_state reads the weights back from the model dir
     torch.rand(9)
     random.random()
     assert not equal(weights(t), saved_w)
@@ -184,6 +197,91 @@ def test_the_toy_preset_finds_the_newest_run_dir(tmp_path, toy_dir, monkeypatch)
     assert model_dir("out/toy-hard") == ckpt("out/toy-hard", 6)
 
 # -----------------------------------------------------------------------------
+# the weights written once (a full fine-tune, LoRA), never a checkpoint of NaN or inf
+
+
+def nbytes(d):
+    return sum(f.stat().st_size for f in Path(d).rglob("*") if f.is_file())
+
+
+def test_a_checkpoint_holds_the_weights_once(tmp_path, toy_dir, capsys):
+    """AdamW on the toy model: the weights (model dir) and the two moments make 3x the fp32 weights; the
+    optimizer state is not a copy more. save_checkpoint says the size in one line and returns it; --resume
+    reads the weights from the model dir, exactly."""
+    t, out = trainer(toy_dir), tmp_path / "run"
+    train(t, 1)
+    capsys.readouterr()
+    saved = save_checkpoint(out, 1, t.acc, t.model, t.tokenizer, Namespace(lr=LR, _typed=set()))
+    fp32 = sum(q.numel() * 4 for q in t.model.parameters())  # (the tied head counted once)
+    assert saved.path == ckpt(out, 1) and nbytes(saved.path) <= 3.1 * fp32
+    assert saved.checkpoint_gb == pytest.approx(nbytes(saved.path) / 1e9, rel=0.01)
+    assert capsys.readouterr().out == f"checkpoint-000001: {saved.checkpoint_gb:.3g} GB\n"
+    saved_w, saved_opt = weights(t), json.loads(json.dumps(t.opt.state_dict(), default=lambda x: x.tolist()))
+    train(t, 2)
+    assert load_state(out, t.acc) == 1 and equal(weights(t), saved_w)
+    assert equal(json.loads(json.dumps(t.opt.state_dict(), default=lambda x: x.tolist())), saved_opt)
+
+
+def lora_trainer(toy_dir):
+    """The toy model in bf16 with LoRA adapters (fp32, as peft makes them) and AdamW on them."""
+    acc = Accelerator(cpu=True)
+    model, tokenizer = load_model(toy_dir, "bfloat16")
+    model = apply_lora(model, r=4, alpha=8)
+    with torch.no_grad():  # lora_B starts at 0: make the adapters count
+        for name, q in model.named_parameters():
+            if "lora_B" in name:
+                q.normal_(0, 0.05)
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=LR)
+    model, opt = acc.prepare(model, opt)
+    return SimpleNamespace(acc=acc, model=model, tokenizer=tokenizer, opt=opt, sched=None)
+
+
+def test_a_lora_checkpoint_keeps_the_adapters_and_resumes(tmp_path, toy_dir):
+    """A LoRA checkpoint: the merged model dir, and in state/ only the trained adapters (not the base again);
+    --resume restores the adapters and their optimizer state exactly, the frozen base untouched."""
+    t, out = lora_trainer(toy_dir), tmp_path / "run"
+    train(t, 1)
+    saved = save_checkpoint(out, 1, t.acc, t.model, t.tokenizer, Namespace(lr=LR, _typed=set()))
+    trained = {n for n, q in t.model.named_parameters() if q.requires_grad}
+    assert set(load_file(saved.path / "state" / "model.safetensors")) == trained
+    adapters = sum(q.numel() * q.element_size() for q in t.model.parameters() if q.requires_grad)
+    assert nbytes(saved.path / "state") <= 4 * adapters  # the adapters, two moments, the RNG: not the base
+    saved_w, saved_opt = weights(t), json.loads(json.dumps(t.opt.state_dict(), default=lambda x: x.tolist()))
+    train(t, 2)
+    assert not equal(weights(t), saved_w)
+    assert load_state(out, t.acc) == 1 and equal(weights(t), saved_w)
+    assert equal(json.loads(json.dumps(t.opt.state_dict(), default=lambda x: x.tolist())), saved_opt)
+
+
+def test_a_lora_checkpoint_keeps_the_base_dtype(tmp_path, toy_dir):
+    """The merged weights of a bf16 base stay bf16 in the model dir (adapted projections too), and equal
+    W + B A * scaling computed in fp32, rounded once."""
+    t, out = lora_trainer(toy_dir), tmp_path / "run"
+    saved = save_checkpoint(out, 1, t.acc, t.model, t.tokenizer, Namespace(lr=LR, _typed=set()))
+    merged = load_file(saved.path / "model.safetensors")
+    assert {str(w.dtype) for w in merged.values()} == {"torch.bfloat16"}
+    layer = t.model.base_model.model.model.layers[0].self_attn.q_proj
+    want = layer.base_layer.weight.float() + layer.lora_B["default"].weight @ layer.lora_A["default"].weight * 2
+    assert torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], want.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_no_checkpoint_of_non_finite_weights(tmp_path, toy_dir, bad):
+    """A NaN or inf in the weights: the save is refused in one line before anything is written, and the last
+    good checkpoint stays, also with --keep-checkpoints 1."""
+    t, out, args = trainer(toy_dir), tmp_path / "run", Namespace(lr=LR, _typed=set())
+    save_checkpoint(out, 1, t.acc, t.model, t.tokenizer, args, keep=1)
+    before = snapshot(out)
+    with torch.no_grad():
+        t.model.model.layers[1].mlp.up_proj.weight[3, 5] = bad
+    with pytest.raises(UsageError) as e:
+        save_checkpoint(out, 2, t.acc, t.model, t.tokenizer, args, keep=1)
+    said = str(e.value)
+    assert said == f"step 2: 1 weight tensor(s) hold NaN or inf: checkpoint not written (the newest in {out} is " \
+                   "older; a lower --lr?)"
+    assert snapshot(out) == before and latest(out) == (ckpt(out, 1), 1)
+
+# -----------------------------------------------------------------------------
 # a kill after any fsync of a save, --keep-checkpoints, damaged checkpoints
 
 
@@ -258,10 +356,23 @@ def truncate(f):
     f.write_bytes(f.read_bytes()[:100])
 
 
+def scribble(at):
+    """Overwrite 64 bytes in place from `at` (a fraction of the file): the size stays, the content does not."""
+    def damage(f):
+        data = bytearray(f.read_bytes())
+        start = int(at * len(data))
+        data[start:start + 64] = bytes(255 - b for b in data[start:start + 64])
+        f.write_bytes(bytes(data))
+    return damage
+
+
+SHA256 = "not the content the manifest vouches for (sha256)"
 DAMAGE = [  # (file of the checkpoint, damage, what the reason says)
     ("model.safetensors", truncate, "bytes, the manifest says"),
-    ("state/model.safetensors", truncate, "bytes, the manifest says"),
-    ("state/optimizer.bin", lambda f: f.unlink(), "missing"),
+    ("model.safetensors", scribble(0), SHA256),  # the safetensors header: its length and JSON
+    ("state/optimizer.bin", scribble(0.5), SHA256),  # the optimizer's moments
+    ("state/optimizer.bin", truncate, "bytes, the manifest says"),
+    ("state/random_states_0.pkl", lambda f: f.unlink(), "missing"),
     ("args.json", lambda f: f.write_text("{}"), "2 bytes, the manifest says"),
     ("step.json", lambda f: f.write_text(""), "0 bytes, the manifest says"),
     ("step.json", lambda f: f.write_text(" " * f.stat().st_size), "not JSON (Expecting value"),
@@ -272,7 +383,9 @@ DAMAGE = [  # (file of the checkpoint, damage, what the reason says)
 
 
 @pytest.mark.parametrize("name,damage,says", DAMAGE)
-def test_a_damaged_checkpoint_is_named_and_the_previous_one_used(tmp_path, toy_dir, name, damage, says):
+def test_a_damaged_checkpoint_is_named_and_the_previous_one_used(tmp_path, toy_dir, capsys, name, damage, says):
+    """Damaged in size, in content at the same size, missing: every loader (model.load, --resume, sample.py's
+    and eval.py's model_dir) uses the previous checkpoint with a one-line note; none valid: a one-line error."""
     t, out, args = trainer(toy_dir), tmp_path / "run", {"lr": LR, "stage": "easy"}
     save(out, 1, t.acc, writer(t), args=args, keep=2)
     w1 = weights(t)
@@ -284,10 +397,14 @@ def test_a_damaged_checkpoint_is_named_and_the_previous_one_used(tmp_path, toy_d
         damage(ckpt(d, 2) / name)
     reason = validate(ckpt(out, 2))
     assert reason.startswith(f"{ckpt(out, 2) / name}: ") and says in reason and "\n" not in reason
-    # the previous valid checkpoint is the run's model and where --resume starts
+    # the previous valid checkpoint is the run's model and where --resume starts, said in one line
+    capsys.readouterr()
     assert latest(out) == (ckpt(out, 1), 1) and model_dir(out) == ckpt(out, 1)
+    assert capsys.readouterr().err == f"note: checkpoint-000001 is used: {reason}\n"
+    assert all(torch.equal(v, w1[k]) for k, v in load_model(str(out))[0].state_dict().items() if k in w1)
     typed = Namespace(lr=LR, stage="easy", _typed=set())
-    assert prepare_out(out, typed, t.acc, resume=True, refuse=("stage",), apply=("lr",)) == f"resuming {out} at step 1"
+    said = prepare_out(out, typed, t.acc, resume=True, refuse=("stage",), apply=("lr",))
+    assert said.split("\n") == [f"--resume: checkpoint-000001 is used: {reason}", f"resuming {out} at step 1"]
     assert load_state(out, t.acc) == 1 and equal(weights(t), w1)
     # nothing valid: every reader says why in one line
     alone = tmp_path / "alone"
@@ -364,13 +481,100 @@ def test_output_dir_guard(tmp_path, holds, new, typed, flags, refused, note, aft
     said = prepare_out(out, args, acc, refuse=REFUSE, apply=APPLY, **flags)
     assert said == note.format(out=out)
     assert {k: v for k, v in vars(args).items() if k != "_typed"} == after
-    left = names(out) if out.exists() else []  # a fresh run makes OUT when it writes
+    assert (out / ".lock").is_file()  # the run holds OUT...
+    release(out)  # ...until it ends: the lock goes, and OUT if the lock made it
+    left = names(out) if out.exists() else []
     if holds in ("metrics", "tmp"):  # restarted: the rows of the steps that never got a checkpoint are gone
         assert (out / "metrics.jsonl").read_text() == ""
     elif flags.get("overwrite") or holds in ("nothing", "no dir"):
         assert left == ([] if holds == "no dir" else ["notes.txt"])
     else:
         assert snapshot(out) == before  # resuming changes nothing yet
+
+# -----------------------------------------------------------------------------
+# the lock on OUT: one run at a time, whatever its flags; a killed run's lock does not block
+
+
+def a_run(out):
+    save(out, 12, Accelerator(cpu=True), fake_model, args=SAVED)
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 12}) + "\n")
+    return out
+
+
+def refused(out, holder, **flags):
+    """prepare_out on OUT, locked by `holder` (a pid): the one line, and not a byte or an mtime moved."""
+    before = snapshot(out)
+    with pytest.raises(UsageError) as e:
+        prepare_out(out, Namespace(**SAVED, _typed=set()), Accelerator(cpu=True), refuse=REFUSE, apply=APPLY,
+                    **flags)
+    said = str(e.value)
+    assert said.startswith(f"{out.resolve()} is in use by process {holder} on {os.uname().nodename} since ")
+    assert said.endswith(": wait for it, or choose another --out") and "\n" not in said
+    assert snapshot(out) == before
+    return said
+
+
+def test_a_second_run_on_a_locked_dir_is_one_line(tmp_path):
+    """A run holds OUT from its prepare_out to its end: a second one is refused in one line, with --overwrite
+    and with --resume too, and touches nothing; once the first has ended, the second may start."""
+    out, acc = a_run(tmp_path / "out"), Accelerator(cpu=True)
+    assert prepare_out(out, Namespace(**SAVED, _typed=set()), acc, resume=True) == f"resuming {out} at step 12"
+    for flags in ({}, {"overwrite": True}, {"resume": True}):
+        refused(out, os.getpid(), **flags)
+    release(out)
+    assert not (out / ".lock").exists()
+    said = prepare_out(out, Namespace(**SAVED, _typed=set()), acc, overwrite=True)
+    assert said == f"--overwrite: removed checkpoint-000012, metrics.jsonl from {out}"
+
+
+def test_a_killed_runs_lock_does_not_block(tmp_path):
+    """A process that took the lock blocks another (named by its pid); SIGKILLed (no exit handler runs, its
+    lock file stays), its lock is taken over by the next run with a one-line note."""
+    out = a_run(tmp_path / "out")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from nanopr1.checkpoint import lock; "
+                               "lock(sys.argv[1]); print('locked', flush=True); time.sleep(120)", str(out)],
+                              cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        refused(out, holder.pid, overwrite=True)
+        record = (out / ".lock").read_text()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+    assert holder.wait() == -signal.SIGKILL and (out / ".lock").read_text() == record
+    said = prepare_out(out, Namespace(**SAVED, _typed=set()), Accelerator(cpu=True), overwrite=True)
+    assert said.split("\n") == [f"{out.resolve()}: the lock of a run that is gone ({record}) is taken over",
+                                 f"--overwrite: removed checkpoint-000012, metrics.jsonl from {out}"]
+    assert (out / ".lock").read_text().startswith(f"process {os.getpid()} on ")
+
+
+DIST_LOCK = """import json, sys
+from argparse import Namespace
+from pathlib import Path
+from accelerate import Accelerator
+from nanopr1 import UsageError, checkpoint
+acc, (held, free, results) = Accelerator(cpu=True), sys.argv[1:]
+try:
+    checkpoint.prepare_out(held, Namespace(), acc)
+except UsageError as e:
+    said = str(e)
+note = checkpoint.prepare_out(free, Namespace(), acc)
+mine = [str(p) for p in checkpoint._locks]
+Path(results, f"rank{acc.process_index}.json").write_text(json.dumps([acc.num_processes, said, note, mine]))
+"""
+
+
+def test_only_the_main_process_holds_the_lock(tmp_path):
+    """On two processes (torchrun, gloo): rank 0 locks OUT and rank 1 does not refuse its own run's lock;
+    a dir another run holds stops both ranks with the same line (none waits for the other)."""
+    held, free = tmp_path / "held", tmp_path / "free"
+    lock(held)
+    (tmp_path / "dist_lock.py").write_text(DIST_LOCK)
+    run(tmp_path / "dist_lock.py", str(held), str(free), str(tmp_path), procs=2, env={"PYTHONPATH": str(ROOT)})
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    said = f"{held.resolve()} is in use by process {os.getpid()} on "
+    assert [r[0] for r in ranks] == [2, 2] and all(r[1].startswith(said) for r in ranks)
+    assert [r[2:] for r in ranks] == [["", [str(free.resolve())]], ["", []]]
+    assert not free.exists()  # rank 0 let go at exit, and of the dir its lock made (nothing was written)
 
 # -----------------------------------------------------------------------------
 # log trimming, a new --lr on resume

@@ -48,18 +48,25 @@ def dirs(tmp_path_factory):
 RL = ["train_rl.py", "--preset", "toy", "--init", "{d}/init", "--out", "{out}", "--stage", "easy"]
 SFT = ["train_sft.py", "--preset", "toy", "--data", "{d}/corpus.jsonl", "--out", "{out}", "--batch-size", "8"]
 BAD = [  # (command, extra flags, the message: the whole stderr line after "error: ")
-    (RL, ["--micro-batch-tokens", "0"], "--micro-batch-tokens must be 1 or more"),
-    (RL, ["--mini-batches", "0"], "--ppo-epochs and --mini-batches must be 1 or more"),
-    (RL, ["--ppo-epochs", "0"], "--ppo-epochs and --mini-batches must be 1 or more"),
-    (RL, ["--top-p", "0"], "--top-p 0.0: must be in (0, 1]"),
-    (RL, ["--temperature", "-1"], "--temperature -1.0: RL samples, it must be above 0"),
-    (RL, ["--temperature", "0"], "--temperature 0.0: RL samples, it must be above 0"),
-    (RL, ["--group-size", "1"], "--group-size 1: GRPO compares a prompt's rollouts, 2 or more"),
-    (RL, ["--num-paths", "1"], "--num-paths 1: a parallel block needs 2 or more paths"),
-    (RL, ["--save-every", "0"], "--save-every and --keep-checkpoints: 1 or more"),
-    (RL, ["--keep-checkpoints", "0"], "--save-every and --keep-checkpoints: 1 or more"),
-    (RL, ["--steps", "0"], "--prompts-per-step and --steps must be 1 or more"),
-    (RL, ["--max-rows", "1"], "--max-rows: one rollout needs 2 rows"),
+    (RL, ["--micro-batch-tokens", "0"], "--micro-batch-tokens 0: must be 1 or more"),
+    (RL, ["--mini-batches", "0"], "--mini-batches 0: must be 1 or more"),
+    (RL, ["--ppo-epochs", "0"], "--ppo-epochs 0: must be 1 or more"),
+    (RL, ["--top-p", "0"], "--top-p 0.0: must be above 0.0"),
+    (RL, ["--top-p", "1.5"], "--top-p 1.5: must be in (0, 1]"),
+    (RL, ["--temperature", "-1"], "--temperature -1.0: must be above 0.0 (RL samples)"),
+    (RL, ["--temperature", "0"], "--temperature 0.0: must be above 0.0 (RL samples)"),
+    (RL, ["--lr", "-1e-4"], "--lr -0.0001: must be above 0.0"),
+    (RL, ["--clip-high", "-0.2"], "--clip-high -0.2: must be 0 or more"),
+    (RL, ["--group-size", "1"], "--group-size 1: must be 2 or more (GRPO compares a prompt's rollouts)"),
+    (RL, ["--num-paths", "1"], "--num-paths 1: must be 2 or more (a block has 2 or more paths)"),
+    (RL, ["--save-every", "0"], "--save-every 0: must be 1 or more"),
+    (RL, ["--keep-checkpoints", "0"], "--keep-checkpoints 0: must be 1 or more"),
+    (RL, ["--steps", "0"], "--steps 0: must be 1 or more"),
+    (RL, ["--max-rows", "1"], "--max-rows 1: must be 2 or more (one rollout's paths)"),
+    (RL, ["--answer-reserve", "8"], "--answer-reserve needs --rules reserve"),
+    (RL, ["--grader", "nope"], "unknown grader 'nope': use one of is_equiv, dapo, gsm8k or module:function"),
+    (RL, ["--out", "{d}/corpus.jsonl"], "--out {d}/corpus.jsonl: {d}/corpus.jsonl is a file, not a directory: "
+                                        "choose another --out"),
     (RL, ["--prompts-per-step", "30000"], "--prompts-per-step 30000: more than the 20000 problems of toy:easy"),
     (RL, ["--data", "toy-hard"], "--data toy-hard is the toy's held-out evaluation set; train on toy:hard"),
     (RL, ["--data", "{d}/table.csv"], "data file '{d}/table.csv': a .csv file; use JSONL (one JSON object a line), "
@@ -68,15 +75,42 @@ BAD = [  # (command, extra flags, the message: the whole stderr line after "erro
     (RL, ["--init", "{d}/missing"], "model '{d}/missing': no such model directory (expected {d}/missing/config.json)"),
     (RL, ["--resume"], "--resume: no valid checkpoint in {out}: no checkpoint-* dir"),
     (RL, ["--resume", "--overwrite"], "--resume and --overwrite exclude each other"),
-    (SFT, ["--batch-size", "0"], "--batch-size and --micro-batch-tokens must be 1 or more"),
-    (SFT, ["--micro-batch-tokens", "0"], "--batch-size and --micro-batch-tokens must be 1 or more"),
-    (SFT, ["--save-every", "0"], "--save-every and --keep-checkpoints: 1 or more"),
-    (SFT, ["--keep-checkpoints", "0"], "--save-every and --keep-checkpoints: 1 or more"),
-    (SFT, ["--warmup", "1.5"], "--lr must be above 0 and --warmup in [0, 1)"),
+    (SFT, ["--batch-size", "0"], "--batch-size 0: must be 1 or more"),
+    (SFT, ["--micro-batch-tokens", "0"], "--micro-batch-tokens 0: must be 1 or more"),
+    (SFT, ["--save-every", "0"], "--save-every 0: must be 1 or more"),
+    (SFT, ["--keep-checkpoints", "0"], "--keep-checkpoints 0: must be 1 or more"),
+    (SFT, ["--warmup", "1.5"], "--warmup 1.5: must be in [0, 1)"),
+    (SFT, ["--lr", "-1e-5"], "--lr -1e-05: must be above 0.0"),
+    (SFT, ["--out", "{d}/corpus.jsonl/sub"], "--out {d}/corpus.jsonl/sub: {d}/corpus.jsonl is a file, not a "
+                                             "directory: choose another --out"),
     (SFT, ["--data", "{d}/no_response.jsonl"], "{d}/no_response.jsonl: record 0 has no response column (looked for "
-                                               "response, messages, completion; found: question, answer)"),
+                                               "response, messages, completion; found: question, answer): pass "
+                                               "--response-key"),
     (SFT, ["--batch-size", "64"], "32 examples is fewer than one batch of 64"),
 ]
+
+
+@pytest.mark.parametrize("script", ["train_rl.py", "train_sft.py"])
+def test_every_numeric_flag_refuses_a_negative_value(dirs, tmp_path, monkeypatch, script):
+    """Each int/float flag of the parser, walked one by one: -5 is one line naming that flag."""
+    parser = runpy.run_path(str(ROOT / script), run_name="not_main")["parser"]
+    base = [a.format(d=dirs, out=tmp_path / "out") for a in (RL if script == "train_rl.py" else SFT)[1:]]
+    flags = [a.option_strings[0] for a in parser._actions if a.type in (int, float)]
+    assert len(flags) >= (30 if script == "train_rl.py" else 15)
+    for flag in flags:
+        code = main_of(script, base + [flag, "-5"], monkeypatch)
+        assert isinstance(code, str) and code.startswith(f"error: {flag} -5") and "\n" not in code, (flag, code)
+
+
+@pytest.mark.parametrize("command", [RL, SFT])
+def test_a_tracker_that_is_not_installed_is_refused_before_loading(dirs, tmp_path, monkeypatch, command):
+    import importlib.util
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    code = main_of(command[0], [a.format(d=dirs, out=tmp_path / "o") for a in command[1:]] +
+                   ["--report-to", "wandb"], monkeypatch)
+    assert code == "error: --report-to wandb: wandb is not installed (pip install wandb)"
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("command, extra, message", BAD, ids=[" ".join(c[0:1] + e) for c, e, _ in BAD])
@@ -116,7 +150,7 @@ def test_the_exit_status_of_a_real_process(dirs, tmp_path):
     proc = run(ROOT / "train_rl.py", "--preset", "toy", "--init", str(dirs / "init"), "--out", str(tmp_path / "o"),
                "--group-size", "1", check=False)
     assert proc.returncode == 1
-    assert proc.stderr.strip() == "error: --group-size 1: GRPO compares a prompt's rollouts, 2 or more"
+    assert proc.stderr.strip() == "error: --group-size 1: must be 2 or more (GRPO compares a prompt's rollouts)"
 
 
 def test_a_bug_keeps_its_traceback(dirs, tmp_path, monkeypatch):
@@ -194,6 +228,43 @@ def test_resuming_keeps_the_flags_not_typed_again(dirs, rl_run, tmp_path):
     assert f"resuming {out} at step 1 with steps 1 -> 2\n" in log
     assert stored["lr"] == 1e-3
 
+def another_value(action, value):
+    """A valid value of a flag other than `value` (a resumed run must come back with it)."""
+    if action.choices:
+        return next(c for c in action.choices if c != value)
+    if action.dest in ("reward", "grader"):
+        return {"reward": "tiered", "grader": "is_equiv"}[action.dest] if value != "tiered" else "accuracy"
+    if action.type is int:
+        return 3 if value is None else value + 1
+    if action.type is float:
+        return 2.0 if not value else value / 2
+    if action.nargs == 0 or isinstance(value, bool):  # store_true, --x/--no-x
+        return not value
+    return f"{value}-x" if value else "x"
+
+
+@pytest.mark.parametrize("script", ["train_rl.py", "train_sft.py"])
+def test_resume_keeps_every_flag_of_the_run(tmp_path, script):
+    """Every flag --resume keeps (all but the invocation's own), walked together: a run saved with a value
+    other than the default for each comes back with all of them when resumed with --resume alone."""
+    from accelerate import Accelerator
+    from nanopr1 import checkpoint
+    g = runpy.run_path(str(ROOT / script), run_name="not_main")
+    out = tmp_path / "run"
+    args = g["parse_args"](["--out", str(out)])
+    actions = {a.dest: a for a in g["parser"]._actions}
+    kept = [k for k in g["REFUSE"] + g["APPLY"] if k in actions]
+    assert len(kept) >= (40 if script == "train_rl.py" else 25)
+    saved = {k: another_value(actions[k], getattr(args, k)) for k in kept}
+    if script == "train_rl.py":
+        saved.update(max_rows=8, answer_reserve=3, rules="reserve")  # (a reserve needs its rule)
+    for k, v in saved.items():
+        setattr(args, k, v)
+    checkpoint.save(out, 1, Accelerator(cpu=True), lambda d: (d / "w.txt").write_text("w"), checkpoint.plain(args))
+    resumed = g["parse_args"](["--out", str(out), "--resume"])
+    assert {k: getattr(resumed, k) for k in saved} == saved
+
+
 # -----------------------------------------------------------------------------
 # SIGKILL at any moment (tests/kill.py), then --resume
 
@@ -253,3 +324,23 @@ def test_killed_anywhere_and_resumed_equals_uninterrupted(dirs, tmp_path, script
         assert got_rollouts == rollouts, kill
         assert weights.keys() == got_weights.keys() and all(torch.equal(weights[k], got_weights[k]) for k in weights), kill
         assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-%06d" % len(rows)], kill  # keep 1, no .tmp
+
+# -----------------------------------------------------------------------------
+# sample.py
+
+
+def test_sample_show_into_a_closed_pipe_is_quiet(tmp_path):
+    """`sample.py --show FILE | head`: when the reader goes, the script ends quietly (status 0, no traceback)."""
+    import os
+    import subprocess
+    block = {"paths": ["3*7=21 vs 56 no", "8*7=56 vs 56 yes"], "summary": "x=8"}
+    row = {"step": 1, "prompt": "Find x in 3 5 8 9 with x*7=56.", "main": ["", "\nFinal Answer: 8"],
+           "blocks": [block], "tokens": 40, "stop_reason": "eos", "answer": "8", "gold": "8", "reward": 1.0}
+    (tmp_path / "rollouts.jsonl").write_text((json.dumps(row) + "\n") * 3000)  # far more than a pipe holds
+    proc = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), "--show", str(tmp_path / "rollouts.jsonl")],
+                            cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout.readline().startswith(b"=== step 1, rollout 1/3000")
+    proc.stdout.close()  # what `head` does once it has its lines
+    _, err = proc.communicate(timeout=120)
+    assert (proc.returncode, err.decode()) == (0, "")

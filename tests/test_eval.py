@@ -1,6 +1,7 @@
 """Tests for nanopr1/evaluation.py and eval.py: the unbiased Pass@k against brute force, the summary and
-table, grading and resuming with a stand-in sampler, the run key, argument checks, and real runs on
-tiny models, in one process and in two (torchrun)."""
+table, grading and resuming with a stand-in sampler, the run key, official files (a row per data_source,
+n from the copies), two graders side by side, argument checks, and real runs on tiny models, in one process
+and in two (torchrun; no rank may reach the interpreter's teardown)."""
 
 import itertools
 import json
@@ -16,14 +17,15 @@ import pytest
 
 import nanopr1.model
 import nanopr1.sampler
-from conftest import init_toy_dir, run, tiny_model
+from conftest import init_toy_dir, run, shared_file, tiny_model
 import nanopr1.data
 from nanopr1 import UsageError, toy
 from nanopr1 import evaluation as ev
 from nanopr1.format import PARALLEL_PROMPT, SEQUENTIAL_PROMPT
 
 ROOT = Path(__file__).resolve().parents[1]
-main = runpy.run_path(str(ROOT / "eval.py"))["main"]  # the script's main(argv), run in this process as a user runs it
+EVAL = runpy.run_path(str(ROOT / "eval.py"))
+main = EVAL["main"]  # the script's main(argv), run in this process as a user runs it
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}")
 
@@ -133,17 +135,24 @@ def fake_text(question, j):
     return (BLOCK if j == 1 else "") + f"so\nFinal Answer: {2 * i if j % 2 == 0 else -1}"
 
 
+class Calls(list):
+    """The questions sampled, in order; `prompts`: the prompt ids sent."""
+    prompts = None
+
+
 @pytest.fixture
 def fake_sampler(monkeypatch, bpe_tokenizer):
     """Replace sampler.sample; record which questions were sampled. Its rollouts are built by make_rollout,
     the tags of fake_text tokenized as tag tokens (rewards judge the structure from tokens)."""
-    calls = []
+    calls = Calls()
+    calls.prompts = []
 
     def sample(model, tokenizer, prompts, group_size=1, **kw):
         out = []
         for p in prompts:
             question = next(q["question"] for q in PROBLEMS if q["question"] in tokenizer.decode(p))
             calls.append(question)
+            calls.prompts.append(list(p))
             for j in range(group_size):
                 ids = tokenizer(fake_text(question, j), add_special_tokens=False)["input_ids"]
                 out.append(nanopr1.rollout.make_rollout(tokenizer, p, ids + [tokenizer.eos_token_id], "eos"))
@@ -240,7 +249,8 @@ def test_resume_after_a_kill(fake_sampler, problems_file, tmp_path, capsys, kill
 @pytest.mark.parametrize("change,field", [
     (["--temperature", "0.6"], "temperature"), (["--seed", "1"], "seed"), (["--limit", "4"], "limit, problems"),
     (["--max-new-tokens", "100"], "max_new_tokens"), (["--n", "3"], "n"), (["--variant", "unseen"], "variant"),
-    (["--dtype", "bfloat16"], "dtype"), ("new questions", "problems")])
+    (["--dtype", "bfloat16"], "dtype"), ("new questions", "problems"), (["--lenient-grader", "none"], "lenient_grader"),
+    (["--grader", "is_equiv"], "grader, lenient_grader")])
 def test_other_settings_or_problems_are_recomputed(fake_sampler, problems_file, tmp_path, capsys, change, field):
     out = tmp_path / "out"
     args = ["--model", "m", "--datasets", str(problems_file), "--n", "2", "--out", str(out), "--no-progress"]
@@ -281,6 +291,136 @@ def test_n_per_dataset(fake_sampler, tmp_path, capsys, extra, ns):
     assert saved["datasets"] == summaries and {k: v["n"] for k, v in saved["keys"].items()} == ns
     assert ("mean@16" in printed and "mean@1 " in printed) == (extra == [])
 
+
+def official_records(sources):
+    """Records in verl's layout, as the official eval file: {data_source: (PROBLEMS indices, copies)}; the
+    copies cycle through the problems (record k is problem k mod m), the chat holds an instruction + problem."""
+    chat = lambda q: [{"role": "user", "content": f"Think in parallel where it helps.\n\nProblem: {q}"}]
+    return [{"data_source": src, "prompt": chat(PROBLEMS[i]["question"]), "ability": "MATH",
+             "reward_model": {"ground_truth": PROBLEMS[i]["answer"], "style": "rule"}}
+            for src, (indices, copies) in sources.items() for _ in range(copies) for i in indices]
+
+
+def write_parquet(path, records):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.Table.from_pylist(records), path)
+    return str(path)
+
+
+def test_official_file_is_a_row_per_data_source(fake_sampler, bpe_tokenizer, tmp_path, capsys):
+    """An official eval file (verl layout, several sets in one file, each problem repeated as n records): a row
+    per data_source, one problem per prompt with n = its copies (Mean@4 here, Mean@1 for the set of single
+    records), and each record's own chat sent as it is: the template is not wrapped around it again."""
+    from nanopr1.format import chat_ids
+    records = official_records({"APO_A": ([0, 1], 4), "APO_B": ([2, 3, 4], 1)})
+    path = write_parquet(tmp_path / "official.parquet", records)
+    summaries, printed = run_main(["--model", "m", "--datasets", path, "--out", str(tmp_path / "out"),
+                                   "--no-progress"], capsys)
+    assert list(summaries) == ["APO_A", "APO_B"]
+    a, b = summaries["APO_A"], summaries["APO_B"]
+    assert (a["problems"], a["n"], a["rollouts"]) == (2, 4, 8) and (b["problems"], b["n"], b["rollouts"]) == (3, 1, 3)
+    assert a["mean@4"] == 0.5 and a["pass@4"] == 1.0 and b["mean@1"] == 1.0  # fake_text: even samples are right
+    assert fake_sampler == [PROBLEMS[i]["question"] for i in range(5)]  # each prompt sampled once, for its n
+    assert fake_sampler.prompts == [chat_ids(bpe_tokenizer, records[i]["prompt"]) for i in (0, 1, 8, 9, 10)]
+    lines = [line.split() for line in printed.splitlines()]
+    assert ["APO_A", "2"] == next(line for line in lines if line[:1] == ["APO_A"])[:2]
+    d = model_dir(tmp_path / "out")
+    assert [len(nanopr1.data.read_rows(d / f"{name}.jsonl")) for name in ("APO_A", "APO_B")] == [8, 3]
+
+
+def test_the_real_official_file(bpe_tokenizer):
+    """The released eval file: AIME25/24 and AMC23 at 16 copies (Mean@16), MATH300 at one (Mean@1), each
+    prompt the file's own chat."""
+    from nanopr1.format import chat_ids
+    path = str(shared_file("official_apo_test_v3.parquet"))
+    sets, ns = EVAL["load_sets"](EVAL["parse_args"](["--model", "m", "--datasets", path]))
+    assert {k: (len(v), ns[k]) for k, v in sets.items()} == {"APO_AIME25": (30, 16), "APO_AIME24": (30, 16),
+                                                               "APO_AMC23": (40, 16), "APO_MATH300": (316, 1)}
+    p = sets["APO_AIME25"][0]
+    assert p["answer"] == "70" and p["question"].endswith("is a divisor of $97_b.$")
+    assert nanopr1.data.prompt_ids(bpe_tokenizer, PARALLEL_PROMPT, p) == chat_ids(bpe_tokenizer, p["chat"])
+    limited, _ = EVAL["load_sets"](EVAL["parse_args"](["--model", "m", "--datasets", path, "--limit", "3"]))
+    assert {k: len(v) for k, v in limited.items()} == dict.fromkeys(sets, 3)  # --limit: problems, not records
+
+
+@pytest.mark.parametrize("records,message", [
+    (official_records({"APO_A": ([0], 4)}) + official_records({"APO_A": ([1], 2)}),
+     r"the prompts of APO_A repeat 2 to 4 times, so n is not one number: pass --n$"),
+    ([dict(r, reward_model={"ground_truth": str(k)}) for k, r in enumerate(official_records({"APO_A": ([0], 2)}))],
+     r"a prompt of APO_A has 2 gold answers \(0, 1\)$"),
+])
+def test_official_file_that_is_not_one_protocol(fake_sampler, tmp_path, records, message):
+    path = write_parquet(tmp_path / "official.parquet", records)
+    with pytest.raises(UsageError, match=message):
+        main(["--model", "m", "--datasets", path, "--out", str(tmp_path / "out"), "--no-progress"])
+    assert fake_sampler == [] and not (tmp_path / "out").exists()
+
+
+def strict_or_lenient(question, j):
+    """Sample j: right for both graders (j=0), right only for the lenient one (1, 2: the strict grader takes the
+    answer line as written), wrong for both (3)."""
+    gold = 2 * int(question.split()[2])
+    return [f"so\nFinal Answer: {gold}", f"so\nFinal Answer: {gold}.", f"so\n**Final Answer:** {gold}",
+            "so\nFinal Answer: -1"][j]
+
+
+@pytest.mark.parametrize("extra,grader,correct,lenient", [
+    ([], "dapo", [1, 0, 0, 0], "is_equiv"), (["--lenient-grader", "none"], "dapo", [1, 0, 0, 0], None),
+    (["--grader", "is_equiv"], "is_equiv", [1, 1, 1, 0], None),  # the same grader twice: one set of columns
+    (["--grader", "tests/custom_rewards.py:exact_match"], "tests/custom_rewards.py:exact_match", [1, 0, 1, 0],
+     "is_equiv")])
+def test_two_graders_side_by_side(fake_sampler, problems_file, tmp_path, capsys, monkeypatch, extra, grader, correct,
+                                  lenient):
+    """The paper's strict grader decides `correct`; the lenient one's Mean@n and Pass@k stand beside it, in the
+    rows, summary.json and the table, so the gap is the share of the score that is formatting."""
+    monkeypatch.setattr(sys.modules[__name__], "fake_text", strict_or_lenient)
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "out"
+    summaries, printed = run_main(["--model", "m", "--datasets", str(problems_file), "--n", "4", "--out", str(out),
+                                   "--no-progress"] + extra, capsys)
+    s = summaries["set"]
+    assert s["grader"] == grader and s["mean@4"] == sum(correct) / 4
+    rows = nanopr1.data.read_rows(model_dir(out) / "set.jsonl")
+    assert [r["correct"] for r in rows[:4]] == [bool(c) for c in correct]
+    assert all(r["grader"] == grader for r in rows)
+    header, short = next(line for line in printed.splitlines() if line.startswith("dataset")), grader.split(":")[-1]
+    assert f"mean@4 ({short})" in header and " pass@4 " in header  # a module:function by its name
+    if lenient is None:
+        assert "lenient" not in s and "lenient_correct" not in rows[0] and header.count("mean@4") == 1
+        return
+    assert s["lenient"] == {"grader": "is_equiv", "mean@4": 0.75, "pass@1": 0.75, "pass@2": 1.0, "pass@4": 1.0}
+    assert [r["lenient_correct"] for r in rows[:4]] == [True, True, True, False]
+    assert [r["lenient_answer"] for r in rows[:4]] == ["0", "0.", "0", "-1"]
+    assert all(r["lenient_grader"] == "is_equiv" for r in rows)
+    assert json.loads((model_dir(out) / "summary.json").read_text())["datasets"]["set"] == s
+    cells = dict(zip(re.split(r"\s{2,}", header.strip()), printed.splitlines()[printed.splitlines().index(header) + 1]
+                     .split()))
+    assert cells["mean@4 (is_equiv)"] == "75.0" and cells["pass@4 (is_equiv)"] == "100.0"
+    assert cells[f"mean@4 ({short})"] == f"{100 * s['mean@4']:.1f}"
+
+
+def test_own_column_names(fake_sampler, tmp_path, capsys):
+    """A file whose columns are not found by name: the error names --question-key, which eval.py takes."""
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps({"q": p["question"], "gold": p["answer"]}) + "\n" for p in PROBLEMS))
+    args = ["--model", "m", "--datasets", str(path), "--n", "2", "--out", str(tmp_path / "out"), "--no-progress"]
+    with pytest.raises(UsageError, match=r"record 0 has no question column .*: pass --question-key$"):
+        main(args)
+    summaries, _ = run_main(args + ["--question-key", "q", "--answer-key", "gold"], capsys)
+    assert summaries["mine"]["problems"] == 5 and summaries["mine"]["mean@2"] == 0.5
+
+
+def test_an_out_that_is_a_file_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    def load(*a, **kw):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr(nanopr1.model, "load_model", load)
+    (tmp_path / "file").write_text("x")
+    for out in ("file", "file/sub"):
+        with pytest.raises(UsageError, match=f"^--out {tmp_path}/{out}: {tmp_path}/file is a file, not a directory$"):
+            main(["--model", "m", "--datasets", "toy-easy", "--out", str(tmp_path / out)])
+    assert (tmp_path / "file").read_text() == "x"
+
 # -----------------------------------------------------------------------------
 # argument checks: one line, exit status 1, OUT untouched
 
@@ -306,6 +446,7 @@ def snapshot(out):
     (["--limit", "0"], "--limit 0: must be at least 1"),
     (["--datasets", "toy-easy,nope"], "unknown dataset 'nope'"),
     (["--model", "/nonexistent/model"], "no such model directory"),
+    (["--grader", "nope"], "unknown grader 'nope'"), (["--lenient-grader", "nope"], "unknown grader 'nope'"),
     (None, "--model is required"),  # None: no --model at all
 ])
 def test_bad_arguments(toy_model, tmp_path, monkeypatch, capsys, change, message):
@@ -376,6 +517,7 @@ def test_toy_preset_end_to_end(tmp_path, monkeypatch, capsys):
     summaries, printed = run_main(["--preset", "toy", "--limit", "2", "--max-new-tokens", "24", "--no-progress"],
                                   capsys)
     assert list(summaries) == ["toy-easy", "toy-hard"]
+    assert all(s["grader"] == "is_equiv" and "lenient" not in s for s in summaries.values())  # the toy's grader
     assert all(s["problems"] == 2 and s["rollouts"] == 8 for s in summaries.values())  # n = 4 in the toy preset
     assert "out/toy-sft (parallel, seen), n=4" in printed
     assert len(list((tmp_path / "out" / "eval").glob("toy-sft-*/toy-hard.jsonl"))) == 1
@@ -438,10 +580,30 @@ def test_two_models_share_an_out(tmp_path, capsys):
     assert len(rows[0]) == len(rows[1]) == 10 and rows[0] != rows[1]
 
 
+EXIT_ABORT = """import ctypes, os
+if "RANK" in os.environ:  # a torchrun worker, not the launcher
+    libc = ctypes.CDLL(None)
+    libc.__cxa_atexit(libc.abort, None, None)  # run by exit(), with the C++ destructors
+"""
+
+
+def abort_at_exit(tmp_path):
+    """A PYTHONPATH whose sitecustomize makes each rank abort (SIGABRT) if it reaches the C-level exit, where
+    static destructors run: a gloo thread's destructor there once aborted a finished rank under load. A
+    rank that ends after its work without that teardown (os._exit) is immune; one that does not fails."""
+    import ctypes
+    if not hasattr(ctypes.CDLL(None), "__cxa_atexit"):
+        return ""  # not glibc / libSystem: nothing planted
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(EXIT_ABORT)
+    return str(tmp_path / "site")
+
+
 def test_two_processes_equal_one(toy_model, tmp_path, capsys):
     """torchrun, 2 CPU processes (gloo): eval.py writes one merged table with the same rows and summary
     as one process; train_rl's --eval-every hook (evaluation.evaluate_everywhere) returns the
-    single-process summary on both ranks."""
+    single-process summary on both ranks. No rank reaches the interpreter's teardown (abort_at_exit)."""
+    site = abort_at_exit(tmp_path)
     argv = ["--model", toy_model] + TOY_ARGS + ["--datasets", "toy-easy,toy-hard"]
     argv[argv.index("--n")] = "--rollouts"  # torchrun would read --n as an abbreviation of its own flags
     run_main(argv + ["--out", str(tmp_path / "one")], capsys)
@@ -449,14 +611,14 @@ def test_two_processes_equal_one(toy_model, tmp_path, capsys):
     _, hook = ev.evaluate_everywhere(model, tokenizer, nanopr1.data.load_problems("toy-easy")[:5], 2, lambda rows: rows,
                                      template=toy.TEMPLATE, max_new_tokens=24, seed=0)
     two = tmp_path / "two"
-    proc = run(ROOT / "eval.py", *argv, "--out", str(two), procs=2)
+    proc = run(ROOT / "eval.py", *argv, "--out", str(two), procs=2, env={"PYTHONPATH": f"{site}:{ROOT}"})
     assert "(2 processes)" in proc.stderr  # the script saw a world of 2
     d1, d2 = model_dir(tmp_path / "one"), model_dir(two)
     for name in ("toy-easy", "toy-hard"):
         assert (d2 / f"{name}.jsonl").read_text() == (d1 / f"{name}.jsonl").read_text()
     assert json.loads((d2 / "summary.json").read_text()) == json.loads((d1 / "summary.json").read_text())
     assert not list(d2.glob("*.rank*"))
-    run(ROOT / "tests" / "dist_eval.py", str(two), toy_model, procs=2, env={"PYTHONPATH": str(ROOT)})
+    run(ROOT / "tests" / "dist_eval.py", str(two), toy_model, procs=2, env={"PYTHONPATH": f"{site}:{ROOT}"})
     for r in range(2):
         got = json.loads((two / f"run_eval.rank{r}.json").read_text())
         assert got.pop("world") == 2 and got == hook
@@ -480,7 +642,7 @@ def test_one_cache_serves_every_batch(toy_model):
     model, tokenizer = nanopr1.model.load_model(toy_model)
     problems = nanopr1.data.load_problems("toy-easy")[:6]
     kw = dict(template=toy.TEMPLATE, max_new_tokens=40, seed=0, batch_size=2, progress=False)
-    cache = KVCache(16, 80, "cpu")
+    cache = KVCache(16, 80, "cpu", use_graphs=True)  # the CPU stand-in of the captured steps
     with_cache, _ = ev.evaluate(model, tokenizer, problems, 2, cache=cache, **kw)
     per_call, _ = ev.evaluate(model, tokenizer, problems, 2, **kw)
     assert [r["text"] for r in with_cache] == [r["text"] for r in per_call] and cache.graphs

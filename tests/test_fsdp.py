@@ -1,8 +1,8 @@
 """The FSDP2 pieces, run for real on two CPU processes (torchrun, gloo): the sampling copy gathers
 every sharded weight, and the chunked log-prob head inside FSDP2's gathered head group gives the
 unsharded model's gradients over two micro-batches (reduce-scattered each time, never accumulated
-unsharded). accelerate does not run FSDP on CPUs, so tests/dist_fsdp.py shards the model the way its
-FSDP2 preparation does."""
+unsharded); a LoRA model's refresh and save gather its adapters too. accelerate does not run FSDP on
+CPUs, so tests/dist_fsdp.py shards the model the way its FSDP2 preparation does."""
 
 import json
 
@@ -16,3 +16,6 @@ def test_fsdp2_copy_and_gradients_equal_the_unsharded_model(tmp_path):
     for r in ranks:
         assert r["copy_diff"] <= 1e-6
         assert r["grad_scale"] > 0.1 and r["grad_diff"] <= 1e-6 * r["grad_scale"]
+        # LoRA: the copy (adapters unmerged) and the saved model dir (merged) are the unsharded peft model's
+        assert r["lora_sharded"] == "DTensor" and r["lora_scale"] > 0.1
+        assert r["lora_copy_diff"] <= 1e-5 * r["lora_scale"] and r["lora_save_diff"] <= 1e-5 * r["lora_scale"]

@@ -4,9 +4,15 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from conftest import CHAT_TEMPLATE, tiny_llama_config, tiny_model
-from nanopr1 import UsageError
+from reference_cache import reference_cache
+from test_kvcache import assert_same
+from test_sampler import prompts_of
+from nanopr1 import UsageError, scoring
 from nanopr1.format import PARALLEL_PROMPT, TAGS, chat_prompt_ids
-from nanopr1.model import add_tags, apply_lora, load_model, tag_ids, tiny_qwen3_config
+from nanopr1.kvcache import KVCache
+from nanopr1.model import (add_tags, apply_lora, load_model, lora_layers, refresh_copy, sampling_copy,
+                           save_model, tag_ids, tiny_qwen3_config)
+from nanopr1.sampler import sample
 
 
 def plain_tokenizer():
@@ -110,3 +116,91 @@ def test_a_lora_model_saves_merged_without_copying_it(bpe_tokenizer, tmp_path, m
     loaded, _ = load_model(str(tmp_path / "merged"))
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5, rtol=1e-4)
+
+
+def bf16_twin(model):
+    """`model` in bf16 as load_model(..., "bfloat16") makes it (model.to() would round the rotary buffers)."""
+    twin = AutoModelForCausalLM.from_config(model.config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    twin.load_state_dict(model.state_dict())
+    return twin.eval()
+
+
+@torch.no_grad()
+def lora_step(model, std, seed=2):
+    """lora_B as after a step (it starts at zero): entries of about `std`."""
+    g = torch.Generator().manual_seed(seed)
+    for name, q in model.named_parameters():
+        if "lora_B" in name:
+            q.copy_(torch.randn(q.shape, generator=g) * std)
+
+
+@torch.no_grad()
+def test_a_bf16_lora_sampling_copy_computes_what_the_trainer_computes(bpe_tokenizer):
+    """After a LoRA step of a training step's size (lora_B ~ 1e-4) the bf16 sampling copy's log-probs equal
+    the trainer's at least as closely as a full fine-tune's bf16 copy does, and move as the trainer's move.
+    The trainers run under bf16 autocast, as accelerate's mixed precision runs them on a GPU. (The old
+    copy merged the adapters into its bf16 weights: most of the step rounded away, cosine 0.53.)"""
+    tok = bpe_tokenizer
+    fp32 = tiny_model(tok)
+    lora = apply_lora(bf16_twin(fp32), r=8, alpha=16)
+    ids = torch.randint(10, len(tok), (4, 48), generator=torch.Generator().manual_seed(1))
+
+    def logprobs(model, trainer=False):  # (4, 39) teacher-forced log-probs; the trainer under bf16 autocast
+        with torch.autocast("cpu", torch.bfloat16, enabled=trainer):
+            return scoring.token_logprobs(model, {"input_ids": ids}, first=8)
+
+    copy_ = sampling_copy(lora, torch.bfloat16, "cpu")
+    refresh_copy(copy_, lora)
+    trainer0, sampler0 = logprobs(lora, True), logprobs(copy_)
+    lora_step(lora, 1e-4)
+    refresh_copy(copy_, lora)
+    trainer, sampler = logprobs(lora, True), logprobs(copy_)
+    # the full fine-tune: the same step taken by the fp32 weights, sampled from their bf16 copy
+    weights = dict(fp32.named_parameters())
+    for name, m, a in lora_layers(lora):
+        weights[name.removeprefix("base_model.model.") + ".weight"] += (
+            m.lora_B[a].weight.float() @ m.lora_A[a].weight.float() * m.scaling[a])
+    full_copy = sampling_copy(fp32, torch.bfloat16, "cpu")
+    refresh_copy(full_copy, fp32)
+    full_gap = (logprobs(full_copy) - logprobs(fp32, True)).abs().mean()
+    assert (trainer - trainer0).abs().mean() > 1e-4 and full_gap > 1e-4  # the step, the bf16 error: real
+    moved, trained = (sampler - sampler0).flatten(), (trainer - trainer0).flatten()
+    cosine = torch.nn.functional.cosine_similarity(moved, trained, 0)
+    assert cosine >= 0.95  # the sampler's log-probs move as the trainer's do
+    assert (sampler - trainer).abs().mean() <= full_gap
+
+
+def test_a_bf16_lora_model_saves_in_bf16(bpe_tokenizer, tmp_path):
+    """A saved LoRA model dir keeps the base's dtype: W + B A * scaling summed in fp32, rounded once to
+    bf16 (the adapted weights came out fp32 beside bf16 ones)."""
+    from safetensors.torch import load_file
+    tok = bpe_tokenizer
+    lora = apply_lora(bf16_twin(tiny_model(tok)), r=4, alpha=8, train_tokens=list(tag_ids(tok).values()))
+    lora_step(lora, 0.1)
+    save_model(lora, tok, tmp_path / "merged")
+    saved = load_file(tmp_path / "merged" / "model.safetensors")
+    assert {w.dtype for w in saved.values()} == {torch.bfloat16}
+    q = lora.get_base_model().model.layers[0].self_attn.q_proj
+    delta = q.lora_B.default.weight @ q.lora_A.default.weight * q.scaling["default"]  # fp32 adapters
+    merged = q.base_layer.weight.float() + delta
+    assert torch.equal(saved["model.layers.0.self_attn.q_proj.weight"], merged.bfloat16())
+
+
+@pytest.mark.parametrize("variant", ["seen", "unseen"])
+def test_a_lora_copy_refreshes_in_place_under_captured_decode_steps(bpe_tokenizer, variant):
+    """The copy's adapters are refreshed in place: decode steps captured before a refresh (graphs.CpuGraph,
+    which raises if a tensor it reads was freed) sample from the new adapters, as the trained model does."""
+    tok, prompts = bpe_tokenizer, prompts_of(bpe_tokenizer)
+    lora = apply_lora(tiny_model(tok), r=4, alpha=8)
+    copy_ = sampling_copy(lora, torch.float32, "cpu")
+    kv = KVCache(32, max(map(len, prompts)) + 41, "cpu", use_graphs=True)  # the captured step, as on a GPU
+    kw = dict(temperature=0, max_new_tokens=40, variant=variant, force_block=3)
+    refresh_copy(copy_, lora)
+    before = sample(copy_, tok, prompts, 2, cache=kv, **kw)
+    captured = dict(kv.graphs)
+    lora_step(lora, 0.3)
+    refresh_copy(copy_, lora)
+    after = sample(copy_, tok, prompts, 2, cache=kv, **kw)
+    assert captured and all(kv.graphs[k] is g for k, g in captured.items())  # replays of the same captures
+    assert_same(sample(lora.get_base_model(), tok, prompts, 2, cache=reference_cache(), **kw), after)
+    assert [r.ids for r in after] != [r.ids for r in before]  # the step changed the policy

@@ -1,5 +1,6 @@
 """Tests for plot.py: figures from fake run dirs and eval summaries (files, PNG sizes, the data
-drawn), torn and repeated metrics.jsonl lines, smoothing, and the message without matplotlib."""
+drawn), torn and repeated metrics.jsonl lines, smoothing, the message without matplotlib, and bad inputs
+(missing runs, metrics no run logged, an --out that is a file) as one line."""
 
 import importlib.util
 import json
@@ -108,3 +109,48 @@ def test_without_matplotlib(runs, tmp_path, monkeypatch):
         plot.main(runs + ["--out", str(tmp_path / "plots")])
     assert e.value.code == 'error: plotting needs matplotlib: pip install -e ".[plot]"'
     assert not (tmp_path / "plots").exists()
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing dir", "error: {tmp}/nope: no such directory (train_rl.py and train_sft.py write OUT/metrics.jsonl)"),
+    ("empty dir", "error: {tmp}/empty: no metrics.jsonl in it (train_rl.py and train_sft.py write OUT/metrics.jsonl)"),
+    ("bogus metric", "error: --metrics bogus: no run logged a value of it (logged: {logged})"),
+    ("metric of no run", "error: --metrics path_diversity: no run logged a value of it (logged: {logged})"),
+    ("nothing logged", "error: the runs logged none of reward, accuracy, parallel_rate, first_block_pos, "
+                       "latency_ratio, blocks_per_rollout, path_diversity (logged: loss): choose with --metrics"),
+    ("out is a file", "error: --out {tmp}/file: {tmp}/file is a file, not a directory"),
+    ("out under a file", "error: --out {tmp}/file/plots: {tmp}/file is a file, not a directory"),
+    ("broken metrics", "error: {tmp}/broken/metrics.jsonl line 1 is not JSON"),
+    ("missing summary", "error: --eval {tmp}/none.json: not an eval.py summary.json (OUT/<model>/summary.json)"),
+])
+def test_bad_inputs_are_one_line_and_write_nothing(runs, tmp_path, monkeypatch, capsys, case, message):
+    """Each: `error: <one line>` (exit status 1) before matplotlib loads, no PNG, no --out created."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # loading it would be an error of its own
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("x")
+    write_run(tmp_path / "loss-only", [dict(step=1, loss=0.5)])
+    write_run(tmp_path / "broken", [], tail='{"step": 1, "rew\n{"step": 2}\n')
+    out = ["--out", str(tmp_path / "plots")]
+    argv = {"missing dir": [str(tmp_path / "nope")] + out, "empty dir": [str(tmp_path / "empty")] + out,
+            "bogus metric": runs + ["--metrics", "bogus"] + out,
+            "metric of no run": runs + ["--metrics", "path_diversity,reward"] + out,
+            "nothing logged": [str(tmp_path / "loss-only")] + out,
+            "out is a file": runs + ["--out", str(tmp_path / "file")],
+            "out under a file": runs + ["--out", str(tmp_path / "file" / "plots")],
+            "broken metrics": [str(tmp_path / "broken")] + out,
+            "missing summary": ["--eval", str(tmp_path / "none.json")] + out}[case]
+    with pytest.raises(SystemExit) as e:
+        plot.main(argv)
+    logged = "accuracy, first_block_pos, latency_ratio, parallel_rate, reward"
+    assert e.value.code == message.format(tmp=tmp_path, logged=logged)
+    assert capsys.readouterr().out == "" and not (tmp_path / "plots").exists()
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_a_run_without_an_asked_metric_is_said(runs, tmp_path, capsys):
+    """Asked by name, a metric one run lacks is drawn from the others, and the lacking run is named."""
+    written = plot.main(runs + ["--metrics", "latency_ratio", "--out", str(tmp_path / "plots")])
+    captured = capsys.readouterr()
+    assert [p.name for p in written] == ["latency_ratio.png"]
+    assert captured.err == f"note: {runs[1]} has no latency_ratio\n"
+
