@@ -47,9 +47,12 @@ def parse_args(argv=None):
     # sampling
     arg("--n", type=int, default=1, help="rollouts of the prompt")
     arg("--num-paths", type=int, default=2, help="paths per parallel block")
-    arg("--max-blocks", type=int, default=4, help="parallel blocks per rollout")
+    arg("--max-blocks", type=int, default=4, help="parallel blocks per rollout (official rules: it ends after it)")
     arg("--max-new-tokens", type=int, default=3000, help="response budget, everything included")
-    arg("--path-max-tokens", type=int, help="budget of one path, its tags included")
+    arg("--rules", choices=["official", "reserve"], default="official", help="official: a path is cut at "
+        "--path-max-tokens, the response at --max-new-tokens; reserve: a block leaves room for the answer")
+    arg("--path-max-tokens", type=int, help="one path's budget (official: the tokens between its tags, "
+        "default 4096; reserve: its tags included, default its share)")
     arg("--temperature", type=float, default=1.0, help="0 = greedy")
     arg("--top-p", type=float, default=1.0)
     arg("--seed", type=int, default=0)
@@ -95,8 +98,8 @@ def main(argv=None):
         prompt = chat_prompt_ids(tokenizer, template, args.prompt)
         rollouts = sample(model.eval(), tokenizer, [prompt], args.n, num_paths=args.num_paths,
                           max_blocks=args.max_blocks, max_new_tokens=args.max_new_tokens,
-                          path_max_tokens=args.path_max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          seed=args.seed, variant=args.variant, parallel=not args.no_parallel,
+                          path_max_tokens=args.path_max_tokens, rules=args.rules, temperature=args.temperature,
+                          top_p=args.top_p, seed=args.seed, variant=args.variant, parallel=not args.no_parallel,
                           force_block=force_block)
     except ValueError as e:  # UsageError, or a prompt the sampler refuses
         sys.exit(f"error: {e}")

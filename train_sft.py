@@ -39,7 +39,7 @@ arg("--model", default="Qwen/Qwen3-4B-Base", help="hub id or local dir to start 
 arg("--variant", choices=["seen", "unseen"], default="seen", help="unseen: path-isolating attention")
 arg("--lora", action="store_true", help="train LoRA adapters (and the six tag rows) only")
 arg("--lora-r", type=int, default=64)
-arg("--grad-ckpt", action=argparse.BooleanOptionalAction, help="gradient checkpointing (default: on a GPU)")
+arg("--grad-ckpt", action=argparse.BooleanOptionalAction, default=True, help="gradient checkpointing (the toy: off)")
 # data
 arg("--data", default="out/parallel_gsm8k.jsonl", help="traces: question + response, TRL's messages, or "
     "prompt + completion records (a file or a hub id)")
@@ -122,7 +122,7 @@ def main(args):
     # the model, its optimizer and the schedule: linear warm-up, then cosine towards 0 at the last step
     if args.lora:
         model = apply_lora(model, r=args.lora_r, alpha=2 * args.lora_r, train_tokens=list(tags.values()))
-    if args.grad_ckpt or args.grad_ckpt is None and cuda:
+    if args.grad_ckpt:  # (a CPU too: a 135M model's 2,048-token step peaks at 3.6 GB without, 1.1 GB with)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     total = args.max_steps or per_epoch * args.epochs  # the schedule's length (as HF Trainer: max steps wins)
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=args.lr,

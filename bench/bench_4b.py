@@ -15,16 +15,15 @@ every section: a crash loses nothing measured before it. Timings: a warm-up, the
   decode_R    (1, 2) R = 1, 64, 256 rows, greedy, parallel off, 512-token prompts, 512 new tokens: tokens/s of
               the captured step (the repeats reuse the cache and its graphs; capture_s apart) and, for R in
               --eager-rows, eager; decode-only tokens/s (prefill timed apart) vs the bandwidth floor (weight + KV
-              bytes read per step / measured copy bandwidth); graphs and graph pool GB from KVCache.stats().
+              bytes read per step / measured copy bandwidth); graphs, graph pool GB (KVCache.stats()) vs plan.
   grpo_lora, grpo_full  (3) one GRPO step (scoring.score + grpo.policy_loss + AdamW, gradient checkpointing,
               bf16 autocast on CUDA), 8 rollouts of 512 + 512 tokens, micro-batches of 4: time, tokens/s, MFU
               (6N), peak above the model states (plan.peak_bytes) vs plan.training_transient + gradients.
-  train_rl    (4) one real `train_rl.py --lora` step (subprocess) on this model saved with the toy tokenizer
-              (toy:hard problems): wall time, its "memory plan per GPU:" and "measured:" lines, the plan total,
-              its metrics row. --lora: full fine-tune + sampling copy do not fit 80 GB (the plan says so).
+  train_rl    (4) one real `train_rl.py --lora` step (subprocess; this model, the toy tokenizer, toy:hard): wall
+              time, its memory plan vs its "measured:" and "KV cache:" lines, metrics row, checkpoint size
+              (--lora: full fine-tune + sampling copy do not fit 80 GB, as the plan says).
 Estimate on one H100/H200: equal 0.5 min, decode 4 min (half of it eager), grpo 1 min, train_rl 1.5 min: ~7
-min. Dropped from the older version to fit: model.generate, SFT timing, flex attention (in git history).
-The figures go to docs/results.md (section "GPU").
+min. Dropped to fit: model.generate, SFT timing, flex attention (git history). Figures: docs/results.md, "GPU".
 """
 
 import argparse
@@ -48,7 +47,7 @@ from nanopr1.format import PARALLEL, PARALLEL_END, PATH, PATH_END, SUMMARY, SUMM
 from nanopr1.grpo import policy_loss
 from nanopr1.kvcache import KVCache, kv_bytes_per_token
 from nanopr1.model import add_tags, apply_lora
-from nanopr1.plan import memory_plan, peak_bytes, training_transient
+from nanopr1.plan import POOL_BYTES, memory_plan, peak_bytes, training_transient
 from nanopr1.rollout import make_rollout
 from nanopr1.sampler import sample
 from nanopr1.scoring import score
@@ -78,6 +77,9 @@ class IdTokenizer:
 
     def decode(self, ids, **kw):
         return " ".join(map(str, ids))
+
+    def __call__(self, text, add_special_tokens=False):  # text (the "\n" after a block): ordinary ids
+        return {"input_ids": [10] * len(text)}
 
 
 def free():
@@ -134,11 +136,10 @@ def equal(args, res):
                      for r, q in zip(a, b)]
             diff = max((abs(x - y) for r, q, k in zip(a, b, first) for x, y in zip(r.logprobs[:k], q.logprobs[:k])),
                        default=0.0)
-            blocks = sum(len(r.blocks) for r in a)
+            blocks = sum(r.ids.count(tok.vocab[PARALLEL]) for r in a)  # opened (a cut one too)
             print(f"  {label:10s} {name:13s}: identical tokens {same:7.2%}   max |log-prob difference| {diff:.2e}"
                   f"   blocks {blocks}   graphs {stats['graphs']} {stats.get('graph_error', '')}", flush=True)
             res[f"{label}/{name}"] = dict(identical=same, max_logprob_diff=diff, blocks=blocks, **stats)
-        del model
 
 
 def bandwidth(device):
@@ -157,7 +158,8 @@ def decode(args, res, R):
     kvt = kv_bytes_per_token(model.config, torch.bfloat16)
     floor = (N - 1) * (W + R * (P + N / 2) * kvt) / bw  # N-1 decode steps, mean context P + N/2
     res.update(rows=R, prompt=P, new_tokens=N, weight_gb=W / 1e9, kv_kib_per_token=kvt / 1024,
-               copy_bandwidth_gbs=bw / 1e9, floor_decode_tokens_per_s=R * (N - 1) / floor)
+               copy_bandwidth_gbs=bw / 1e9, floor_decode_tokens_per_s=R * (N - 1) / floor,
+               plan_pool_gb=R * args.cfg["vocab_size"] * POOL_BYTES / 1e9)  # vs the measured graph_pool_gb
     for mode in ("graphs", "eager") if R in args.eager_rows else ("graphs",):
         kv = KVCache(R, P + N + 1, dev, use_graphs=mode == "graphs")
         run = lambda n: sample(model, tok, ps, 1, max_new_tokens=n, temperature=0, parallel=False, cache=kv)
@@ -172,7 +174,8 @@ def decode(args, res, R):
         print(f"  {R:4d} rows {mode:6s}: {R * N / best:9.1f} tok/s best ({R * N / mean:9.1f} mean)   prefill "
               f"{prefill:.3g} s   decode {R * (N - 1) / decode_s:9.1f} tok/s = {floor / decode_s:6.1%} of the "
               f"floor ({R * (N - 1) / floor:9.1f})   graphs {stats['graphs']} ({stats['capture_s']:.1f} s to "
-              f"capture, pool {stats['graph_pool_gb']:.3g} GB) {stats.get('graph_error', '')}", flush=True)
+              f"capture, pool {stats['graph_pool_gb']:.3g} GB, plan {res['plan_pool_gb']:.3g}) "
+              + stats.get("graph_error", ""), flush=True)
         kv = run = None  # this mode's cache freed before the next one
         free()
     if "eager" in res:
@@ -219,8 +222,7 @@ def grpo(args, res, lora):
     tokens = sum(len(r.prompt_ids) + len(r.ids) for r in rollouts)
     step = lambda: grpo_step(model, opt, rollouts, tok.vocab, micro, dev)
     best, mean = repeat(step, args.repeats)  # the warm-up makes AdamW's states
-    free()
-    peak = peak_bytes(step, dev)  # above the weights and AdamW's states: activations, gradients, AdamW's step
+    peak = peak_bytes(step, dev)  # above the weights and AdamW's states (it empties the allocator's cache first)
     config, T, n_trained = Qwen3Config(**args.cfg), micro * (P + N), sum(q.numel() for q in trained)
     transient = training_transient(config, T, P + N, grad_ckpt=True, autocast=cuda, trained=n_trained)
     grads = sum(q.numel() * q.element_size() for q in trained)
@@ -267,20 +269,19 @@ def train_rl(args, res):
             res["plan"] = lines[start:end + 1]
             total = [x.split() for x in res["plan"] if x.split()[:1] == ["total"]]
             res["plan_total_gb"] = float(total[0][1]) if total else None
-        res["measured"] = [x for x in lines if x.startswith("measured:")]
-        metrics = work / "run" / "metrics.jsonl"
+        res["measured"] = [x for x in lines if x.startswith(("measured:", "KV cache:"))]  # vs the plan's
+        metrics, saved = work / "run" / "metrics.jsonl", list((work / "run").glob("checkpoint-*/**/*"))
         if metrics.exists():
             res["metrics"] = json.loads(metrics.read_text().splitlines()[-1])
+        res["checkpoint_gb"] = sum(f.stat().st_size for f in saved if f.is_file()) / 1e9
         print(f"  train_rl.py exited {done.returncode} after {res['wall_s']:.1f} s", *res.get("plan", []),
-              *res["measured"], sep="\n  ", flush=True)
+              *res["measured"], f"checkpoint: {res['checkpoint_gb']:.2f} GB", sep="\n  ", flush=True)
         if done.returncode:
             raise RuntimeError(f"train_rl.py exited {done.returncode}: {(done.stderr.strip() or '?').splitlines()[-1]}")
-        if not res["measured"] or "metrics" not in res:
-            raise RuntimeError("train_rl.py printed no 'measured:' line or wrote no metrics row")
+        if len(res["measured"]) < 1 + (args.device.type == "cuda") or "metrics" not in res:
+            raise RuntimeError("train_rl.py printed no 'measured:' or 'KV cache:' line or wrote no metrics row")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-# -----------------------------------------------------------------------------
 
 
 def write(path):

@@ -6,7 +6,7 @@ bench/bench_sampler.py: how fast is the branching sampler? (a benchmark script, 
     python bench/bench_sampler.py --model DIR          # a real model directory (its own vocabulary)
 
 In one run, on one model and the same prompts, all through the package's one KV cache (kvcache.KVCache; its
-decode step captured once per shape, a CUDA graph on a GPU and graphs.CpuGraph on a CPU, unless said eager):
+decode step captured once per shape as a CUDA graph on a GPU, eager on a CPU unless graphs.CpuGraph is said):
   (a) tokens/s of the sampler with parallel off vs `model.generate`, greedy, batch 1, 8, 32
       (greedy, so both decode exactly the same tokens);
   (b) a fork after a long prefix: copying the prefix's row into N path rows (KVCache.copy_row) vs
@@ -14,7 +14,8 @@ decode step captured once per shape, a CUDA graph on a GPU and graphs.CpuGraph o
   (c) N paths decoded together (one forward per step) vs the same paths one after another;
   (d) one decode step of 32 rows with 256, 1,024 and 2,048 columns in the cache: transformers' DynamicCache
       (grown by concatenation every token) vs KVCache eager (use_graphs=False) vs KVCache with its captured step;
-  (e) whole sample() calls, 64 rollouts with blocks: tokens/s without a row cap and with --max-rows;
+  (e) whole sample() calls, 64 rollouts with blocks: tokens/s without a row cap and with --max-rows, the first
+      call on a new cache and later ones, the decode step as by default and captured (a CPU: CpuGraph);
   (f) peak memory of one sample() call of 32 vs 256 rollouts with the same --max-rows (peak RSS of a
       fresh process on a CPU, peak allocated on a GPU).
 Each figure is the best of --repeats runs after a warm-up run (which captures the graphs: a cache is kept
@@ -165,16 +166,20 @@ def bench_step(model, cols, rows, steps, vocab, repeats):
     return {k: t / steps for k, t in out.items()}
 
 
-def bench_throughput(model, tok, prompts, max_new, caps, repeats):
-    """(e) tokens/s of whole sample() calls with blocks (forced after 8 tokens), per row cap."""
+def bench_throughput(model, tok, prompts, max_new, caps, repeats, graphs=None):
+    """(e) tokens/s of whole sample() calls with blocks (forced after 8 tokens), per row cap: (the first call
+    on a new cache, which captures every shape it meets when the decode step is captured; the best later one)."""
     out, P = {}, max(len(p) for p in prompts)
     for cap in caps:
-        kv = KVCache(cap or len(prompts) * 4 * 2, P + max_new + 1, model.device)  # unbounded: every rollout's 2 rows
+        # no cap: every rollout's 2 rows at once
+        kv = KVCache(cap or len(prompts) * 4 * 2, P + max_new + 1, model.device, use_graphs=graphs)
         run = lambda _: out.__setitem__(("n", cap), sum(len(r.ids) for r in sample(
             model, tok, prompts, 4, max_new_tokens=max_new, seed=0, force_block=8, max_rows=cap,
             path_max_tokens=max_new // 4, cache=kv)))
-        t = best(run, repeats)
-        out[cap] = out[("n", cap)] / t
+        t0 = time.perf_counter()
+        run(None)
+        first = time.perf_counter() - t0
+        out[cap] = (out[("n", cap)] / first, out[("n", cap)] / best(run, repeats))
     return {cap: out[cap] for cap in caps}
 
 
@@ -291,11 +296,14 @@ def main():
                   f"concat/graph {t['concat'] / t['graph']:5.2f}x")
 
     if "e" in only:
-        print(f"\n(e) sample(): 16 prompts x 4 rollouts, forced 2-path blocks, {args.max_new_tokens} new tokens")
-        rates = bench_throughput(model, tok, random_prompts(16, [20, 33, 27, 40], vocab), args.max_new_tokens,
-                                 [None, args.max_rows], args.repeats)
-        print(f"  no row cap {rates[None]:8.0f} tok/s   --max-rows {args.max_rows}: {rates[args.max_rows]:8.0f} tok/s   "
-              f"ratio {rates[args.max_rows] / rates[None]:5.2f}x")
+        print(f"\n(e) sample(): 16 prompts x 4 rollouts, forced 2-path blocks, {args.max_new_tokens} new "
+              "tokens; tok/s of the first call on a new cache / of later calls\n    default: the decode step as "
+              "KVCache runs it (a GPU: captured, a CPU: eager); captured: use_graphs=True (a CPU: the stand-in)")
+        ps, cap = random_prompts(16, [20, 33, 27, 40], vocab), args.max_rows
+        for name, graphs in (("default", None), ("captured", True)):
+            rates = bench_throughput(model, tok, ps, args.max_new_tokens, [None, cap], args.repeats, graphs)
+            print(f"  {name:8s}: no row cap {rates[None][0]:8.0f} / {rates[None][1]:8.0f} tok/s   --max-rows {cap}: "
+                  f"{rates[cap][0]:8.0f} / {rates[cap][1]:8.0f} tok/s   ratio {rates[cap][1] / rates[None][1]:5.2f}x")
 
     if "f" in only:
         print(f"\n(f) peak memory of one sample() call (fresh process each; model {PEAK_MODEL}, 64-token prompts, "

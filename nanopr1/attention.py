@@ -3,14 +3,18 @@ Block structure from tag tokens, and attention for the Unseen variant: a path-is
 Multiverse position ids, so that one ordinary forward over prompt + response (the policy loss, SFT)
 sees what each token saw when the sampler decoded the paths in separate rows:
 
-    prompt  main <Parallel> <Path>path 1</Path> <Path>path 2</Path> </Parallel><Summary>...
-    pos:    0..  p          p+1 ...             p+1 ...             p+max_k(len_k)+1 ...
+    prompt  main <Parallel> <Path>path 1</Path> <Path>path 2</Path> </Parallel> nl <Summary>...
+    pos:    0..  p          p+1 ...             p+1 ...             q           q+1 q+2 ...
     sees:   causal          prefix + own path   prefix + own path   everything before it
 
-A path's tokens (its <Path> through its </Path>) never attend to a sibling path; everything after the
-block attends to all paths; len_k counts a path's two tags. The prompt is numbered 0..P-1 and never
-parsed for tags. The mask is a dense (B, 1, T, T) bool tensor (sdpa takes it, FlashAttention cannot);
-no query row is fully masked. Seen needs none of this: its forward is plainly causal.
+where q = p + max_k(len_k) + 1. A path's tokens (its <Path> through its </Path>) never attend to a
+sibling path; everything after the block attends to all paths; len_k counts a path's two tags. The
+newline (nl) the runtime writes between </Parallel> and <Summary>, as the official loop does, is numbered
+on from </Parallel> (any text found there is read as this gap). The prompt is numbered 0..P-1 and never
+parsed for tags. The mask is a dense (B, 1, T, T) bool tensor (sdpa takes it, FlashAttention cannot); no
+query row is fully masked. Seen needs none of this: its forward is plainly causal. A response cut by the
+budget mid-block (official rules) is malformed for the format check, but the trainer still reads the
+paths of its last block (find_blocks(cut=True)) and masks them as the sampler decoded them.
 """
 
 from dataclasses import dataclass
@@ -24,25 +28,30 @@ from nanopr1.format import PARALLEL, PARALLEL_END, PATH, PATH_END, SUMMARY, SUMM
 class BlockSpan:
     """One parallel block, as indices into the *response* token ids (prompt excluded)."""
     parallel: int  # index of the <Parallel> token
-    paths: list    # [(start, end)] half-open: from a path's <Path> through its </Path>
-    summary: tuple  # (start, end) half-open: <Summary> through </Summary>; </Parallel> sits at summary[0]-1
+    paths: list    # [(start, end)] half-open: a path's <Path> through its </Path> (</Parallel>: paths[-1][1])
+    summary: tuple  # (start, end) half-open: <Summary> through </Summary> (None: a cut block that has none)
+    cut: bool = False  # the response ends inside this block (cut by the budget): it is the last one
 
 
-def _close(ids, i, opener_tag, closer, tag_of):
-    """Index one past the `closer` that ends the span opened at ids[i]; no other tag may come between."""
+def _close(ids, i, opener_tag, closer, tag_of, cut=False):
+    """Index one past the `closer` that ends the span opened at ids[i]; no other tag may come between.
+    cut: a span that runs to the end of `ids` ends there (len(ids))."""
     j = next((k for k in range(i + 1, len(ids)) if ids[k] in tag_of), len(ids))  # the next tag
     if j == len(ids):
+        if cut:
+            return j
         raise ValueError(f"{opener_tag} at {i} is never closed by {closer}")
     if tag_of[ids[j]] != closer:
         raise ValueError(f"{tag_of[ids[j]]} at {j} inside the {opener_tag} opened at {i}")
     return j + 1
 
 
-def find_blocks(ids, tags):
-    """Response ids -> [BlockSpan]; ValueError if a tag is out of place (a block of one path passes)."""
+def find_blocks(ids, tags, cut=False):
+    """Response ids -> [BlockSpan]; ValueError if a tag is out of place (a block of one path passes).
+    cut=True: a last block that the end of `ids` cuts short is returned as BlockSpan(cut=True)."""
     ids, tag_of = list(ids), {tags[t]: t for t in TAGS}
-    blocks, i = [], 0
-    while i < len(ids):
+    blocks, i, n = [], 0, len(ids)
+    while i < n:
         tag = tag_of.get(ids[i])
         if tag is None:
             i += 1
@@ -50,18 +59,22 @@ def find_blocks(ids, tags):
         if tag != PARALLEL:
             raise ValueError(f"{tag} at {i} outside a parallel block")
         start, paths, j = i, [], i + 1
-        while j < len(ids) and ids[j] == tags[PATH]:
-            end = _close(ids, j, PATH, PATH_END, tag_of)
+        while j < n and ids[j] == tags[PATH]:
+            end = _close(ids, j, PATH, PATH_END, tag_of, cut)
             paths.append((j, end))
             j = end
+        # the gap: the text between </Parallel> and <Summary> (the runtime writes a newline there)
+        k = next((x for x in range(j + 1, n) if ids[x] in tag_of), n)
+        if cut and (j == n or (ids[j] == tags[PARALLEL_END] and k == n)):  # cut before its summary opens
+            return blocks + [BlockSpan(start, paths, None, True)]
         if not paths:
             raise ValueError(f"{PARALLEL} at {start} is not followed by a {PATH}")
-        if j >= len(ids) or ids[j] != tags[PARALLEL_END]:
+        if j >= n or ids[j] != tags[PARALLEL_END]:
             raise ValueError(f"block at {start}: expected {PARALLEL_END} at {j} after its last path")
-        if j + 1 >= len(ids) or ids[j + 1] != tags[SUMMARY]:
+        if k >= n or ids[k] != tags[SUMMARY]:
             raise ValueError(f"block at {start}: {PARALLEL_END} at {j} is not followed by {SUMMARY}")
-        end = _close(ids, j + 1, SUMMARY, SUMMARY_END, tag_of)
-        blocks.append(BlockSpan(start, paths, (j + 1, end)))
+        end = _close(ids, k, SUMMARY, SUMMARY_END, tag_of, cut)
+        blocks.append(BlockSpan(start, paths, (k, end), ids[end - 1] != tags[SUMMARY_END]))
         i = end
     return blocks
 
@@ -88,6 +101,11 @@ def main_line(ids, tags):
         out.append(closer is None and t not in tag_ids)
         if t == closer:
             closer = None
+    # the gap between </Parallel> and its <Summary> belongs to the block
+    at = [k for k, t in enumerate(ids) if t in tag_ids]
+    for a, b in zip(at, at[1:]):
+        if ids[a] == tags[PARALLEL_END] and ids[b] == tags[SUMMARY]:
+            out[a + 1:b] = [False] * (b - a - 1)
     return out
 
 
@@ -99,8 +117,8 @@ def unseen_positions(n_prompt, n_response, blocks):
         p = nxt + b.parallel - i  # <Parallel>'s position
         for s, e in b.paths:  # every path restarts at p+1
             pos.extend(range(p + 1, p + 1 + e - s))
-        i = b.paths[-1][1]
-        nxt = p + max(e - s for s, e in b.paths) + 1  # </Parallel>: one past the longest path
+        i = b.paths[-1][1] if b.paths else b.parallel + 1  # (a block cut right after its <Parallel>)
+        nxt = p + max((e - s for s, e in b.paths), default=0) + 1  # </Parallel>: one past the longest path
     pos.extend(range(nxt, nxt + n_response - i))
     return pos
 
@@ -130,7 +148,7 @@ def build_inputs(prompts, responses, tags, variant, pad_id):
         input_ids[b, :n] = torch.tensor(list(prompt) + list(response), dtype=torch.long)
         pad_mask[b, :n] = 1
         if variant == "unseen":
-            blocks = find_blocks(response, tags)
+            blocks = find_blocks(response, tags, cut=True)  # a response cut mid-block: its paths still masked
             pos = list(range(len(prompt))) + unseen_positions(len(prompt), len(response), blocks)
             position_ids[b, :n] = torch.tensor(pos, dtype=torch.long)
             position_ids[b, n:] = torch.arange(pos[-1] + 1, pos[-1] + 1 + T - n) if n else position_ids[b, n:]

@@ -48,12 +48,16 @@ def render_prompt(template, problem):
 
 
 def chat_prompt_ids(tokenizer, template, problem):
-    """The token ids of one user turn through the chat template, generation prompt on."""
+    """The token ids of one user turn, `template` around `problem`, through the chat template."""
+    return chat_ids(tokenizer, [{"role": "user", "content": render_prompt(template, problem)}])
+
+
+def chat_ids(tokenizer, messages):
+    """The token ids of a chat (a list of {role, content}) through the chat template, generation prompt on."""
     if not getattr(tokenizer, "chat_template", None):
         name = getattr(tokenizer, "name_or_path", "") or "this tokenizer"
         raise UsageError(f"tokenizer {name!r} has no chat template: set tokenizer.chat_template "
                          f"or load a tokenizer that ships one")
-    messages = [{"role": "user", "content": render_prompt(template, problem)}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -70,11 +74,20 @@ def end_of_turn_id(tokenizer):
     return after[0] if after and after[0] in special else None
 
 
-# canonical layout: nothing between two structural tags of one block (what the sampler writes)
-_JOINS = [(PARALLEL, PATH), (PATH_END, PATH), (PATH_END, PARALLEL_END), (PARALLEL_END, SUMMARY)]
+# canonical layout (what the sampler writes, as the official loop appends it): nothing between two
+# structural tags of a block, except one newline between </Parallel> and <Summary>
+BLOCK_GAP = "\n"
+_JOINS = [(PARALLEL, PATH), (PATH_END, PATH), (PATH_END, PARALLEL_END)]
 _JOIN_RE = re.compile("|".join(f"(?<={re.escape(a)})\\s+(?={re.escape(b)})" for a, b in _JOINS))
+_GAP_RE = re.compile(f"(?<={re.escape(PARALLEL_END)})\\s*(?={re.escape(SUMMARY)})")
 
 
 def normalize(text):
-    """Teacher text -> canonical layout: the whitespace between a block's structural tags cut."""
-    return _JOIN_RE.sub("", text)
+    """Teacher text -> canonical layout: the whitespace between a block's structural tags cut, and
+    exactly BLOCK_GAP between </Parallel> and <Summary>."""
+    return _GAP_RE.sub(BLOCK_GAP, _JOIN_RE.sub("", text))
+
+
+def gap_ids(tokenizer):
+    """The token ids of BLOCK_GAP alone, as the official loop encodes the newline it appends."""
+    return tokenizer(BLOCK_GAP, add_special_tokens=False)["input_ids"]

@@ -5,24 +5,49 @@ a stand-in that keeps both rules on a CPU, so that the tests run the GPU's captu
 capture records the aten ops the step runs; replay runs them again on the tensors they read, holding
 the tensors made before the capture only weakly, as raw addresses hold nothing. A replay after one of
 them was freed raises FreedInputError (a GPU would read reused memory); an op that waits for the host
-raises at capture. `pool_bytes`: the peak of what the capture allocated (a CUDA graph's memory pool).
+(a value read back, an output shape that depends on the data) raises CaptureError at capture.
+`pool_bytes`: the peak of what the capture allocated (a CUDA graph's memory pool). `capture_cuda`: the
+same capture on a GPU, with the pool's growth measured.
 """
 
+import inspect
 import weakref
 from contextlib import contextmanager
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakIdKeyDictionary
 
 aten = torch.ops.aten
 HOST_SYNC = {aten._local_scalar_dense.default, aten.nonzero.default, aten.is_nonzero.default,
              aten.equal.default, aten.masked_select.default, aten.item.default}
+INDEXING = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default}
+TO_HOST = {"tolist", "numpy", "cpu", "__array__", "__repr__"}  # Tensor methods that hand data to Python
+# torch.cuda.graph's own check that a replay's inputs are alive (recent torch): the GPU's FreedInputError
+LIVENESS = {k: True for k in ["check_input_liveness"] if k in inspect.signature(torch.cuda.graph).parameters}
 
 
 class FreedInputError(RuntimeError):
     pass
+
+
+class CaptureError(RuntimeError):
+    pass
+
+
+def why_not_capturable(func, args, kwargs):
+    """Why a CUDA graph cannot capture the aten op `func` on these arguments, or None."""
+    if func in HOST_SYNC or torch.Tag.data_dependent_output in func.tags:
+        return "reads a value back to the host"
+    if func in INDEXING:  # an index by a boolean mask is a nonzero() inside: its length is the data's
+        dynamic = any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1])
+    elif func is aten.repeat_interleave.Tensor:  # a tensor of counts: fine only with output_size given
+        dynamic = kwargs.get("output_size", args[1] if len(args) > 1 else None) is None
+    else:  # nonzero, masked_select, unique, bincount, ... (torch tags the ops whose output shape is data)
+        dynamic = torch.Tag.dynamic_output_shape in func.tags
+    return "has an output shape that depends on the data" if dynamic else None
 
 
 class CpuGraph:
@@ -61,8 +86,9 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in HOST_SYNC:
-            raise RuntimeError(f"{func} waits for the host: it cannot be captured in a CUDA graph")
+        why = why_not_capturable(func, args, kwargs)
+        if why:
+            raise CaptureError(f"{func} {why}, so it waits for the host: it cannot be captured in a CUDA graph")
         spec = ([self._spec(a, func) for a in args], {k: self._spec(a, func) for k, a in kwargs.items()})
         out = func(*args, **kwargs)
         outs = []
@@ -94,8 +120,28 @@ class _Recorder(TorchDispatchMode):
         return self.index[a]
 
 
+class _HostReads(TorchFunctionMode):  # .tolist(), .cpu(), ... read the data without an aten op to see
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", None) in TO_HOST:
+            raise CaptureError(f"Tensor.{func.__name__} copies to the host, so it waits for the host: "
+                               "it cannot be captured in a CUDA graph")
+        return func(*args, **(kwargs or {}))
+
+
 @contextmanager
 def capturing(graph):
     """`with capturing(graph):` records into a CpuGraph (torch.cuda.graph on a GPU)."""
-    with _Recorder(graph):
+    with _HostReads(), _Recorder(graph):
         yield
+
+
+def capture_cuda(step, pool, device):
+    """`step()` captured as a torch.cuda.CUDAGraph in the memory pool `pool`: (graph, bytes the pool grew)."""
+    # torch.cuda.graph empties the allocator's cache on entry: empty it before reading the reserved memory,
+    # or the cached blocks it drops count against the pool (which could even come out negative)
+    torch.cuda.empty_cache()
+    reserved = torch.cuda.memory_reserved(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, **LIVENESS):
+        step()
+    return graph, torch.cuda.memory_reserved(device) - reserved

@@ -3,10 +3,12 @@ The KV cache of the branching sampler, the same on a CPU and a GPU (docs/design.
 R rows of S columns per layer, allocated once from a memory budget and kept for a whole run; each row
 (a rollout's main line, or one of its paths) appends at its own write position. The decode step pads
 the rows to a bucket (1, 8, 32, 64, ...) and attends to a multiple of 256 columns, so its shapes take a
-few values and each is captured once as a graph (graphs.py) and replayed. Simplification: every row
-holds the worst case, the longest prompt + max_new_tokens (no paging).
+few values and each is captured once as a graph (graphs.py) and replayed: on a GPU; a CPU decodes eagerly
+(faster there) unless NANOPR1_CPU_GRAPHS=1 turns the CPU stand-in on, as the tests do. Simplification:
+every row holds the worst case, the longest prompt + max_new_tokens (no paging).
 """
 
+import os
 import time
 import warnings
 
@@ -48,7 +50,7 @@ class KVCache:
     """kv: [K0, V0, K1, V1, ...] each (R, H, S, D), column S-1 the scratch column; valid (R, S) which columns
     hold entries; length[r] (host) where row r writes next; rows 0..n-1 are in use by the sampler."""
 
-    def __init__(self, max_rows, max_cols, device, use_graphs=True):
+    def __init__(self, max_rows, max_cols, device, use_graphs=None):
         self.R, self.cols, self.S = max_rows, max_cols, max_cols + 1  # S: with the scratch column
         self.device = torch.device(device)
         self.valid = torch.zeros(self.R, self.S, dtype=torch.bool, device=device)
@@ -59,6 +61,8 @@ class KVCache:
         self.row_ids = torch.arange(self.R, device=device)
         self.step_inputs = torch.zeros(4, self.R, dtype=torch.long, device=device)  # ids, positions, columns, fed
         self.logits = None  # (R, V) fp32, written by every captured step
+        if use_graphs is None:  # on a GPU; on a CPU the stand-in only checks the rules, slower than eager
+            use_graphs = self.device.type == "cuda" or os.environ.get("NANOPR1_CPU_GRAPHS") == "1"
         self.use_graphs, self.graph_error, self.note = use_graphs, None, ""  # note: the memory plan, for errors
         self.graphs, self.pool, self.model = {}, None, None  # (bucket, view) -> captured step
         self.pool_bytes, self.capture_s = 0, 0.0
@@ -155,7 +159,6 @@ class KVCache:
         def step():  # reads only persistent tensors: the cache, its buffers, the model's weights
             self.logits[:Rb].copy_(self._run_step(model, Rb, view, self.step_inputs[:, :Rb]))
 
-        reserved = torch.cuda.memory_reserved(self.device) if cuda else 0
         if cuda:  # warm up outside the graph (lazy initialisations, cuBLAS workspaces) on a side stream
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
@@ -169,10 +172,8 @@ class KVCache:
         del out
         if cuda:
             self.pool = self.pool or torch.cuda.graph_pool_handle()  # one memory pool shared by every graph
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                step()
-            self.pool_bytes += torch.cuda.memory_reserved(self.device) - reserved
+            graph, grown = graphs.capture_cuda(step, self.pool, self.device)
+            self.pool_bytes += grown
         else:
             graph = graphs.CpuGraph()
             with graphs.capturing(graph):

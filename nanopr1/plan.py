@@ -2,6 +2,7 @@
 measured at the start of a GPU run. The figures' sources: docs/design.md, "Memory at 4B"."""
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import accumulate
 from pathlib import Path
@@ -112,7 +113,7 @@ def memory_plan(config, *, gpu_bytes, world=1, fsdp=False, lora_r=0, grad_ckpt=T
             p.items.append(("FSDP: gathered layers in flight, embedding/head group",
                             2 * 2 * layer + 2 * embed + 4 * layer))
     if sampling:
-        p.items.append(("sampling copy (bf16, whole model)", 2 * n))
+        p.items.append(("sampling copy (bf16, whole model; LoRA's adapters unmerged)", 2 * (n + adapters)))
     if reference:
         p.items.append(("KL reference (fp32 as the policy, whole model)", 4 * n))
     p.items.append(("CUDA context, cuBLAS and NCCL buffers", CONTEXT))
@@ -191,6 +192,8 @@ def peak_bytes(fn, device):
     """The peak bytes `fn()` allocates: CUDA's peak reserved memory, or the CPU profiler's."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+        # the allocator's cached free blocks (loading leaves GBs of them) would serve `fn` unseen
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_reserved(device)
         fn()
@@ -202,6 +205,19 @@ def peak_bytes(fn, device):
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                     if e.name() == "[memory]")
     return max(accumulate((nbytes for _, nbytes in events), initial=0))  # the running total's peak
+
+
+@contextmanager
+def lr_zero(opt):
+    """Every parameter group at lr 0 inside: an AdamW step that moves nothing."""
+    lrs = [g["lr"] for g in opt.param_groups]
+    for g in opt.param_groups:
+        g["lr"] = 0.0
+    try:
+        yield
+    finally:
+        for g, lr in zip(opt.param_groups, lrs):
+            g["lr"] = lr
 
 
 def profile_training(model, opt, acc, tags, variant, pad, tokens, row_tokens):
@@ -217,48 +233,74 @@ def profile_training(model, opt, acc, tags, variant, pad, tokens, row_tokens):
     def step():
         logp, mask = score(model, rollouts, tags, variant, 1.0, pad, acc.device)
         acc.backward((logp * mask).sum() * 0.0)
-        lrs = [g["lr"] for g in opt.param_groups]
-        for g in opt.param_groups:
-            g["lr"] = 0.0
-        opt.step()
-        for g, lr in zip(opt.param_groups, lrs):
-            g["lr"] = lr
+        with lr_zero(opt):
+            opt.step()
         opt.zero_grad(set_to_none=True)
 
+    # AdamW's moments first, from zero gradients: they stay for the run, so free memory counts them after
+    # this; made inside the measured step they would be counted twice
+    for q in (q for g in opt.param_groups for q in g["params"]):
+        q.grad = torch.zeros_like(q)
+    with lr_zero(opt):
+        opt.step()
+    opt.zero_grad(set_to_none=True)
     peak = peak_bytes(step, acc.device)
     for state in opt.state.values():  # zero gradients left the moments at 0: only the step moved
         state["step"] = torch.zeros_like(state["step"]) if torch.is_tensor(state["step"]) else 0
     return peak
 
 
+def available_bytes():
+    """What this machine's memory can still give (Linux's MemAvailable); None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def least(acc, value):
+    """The smallest `value` (an int) over the ranks: a decision every rank takes the same."""
+    return -int(acc.reduce(torch.tensor(-int(value), device=acc.device), "max").item())
+
+
 def kv_cache_for_run(args, acc, model, opt, tags, pad, longest):
-    """train_rl.py's KV cache: rows for this rank's rollouts that fit beside the measured peak."""
+    """train_rl.py's KV cache: rows for this rank's rollouts, as many as fit beside the training step
+    (measured on a GPU), the same number on every rank, so that all of them go on or all refuse."""
     cuda, config = acc.device.type == "cuda", acc.unwrap_model(model).config
     cols = longest + args.max_new_tokens + 1
     rollouts = args.prompts_per_step * args.group_size // acc.num_processes
     rows = args.max_rows or rollouts * args.num_paths
+    dtype = torch.bfloat16 if cuda else torch.float32  # the sampling copy's
+    kv_row = (cols + 1) * kv_bytes_per_token(config, dtype)
+    per_row = kv_row + (4 + POOL_BYTES) * config.vocab_size  # with its share of the graphs' buffers
     plan = plan_for(args, config, longest_prompt=longest) if cuda else None
     if plan is not None:
         acc.print(f"memory plan per GPU:\n{plan}")
-        if not plan.fits:
+        if not least(acc, plan.fits):
             raise UsageError(plan.verdict)
-    peak = profile_training(model, opt, acc, tags, args.variant, pad, args.micro_batch_tokens,
-                            cols - 1)
-    planned = f" (plan: {plan.training / GB:.2f} GB + gradients)" if plan else ""
-    acc.print(f"measured: the worst-case training micro-batch peaks {peak / GB:.2f} GB above the "
-              f"model states{planned}")
+    if cuda:  # the worst-case micro-batch, measured beside the plan's figure
+        peak = profile_training(model, opt, acc, tags, args.variant, pad, args.micro_batch_tokens, cols - 1)
+        acc.print(f"measured: the worst-case training micro-batch peaks {peak / GB:.2f} GB above the model "
+                  f"states (plan: {plan.training / GB:.2f} GB + gradients)")
     if cuda and args.kv_memory_gb:
-        rows = min(rows, rows_for_budget(config, torch.bfloat16, cols, args.kv_memory_gb * GB))
+        rows = min(rows, rows_for_budget(config, dtype, cols, args.kv_memory_gb * GB))
     elif cuda:  # what is really free, minus the headroom and the measured peak beside the cache
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(acc.device)
-        per_row = ((cols + 1) * kv_bytes_per_token(config, torch.bfloat16)
-                   + (4 + POOL_BYTES) * config.vocab_size)
         rows = max(0, min(rows, int((free - HEADROOM * total - peak) // per_row)))
+    elif (free := available_bytes()) is not None:  # a CPU: the run's rows, in half its share of free memory
+        # (no measured step: its worst case, sized for a GPU's 16,384 tokens, could exhaust the machine)
+        rows = min(rows, int(free / 2 / int(os.environ.get("LOCAL_WORLD_SIZE", 1)) // per_row))
+    # a rank that refused alone would leave the others waiting in their first collective
+    rows = least(acc, rows)
     if rows < args.num_paths:
-        raise UsageError(f"the GPU holds {rows} KV cache rows of {cols} columns beside the "
-                         f"measured training step, one rollout needs {args.num_paths}: lower "
-                         "--micro-batch-tokens or --max-new-tokens")
+        where = "the GPU holds" if cuda else "half of this machine's free memory holds"
+        raise UsageError(f"{where} {rows} KV cache rows of {cols} columns beside the training step, one "
+                         f"rollout needs {args.num_paths}: lower --max-new-tokens"
+                         f"{' or --micro-batch-tokens' * cuda}")
+    acc.print(f"KV cache: {rows} rows of {cols + 1} columns, {rows * kv_row / GB:.2f} GB ({rollouts} rollouts "
+              f"of {args.num_paths} paths a step)")
     kv = KVCache(rows, cols, acc.device)
     kv.note = str(plan or "")  # for an out-of-memory error during a graph capture
     return kv

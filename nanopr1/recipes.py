@@ -71,7 +71,7 @@ TOY = {  # --preset toy, per script (SFT: 800 steps of toy.sft_corpus(25600))
                       lr=3e-3, warmup=0.04, epochs=1, save_every=400, grad_ckpt=False),
     "train_rl": dict(lr=5e-5, max_new_tokens=toy.MAX_NEW_TOKENS, micro_batch_tokens=16384,
                      eval_data="toy-hard", eval_n=4, eval_limit=100, save_every=25,
-                     max_prompt_tokens=64),
+                     max_prompt_tokens=64, grad_ckpt=False),
     "eval": dict(datasets="toy-easy,toy-hard", n=4, max_new_tokens=toy.MAX_NEW_TOKENS,
                  batch_size=16),
     "sample": dict(max_new_tokens=toy.MAX_NEW_TOKENS),

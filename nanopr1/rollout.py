@@ -28,18 +28,37 @@ class Rollout:
     allowed: list     # int per response token: bitmask over format.TAGS of the tags allowed when sampled
     blocks: list      # BlockSpan list: the blocks the tag tokens form (none if they are malformed)
     text: str         # decoded response, tags kept
-    stop_reason: str  # "eos" | "budget"
+    stop_reason: str  # "eos" | "budget" | "max_blocks" (official rules: ended after its last block)
     main_text: str = ""       # the main line (no blocks, no summaries) decoded without special tokens
     format_error: str = None  # None if the tag tokens are well formed (always, when the sampler forks)
+    plain_text: str = ""      # the whole response without special tokens: paths and summaries kept
+
+
+RULES = ("official", "reserve")
+OFFICIAL_PATH_TOKENS = 4096  # official max_path_response_length (verl/training_scripts/rl_exp_s1.sh)
 
 
 @dataclass(frozen=True)
 class Options:
+    """What a sample() call asks for. `rules` says how the budgets end a rollout's parts:
+
+    official (verl/verl/parallel_thinking_generation_v3/parallel_thinking_loop_v3.py, the paper's runs):
+      a path writes at most path_max_tokens tokens after its <Path>, then </Path> is forced if it has not
+      closed (its two tags not counted); the rollout ends right after its max_blocks-th block's </Summary>;
+      the response is cut at max_new_tokens wherever that falls, mid-block too: such a rollout has a
+      format_error, and the trainer still reads the cut block's paths (attention.find_blocks(cut=True)).
+    reserve (nanopr1's own): a block's paths share what is left of the budget minus `reserve` tokens kept
+      for the summary and the answer, and the summary closes reserve // 2 tokens before the budget: every
+      block closes, and the block limit only stops new blocks.
+    """
     num_paths: int = 2              # paths per block
-    max_blocks: int = 4             # blocks per rollout at most
+    max_blocks: int = 4             # blocks per rollout at most (official: the rollout ends after the last)
     max_new_tokens: int = 3000      # response budget: paths, summaries, inserted tags and answer included
-    path_max_tokens: int = None     # one path's budget, its two tags included (None: its share of what is left)
-    reserve: int = None             # tokens a block leaves for its summary and the answer (None: min(64, budget/8))
+    rules: str = "official"         # "official" or "reserve", above
+    path_max_tokens: int = None     # official: a path's tokens between its tags (None: 4096); reserve: its
+                                    # budget, its two tags included (None: its share of what is left)
+    reserve: int = None             # reserve rules: tokens a block leaves for its summary and the answer
+                                    # (None: min(64, max_new_tokens // 8))
     temperature: float = 1.0        # 0 = greedy
     top_p: float = 1.0
     seed: object = None             # an int, or one int per prompt (None: drawn from torch's generator)
@@ -56,7 +75,10 @@ def check_request(model, prompts, opts):
     need = opts.num_paths if opts.parallel else 1  # rows of one rollout
     checks = [(opts.variant in ("seen", "unseen"), f"variant must be 'seen' or 'unseen', not {opts.variant!r}"),
               (not opts.parallel or opts.num_paths >= 2, f"num_paths={opts.num_paths}: a block needs at least 2 paths"),
-              (opts.path_max_tokens is None or opts.path_max_tokens >= 2, "path_max_tokens counts its two tags: at least 2"),
+              (opts.rules in RULES, f"rules must be 'official' or 'reserve', not {opts.rules!r}"),
+              (opts.path_max_tokens is None or opts.path_max_tokens >= 1 + (opts.rules == "reserve"),
+               f"path_max_tokens={opts.path_max_tokens}: at least "
+               + ("2 (under reserve it counts its two tags)" if opts.rules == "reserve" else "1")),
               (opts.max_rows is None or opts.max_rows >= need, f"max_rows={opts.max_rows}: one rollout needs {need} rows"),
               (prompts and all(prompts), "every prompt needs at least one token")]
     for ok, message in checks:
@@ -80,7 +102,8 @@ def apply_tag_mask(logits, allowed, tags):
     return logits
 
 
-def make_rollout(tokenizer, prompt, ids, stop_reason="eos", forced=None, logprobs=None, positions=None, allowed=None):
+def make_rollout(tokenizer, prompt, ids, stop_reason="eos", forced=None, logprobs=None, positions=None,
+                 allowed=None):
     """A Rollout from its response ids, its structure read from the tag tokens alone."""
     n, tags = len(ids), tag_ids(tokenizer)
     blocks, error = parse_blocks(ids, tags)
@@ -88,9 +111,10 @@ def make_rollout(tokenizer, prompt, ids, stop_reason="eos", forced=None, logprob
     main = [t for t, m in zip(ids[:end], main_line(ids[:end], tags)) if m]
     text = tokenizer.decode(ids[:end], skip_special_tokens=False)  # tags kept
     main_text = tokenizer.decode(main, skip_special_tokens=True)  # `42<|im_end|>` is read as 42
+    plain_text = tokenizer.decode(ids[:end], skip_special_tokens=True)  # the six tags are special tokens
     return Rollout(list(prompt), list(ids), forced or [False] * n, logprobs or [0.0] * n,
                    positions or list(range(len(prompt), len(prompt) + n)), allowed or [ALL_TAGS] * n,
-                   blocks, text, stop_reason, main_text, error)
+                   blocks, text, stop_reason, main_text, error, plain_text)
 
 
 def texts(rollout, tokenizer):

@@ -5,11 +5,11 @@ The branching sampler: every RL rollout and every evaluation goes through here (
     token fed             what changes                                            where
     <Parallel> (main)     the row forks: N path rows share its KV cache           record -> fork
     </Path>   (a path)    the path row parks (kept, not fed) until its siblings   decode
-    last </Path>          the rollout merges into path 1's row                    merge
+    last </Path>          path 1's row takes over: </Parallel> nl <Summary> forced  merge
     </Summary>            the block is recorded; back to the main text            record
     EOS (main text)       the rollout ends, its rows free up for new rollouts     record -> admit
 
-What a call takes (Options), checks (check_request) and returns (Rollout) is in rollout.py.
+What a call takes (Options, its budget `rules`), checks (check_request) and returns (Rollout): rollout.py.
 """
 
 from dataclasses import dataclass, field
@@ -18,15 +18,14 @@ import torch
 from tqdm import tqdm
 
 from nanopr1 import kvcache
-from nanopr1.attention import BlockSpan
-from nanopr1.format import PARALLEL, PARALLEL_END, PATH, PATH_END, SUMMARY, SUMMARY_END, end_of_turn_id
+from nanopr1.attention import BlockSpan, find_blocks
+from nanopr1.format import PARALLEL, PARALLEL_END, PATH, PATH_END, SUMMARY, SUMMARY_END, end_of_turn_id, gap_ids
 from nanopr1.model import tag_ids
-from nanopr1.rollout import ALL_TAGS, BIT, Options, apply_tag_mask, check_request, draw, make_rollout, mix
+from nanopr1.rollout import (ALL_TAGS, BIT, OFFICIAL_PATH_TOKENS, Options, apply_tag_mask, check_request, draw,
+                             make_rollout, mix)
 
 
 # rollouts in progress: their state, which only this file changes
-
-
 class Phase:  # what a rollout is writing
     MAIN, PATHS, SUMMARY = "main", "paths", "summary"
 
@@ -49,7 +48,8 @@ class Segment:
 class BlockState:  # the block a rollout is writing
     parallel: int     # response index of <Parallel>
     p: int            # its position id
-    budget: int       # tokens per path, its two tags included
+    budget: int       # tokens per path, its two tags included: </Path> is forced at the last
+    room: int         # tokens the response still holds from the first <Path> on (what is past it is cut)
     n_prefix: int     # valid cache entries before the paths (shared by all path rows)
     paths: list       # one Segment per path
     done: int = 0     # paths finished (their rows park until the merge)
@@ -66,7 +66,7 @@ class RolloutState:  # one rollout being written
     phase: str = Phase.MAIN                     # what it is writing
     blocks: list = field(default_factory=list)  # finished blocks (BlockSpan)
     block: BlockState = None                    # the block being written
-    stop: str = None                            # "eos" | "budget" once finished
+    stop: str = None                            # "eos" | "budget" | "max_blocks" once finished
 
 
 @dataclass(eq=False)
@@ -87,9 +87,8 @@ class RowState:  # one cache row: the main line of a rollout (path None) or one 
             return mix(r.key, len(r.out.ids))
         return mix(r.key, len(r.blocks), self.path, len(self.seg.ids), -1)
 
+
 # the sampler
-
-
 class _Sampler:
     def __init__(self, model, tokenizer, prompts, group_size, opts, cache, bar):
         self.model, self.tok, self.opts, self.kv, self.bar = model, tokenizer, opts, cache, bar
@@ -100,6 +99,7 @@ class _Sampler:
         self.eos = {e for e in eos + [tokenizer.eos_token_id, end_of_turn_id(tokenizer)] if e is not None}
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos, default=0)
         self.reserve = opts.reserve if opts.reserve is not None else min(64, opts.max_new_tokens // 8)
+        self.official, self.gap = opts.rules == "official", gap_ids(tokenizer)  # the newline after </Parallel>
         force = None if opts.force_block is False else "line" if opts.force_block is True else int(opts.force_block)
         self.prompts, self.G = prompts, group_size
         seeds = opts.seed if isinstance(opts.seed, (list, tuple)) else [
@@ -155,12 +155,14 @@ class _Sampler:
 
     # 2) fork: clone the KV cache of the prefix into one row per path
     def fork(self):
-        N = self.opts.num_paths
+        N, o = self.opts.num_paths, self.opts
         for i, row in [(i, row) for i, row in enumerate(self.rows) if row is not None and row.fork]:
-            r = row.rollout
-            left = self.opts.max_new_tokens - len(r.out.ids) - 3 - self.reserve  # keep </Parallel><Summary></Summary>
-            budget = min(self.opts.path_max_tokens or left, left // N)
-            b = r.block = BlockState(len(r.out.ids) - 1, row.pos - 1, budget, int(self.kv.valid[i].sum()),
+            r, room = row.rollout, o.max_new_tokens - len(row.rollout.out.ids)
+            # official: `cap` tokens between the tags (ids[:max_len], then </Path>); reserve: a share of what
+            # is left after </Parallel>, the newline, <Summary>, </Summary> and the reserve
+            cap, left = o.path_max_tokens, room - 3 - len(self.gap) - self.reserve
+            budget = (cap or OFFICIAL_PATH_TOKENS) + 2 if self.official else min(cap or left, left // N)
+            b = r.block = BlockState(len(r.out.ids) - 1, row.pos - 1, budget, room, int(self.kv.valid[i].sum()),
                                      [Segment() for _ in range(N)])
             for k, j in enumerate([i] + self._alloc(N - 1)):
                 if j != i:
@@ -174,18 +176,21 @@ class _Sampler:
         ready, self.ready, unseen = self.ready, [], self.opts.variant == "unseen"
         where = {(row.rollout, row.path): i for i, row in enumerate(self.rows) if row is not None and row.parked}
         path_rows = [[where[(r, k)] for k in range(len(r.block.paths))] for r in ready]
+        # official rules: a block the response cannot hold is cut at the budget, and the rollout ends there
+        cut = [sum(len(seg.ids) for seg in r.block.paths) >= r.block.room for r in ready]
+        whole = [(r, rows) for r, rows, c in zip(ready, path_rows, cut) if not c]
         if unseen:  # paths 2..N's own entries appended after path 1's (prefix + path 1)
-            for r, rows in zip(ready, path_rows):
+            for r, rows in whole:
                 self.kv.merge(rows[0], rows[1:], r.block.n_prefix)
-        else:  # re-encode paths 2..N after path 1, sequential positions
-            later = [sum((seg.ids for seg in r.block.paths[1:]), []) for r in ready]
-            start = [r.block.p + len(r.block.paths[0].ids) + 1 for r in ready]
+        elif whole:  # re-encode paths 2..N after path 1, sequential positions
+            later = [sum((seg.ids for seg in r.block.paths[1:]), []) for r, _ in whole]
+            start = [r.block.p + len(r.block.paths[0].ids) + 1 for r, _ in whole]
             Q = max(len(x) for x in later)
             if Q:  # (n, Q) right-padded
                 ids, pos = torch.tensor([x + [self.pad] * (Q - len(x)) for x in later]), torch.tensor(start)[:, None]
                 q_valid = torch.arange(Q)[None] < torch.tensor([len(x) for x in later])[:, None]
-                self.kv.extend(self.model, ids, pos + torch.arange(Q)[None], q_valid, [rows[0] for rows in path_rows])
-        for r, rows in zip(ready, path_rows):  # the paths into the response, in canonical layout
+                self.kv.extend(self.model, ids, pos + torch.arange(Q)[None], q_valid, [rows[0] for _, rows in whole])
+        for r, rows, c in zip(ready, path_rows, cut):  # the paths into the response, in canonical layout
             for j in rows[1:]:
                 self.rows[j] = None
                 self.kv.free(j)
@@ -194,19 +199,24 @@ class _Sampler:
                 ids, forced, logprobs, positions, allowed = seg.columns()
                 positions = positions if unseen else range(nxt, nxt + len(ids))
                 spans.append((len(r.out.ids), len(r.out.ids) + len(ids)))
-                for column in zip(ids, forced, logprobs, positions, allowed):
+                fit = self.opts.max_new_tokens - len(r.out.ids)  # official: the response is cut at the budget
+                for column in list(zip(ids, forced, logprobs, positions, allowed))[:fit]:
                     r.out.add(*column)
                 nxt += len(ids)
-            b.spans, b.summary = spans, len(r.out.ids) + 1
+            if c:  # cut wherever the budget falls (official: response_ids[:response_length])
+                self._finish(rows[0], "budget")
+                continue
+            b.spans, b.summary = spans, len(r.out.ids) + 1 + len(self.gap)
             pos = b.p + 1 + max(len(seg.ids) for seg in b.paths) if unseen else nxt  # of </Parallel>
-            self.rows[rows[0]] = RowState(r, None, r.out, pos, [self.tags[PARALLEL_END], self.tags[SUMMARY]])
+            queue = [self.tags[PARALLEL_END], *self.gap, self.tags[SUMMARY]]  # the official layout, all forced
+            self.rows[rows[0]] = RowState(r, None, r.out, pos, queue)
             r.phase = Phase.SUMMARY
 
     # 4) choose: the forced tokens that are due, the tag mask, then sample
     def can_open(self, r):
-        """Would a block opened now leave each path 3 tokens (after the closing tags and the reserve)?"""
-        left = self.opts.max_new_tokens - len(r.out.ids) - 1 - 3 - self.reserve
-        return len(r.blocks) < self.opts.max_blocks and left // self.opts.num_paths >= 3
+        """May a block open now? Under the block limit, and (reserve) if each path keeps 3 tokens."""
+        left = self.opts.max_new_tokens - len(r.out.ids) - 1 - 3 - len(self.gap) - self.reserve
+        return len(r.blocks) < self.opts.max_blocks and (self.official or left // self.opts.num_paths >= 3)
 
     def tag_mask(self, row):
         """The tags a row may sample (a bitmask over format.TAGS)."""
@@ -224,17 +234,14 @@ class _Sampler:
         if row.path is not None:
             if len(row.seg.ids) >= r.block.budget - 1:
                 row.queue.append(self.tags[PATH_END])
-        elif r.phase == Phase.SUMMARY:
-            if len(r.out.ids) >= self.opts.max_new_tokens - 1 - self.reserve // 2:
+        elif r.phase == Phase.SUMMARY:  # (official: a summary runs until it closes or the budget cuts it)
+            if not self.official and len(r.out.ids) >= self.opts.max_new_tokens - 1 - self.reserve // 2:
                 row.queue.append(self.tags[SUMMARY_END])
-        elif r.force is not None and not r.blocks and self.can_open(r) and self._force_now(r):
-            row.queue.append(self.tags[PARALLEL])
-            r.force = None
-
-    def _force_now(self, r):
-        if r.force == "line":
-            return len(r.out.ids) >= 32 or (r.out.ids and "\n" in self.tok.decode(r.out.ids[-1:]))
-        return len(r.out.ids) >= r.force
+        elif r.force is not None and not r.blocks and self.can_open(r):  # a forced block: due now?
+            n, line = len(r.out.ids), "\n" in self.tok.decode(r.out.ids[-1:])
+            if (n >= 32 or line) if r.force == "line" else n >= r.force:
+                row.queue.append(self.tags[PARALLEL])
+                r.force = None
 
     def choose(self):
         bits, logits = [ALL_TAGS] * len(self.rows), self.logits  # parallel=False: tags are ordinary tokens
@@ -265,21 +272,21 @@ class _Sampler:
                     tok, forced, r.force = self.tags[PARALLEL], True, None
             row.seg.add(tok, forced, lp, row.pos, bits[i])
             row.pos += 1
-            if row.path is None and tok in self.eos and not forced:
-                self._finish(i, "eos")
-                continue
+            stop = "eos" if row.path is None and tok in self.eos and not forced else None  # the end, not fed
             fed[i] = tok
             if self.opts.parallel:
-                if row.path is not None:
-                    row.closing = tok == self.tags[PATH_END]
+                if row.path is not None:  # it ends at </Path>, or where nothing more of it fits in the response
+                    room = r.block.room - sum(len(seg.ids) for seg in r.block.paths[:row.path])
+                    row.closing = tok == self.tags[PATH_END] or len(row.seg.ids) >= room
                 elif r.phase == Phase.MAIN and tok == self.tags[PARALLEL]:
                     row.fork, r.phase = True, Phase.PATHS
-                    continue
                 elif r.phase == Phase.SUMMARY and tok == self.tags[SUMMARY_END]:
                     r.blocks.append(BlockSpan(r.block.parallel, r.block.spans, (r.block.summary, len(r.out.ids))))
                     r.phase, r.block = Phase.MAIN, None
-            if row.path is None and len(r.out.ids) >= self.opts.max_new_tokens:
-                self._finish(i, "budget")
+                    # official: the rollout ends with its max_blocks-th block
+                    stop = "max_blocks" if self.official and len(r.blocks) >= self.opts.max_blocks else None
+            if row.path is None and (stop or len(r.out.ids) >= self.opts.max_new_tokens):
+                self._finish(i, stop or "budget")
                 fed[i] = None
         return fed
 
@@ -313,7 +320,9 @@ class _Sampler:
     def finished(self, r):
         """The Rollout of a finished rollout state (its structure read back from its tag tokens)."""
         rollout = make_rollout(self.tok, r.prompt, r.out.ids, r.stop, *r.out.columns()[1:])
-        assert not self.opts.parallel or (rollout.blocks == r.blocks and rollout.format_error is None), "sampler bug"
+        if self.opts.parallel:  # its tag tokens give back its blocks (official: maybe then one the budget cut)
+            assert [b for b in find_blocks(r.out.ids, self.tags, cut=True) if not b.cut] == r.blocks and (
+                rollout.format_error is None or self.official and r.stop == "budget"), "sampler bug"
         return rollout
 
 

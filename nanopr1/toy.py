@@ -12,7 +12,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from nanopr1.checkpoint import latest
-from nanopr1.format import (ANSWER_PREFIX, PARALLEL, PARALLEL_END, PATH, PATH_END, SUMMARY,
+from nanopr1.format import (ANSWER_PREFIX, BLOCK_GAP, PARALLEL, PARALLEL_END, PATH, PATH_END, SUMMARY,
                             SUMMARY_END, TAGS)
 from nanopr1.model import tiny_qwen3_config
 
@@ -123,7 +123,7 @@ def teacher_trace(problem, rng):
             hit = [c for c in pair if c * a == t]
             summary = f"x={hit[0]}" if hit else "none"
             paths = "".join(f"{PATH}{_check(c, a, t)}{PATH_END}" for c in pair)
-            out.append(f"{PARALLEL}{paths}{PARALLEL_END}{SUMMARY}{summary}{SUMMARY_END}")
+            out.append(f"{PARALLEL}{paths}{PARALLEL_END}{BLOCK_GAP}{SUMMARY}{summary}{SUMMARY_END}")
             todo = [c for c in todo if c not in pair]
             checked, blocks = checked + len(set(pair)), blocks + 1
         else:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub (set before transformers loads)
+os.environ.setdefault("NANOPR1_CPU_GRAPHS", "1")  # the tests capture decode steps on a CPU too (the GPU's rules)
 
 from pathlib import Path  # noqa: E402
 

@@ -20,6 +20,8 @@ P, PE, PAR, PARE, S, SE = 101, 102, 103, 104, 105, 106
     ([PAR, P, PE, P, PE, PARE, S, SE], [BlockSpan(0, [(1, 3), (3, 5)], (6, 8))]),
     ([PAR, P, 1, PE, P, 2, PE, P, 3, PE, PARE, S, SE, 7, PAR, P, PE, P, PE, PARE, S, 9, SE],
      [BlockSpan(0, [(1, 4), (4, 7), (7, 10)], (11, 13)), BlockSpan(14, [(15, 17), (17, 19)], (20, 23))]),
+    # the official layout: a newline (here 9) between </Parallel> and <Summary>
+    ([1, PAR, P, 2, PE, P, 3, PE, PARE, 9, S, 5, SE, 6], [BlockSpan(1, [(2, 5), (5, 8)], (10, 13))]),
 ])
 def test_find_blocks(ids, blocks):
     assert find_blocks(ids, TAGS) == blocks
@@ -32,12 +34,40 @@ def test_find_blocks(ids, blocks):
     ([PAR, P, 1], "never closed"),                            # unclosed path
     ([PAR, P, PAR, PE, PARE, S, SE], "inside"),               # nested block
     ([PAR, P, PE, 1, PARE, S, SE], "expected </Parallel>"),   # text between paths
-    ([PAR, P, PE, PARE, 1, S, SE], "not followed by <Summary>"),
+    ([PAR, P, PE, PARE, 1, PE, S, SE], "not followed by <Summary>"),  # another tag before the summary
     ([PAR, P, PE, PARE, S, 1], "never closed"),               # unclosed summary
 ])
 def test_find_blocks_rejects(ids, reason):
     with pytest.raises(ValueError, match=reason):
         find_blocks(ids, TAGS)
+
+
+CUT = [  # (ids cut by the budget, the blocks find_blocks(cut=True) reads)
+    ([1, PAR], [BlockSpan(1, [], None, True)]),
+    ([PAR, P, 2], [BlockSpan(0, [(1, 3)], None, True)]),
+    ([PAR, P, PE, P, 2], [BlockSpan(0, [(1, 3), (3, 5)], None, True)]),
+    ([PAR, P, PE, P, PE, PARE, 9], [BlockSpan(0, [(1, 3), (3, 5)], None, True)]),
+    ([PAR, P, PE, P, PE, PARE, 9, S, 4], [BlockSpan(0, [(1, 3), (3, 5)], (7, 9), True)]),
+    ([PAR, P, PE, P, PE, PARE, S, SE, 5, PAR, P, 3],
+     [BlockSpan(0, [(1, 3), (3, 5)], (6, 8)), BlockSpan(9, [(10, 12)], None, True)]),
+]
+
+
+@pytest.mark.parametrize("ids, blocks", CUT)
+def test_a_block_cut_by_the_budget(ids, blocks):
+    """cut=True (the trainer's reading) returns the cut last block; the format check still rejects it."""
+    assert find_blocks(ids, TAGS, cut=True) == blocks
+    with pytest.raises(ValueError):
+        find_blocks(ids, TAGS)
+
+
+@pytest.mark.parametrize("ids, reason", [
+    ([PAR, P, PAR], "inside"), ([PAR, P, PE, 1], "expected </Parallel>"), ([PAR, 1], "not followed by a <Path>"),
+    ([PAR, P, PE, PARE, 1, PE], "not followed by <Summary>"),
+])
+def test_a_cut_does_not_excuse_a_tag_out_of_place(ids, reason):
+    with pytest.raises(ValueError, match=reason):
+        find_blocks(ids, TAGS, cut=True)
 
 
 def test_unseen_positions_multiverse_rule():
@@ -46,6 +76,13 @@ def test_unseen_positions_multiverse_rule():
     # prompt 0..9; main 10; <Parallel> 11; path 1 (3 tokens) 12..14; path 2 (4 tokens) 12..15;
     # </Parallel> at 11 + 4 + 1 = 16; then 17, 18, ...
     assert pos == [10, 11, 12, 13, 14, 12, 13, 14, 15, 16, 17, 18, 19, 20]
+    # the newline after </Parallel> (16) is numbered on: 17, then <Summary> 18 (as the official loop)
+    ids = [1, PAR, P, 2, PE, P, 3, 4, PE, PARE, 9, S, 5, SE, 6]
+    assert unseen_positions(10, len(ids), find_blocks(ids, TAGS)) == [10, 11, 12, 13, 14, 12, 13, 14, 15, 16, 17,
+                                                                       18, 19, 20, 21]
+    # a block cut in its second path, or right after its <Parallel>
+    for ids, pos in [([1, PAR, P, 2, PE, P, 3, 4], [10, 11, 12, 13, 14, 12, 13, 14]), ([1, PAR], [10, 11])]:
+        assert unseen_positions(10, len(ids), find_blocks(ids, TAGS, cut=True)) == pos
 
 
 def _example(tok):
@@ -53,7 +90,7 @@ def _example(tok):
     t = tag_ids(tok)
     enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]
     par = lambda *paths: ([t["<Parallel>"]] + sum(([t["<Path>"]] + enc(p) + [t["</Path>"]] for p in paths), [])
-                          + [t["</Parallel>"], t["<Summary>"]])
+                          + [t["</Parallel>"]] + enc("\n") + [t["<Summary>"]])
     r1 = (enc("Let x be 4.") + par("Dogs have four legs.", "3 + 4 = 7, then 14") + enc("Both agree")
           + [t["</Summary>"]] + enc("so") + par("x = 4", "cats", "2 + x = 6") + enc("19") + [t["</Summary>"]]
           + enc("Final Answer: 42"))
@@ -97,6 +134,21 @@ def test_unseen_forward_equals_separate_path_forwards(bpe_tokenizer, arch):
         assert (logits[1, :ids.shape[1]] - ref).abs().max() <= 1e-4
 
 
+def test_unseen_forward_of_a_response_cut_in_a_path(bpe_tokenizer):
+    """The budget cut the response inside its last block's second path (official rules): that path's
+    tokens get what they get with path 1 deleted, as the sampler decoded them in a row of their own."""
+    model = tiny_model(bpe_tokenizer)
+    prompts, responses, t = _example(bpe_tokenizer)
+    prompt, b = prompts[0], find_blocks(responses[0], t)[-1]
+    (s1, e1), (s2, e2) = b.paths[:2]
+    response = responses[0][:s2 + 3]  # its <Path> and two tokens
+    alone = response[:s1] + response[s2:]
+    with torch.no_grad():
+        got = model(**build_inputs([prompt], [response], t, "unseen", pad_id=0)).logits[0, len(prompt) + s2:]
+        ref = model(**build_inputs([prompt], [alone], t, "unseen", pad_id=0)).logits[0, len(prompt) + s1:]
+    assert got.shape[0] == 3 and (got - ref).abs().max() <= 1e-4
+
+
 def test_unseen_sibling_paths_are_hidden(bpe_tokenizer):
     prompts, responses, t = _example(bpe_tokenizer)
     batch = build_inputs(prompts, responses, t, "unseen", pad_id=0)
@@ -105,8 +157,8 @@ def test_unseen_sibling_paths_are_hidden(bpe_tokenizer):
     (s1, e1), (s2, e2) = b.paths
     assert not mask[n + s2:n + e2, n + s1:n + e1].any()   # path 2 never sees path 1
     assert mask[n + s2:n + e2, :n + b.parallel + 1].all()  # ... but sees the whole prefix
-    after = b.summary[0] - 1                                # </Parallel> sees both paths
-    assert mask[n + after, n + s1:n + e2].all()
+    after = b.paths[-1][1]                                  # </Parallel> and the newline see both paths
+    assert mask[n + after:n + b.summary[0], n + s1:n + e2].all() and b.summary[0] - after == 2
     assert batch["position_ids"][0, n + s1] == batch["position_ids"][0, n + s2]
 
 

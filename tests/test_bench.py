@@ -36,9 +36,12 @@ def test_bench_4b_tiny(tmp_path):
     assert equal["tiny fp32/seen blocks"]["blocks"] > 0 and equal["tiny fp32/unseen blocks"]["blocks"] > 0
     d = results["decode_4"]
     assert d["graphs"]["captures_in_repeats"] == 0 and d["eager"]["graphs"] == 0 and d["graphs"]["graphs"] >= 1
+    assert d["plan_pool_gb"] > 0  # beside the measured graph_pool_gb
     assert results["grpo_full"]["peak_above_states_gb"] > 0 and results["grpo_lora"]["plan_transient_gb"] > 0
     rl = results["train_rl"]
-    assert rl["measured"] and rl["metrics"]["step"] == 1, rl  # train_rl.py really ran a step
+    assert rl["metrics"]["step"] == 1, rl  # train_rl.py really ran a step
+    # the KV cache it chose (on a GPU also the measured step, beside the plan), and its checkpoint's size
+    assert [x.split(":")[0] for x in rl["measured"]] == ["KV cache"] and rl["checkpoint_gb"] > 0, rl
     assert not out.with_name("bench.json.tmp").exists()
     for part in ["[equal]", *(f"[{k}]" for k in SECTIONS[1:]), "every section ok"]:
         assert part in text, text
@@ -77,3 +80,4 @@ def test_bench_sampler_small():
                "--prefixes", "32", "--path-tokens", "4", "--hidden", "32", "--layers", "1", "--columns", "64,300")
     for part in ("(a)", "(b)", "(c)", "(d)", "(e)"):
         assert f"\n{part} " in text, text
+    assert "\n  default : no row cap" in text and "\n  captured: no row cap" in text, text  # (e) both ways

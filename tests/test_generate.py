@@ -15,7 +15,7 @@ from nanopr1 import UsageError, data, sampler, toy
 from nanopr1.rollout import Rollout, mix
 
 GOOD = "Think.\n<Parallel>\n<Path>a = 3</Path>\n<Path>b = 3</Path>\n</Parallel>\n<Summary>3</Summary>\nFinal Answer: 3"
-CANON = "Think.\n<Parallel><Path>a = 3</Path><Path>b = 3</Path></Parallel><Summary>3</Summary>\nFinal Answer: 3"
+CANON = "Think.\n<Parallel><Path>a = 3</Path><Path>b = 3</Path></Parallel>\n<Summary>3</Summary>\nFinal Answer: 3"
 ONE_PATH = "<Parallel><Path>a</Path></Parallel><Summary>s</Summary>Final Answer: 3"
 
 

@@ -3,10 +3,13 @@ only tensors that are still alive; nothing in a captured step waits for the host
 captured decode steps obey them through whole sampler runs (admissions, Seen re-encodes, compactions,
 several buckets). A capture failure is reported, an out-of-memory error is raised with the plan."""
 
+import inspect
+
 import pytest
 import torch
 
 from conftest import tiny_model
+from fake_cuda import FakeAllocator
 from reference_cache import reference_cache
 from test_kvcache import StopAt, assert_same
 from test_sampler import biased, prompts_of
@@ -40,11 +43,67 @@ def test_a_replay_after_an_input_was_freed_raises():
         g.replay()
 
 
-def test_a_step_that_waits_for_the_host_cannot_be_captured():
-    x = torch.ones(3)
-    with pytest.raises(RuntimeError, match="waits for the host"):
+X, MASK, COUNTS = torch.arange(6.0), torch.tensor([True, False] * 3), torch.tensor([1, 2, 0, 1, 1, 1])
+WAITS = {  # each runs on a CPU without a word; a GPU's capture rejects it (it waits for the host)
+    "item": lambda: X.sum().item(),
+    "tolist": lambda: X.tolist(),
+    "bool()": lambda: bool(MASK.any()),
+    "int()": lambda: int(X[2]),
+    "cpu()": lambda: X.cpu(),
+    "numpy()": lambda: X.numpy(),
+    "print": lambda: str(X),
+    "equal": lambda: torch.equal(X, X),
+    "allclose": lambda: torch.allclose(X, X),
+    "nonzero": lambda: MASK.nonzero(),
+    "where(mask)": lambda: torch.where(MASK),
+    "argwhere": lambda: torch.argwhere(MASK),
+    "masked_select": lambda: X.masked_select(MASK),
+    "boolean index": lambda: X[MASK] + 1,
+    "boolean index write": lambda: X.clone().__setitem__(MASK, 0.0),
+    "index_put_ boolean": lambda: X.clone().index_put_((MASK,), torch.tensor(0.0)),
+    "unique": lambda: torch.unique(X),
+    "unique counts": lambda: X.unique(return_counts=True),
+    "unique_consecutive": lambda: X.unique_consecutive(),
+    "unique dim": lambda: torch.unique(X[None], dim=1),
+    "repeat_interleave tensor": lambda: X.repeat_interleave(COUNTS),
+    "bincount": lambda: torch.bincount(COUNTS),
+    "one_hot": lambda: torch.nn.functional.one_hot(COUNTS),
+}
+STATIC = {  # their static-shaped neighbours capture
+    "long index": lambda: X[torch.tensor([0, 2])] + 1,
+    "long index write": lambda: X.clone().index_put_((torch.tensor([1]),), torch.tensor(5.0)),
+    "masked_fill": lambda: X.masked_fill(MASK, 0.0),
+    "where(mask, a, b)": lambda: torch.where(MASK, X, 0.0),
+    "repeat_interleave int": lambda: X.repeat_interleave(2),
+    "repeat_interleave output_size": lambda: X.repeat_interleave(COUNTS, output_size=6),
+    "nonzero_static": lambda: torch.nonzero_static(MASK, size=6),
+}
+
+
+@pytest.mark.parametrize("name", WAITS)
+def test_a_step_that_waits_for_the_host_cannot_be_captured(name):
+    """Every op that reads a value back or has a data-dependent output shape (a GPU's capture rejects it)."""
+    with pytest.raises(graphs.CaptureError, match="waits for the host"):
         with capturing(CpuGraph()):
-            x.sum().item()
+            WAITS[name]()
+
+
+@pytest.mark.parametrize("name", STATIC)
+def test_static_shaped_ops_capture(name):
+    with capturing(CpuGraph()):
+        STATIC[name]()
+
+
+def test_the_gpu_capture_measures_its_pool_and_checks_liveness(monkeypatch):
+    """graphs.capture_cuda against the CUDA allocator's bookkeeping (tests/fake_cuda.py): 1.5 GB of cached
+    free blocks (what loading leaves), which torch.cuda.graph drops on entry, and a step that takes 0.3 GB
+    into the pool: the pool grew 0.3 GB (reading the reserved memory before emptying the cache gave -1.2).
+    Where the installed torch has it, the capture asks torch.cuda.graph to check its inputs are alive."""
+    has = "check_input_liveness" in inspect.signature(torch.cuda.graph).parameters  # (torch 2.13: yes)
+    fake = FakeAllocator(cached=1.5e9).install(monkeypatch)
+    graph, grown = graphs.capture_cuda(lambda: fake.take(3e8), pool=None, device="cuda")
+    assert grown == 3e8
+    assert fake.graph_kwargs == ({"check_input_liveness": True} if has else {})
 
 
 def test_the_caches_captured_steps_read_only_live_tensors(bpe_tokenizer):
@@ -53,7 +112,7 @@ def test_the_caches_captured_steps_read_only_live_tensors(bpe_tokenizer):
     tok = bpe_tokenizer
     model = StopAt(biased(tok, par=3.0, path_end=1.0, summary_end=1.0), tok.eos_token_id, 19)
     prompts = prompts_of(tok) + prompts_of(tok, ["x = 4"])
-    kv = KVCache(40, max(map(len, prompts)) + 61, "cpu")
+    kv = KVCache(40, max(map(len, prompts)) + 61, "cpu", use_graphs=True)
     ref = sample(model, tok, prompts, 2, cache=reference_cache(), temperature=0, max_new_tokens=60, force_block=2)
     for cap in (None, 4):
         got = sample(model, tok, prompts, 2, cache=kv, temperature=0, max_new_tokens=60, force_block=2, max_rows=cap)
@@ -87,7 +146,7 @@ def test_the_old_capture_read_a_freed_tensor(bpe_tokenizer):
             return g
     tok = bpe_tokenizer
     prompts = prompts_of(tok)
-    kv = OldCapture(2, max(map(len, prompts)) + 21, "cpu")
+    kv = OldCapture(2, max(map(len, prompts)) + 21, "cpu", use_graphs=True)
     with pytest.raises(FreedInputError):  # 2 rows for 6 rollouts: the second admission's prefill frees `rows`
         sample(tiny_model(tok), tok, prompts, 2, cache=kv, parallel=False, max_new_tokens=20, temperature=0)
 
@@ -103,7 +162,7 @@ def test_a_failed_capture_decodes_eagerly_and_says_so(bpe_tokenizer):
             return self.model(**kw)
     tok = bpe_tokenizer
     model, prompts = tiny_model(tok), prompts_of(tok)
-    kv = KVCache(8, max(map(len, prompts)) + 21, "cpu")
+    kv = KVCache(8, max(map(len, prompts)) + 21, "cpu", use_graphs=True)
     with pytest.warns(UserWarning, match="graph capture failed"):
         got = sample(ReadsAScalar(model), tok, prompts, 2, cache=kv, parallel=False, max_new_tokens=20, temperature=0)
     assert "waits for the host" in kv.stats()["graph_error"] and not kv.use_graphs
@@ -117,7 +176,7 @@ def test_out_of_memory_during_capture_is_raised_with_the_plan(bpe_tokenizer, mon
     monkeypatch.setattr(graphs, "capturing", no_memory)
     tok = bpe_tokenizer
     prompts = prompts_of(tok)
-    kv = KVCache(8, max(map(len, prompts)) + 21, "cpu")
+    kv = KVCache(8, max(map(len, prompts)) + 21, "cpu", use_graphs=True)
     kv.note = "memory plan per GPU: (the plan's lines)"
     with pytest.raises(torch.OutOfMemoryError, match=r"(?s)capturing the decode step of 8 rows.*the plan's lines"
                                                      r".*--kv-memory-gb or --max-rows"):

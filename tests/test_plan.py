@@ -1,6 +1,7 @@
 """Tests for nanopr1/plan.py: its parameter, KV and logits figures equal what the code really
 allocates on a small model; the README's three setups of the paper's recipe fit; --plan runs offline
-from a directory that holds only a config.json."""
+from a directory that holds only a config.json; the measured step counts what it should (AdamW's moments
+once, the allocator's cache not at all); a CPU run measures no step; every rank sizes the cache alike."""
 
 
 import pytest
@@ -85,6 +86,22 @@ def test_plan_runs_offline_from_a_config_json(tmp_path):
         assert proc.returncode == 1 and proc.stderr.strip() == "error: no GPU here: pass --gpu-memory-gb (e.g. 80) to plan for one"
 
 
+def small_run(grad_ckpt=True):
+    """A small Qwen3 in fp32 with its AdamW, prepared as train_rl.py does on a CPU; (model, opt, acc, tags, n)."""
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM
+    from nanopr1.format import TAGS
+    config = tiny_qwen3_config(1024, hidden=256, layers=4, heads=4, kv_heads=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    if grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    acc = Accelerator(cpu=True)
+    model, opt = acc.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True))
+    model.train()
+    return model, opt, acc, {t: 1018 + i for i, t in enumerate(TAGS)}, sum(q.numel() for q in model.parameters())
+
+
 @pytest.mark.parametrize("variant", ["seen", "unseen"])
 def test_the_plans_training_transient_is_the_measured_one(variant):
     """The plan's training transient (one micro-batch's forward and backward above the model states, or
@@ -93,23 +110,82 @@ def test_the_plans_training_transient_is_the_measured_one(variant):
     vocabulary small enough that the layers dominate. Measured: every allocation and free the profiler
     recorded, replayed in order (plan.peak_bytes); the gradients (the plan counts them as states) taken off.
     Within 15%."""
-    from accelerate import Accelerator
-    from transformers import AutoModelForCausalLM
-    from nanopr1.format import TAGS
     from nanopr1.plan import profile_training, training_transient
-    config = tiny_qwen3_config(1024, hidden=256, layers=4, heads=4, kv_heads=2)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    acc = Accelerator(cpu=True)
-    model, opt = acc.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True))
-    model.train()
-    tags = {t: 1018 + i for i, t in enumerate(TAGS)}
-    profile_training(model, opt, acc, tags, variant, 0, 4096, 1024)  # AdamW's moments exist now
+    model, opt, acc, tags, n = small_run()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    n = sum(q.numel() for q in model.parameters())
     measured = profile_training(model, opt, acc, tags, variant, 0, 4096, 1024) - 4 * n
-    planned = training_transient(config, 4096, 1024, autocast=False, unseen=variant == "unseen", trained=n)
+    planned = training_transient(model.config, 4096, 1024, autocast=False, unseen=variant == "unseen", trained=n)
     assert abs(planned / measured - 1) < 0.15, (planned, measured)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # lr 0: the weights did not move
     assert all(int(s["step"]) == 0 and not s["exp_avg"].any() for s in opt.state.values())  # a fresh AdamW state
+
+
+def test_adamws_moments_are_not_counted_in_the_measured_peak():
+    """AdamW's moments stay for the whole run: once profile_training returns, the GPU's free memory already
+    lacks them, so its peak must not count them again. A micro-batch small enough that AdamW's step is the
+    peak: a fresh optimizer measures what one that has stepped measures, the gradients and AdamW's
+    temporaries (4 + 4 bytes a parameter); it measured the moments too (16)."""
+    from nanopr1.plan import ADAMW_BYTES, profile_training
+    model, opt, acc, tags, n = small_run()
+    fresh = profile_training(model, opt, acc, tags, "seen", 0, 256, 128)
+    states = list(opt.state.values())
+    assert len(states) == len(list(model.parameters())) and all(int(s["step"]) == 0 for s in states)
+    again = profile_training(model, opt, acc, tags, "seen", 0, 256, 128)
+    assert fresh == pytest.approx(again, rel=0.02) and fresh == pytest.approx((4 + ADAMW_BYTES) * n, rel=0.1)
+
+
+def test_peak_bytes_on_a_gpu_sees_past_the_allocators_cache(monkeypatch):
+    """plan.peak_bytes against the CUDA allocator's bookkeeping (tests/fake_cuda.py): with 1.5 GB of cached
+    free blocks left by loading, a step that takes 1 GB was measured as 0 (served from the cache); the
+    cache is emptied first, so it measures 1 GB."""
+    from fake_cuda import FakeAllocator
+    from nanopr1.plan import peak_bytes
+    fake = FakeAllocator(cached=1.5e9).install(monkeypatch)
+    assert peak_bytes(lambda: (fake.take(1e9), fake.give(1e9)), "cuda") == 1e9
+
+
+def rl_args(**kw):
+    """The flags of train_rl.py that plan.kv_cache_for_run reads."""
+    import argparse
+    return argparse.Namespace(**{**dict(max_new_tokens=100, prompts_per_step=4, group_size=4, num_paths=2,
+                                        max_rows=None, kv_memory_gb=None, micro_batch_tokens=16384, variant="seen",
+                                        max_prompt_tokens=2000, gpu_memory_gb=None, num_gpus=None, lora=False,
+                                        kl_coef=0.0, grad_ckpt=None), **kw})
+
+
+def test_a_cpu_run_sizes_its_cache_from_its_rollouts_without_a_measured_step(bpe_tokenizer, monkeypatch):
+    """On a CPU the measured step sized for a GPU's worst case (16,384 tokens) got a real small model killed
+    at 24 GB before its first step; a CPU has no free GPU memory to size the cache from. No step is measured:
+    the cache holds the run's rollouts (4 prompts x 4 rollouts x 2 paths), or what half of the machine's
+    free memory holds."""
+    from accelerate import Accelerator
+    from nanopr1 import plan
+    monkeypatch.setattr(plan, "profile_training", lambda *a, **k: pytest.fail("a CPU run measured a step"))
+    acc, model = Accelerator(cpu=True), tiny_model(bpe_tokenizer)
+    kv = plan.kv_cache_for_run(rl_args(), acc, model, None, None, 0, 30)
+    assert (kv.R, kv.cols) == (32, 131) and kv.kv == []  # allocated by the first forward
+    kv_row = 132 * plan.kv_bytes_per_token(model.config, torch.float32)
+    monkeypatch.setattr(plan, "available_bytes", lambda: 20 * kv_row)  # 10 rows in half of it, at most
+    assert 2 <= plan.kv_cache_for_run(rl_args(), acc, model, None, None, 0, 30).R < 10  # rollouts are admitted
+
+
+def test_every_rank_refuses_together(tmp_path):
+    """A refusal decided on one rank alone leaves the others waiting in their first collective. Two real
+    processes (torchrun, gloo): rank 1's machine has almost no free memory, rank 0's plenty; both refuse,
+    with the same message (tests/dist_plan.py). A hang fails by the timeout."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    from conftest import ENV
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           str(ROOT / "tests" / "dist_plan.py"), str(tmp_path)]
+    env = dict(ENV, ACCELERATE_USE_CPU="1", PYTHONPATH=f"{ROOT}/tests:{ROOT}")
+    subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    assert ranks[0]["outcome"] == ranks[1]["outcome"], ranks
+    assert ranks[0]["outcome"].startswith("error: half of this machine's free memory holds 1 KV cache rows")

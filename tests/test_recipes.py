@@ -18,11 +18,13 @@ def rl_args(argv):
 
 @pytest.mark.parametrize("argv, expected", [
     (["--stage", "easy"], dict(init="out/sft", data="gsm8k", reward="parallel", clip_high=0.2, group_size=5,
-                               prompts_per_step=1024, steps=35)),
+                               prompts_per_step=1024, steps=35, grader="gsm8k", rules="official")),
     (["--stage", "hard"], dict(init="out/rl-easy", data="dapo", reward="accuracy", clip_high=0.2, group_size=8,
-                               prompts_per_step=512, steps=300)),
+                               prompts_per_step=256, mini_batches=2, steps=300, grader="dapo")),
     (["--stage", "hard", "--variant", "unseen"], dict(init="out/sft-unseen", data="dapo", reward="alternating",
                                                       clip_high=0.28, group_size=8, out="out/rl-unseen")),
+    (["--variant", "unseen", "--reward", "accuracy"], dict(reward="accuracy", clip_high=0.2)),  # S1
+    (["--stage", "easy", "--grader", "is_equiv"], dict(grader="is_equiv")),
     (["--variant", "unseen", "--reward", "scaffold", "--clip-high", "0.2"], dict(reward="scaffold", clip_high=0.2)),
     (["--preset", "toy", "--stage", "easy"], dict(init="out/toy-sft", data="toy:easy", reward="parallel", lr=5e-5,
                                                   max_new_tokens=toy.MAX_NEW_TOKENS, prompts_per_step=16)),
@@ -57,5 +59,6 @@ def test_template(tmp_path, flags, expected):
 
 def test_help_shows_the_recipes():
     out = run(ROOT / "train_rl.py", "--variant", "unseen", "--stage", "hard", "--help").stdout
-    assert "hard   unseen   out/sft-unseen     dapo   alternating (S2)           8      512      300    0.28" in out
+    assert "hard   unseen   out/sft-unseen  dapo   alternating  dapo    8      256      300    0.28" in out
+    assert "--reward accuracy --init out/rl-unseen-200 --out out/rl-scaffold" in out  # the scaffold's 2nd run
     assert "--clip-high" in out and "--answer-reserve" in out

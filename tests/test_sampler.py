@@ -1,13 +1,13 @@
 """Tests for nanopr1/sampler.py: greedy == generate, sampled paths == decoding from
-scratch, sampler == scorer (both variants), seeds, out-of-place tags, budgets.
+scratch, sampler == scorer (both variants, both rules), seeds, out-of-place tags, budgets (both rules).
 The caches themselves (KV cloning, compaction, the fast path) are in test_kvcache.py."""
 
 import pytest
 import torch
 
 from conftest import tiny_model
-from nanopr1.attention import build_inputs, parse_blocks
-from nanopr1.format import PARALLEL, PARALLEL_END, PATH, PATH_END, SUMMARY, SUMMARY_END
+from nanopr1.attention import BlockSpan, build_inputs, find_blocks, parse_blocks
+from nanopr1.format import PARALLEL, PARALLEL_END, PATH, PATH_END, SUMMARY, SUMMARY_END, gap_ids
 from nanopr1.model import tag_ids
 from nanopr1.rollout import ALL_TAGS, BIT, apply_tag_mask, gumbel, mix
 from nanopr1.sampler import sample
@@ -75,17 +75,27 @@ def test_greedy_parallel_off_matches_generate(bpe_tokenizer, arch):
 
 @pytest.mark.parametrize("variant, num_paths, top_p", [("seen", 2, 1.0), ("unseen", 2, 1.0), ("unseen", 3, 0.9),
                                                         ("seen", 3, 0.9)])
-def test_sampler_equals_scorer(bpe_tokenizer, variant, num_paths, top_p):
+@pytest.mark.parametrize("rules", ["official", "reserve"])
+def test_sampler_equals_scorer(bpe_tokenizer, variant, num_paths, top_p, rules):
+    """The trainer's log-probs of every sampled token equal the sampler's (Seen: but for later paths),
+    official rules included: rollouts that end at the block limit, and responses the budget cut
+    mid-block (their last block's paths read with find_blocks(cut=True), as build_inputs does)."""
     tok, t = bpe_tokenizer, tag_ids(bpe_tokenizer)
     model = biased(tok, par=4.0, path_end=3.0, summary_end=3.0, eos=1.0)
     rollouts = sample(model, tok, prompts_of(tok), 4, num_paths=num_paths, max_new_tokens=90, seed=1,
-                      variant=variant, top_p=top_p)
-    assert all(parse_blocks(r.ids, t)[1] is None for r in rollouts)
-    assert sum(len(r.blocks) for r in rollouts) >= 8 and any(len(r.blocks) >= 2 for r in rollouts)
+                      variant=variant, top_p=top_p, rules=rules, max_blocks=1 if rules == "official" else 4)
+    blocks = [find_blocks(r.ids, t, cut=True) for r in rollouts]
+    assert sum(len(b) for b in blocks) >= 8
+    if rules == "reserve":
+        assert all(parse_blocks(r.ids, t)[1] is None for r in rollouts) and any(len(b) >= 2 for b in blocks)
+    else:  # some end at the block limit, some are cut in a later path: every kind is checked below
+        assert any(r.stop_reason == "max_blocks" for r in rollouts)
+        assert any(b and b[-1].cut and len(b[-1].paths) >= 2 for b in blocks)
+        assert all(r.format_error is None or r.stop_reason == "budget" for r in rollouts)
     later = 0
-    for r, (logp, positions) in zip(rollouts, score(model, rollouts, t, variant)):
+    for r, bl, (logp, positions) in zip(rollouts, blocks, score(model, rollouts, t, variant)):
         assert positions == r.positions
-        skip = {i for b in r.blocks for s, e in b.paths[1:] for i in range(s, e)} if variant == "seen" else set()
+        skip = {i for b in bl for s, e in b.paths[1:] for i in range(s, e)} if variant == "seen" else set()
         sampled = [i for i in range(len(r.ids)) if not r.forced[i]]
         diff = torch.tensor([logp[i].item() - r.logprobs[i] for i in sampled if i not in skip]).abs()
         assert diff.max() <= 1e-4
@@ -95,13 +105,14 @@ def test_sampler_equals_scorer(bpe_tokenizer, variant, num_paths, top_p):
 
 @pytest.mark.parametrize("variant", ["seen", "unseen"])
 def test_sampled_paths_match_decoding_from_scratch(bpe_tokenizer, variant):
-    """Every sampled path token's log-prob equals a no-cache forward of prefix + that path alone."""
+    """Every sampled path token's log-prob equals a no-cache forward of prefix + that path alone
+    (official rules: a path the budget cut too)."""
     tok, t = bpe_tokenizer, tag_ids(bpe_tokenizer)
     model = biased(tok, path_end=2.0)
     rollouts = sample(model, tok, prompts_of(tok), 2, max_new_tokens=60, seed=3, variant=variant, force_block=2)
     checked = 0
     for r in rollouts:
-        b = r.blocks[0]
+        b = find_blocks(r.ids, t, cut=True)[0]
         prefix = r.prompt_ids + r.ids[:b.parallel + 1]
         for s, e in b.paths:
             with torch.no_grad():
@@ -159,7 +170,7 @@ def test_a_rollout_does_not_depend_on_its_batch(bpe_tokenizer):
     together = sample(model, tok, prompts, 3, seed=seeds, **kw)
     capped = sample(model, tok, prompts, 3, seed=seeds, max_rows=4, **kw)
     alone = sample(model, tok, prompts[2:], 3, seed=seeds[2:], **kw)
-    assert sum(len(r.blocks) for r in together) >= 3
+    assert sum(len(find_blocks(r.ids, tag_ids(tok), cut=True)) for r in together) >= 3
     assert [r.ids for r in together] == [r.ids for r in capped]
     assert [r.ids for r in together[6:]] == [r.ids for r in alone]
 
@@ -193,8 +204,8 @@ OUT_OF_PLACE = [
      dict(max_blocks=2, max_new_tokens=80), lambda r, t, tok: len(r.blocks) == 2 and len(r.ids) - r.blocks[-1].summary[1] >= 5),
     ("EOS inside a path or summary closes it", dict(eos=50.0), dict(force_block=0),
      lambda r, t, tok: r.ids == [t[PARALLEL], t[PATH], t[PATH_END], t[PATH], t[PATH_END], t[PARALLEL_END],
-                                 t[SUMMARY], t[SUMMARY_END], tok.eos_token_id]
-     and r.forced == [True] * 8 + [False] and r.stop_reason == "eos"),
+                                 *gap_ids(tok), t[SUMMARY], t[SUMMARY_END], tok.eos_token_id]
+     and r.forced == [True] * 9 + [False] and r.stop_reason == "eos"),
     ("a path that never closes is closed at its budget", dict(path_end=-50.0, eos=-50.0),
      dict(force_block=1, path_max_tokens=7),
      lambda r, t, tok: all(e - s == 7 and r.forced[e - 1] for s, e in r.blocks[0].paths)),
@@ -210,9 +221,10 @@ OUT_OF_PLACE = [
 @pytest.mark.parametrize("case, bias, kw, check", OUT_OF_PLACE, ids=[c[0] for c in OUT_OF_PLACE])
 @pytest.mark.parametrize("variant", ["seen", "unseen"])
 def test_out_of_place(bpe_tokenizer, case, bias, kw, check, variant):
+    """Under the reserve rules, where every block closes (official rules: below)."""
     tok, t = bpe_tokenizer, tag_ids(bpe_tokenizer)
     rollouts = sample(biased(tok, **bias), tok, prompts_of(tok)[:2], 2, seed=0, variant=variant,
-                      **{"max_new_tokens": 40, **kw})
+                      **{"max_new_tokens": 40, "rules": "reserve", **kw})
     for r in rollouts:
         assert parse_blocks(r.ids, t)[1] is None, (case, r.text)
         assert check(r, t, tok), (case, _structure(r, t))
@@ -252,17 +264,18 @@ def test_parallel_off_tags_are_text(bpe_tokenizer):
                                                           (64, None, 2), (8, None, 2), (300, 2, 4)])
 @pytest.mark.parametrize("variant", ["seen", "unseen"])
 def test_budgets(bpe_tokenizer, max_new, path_max, num_paths, variant):
-    """Nothing ever closes by itself: every limit is reached, and every closing still fits."""
+    """Reserve rules. Nothing ever closes by itself: every limit is reached, and every closing still fits."""
     tok = bpe_tokenizer
     model = biased(tok, par=50.0, path_end=-50.0, summary_end=-50.0, eos=-50.0)
     rollouts = sample(model, tok, prompts_of(tok)[:2], 2, num_paths=num_paths, max_new_tokens=max_new,
-                      path_max_tokens=path_max, variant=variant, seed=0)
+                      path_max_tokens=path_max, variant=variant, seed=0, rules="reserve")
     for r in rollouts:
         assert r.format_error is None and len(r.ids) == max_new and r.stop_reason == "budget"
         assert len(r.ids) == len(r.forced) == len(r.logprobs) == len(r.positions) == len(r.allowed)
         assert all(len(b.paths) == num_paths for b in r.blocks)
         reserve = min(64, max_new // 8)  # the default: kept for the summary and the answer
-        assert len(r.blocks) <= 4 and (len(r.blocks) > 0) == ((max_new - 1 - 3 - reserve) // num_paths >= 3)
+        closing = 3 + len(gap_ids(tok))  # </Parallel>, the newline, <Summary>, </Summary>
+        assert len(r.blocks) <= 4 and (len(r.blocks) > 0) == ((max_new - 1 - closing - reserve) // num_paths >= 3)
         for b in r.blocks:
             assert len({e - s for s, e in b.paths}) == 1  # all paths ran to the same limit
             assert path_max is None or b.paths[0][1] - b.paths[0][0] == path_max
@@ -283,16 +296,90 @@ def test_a_block_opened_anywhere_leaves_room_for_the_answer(bpe_tokenizer, varia
     opened, starved = 0, 0
     for k in range(budget + 1):
         for r in sample(model, tok, prompts_of(tok)[:1], max_new_tokens=budget, reserve=reserve, force_block=k,
-                        max_blocks=1, variant=variant, seed=k):
+                        max_blocks=1, variant=variant, seed=k, rules="reserve"):
             assert len(r.ids) == budget and r.format_error is None
             if r.blocks:
                 opened += 1
                 assert len(r.ids) - r.blocks[0].summary[1] >= reserve // 2 >= answer
         r = sample(model, tok, prompts_of(tok)[:1], max_new_tokens=budget, reserve=0, force_block=k, max_blocks=1,
-                   variant=variant, seed=k)[0]
+                   variant=variant, seed=k, rules="reserve")[0]
         starved += bool(r.blocks) and len(r.ids) - r.blocks[0].summary[1] < answer
     assert opened >= budget // 2  # every early opening point was tried
     assert starved > 0  # without the reserve some block leaves no room: the test can tell
+
+
+# -----------------------------------------------------------------------------
+# official rules (verl parallel_thinking_loop_v3.py): the path cap, the block limit, the budget's cut
+
+
+def _paths(r, tags):
+    return [r.ids[s:e] for s, e in find_blocks(r.ids, tags, cut=True)[0].paths]
+
+
+@pytest.mark.parametrize("variant", ["seen", "unseen"])
+def test_official_a_path_is_cut_at_path_max_tokens_and_closed(bpe_tokenizer, variant):
+    """Paths that never close: each keeps the first path_max_tokens tokens it writes after its <Path>
+    (its tags not counted), then </Path> is forced (official: ids[:max_len] + </Path>); then the
+    runtime writes </Parallel>, the newline, <Summary>, all forced."""
+    tok, t = bpe_tokenizer, tag_ids(bpe_tokenizer)
+    model = biased(tok, par=-50.0, path_end=-50.0, eos=-50.0, im_end=-50.0, summary_end=50.0)
+    run = lambda cap: sample(model, tok, prompts_of(tok)[:2], 2, max_new_tokens=80, force_block=1, seed=4,
+                             path_max_tokens=cap, variant=variant)
+    for r, longer in zip(run(7), run(20)):
+        b = r.blocks[0]
+        assert r.format_error is None and [e - s for s, e in b.paths] == [9, 9]
+        for s, e in b.paths:
+            assert r.forced[s:e] == [True] + [False] * 7 + [True] and r.ids[e - 1] == t[PATH_END]
+        # the cut keeps what the path wrote first: the same tokens as a path allowed 20
+        assert [p[:8] for p in _paths(r, t)] == [p[:8] for p in _paths(longer, t)] and len(_paths(longer, t)[0]) == 22
+        gap = r.ids[b.paths[-1][1]:b.summary[0] + 1]
+        assert gap == [t[PARALLEL_END], *gap_ids(tok), t[SUMMARY]] and all(r.forced[b.paths[-1][1]:b.summary[0] + 1])
+        assert r.ids[b.summary[0] + 1] == t[SUMMARY_END] and not r.forced[b.summary[0] + 1]  # sampled
+
+
+@pytest.mark.parametrize("variant", ["seen", "unseen"])
+def test_official_a_rollout_ends_with_its_max_blocks_th_block(bpe_tokenizer, variant):
+    """Blocks wanted everywhere: the rollout ends right after the </Summary> of its 4th block (official
+    max_iterations_for_parallel_thinking=4), no EOS; under the reserve rules it goes on after it."""
+    tok, t = bpe_tokenizer, tag_ids(bpe_tokenizer)
+    model = biased(tok, par=50.0, path_end=5.0, summary_end=5.0, eos=-50.0, im_end=-50.0)
+    for rules in ("official", "reserve"):
+        for r in sample(model, tok, prompts_of(tok), 2, max_new_tokens=200, seed=2, variant=variant, rules=rules):
+            assert r.format_error is None and len(r.blocks) == 4
+            ended = r.ids[-1] == t[SUMMARY_END] and r.blocks[-1].summary[1] == len(r.ids)
+            assert (r.stop_reason, ended) == (("max_blocks", True) if rules == "official" else ("budget", False))
+
+
+@pytest.mark.parametrize("num_paths", [2, 3])
+@pytest.mark.parametrize("variant", ["seen", "unseen"])
+def test_official_the_budget_cuts_a_block(bpe_tokenizer, variant, num_paths):
+    """Nothing closes: a block opens at once and its paths are written side by side; the response is cut
+    at max_new_tokens (official: the assembled response_ids[:response_length]), which here falls in path 1,
+    so no later path is kept. The rollout is malformed for the format check, its cut block readable."""
+    tok, t = bpe_tokenizer, tag_ids(bpe_tokenizer)
+    model = biased(tok, par=50.0, path_end=-50.0, summary_end=-50.0, eos=-50.0, im_end=-50.0)
+    for r in sample(model, tok, prompts_of(tok)[:2], 2, num_paths=num_paths, max_new_tokens=40, seed=0,
+                    variant=variant):
+        assert len(r.ids) == 40 and r.stop_reason == "budget" and r.format_error is not None
+        assert len(r.ids) == len(r.forced) == len(r.logprobs) == len(r.positions) == len(r.allowed)
+        assert find_blocks(r.ids, t, cut=True) == [BlockSpan(0, [(1, 40)], None, True)]
+        assert r.forced[:2] == [False, True] and not any(r.forced[2:])
+
+
+@pytest.mark.parametrize("variant", ["seen", "unseen"])
+def test_official_a_summary_runs_until_the_budget_cuts_it(bpe_tokenizer, variant):
+    """A summary that never closes is not closed before the budget (official rules) but cut by it; the
+    reserve rules close it reserve // 2 tokens before."""
+    tok, t = bpe_tokenizer, tag_ids(bpe_tokenizer)
+    model = biased(tok, par=-50.0, path_end=50.0, summary_end=-50.0, eos=-50.0, im_end=-50.0)
+    for rules in ("official", "reserve"):
+        for r in sample(model, tok, prompts_of(tok)[:2], 2, max_new_tokens=30, force_block=0, seed=1,
+                        variant=variant, rules=rules, reserve=8):
+            closed = t[SUMMARY_END] in r.ids
+            assert len(r.ids) == 30 and r.stop_reason == "budget" and closed == (rules == "reserve")
+            assert r.ids[5:8] == [t[PARALLEL_END], *gap_ids(tok), t[SUMMARY]]
+            assert r.forced[:8] == [True, True, False, True, False, True, True, True]  # the </Path>s sampled
+            assert (r.format_error is None) == closed
 
 
 @pytest.mark.parametrize("prompts, kw, message", [
@@ -300,7 +387,9 @@ def test_a_block_opened_anywhere_leaves_room_for_the_answer(bpe_tokenizer, varia
     ([[5] * 4000], dict(max_new_tokens=200), "exceeds the model's 4096 positions"),
     ([[5] * 50], dict(max_prompt_tokens=40), "longer than max_prompt_tokens"),
     ([[5]], dict(variant="both"), "variant"),
-    ([[5]], dict(path_max_tokens=1), "at least 2"),
+    ([[5]], dict(path_max_tokens=1, rules="reserve"), "at least 2"),
+    ([[5]], dict(path_max_tokens=0), "at least 1"),
+    ([[5]], dict(rules="vllm"), "rules must be"),
 ])
 def test_bad_inputs(bpe_tokenizer, prompts, kw, message):
     with pytest.raises(ValueError, match=message):
@@ -325,7 +414,7 @@ def test_sample_script_json_and_tree(bpe_tokenizer, tmp_path, capsys):
     bpe_tokenizer.save_pretrained(tmp_path)
     script = _sample_script()
     args = ["--model", str(tmp_path), "--prompt", "Natalia sold 48 clips.", "--n", "2", "--max-new-tokens", "40",
-            "--path-max-tokens", "8", "--force-block", "0", "--variant", "unseen"]
+            "--path-max-tokens", "8", "--force-block", "0", "--variant", "unseen", "--rules", "reserve"]
     script.main(args + ["--json"])
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(rows) == 2

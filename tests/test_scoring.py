@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_model
 from test_sampler import biased, prompts_of
 from nanopr1 import scoring
-from nanopr1.attention import build_inputs
+from nanopr1.attention import build_inputs, find_blocks
 from nanopr1.model import tag_ids
 from nanopr1.rollout import ALL_TAGS, apply_tag_mask
 from nanopr1.sampler import sample
@@ -31,7 +31,9 @@ def reference_logprobs(model, rollouts, tags, variant, temperature):
 
 def rollouts_of(tok, model, variant):
     ros = sample(model, tok, prompts_of(tok), 2, max_new_tokens=40, seed=5, variant=variant, force_block=3)
-    assert all(r.blocks for r in ros) and len({len(r.prompt_ids + r.ids) for r in ros}) > 1  # blocks, padding
+    # blocks (official rules: the budget may cut the last one; scoring reads it), padding
+    assert all(find_blocks(r.ids, tag_ids(tok), cut=True) for r in ros)
+    assert len({len(r.prompt_ids + r.ids) for r in ros}) > 1
     return ros
 
 

@@ -110,7 +110,7 @@ def test_real_teacher_traces_become_training_examples():
     tokenizer = build_bpe_tokenizer([r["question"] + "\n" + r["response"] for r in rows], vocab_size=2000)
     tags = tag_ids(tokenizer)
     ex, dropped = data.sft_examples(rows, tokenizer, format.PARALLEL_PROMPT, max_len=4096)
-    assert len(ex) == 338 and sum(dropped.values()) == 3  # the 3 malformed traces (see test_format)
+    assert len(ex) == 339 and sum(dropped.values()) == 2  # the 2 malformed traces (see test_format)
     short, _ = data.sft_examples(rows, tokenizer, format.PARALLEL_PROMPT, max_len=1024)
     assert 0 < len(short) < len(ex)  # the length filter drops whole sequences
     tag_set = set(tags.values())

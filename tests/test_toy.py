@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import init_toy_dir
 from nanopr1 import toy
-from nanopr1.format import ANSWER_PREFIX, TAGS, chat_prompt_ids
+from nanopr1.format import ANSWER_PREFIX, PARALLEL_END, SUMMARY, TAGS, chat_prompt_ids, normalize
 from nanopr1.model import add_tags, load_model, tag_ids
 from nanopr1.rewards import extract_answer
 from nanopr1.rollout import make_rollout, texts
@@ -93,6 +93,13 @@ def test_every_teacher_trace_is_valid_and_answers(corpus):
         else:
             assert answer_of(r) == ex["answer"], r
         assert r.endswith(f"{ANSWER_PREFIX} {answer_of(r)}")
+
+
+def test_teacher_traces_use_the_canonical_layout(corpus):
+    """The official layout: `</Parallel>`, a newline, `<Summary>` (what the sampler writes); normalize keeps it."""
+    blocks = [ex["response"] for ex in corpus if PARALLEL_END in ex["response"]]
+    assert blocks and all(normalize(r) == r for r in blocks)
+    assert all(r.count(PARALLEL_END) == r.count(f"{PARALLEL_END}\n{SUMMARY}") for r in blocks)
 
 
 def test_corpus_mixes_blocks_and_plain_steps(corpus):
