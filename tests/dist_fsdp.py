@@ -3,6 +3,7 @@ training scripts against the same model unsharded. Shards like accelerate's FSDP
 decoder layer, then the embedding/norm/head group kept gathered from forward to backward, then the
 root). Prints one JSON line per rank. Not a test itself."""
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -72,3 +73,6 @@ with torch.no_grad():
 (Path(sys.argv[1]) / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))  # one file each: no interleaving
 dist.barrier()  # both ranks done with the group before it goes down
 dist.destroy_process_group()
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)  # no interpreter teardown: a gloo thread's destructor there has aborted a finished rank

@@ -2,6 +2,7 @@
 machine has room for one KV cache row (one rollout needs two) and rank 0's for thousands. Writes what each
 rank did to DIR/rank{r}.json. Not a test itself."""
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -25,3 +26,7 @@ except UsageError as e:
 result = {"world": dist.get_world_size(), "outcome": outcome}
 (Path(sys.argv[1]) / f"rank{acc.process_index}.json").write_text(json.dumps(result))
 dist.barrier()  # both ranks done before the group goes down
+dist.destroy_process_group()
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)  # no interpreter teardown: a gloo thread's destructor there has aborted a finished rank

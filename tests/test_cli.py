@@ -113,6 +113,19 @@ def test_a_tracker_that_is_not_installed_is_refused_before_loading(dirs, tmp_pat
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("body, says", [("return float('nan')", "returned nan"), ("return None", "returned None"),
+                                         ("return 'no'", "returned 'no'")])
+def test_a_reward_that_is_not_a_finite_number_stops_the_run_in_one_line(dirs, tmp_path, monkeypatch, body, says):
+    """A reward of NaN (or None, or a string) for a rollout: one line naming the function, exit status 1, and no
+    checkpoint written (the run had none yet: OUT is left as it was found)."""
+    (tmp_path / "my_rewards.py").write_text(f"def bad(rollout, gold, step, info):\n    {body}\n")
+    argv = [a.format(d=dirs, out=tmp_path / "o") for a in RL[1:]] + [
+        "--reward", f"{tmp_path / 'my_rewards.py'}:bad", "--steps", "1", "--prompts-per-step", "2", "--group-size", "2"]
+    code = main_of("train_rl.py", argv, monkeypatch)
+    assert isinstance(code, str) and code.startswith("error: reward ") and "bad" in code and says in code, code
+    assert "\n" not in code and not list((tmp_path / "o").glob("checkpoint-*"))
+
+
 @pytest.mark.parametrize("command, extra, message", BAD, ids=[" ".join(c[0:1] + e) for c, e, _ in BAD])
 def test_bad_input_is_one_line_and_touches_nothing(dirs, tmp_path, monkeypatch, command, extra, message):
     out = tmp_path / "out"
