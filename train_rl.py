@@ -165,7 +165,7 @@ def main(args):
             old = fixed_logprobs(model, rollouts, *fixed)
         if run.reference is not None:
             ref = fixed_logprobs(run.reference.model, rollouts, *fixed, context=run.reference.context)
-        stats = Counter() if old is None else sampler_gap(old, rollouts, args.variant)
+        stats = Counter() if old is None else sampler_gap(old, rollouts, args.variant, run.tags)
         # 6) the update: an optimizer step per mini-batch (a block of the step's prompts, whole groups), its
         #    loss the mean over every loss token of the mini-batch on every rank
         for epoch in range(args.ppo_epochs):
@@ -191,7 +191,7 @@ def main(args):
                         weight = weight * mask
                         stats.update(tis_sum=float(weight.sum()), tis_capped=float((weight >= args.tis_cap).sum()))
                     if old is None and epoch == 0 and micro.live:  # on-policy: this forward is the trainer's view
-                        stats.update(sampler_gap(logp.detach(), micro.rollouts, args.variant))
+                        stats.update(sampler_gap(logp.detach(), micro.rollouts, args.variant, run.tags))
                 # a non-finite gradient norm (the same on every rank) skips the update; 3 in a row stop the run
                 # (below, once the step is logged)
                 finite = bool(torch.isfinite(acc.clip_grad_norm_(model.parameters(), 1.0)))

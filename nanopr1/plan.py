@@ -113,7 +113,8 @@ def memory_plan(config, *, gpu_bytes, world=1, fsdp=False, lora_r=0, grad_ckpt=T
             p.items.append(("FSDP: gathered layers in flight, embedding/head group",
                             2 * 2 * layer + 2 * embed + 4 * layer))
     if sampling:
-        p.items.append(("sampling copy (bf16, whole model; LoRA's adapters unmerged)", 2 * (n + adapters)))
+        unmerged = ", LoRA's adapters unmerged" if lora_r else ""
+        p.items.append((f"sampling copy (bf16, whole model{unmerged})", 2 * (n + adapters)))
     if reference:
         p.items.append(("KL reference (fp32 as the policy, whole model)", 4 * n))
     p.items.append(("CUDA context, cuBLAS and NCCL buffers", CONTEXT))

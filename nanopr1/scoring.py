@@ -12,7 +12,7 @@ from contextlib import nullcontext
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from nanopr1.attention import build_inputs
+from nanopr1.attention import build_inputs, find_blocks
 from nanopr1.rollout import ALL_TAGS, apply_tag_mask
 
 LOGITS_CHUNK_TOKENS = 1024  # rows x positions of logits computed at once (fp32: 1024 x V x 4 bytes)
@@ -67,7 +67,7 @@ def pad_rows(rows, like):
                         for r in rows]).to(like)
 
 
-def sampler_gap(logp, rollouts, variant):
+def sampler_gap(logp, rollouts, variant, tags):
     """Sums of |trainer - sampler| log-prob over the rollouts' sampled tokens (logp: (B, T) or per-rollout rows,
     from the trainer): `gap_*` where the trainer sees exactly what the sampler saw (Unseen: every token; Seen:
     the main line, path 1, summaries), ~0 unless they truly disagree (a bf16 sampling copy: 1e-2 to 1e-1);
@@ -76,7 +76,8 @@ def sampler_gap(logp, rollouts, variant):
     for lp, r in zip(logp, rollouts):
         diff = (lp[:len(r.ids)].float().cpu() - torch.tensor(r.logprobs)).abs()
         sampled, later = ~torch.tensor(r.forced, dtype=torch.bool), torch.zeros(len(r.ids), dtype=torch.bool)
-        for b in r.blocks if variant == "seen" else []:
+        # the blocks as the trainer reads them: a last block cut by the budget too (not in r.blocks)
+        for b in find_blocks(r.ids, tags, cut=True) if variant == "seen" else []:
             for start, end in b.paths[1:]:
                 later[start:end] = True
         out.update(gap_sum=float(diff[sampled & ~later].sum()), gap_tokens=int((sampled & ~later).sum()),

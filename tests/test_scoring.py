@@ -6,6 +6,7 @@ import torch
 
 from conftest import tiny_model
 from test_sampler import biased, prompts_of
+from test_sampler import score as full_forward
 from nanopr1 import scoring
 from nanopr1.attention import build_inputs, find_blocks
 from nanopr1.model import tag_ids
@@ -138,3 +139,17 @@ def test_scoring_forwards_build_no_kv_cache(bpe_tokenizer):
     with torch.no_grad():
         scoring.token_logprobs(model, {"input_ids": ids}, first=3)
     assert seen and all(flag is False and getattr(out, "past_key_values", None) is None for flag, out in seen)
+
+
+def test_the_logged_gap_of_a_cut_seen_block_leaves_its_later_paths_out(bpe_tokenizer):
+    """A Seen rollout whose last block the budget cuts in its 2nd path: that path was sampled without seeing
+    path 1 but is scored after it, so sampler_gap files it under `designed`, not under the gap that must be ~0
+    (read from r.blocks, which a cut block is not in, it was 1e-2 and up on the toy)."""
+    tok, tags = bpe_tokenizer, tag_ids(bpe_tokenizer)
+    model = biased(tok, par=3.0, path_end=-2.0, summary_end=2.0, eos=1.0)  # long paths: the budget cuts them
+    ros = sample(model, tok, prompts_of(tok), 2, max_new_tokens=40, seed=5, variant="seen", force_block=3)
+    cut = [r for r in ros if r.format_error and len(find_blocks(r.ids, tags, cut=True)[-1].paths) >= 2]
+    assert cut, [r.stop_reason for r in ros]
+    logp = [lp for lp, _ in full_forward(model, cut, tags, "seen")]  # the trainer's view, through the bias
+    gap = scoring.sampler_gap(logp, cut, "seen", tags)
+    assert gap["designed_tokens"] > 0 and gap["gap_sum"] / gap["gap_tokens"] < 1e-5
