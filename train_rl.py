@@ -49,7 +49,8 @@ arg("--init", help="checkpoint to start from (default: the recipe's)")
 arg("--variant", choices=["seen", "unseen"], default="seen", help="unseen: path-isolating attention")
 arg("--lora", action="store_true", help="train LoRA adapters only (one GPU)")
 arg("--lora-r", type=int, default=64)
-arg("--grad-ckpt", action=argparse.BooleanOptionalAction, default=True, help="gradient checkpointing (the toy: off)")
+arg("--grad-ckpt", action=argparse.BooleanOptionalAction, default=True,
+    help="gradient checkpointing (the toy: off)")
 # data
 arg("--data", help="problems: a short name, a file or a hub id (default: the recipe's)")
 arg("--data-config", help="the hub dataset's config (name)")

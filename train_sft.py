@@ -39,7 +39,8 @@ arg("--model", default="Qwen/Qwen3-4B-Base", help="hub id or local dir to start 
 arg("--variant", choices=["seen", "unseen"], default="seen", help="unseen: path-isolating attention")
 arg("--lora", action="store_true", help="train LoRA adapters (and the six tag rows) only")
 arg("--lora-r", type=int, default=64)
-arg("--grad-ckpt", action=argparse.BooleanOptionalAction, default=True, help="gradient checkpointing (the toy: off)")
+arg("--grad-ckpt", action=argparse.BooleanOptionalAction, default=True,
+    help="gradient checkpointing (the toy: off)")
 # data
 arg("--data", default="out/parallel_gsm8k.jsonl", help="traces: question + response, TRL's messages, or "
     "prompt + completion records (a file or a hub id)")
@@ -134,7 +135,7 @@ def main(args):
     acc.register_for_checkpointing(sched)  # not prepared: accelerate would step it once per process per step
     out.mkdir(parents=True, exist_ok=True)
     step = skipped = 0
-    if args.resume and checkpoint.checkpoints(out):  # model, optimizer, schedule and RNG as saved; data position: step
+    if args.resume and checkpoint.checkpoints(out):  # model, optimizer, schedule, RNG as saved; data position: step
         step = checkpoint.load_state(out, acc)
         checkpoint.apply_lr(opt, args.lr, sched)
     checkpoint.start_trackers(acc, args)

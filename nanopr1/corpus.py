@@ -33,7 +33,8 @@ def generate(args, acc, template):
     digest = lambda x: hashlib.sha256(json.dumps(x).encode()).hexdigest()[:16]
     settings = {"source": args.source, "teacher": args.teacher, "seed": args.seed, "prompt": digest(template),
                 "max_new_tokens": args.gen_max_new_tokens,
-                "problems": digest([[r["question"], r["answer"]] + ([r["chat"]] if "chat" in r else []) for r in problems])}
+                "problems": digest([[r["question"], r["answer"], *([r["chat"]] if "chat" in r else [])]
+                                    for r in problems])}
 
     # 1) an earlier corpus at --data: resumed if made with these settings, else refused (or --overwrite)
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else None
