@@ -206,14 +206,11 @@ def plan_or_train(argv=None):
     """--plan: the memory plan from the model config alone; else the run."""
     args = parse_args(argv)
     if not args.plan:
-        try:
-            return main(args)
-        finally:
-            checkpoint.release()  # OUT's lock (a refused run leaves OUT as it found it)
+        return main(args)
     from nanopr1.plan import load_config, plan_for
     print(f"memory plan per GPU: {args.model}, SFT, {'LoRA' if args.lora else 'full fine-tune'}\n"
           f"{plan_for(args, load_config(args.model), sampling=False)}")
 
 
 if __name__ == "__main__":
-    run_script(plan_or_train)
+    run_script(plan_or_train, checkpoint.release)

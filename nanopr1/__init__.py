@@ -40,7 +40,7 @@ def offline_if_unreachable():
         constants.HF_HUB_OFFLINE = True
 
 
-def run_script(main):
+def run_script(main, release=lambda: None):
     """A script's entry: main(); a UsageError is one line, `error: ...`, and exit status 1. Under several
     processes the process group is already down when main() returns: end here, without the interpreter's
     teardown, where a gloo thread's destructor has aborted a finished run (SIGABRT)."""
@@ -49,6 +49,8 @@ def run_script(main):
         status = 0
     except UsageError as e:
         status = f"error: {e}"
+    finally:
+        release()  # the script's OUT lock, before an exit that skips atexit (a refused run leaves OUT as found)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if status:
             print(status, file=sys.stderr)
