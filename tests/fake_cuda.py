@@ -1,7 +1,10 @@
 """A stand-in for the CUDA caching allocator's bookkeeping, for tests of code that reads it on a GPU
 (plan.peak_bytes, graphs.capture_cuda) on a CPU: reserved memory is what is in use plus the cached free
 blocks, an allocation is served from the cache first, torch.cuda.empty_cache() drops the cache, and
-torch.cuda.graph empties it on entry as the real one does. `install(monkeypatch)` puts it in torch.cuda."""
+torch.cuda.graph empties it on entry as the real one does; streams are one queue. `install(monkeypatch)` puts it
+in torch.cuda."""
+
+import contextlib
 
 import torch
 
@@ -41,9 +44,17 @@ class FakeAllocator:
             def __exit__(self, *exc):
                 return False
 
+        class Stream:  # torch.cuda.Stream(device): one queue, so a side stream waits for nothing
+            def __init__(self, device=None):
+                pass
+
+            def wait_stream(self, other):
+                pass
+
         for name, fn in dict(empty_cache=self.empty_cache, memory_reserved=self.reserved,
                              max_memory_reserved=lambda device=None: self.peak,
                              reset_peak_memory_stats=self.reset_peak, synchronize=lambda device=None: None,
-                             CUDAGraph=object, graph=Graph).items():
+                             CUDAGraph=object, graph=Graph, Stream=Stream, current_stream=Stream,
+                             stream=lambda stream: contextlib.nullcontext()).items():
             monkeypatch.setattr(torch.cuda, name, fn)
         return self

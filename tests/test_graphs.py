@@ -97,7 +97,8 @@ def test_static_shaped_ops_capture(name):
 def test_the_gpu_capture_measures_its_pool_and_checks_liveness(monkeypatch):
     """graphs.capture_cuda against the CUDA allocator's bookkeeping (tests/fake_cuda.py): 1.5 GB of cached
     free blocks (what loading leaves), which torch.cuda.graph drops on entry, and a step that takes 0.3 GB
-    into the pool: the pool grew 0.3 GB (reading the reserved memory before emptying the cache gave -1.2).
+    (warmed up outside the graph, then captured into the pool): the pool grew 0.3 GB (reading the reserved
+    memory before emptying the cache gave a negative growth).
     Where the installed torch has it, the capture asks torch.cuda.graph to check its inputs are alive."""
     has = "check_input_liveness" in inspect.signature(torch.cuda.graph).parameters  # (torch 2.13: yes)
     fake = FakeAllocator(cached=1.5e9).install(monkeypatch)
@@ -112,16 +113,18 @@ def test_the_caches_captured_steps_read_only_live_tensors(bpe_tokenizer):
     tok = bpe_tokenizer
     model = StopAt(biased(tok, par=3.0, path_end=1.0, summary_end=1.0), tok.eos_token_id, 19)
     prompts = prompts_of(tok) + prompts_of(tok, ["x = 4"])
-    kv = KVCache(40, max(map(len, prompts)) + 61, "cpu", use_graphs=True)
+    cache = KVCache(40, max(map(len, prompts)) + 61, "cpu", use_graphs=True)
     ref = sample(model, tok, prompts, 2, cache=reference_cache(), temperature=0, max_new_tokens=60, force_block=2)
     for cap in (None, 4):
-        got = sample(model, tok, prompts, 2, cache=kv, temperature=0, max_new_tokens=60, force_block=2, max_rows=cap)
+        got = sample(model, tok, prompts, 2, cache=cache, temperature=0, max_new_tokens=60, force_block=2,
+                     max_rows=cap)
         assert_same(ref, got)
-    assert len(kv.graphs) >= 2 and all(isinstance(g, CpuGraph) for g in kv.graphs.values())
+    assert len(cache.captured.graphs) >= 2 and all(isinstance(g, CpuGraph) for g in cache.captured.graphs.values())
     held = [t for m in model.modules() for t in vars(m).values() if torch.is_tensor(t)]  # (Biased's tag ids)
-    persistent = {t.untyped_storage().data_ptr() for t in [*kv.kv, kv.valid, kv.row_ids, kv.step_inputs, kv.logits,
-                                                           *model.parameters(), *model.buffers(), *held]}
-    for g in kv.graphs.values():
+    c = cache.captured
+    persistent = {t.untyped_storage().data_ptr() for t in [*cache.tensors, cache.valid, c.row_ids, c.inputs,
+                                                           c.logits, *model.parameters(), *model.buffers(), *held]}
+    for g in c.graphs.values():
         for _, ref_, storage, _ in g.inputs:
             assert not storage.expired() and ref_().untyped_storage().data_ptr() in persistent
 
@@ -130,25 +133,24 @@ def test_the_old_capture_read_a_freed_tensor(bpe_tokenizer):
     """The bug this stand-in exists for (nanopr1's first GPU capture code): the row index tensor was made
     outside the capture and kept alive only by the cache's `feed` until the next prefill. Planted back in:
     the replay after that prefill fails, where a GPU would have written K/V into other rows."""
-    class OldCapture(KVCache):
-        def _capture(self, model, Rb, view):
-            rows = torch.arange(Rb)  # outside the graph, not kept with it
-            buf = self.step_inputs[:, :Rb]
-            buf.zero_()
-            buf[2] = self.S - 1
+    class OldCapture(graphs.CapturedStep):
+        def capture(self, model, rows, view):
+            row_ids = torch.arange(rows)  # outside the graph, not kept with it
             if self.logits is None:
-                self.logits = torch.zeros(self.R, model.config.vocab_size)
+                self.logits = torch.zeros(self.cache.R, model.config.vocab_size)
             g = CpuGraph()
             with capturing(g):
-                self.logits[:Rb].copy_(self._forward(model, buf[0, :, None], buf[1, :, None], rows, buf[2, :, None],
-                                                     buf[3, :, None].bool(), view, prefix=True))
-            self.graphs[(Rb, view)] = g
+                ids, pos, cols, real = self.inputs[:, :rows, None]
+                self.logits[:rows].copy_(self.cache.run(model, ids, pos, row_ids, cols, real.bool(), view,
+                                                        read=slice(0, rows)))
+            self.graphs[(rows, view)] = g
             return g
     tok = bpe_tokenizer
     prompts = prompts_of(tok)
-    kv = OldCapture(2, max(map(len, prompts)) + 21, "cpu", use_graphs=True)
+    cache = KVCache(2, max(map(len, prompts)) + 21, "cpu")
+    cache.captured = OldCapture(cache, enabled=True)
     with pytest.raises(FreedInputError):  # 2 rows for 6 rollouts: the second admission's prefill frees `rows`
-        sample(tiny_model(tok), tok, prompts, 2, cache=kv, parallel=False, max_new_tokens=20, temperature=0)
+        sample(tiny_model(tok), tok, prompts, 2, cache=cache, parallel=False, max_new_tokens=20, temperature=0)
 
 
 def test_a_failed_capture_decodes_eagerly_and_says_so(bpe_tokenizer):
@@ -162,10 +164,11 @@ def test_a_failed_capture_decodes_eagerly_and_says_so(bpe_tokenizer):
             return self.model(**kw)
     tok = bpe_tokenizer
     model, prompts = tiny_model(tok), prompts_of(tok)
-    kv = KVCache(8, max(map(len, prompts)) + 21, "cpu", use_graphs=True)
+    cache = KVCache(8, max(map(len, prompts)) + 21, "cpu", use_graphs=True)
     with pytest.warns(UserWarning, match="graph capture failed"):
-        got = sample(ReadsAScalar(model), tok, prompts, 2, cache=kv, parallel=False, max_new_tokens=20, temperature=0)
-    assert "waits for the host" in kv.stats()["graph_error"] and not kv.use_graphs
+        got = sample(ReadsAScalar(model), tok, prompts, 2, cache=cache, parallel=False, max_new_tokens=20,
+                     temperature=0)
+    assert "waits for the host" in cache.stats()["graph_error"] and not cache.captured.enabled
     assert_same(sample(model, tok, prompts, 2, cache=reference_cache(), parallel=False, max_new_tokens=20,
                        temperature=0), got)
 
@@ -176,8 +179,8 @@ def test_out_of_memory_during_capture_is_raised_with_the_plan(bpe_tokenizer, mon
     monkeypatch.setattr(graphs, "capturing", no_memory)
     tok = bpe_tokenizer
     prompts = prompts_of(tok)
-    kv = KVCache(8, max(map(len, prompts)) + 21, "cpu", use_graphs=True)
-    kv.note = "memory plan per GPU: (the plan's lines)"
+    cache = KVCache(8, max(map(len, prompts)) + 21, "cpu", use_graphs=True)
+    cache.captured.note = "memory plan per GPU: (the plan's lines)"
     with pytest.raises(torch.OutOfMemoryError, match=r"(?s)capturing the decode step of 8 rows.*the plan's lines"
                                                      r".*--kv-memory-gb or --max-rows"):
-        sample(tiny_model(tok), tok, prompts, 2, cache=kv, parallel=False, max_new_tokens=20)
+        sample(tiny_model(tok), tok, prompts, 2, cache=cache, parallel=False, max_new_tokens=20)

@@ -12,9 +12,9 @@ from reference_cache import reference_cache
 from test_sampler import TEXTS, biased, prompts_of
 from nanopr1 import UsageError, kvcache
 from nanopr1.attention import find_blocks
-from nanopr1.format import PARALLEL, PATH, PATH_END
-from nanopr1.kvcache import KVCache, bucket
-from nanopr1.model import tag_ids
+from nanopr1.format import PARALLEL, PATH, PATH_END, tag_ids
+from nanopr1.graphs import VIEW, bucket
+from nanopr1.kvcache import KVCache
 from nanopr1.sampler import sample
 
 MORE = TEXTS + ["Final Answer: 42", "Dogs and cats have four legs.", "First, compute", "x = 4"]
@@ -37,21 +37,22 @@ def test_forked_rows_match_decoding_from_scratch(bpe_tokenizer):
     tok, model, t = bpe_tokenizer, tiny_model(bpe_tokenizer), tag_ids(bpe_tokenizer)
     prefix = prompts_of(tok)[0] + [t[PARALLEL]]
     paths = [[t[PATH]] + p + [t[PATH_END]] for p in prompts_of(tok, ["3 + 4 = 7", "Dogs have four legs.", "x"])]
-    kv = KVCache(len(paths), len(prefix) + max(map(len, paths)), "cpu", use_graphs=True)
-    kv.reset(model)
-    kv.add_rows(len(paths))
-    kv.prefill(model, torch.tensor([prefix]), torch.arange(len(prefix))[None], torch.ones(1, len(prefix), dtype=torch.bool), [0])
+    cache = KVCache(len(paths), len(prefix) + max(map(len, paths)), "cpu", use_graphs=True)
+    cache.reset(model)
+    cache.add_rows(len(paths))
+    L = len(prefix)
+    cache.prefill(model, torch.tensor([prefix]), torch.arange(L)[None], torch.ones(1, L, dtype=torch.bool), [0])
     for k in range(1, len(paths)):  # the fork: clone the prefix row
-        kv.copy_row(0, k)
+        cache.copy_row(0, k)
     got = [[] for _ in paths]
     for j in range(max(len(p) for p in paths)):  # all paths decoded together, finished ones not fed
-        live = [j < len(p) for p in paths]
+        real = [j < len(p) for p in paths]
         ids = torch.tensor([[p[j] if j < len(p) else 0] for p in paths])
-        logits = kv.step(model, ids, torch.full((len(paths), 1), len(prefix) + j), torch.tensor(live)[:, None])
+        logits = cache.step(model, ids, torch.full((len(paths), 1), len(prefix) + j), torch.tensor(real)[:, None])
         for k in range(len(paths)):
-            if live[k]:
+            if real[k]:
                 got[k].append(logits[k].clone())
-    assert len(kv.graphs) == 1  # the steps were replays of one captured step
+    assert len(cache.captured.graphs) == 1  # the steps were replays of one captured step
     for k, p in enumerate(paths):
         ref = model(input_ids=torch.tensor([prefix + p])).logits[0, len(prefix):]
         assert (torch.stack(got[k]) - ref).abs().max() <= 1e-4
@@ -74,11 +75,11 @@ def test_the_cache_equals_the_reference_greedy(bpe_tokenizer, graphs, name, bias
     kw = {"temperature": 0, "max_new_tokens": 60, **kw}
     prompts = prompts_of(tok)
     ref = sample(model, tok, prompts, 2, cache=reference_cache(), **kw)
-    kv = cache_for(prompts, 32, graphs=graphs)
-    assert_same(ref, sample(model, tok, prompts, 2, cache=kv, **kw))
+    cache = cache_for(prompts, 32, graphs=graphs)
+    assert_same(ref, sample(model, tok, prompts, 2, cache=cache, **kw))
     blocks = [find_blocks(r.ids, tag_ids(tok), cut=True) for r in ref]  # official rules: the last may be cut
     assert all(len(b) >= 1 for b in blocks) == ("force_block" in kw)
-    assert (len(kv.graphs) > 0) == graphs
+    assert (len(cache.captured.graphs) > 0) == graphs
 
 
 class StopAt(torch.nn.Module):
@@ -129,18 +130,18 @@ def test_dead_rows_never_disturb_live_ones(bpe_tokenizer):
     ids, pos = torch.tensor([p]), torch.arange(len(p))[None]
     got = []
     for rows in (1, 5):  # one row alone (bucket 1) / with 4 free rows (bucket 8, 7 dead)
-        kv = KVCache(rows, 40, "cpu", use_graphs=True)
-        kv.reset(model)
-        kv.add_rows(rows)
-        kv.prefill(model, ids, pos, torch.ones(1, len(p), dtype=torch.bool), [0])
+        cache = KVCache(rows, 40, "cpu", use_graphs=True)
+        cache.reset(model)
+        cache.add_rows(rows)
+        cache.prefill(model, ids, pos, torch.ones(1, len(p), dtype=torch.bool), [0])
         out = []
         for j in range(5):
-            live = torch.tensor([[True]] + [[False]] * (rows - 1))
+            real = torch.tensor([[True]] + [[False]] * (rows - 1))
             step_ids = torch.tensor([[7 + j]] + [[3]] * (rows - 1))
             step_pos = torch.tensor([[len(p) + j]] + [[0]] * (rows - 1))
-            out.append(kv.step(model, step_ids, step_pos, live)[0].clone())
+            out.append(cache.step(model, step_ids, step_pos, real)[0].clone())
         got.append(torch.stack(out))
-        assert kv.length == [len(p) + 5] + [0] * (rows - 1) and not kv.valid[1:].any()
+        assert cache.length == [len(p) + 5] + [0] * (rows - 1) and not cache.valid[1:].any()
     assert (got[0] - got[1]).abs().max() <= 1e-5
 
 
@@ -155,30 +156,31 @@ def test_a_cpu_decodes_eagerly_unless_the_stand_in_is_asked_for(bpe_tokenizer, m
             monkeypatch.setenv("NANOPR1_CPU_GRAPHS", env)
         else:
             monkeypatch.delenv("NANOPR1_CPU_GRAPHS", raising=False)
-        kv = cache_for(prompts, 8, new=20, graphs=use)
-        got.append(sample(model, tok, prompts, 2, cache=kv, parallel=False, max_new_tokens=20, temperature=0))
-        assert kv.use_graphs == (len(kv.graphs) > 0) == (env == "1" and use is None or use is True)
+        cache = cache_for(prompts, 8, new=20, graphs=use)
+        got.append(sample(model, tok, prompts, 2, cache=cache, parallel=False, max_new_tokens=20, temperature=0))
+        captured = cache.captured
+        assert captured.enabled == (len(captured.graphs) > 0) == (env == "1" and use is None or use is True)
     for rollouts in got[1:]:
         assert_same(got[0], rollouts)
 
 
 def test_buckets():
     assert [bucket(n) for n in (1, 2, 8, 9, 33, 64, 65, 256, 257, 600)] == [1, 8, 8, 32, 64, 64, 128, 256, 512, 768]
-    assert kvcache.VIEW == 256
+    assert VIEW == 256
 
 
 @torch.no_grad()
 def test_a_full_row_is_an_error_and_the_cache_never_moves(bpe_tokenizer):
     model = tiny_model(bpe_tokenizer)
-    kv = KVCache(1, 4, "cpu")  # 4 columns: the prompt and one more token
-    kv.reset(model)
-    kv.add_rows(1)
-    kv.prefill(model, torch.tensor([[5, 6, 7]]), torch.arange(3)[None], torch.ones(1, 3, dtype=torch.bool), [0])
-    where = [t.data_ptr() for t in kv.kv]
-    kv.step(model, torch.tensor([[8]]), torch.tensor([[3]]), torch.tensor([[True]]))
-    assert [t.data_ptr() for t in kv.kv] == where  # written in place: allocated once, never grown
+    cache = KVCache(1, 4, "cpu")  # 4 columns: the prompt and one more token
+    cache.reset(model)
+    cache.add_rows(1)
+    cache.prefill(model, torch.tensor([[5, 6, 7]]), torch.arange(3)[None], torch.ones(1, 3, dtype=torch.bool), [0])
+    where = [t.data_ptr() for t in cache.tensors]
+    cache.step(model, torch.tensor([[8]]), torch.tensor([[3]]), torch.tensor([[True]]))
+    assert [t.data_ptr() for t in cache.tensors] == where  # written in place: allocated once, never grown
     with pytest.raises(RuntimeError, match="row full"):
-        kv.step(model, torch.tensor([[9]]), torch.tensor([[4]]), torch.tensor([[True]]))
+        cache.step(model, torch.tensor([[9]]), torch.tensor([[4]]), torch.tensor([[True]]))
 
 
 @torch.no_grad()
@@ -207,7 +209,7 @@ class CountRows:
     def __init__(self, monkeypatch):
         self.seen = []
         step = KVCache.step
-        monkeypatch.setattr(KVCache, "step", lambda kv, *a: self.seen.append(kv.n) or step(kv, *a))
+        monkeypatch.setattr(KVCache, "step", lambda cache, *a: self.seen.append(cache.n) or step(cache, *a))
 
 
 CAP_CASES = [  # (name, bias, sample kwargs)
