@@ -12,7 +12,8 @@ Single process only (no `accelerate launch`: sampling a few rollouts needs one d
 
 Simplifications relative to the paper:
 1. one prompt per call (--n rollouts of it); the batched sampler is the same one RL and eval use;
-2. --json prints one object per rollout with the texts of its blocks, not its token-level data.
+2. --json prints a rollout's row as OUT/rollouts.jsonl holds it (--show reads either back): the texts of
+   its blocks, not its token-level data.
 Piped into `head`, it stops quietly when the reader has gone.
 """
 
@@ -23,7 +24,8 @@ import sys
 
 import torch
 
-from nanopr1 import recipes, toy
+from nanopr1 import recipes
+from nanopr1.checkpoint import model_dir
 from nanopr1.format import chat_prompt_ids
 from nanopr1.data import read_rows
 from nanopr1.model import load_model
@@ -58,26 +60,27 @@ def parse_args(argv=None):
     arg("--seed", type=int, default=0)
     arg("--variant", choices=["seen", "unseen"], default="seen", help="how paths are merged")
     arg("--no-parallel", action="store_true", help="plain sampling: tags are ordinary text")
-    arg("--force-block", type=int, nargs="?", const=-1, metavar="N",
+    arg("--force-block", type=int, nargs="?", const=True, default=False, metavar="N",
         help="open a block after the first line of the main text, or after N response tokens")
     # output
-    arg("--json", action="store_true", help="one JSON object per rollout")
+    arg("--json", action="store_true", help="one JSON row per rollout, as in OUT/rollouts.jsonl (--show reads it)")
     arg("--show", metavar="FILE", help="print the rollouts a run kept (OUT/rollouts.jsonl) as trees")
     arg("--step", type=int, help="with --show: the step (default: the last)")
     return recipes.parse(parser, argv, "sample")
 
 
 def show_file(path, step):
-    """--show: the rollouts a training run kept (OUT/rollouts.jsonl), of one step or the last one."""
-    rows = [r for r in read_rows(path) if isinstance(r, dict) and "main" in r]
+    """--show: rollout rows (a run's OUT/rollouts.jsonl, or what --json wrote), of one step or the last one."""
+    rows = [row for row in read_rows(path) if isinstance(row, dict) and "main" in row]
     if not rows:
         sys.exit(f"error: {path} holds no rollouts (train_rl.py writes OUT/rollouts.jsonl)")
     step = rows[-1]["step"] if step is None else step
-    rows = [r for r in rows if r["step"] == step]
+    rows = [row for row in rows if row["step"] == step]
     if not rows:
         sys.exit(f"error: {path} has no rollouts of step {step}")
-    for i, r in enumerate(rows):
-        print(f"=== step {step}, rollout {i + 1}/{len(rows)} of {r['prompt'][-120:]!r}: {tree(r)}\n")
+    at = "" if step is None else f"step {step}, "  # rows from --json have no step
+    for i, row in enumerate(rows):
+        print(f"=== {at}rollout {i + 1}/{len(rows)} of {row['prompt'][-120:]!r}: {tree(row)}\n")
 
 
 def main(argv=None):
@@ -86,26 +89,25 @@ def main(argv=None):
         return show_file(args.show, args.step)
     if not args.prompt:
         sys.exit("error: pass --prompt (or --show OUT/rollouts.jsonl)")
-    name = args.model or (toy.latest_model() if args.preset == "toy" else None)
+    name = args.model or (recipes.latest_toy_model() if args.preset == "toy" else None)
     if name is None:
         sys.exit("no toy model yet: run `python train_sft.py --preset toy` first" if args.preset == "toy"
                  else "error: pass --model (a hub id or a local directory) or --preset toy")
-    force_block = {None: False, -1: True}.get(args.force_block, args.force_block)  # -1: after the first line
     try:  # the template first: a bad --prompt-file should not wait for the model to load
-        template = recipes.template(args)
+        template = recipes.template(args.prompt_file, args.preset == "toy", args.no_parallel)
         dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-        model, tokenizer = load_model(name, dtype=dtype, device=args.device)
+        model, tokenizer = load_model(model_dir(name), dtype=dtype, device=args.device)
         prompt = chat_prompt_ids(tokenizer, template, args.prompt)
         rollouts = sample(model.eval(), tokenizer, [prompt], args.n, num_paths=args.num_paths,
                           max_blocks=args.max_blocks, max_new_tokens=args.max_new_tokens,
                           path_max_tokens=args.path_max_tokens, rules=args.rules, temperature=args.temperature,
                           top_p=args.top_p, seed=args.seed, variant=args.variant, parallel=not args.no_parallel,
-                          force_block=force_block)
+                          force_block=args.force_block)
     except ValueError as e:  # UsageError, or a prompt the sampler refuses
         sys.exit(f"error: {e}")
-    for i, r in enumerate(rollouts):
-        row = rollout_row(r, tokenizer, reward_rollout(r, None)[1])  # (no gold answer: only the answer read)
-        print(json.dumps({"text": r.text, **row}, ensure_ascii=False) if args.json
+    for i, rollout in enumerate(rollouts):
+        row = rollout_row(rollout, tokenizer, reward_rollout(rollout, None)[1])  # no gold: only the answer read
+        print(json.dumps(row, ensure_ascii=False) if args.json
               else f"=== rollout {i + 1}/{len(rollouts)}: {tree(row)}\n")
 
 

@@ -36,7 +36,8 @@ class BlockSpan:
 def _close(ids, i, opener_tag, closer, tag_of, cut=False):
     """Index one past the `closer` that ends the span opened at ids[i]; no other tag may come between.
     cut: a span that runs to the end of `ids` ends there (len(ids))."""
-    j = next((k for k in range(i + 1, len(ids)) if ids[k] in tag_of), len(ids))  # the next tag
+    # the next tag after the opener must be its closer; running off the end is an error unless `cut`
+    j = next((k for k in range(i + 1, len(ids)) if ids[k] in tag_of), len(ids))
     if j == len(ids):
         if cut:
             return j
@@ -51,13 +52,14 @@ def find_blocks(ids, tags, cut=False):
     cut=True: a last block that the end of `ids` cuts short is returned as BlockSpan(cut=True)."""
     ids, tag_of = list(ids), {tags[t]: t for t in TAGS}
     blocks, i, n = [], 0, len(ids)
-    while i < n:
-        tag = tag_of.get(ids[i])
-        if tag is None:
-            i += 1
-            continue
-        if tag != PARALLEL:
-            raise ValueError(f"{tag} at {i} outside a parallel block")
+    while True:
+        # main text runs to the next tag, which must open a block
+        i = next((x for x in range(i, n) if ids[x] in tag_of), n)
+        if i == n:
+            return blocks
+        if tag_of[ids[i]] != PARALLEL:
+            raise ValueError(f"{tag_of[ids[i]]} at {i} outside a parallel block")
+        # the paths follow <Parallel> back to back, each closed by its </Path>
         start, paths, j = i, [], i + 1
         while j < n and ids[j] == tags[PATH]:
             end = _close(ids, j, PATH, PATH_END, tag_of, cut)
@@ -65,8 +67,10 @@ def find_blocks(ids, tags, cut=False):
             j = end
         # the gap: the text between </Parallel> and <Summary> (the runtime writes a newline there)
         k = next((x for x in range(j + 1, n) if ids[x] in tag_of), n)
-        if cut and (j == n or (ids[j] == tags[PARALLEL_END] and k == n)):  # cut before its summary opens
+        # a response cut before this block's summary opens ends with it
+        if cut and (j == n or (ids[j] == tags[PARALLEL_END] and k == n)):
             return blocks + [BlockSpan(start, paths, None, True)]
+        # then </Parallel>, the gap and the <Summary>...</Summary>; a summary cut short is the last block
         if not paths:
             raise ValueError(f"{PARALLEL} at {start} is not followed by a {PATH}")
         if j >= n or ids[j] != tags[PARALLEL_END]:
@@ -76,7 +80,6 @@ def find_blocks(ids, tags, cut=False):
         end = _close(ids, k, SUMMARY, SUMMARY_END, tag_of, cut)
         blocks.append(BlockSpan(start, paths, (k, end), ids[end - 1] != tags[SUMMARY_END]))
         i = end
-    return blocks
 
 
 def parse_blocks(ids, tags):
@@ -85,6 +88,7 @@ def parse_blocks(ids, tags):
         blocks = find_blocks(ids, tags)
     except ValueError as e:
         return [], str(e)
+    # find_blocks passes a block of one path (the trainer reads it); the format needs two
     few = next((b for b in blocks if len(b.paths) < 2), None)
     if few is not None:
         return [], f"the block at {few.parallel} has {len(few.paths)} path(s): at least two are needed"
@@ -93,16 +97,17 @@ def parse_blocks(ids, tags):
 
 def main_line(ids, tags):
     """Per response token: is it main-line text (no tag, outside blocks and summaries)?"""
+    # outside a span opened by <Parallel> or <Summary> and not yet closed, a token that is no tag is main text
     opener = {tags[PARALLEL]: tags[PARALLEL_END], tags[SUMMARY]: tags[SUMMARY_END]}
-    tag_ids, out, closer = set(tags.values()), [], None
+    tag_set, out, closer = set(tags.values()), [], None
     for t in ids:
         if closer is None and t in opener:
             closer = opener[t]
-        out.append(closer is None and t not in tag_ids)
+        out.append(closer is None and t not in tag_set)
         if t == closer:
             closer = None
     # the gap between </Parallel> and its <Summary> belongs to the block
-    at = [k for k, t in enumerate(ids) if t in tag_ids]
+    at = [k for k, t in enumerate(ids) if t in tag_set]
     for a, b in zip(at, at[1:]):
         if ids[a] == tags[PARALLEL_END] and ids[b] == tags[SUMMARY]:
             out[a + 1:b] = [False] * (b - a - 1)
@@ -111,14 +116,18 @@ def main_line(ids, tags):
 
 def unseen_positions(n_prompt, n_response, blocks):
     """Multiverse position id of every response token (the prompt is 0..n_prompt-1)."""
+    # nxt: the position of the next main-line token; i: the response index it sits at
     pos, nxt, i = [], n_prompt, 0
     for b in blocks:
-        pos.extend(range(nxt, nxt + b.parallel + 1 - i))  # main text up to and including <Parallel>
-        p = nxt + b.parallel - i  # <Parallel>'s position
-        for s, e in b.paths:  # every path restarts at p+1
+        # main text up to and including <Parallel> (at position p) counts on
+        pos.extend(range(nxt, nxt + b.parallel + 1 - i))
+        p = nxt + b.parallel - i
+        # every path restarts at p+1, as if it were the only one
+        for s, e in b.paths:
             pos.extend(range(p + 1, p + 1 + e - s))
         i = b.paths[-1][1] if b.paths else b.parallel + 1  # (a block cut right after its <Parallel>)
-        nxt = p + max((e - s for s, e in b.paths), default=0) + 1  # </Parallel>: one past the longest path
+        # </Parallel> and what follows count on from one past the longest path
+        nxt = p + max((e - s for s, e in b.paths), default=0) + 1
     pos.extend(range(nxt, nxt + n_response - i))
     return pos
 
@@ -127,10 +136,12 @@ def unseen_mask(n_prompt, n_response, blocks, total):
     """(total, total) bool mask: causal, minus sibling paths; padding columns hidden, pads see themselves."""
     mask = torch.ones(total, total, dtype=torch.bool).tril_()
     mask[:, n_prompt + n_response:] = False
+    # a later path must not see an earlier sibling (causality already hides the later from the earlier)
     for b in blocks:
         for k, (s, e) in enumerate(b.paths):
-            for s2, e2 in b.paths[:k]:  # later paths must not see earlier ones (causality hides the reverse)
+            for s2, e2 in b.paths[:k]:
                 mask[n_prompt + s:n_prompt + e, n_prompt + s2:n_prompt + e2] = False
+    # a padding row sees itself, so that no query row is fully masked
     mask.diagonal().fill_(True)
     return mask
 
@@ -143,6 +154,7 @@ def build_inputs(prompts, responses, tags, variant, pad_id):
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     position_ids = torch.arange(T).repeat(B, 1)  # (B, T) pads keep counting (never attended to)
     pad_mask, masks = torch.zeros(B, T, dtype=torch.long), []  # Seen's mask; Unseen's, one per row
+    # each row: prompt + response, then padding; Unseen adds its positions and its own (T, T) mask
     for b, (prompt, response) in enumerate(zip(prompts, responses)):
         n = len(prompt) + len(response)
         input_ids[b, :n] = torch.tensor(list(prompt) + list(response), dtype=torch.long)
@@ -151,7 +163,9 @@ def build_inputs(prompts, responses, tags, variant, pad_id):
             blocks = find_blocks(response, tags, cut=True)  # a response cut mid-block: its paths still masked
             pos = list(range(len(prompt))) + unseen_positions(len(prompt), len(response), blocks)
             position_ids[b, :n] = torch.tensor(pos, dtype=torch.long)
+            # the padding counts on from the last real position
             position_ids[b, n:] = torch.arange(pos[-1] + 1, pos[-1] + 1 + T - n) if n else position_ids[b, n:]
             masks.append(unseen_mask(len(prompt), len(response), blocks, T))
+    # Seen gives the model only its padding mask (a plain causal forward); Unseen its own 4-D mask
     mask = pad_mask if variant == "seen" else torch.stack(masks)[:, None]  # (B, T) or (B, 1, T, T)
     return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask}

@@ -1,6 +1,6 @@
-"""The parallel-thinking format, defined once: the six tags, the prompt templates, the chat prompt's
-token ids, `normalize` (teacher text -> canonical layout). A response's structure is read from its
-tag tokens (attention.parse_blocks), never from its text: docs/design.md, "The format"."""
+"""The parallel-thinking format, defined once: the six tags and their token ids, the prompt templates,
+the chat prompt's token ids, `normalize` (teacher text -> canonical layout). A response's structure is
+read from its tag tokens (attention.parse_blocks), never from its text: docs/design.md, "The format"."""
 
 import re
 from pathlib import Path as FilePath
@@ -12,9 +12,21 @@ PATH, PATH_END = "<Path>", "</Path>"
 PARALLEL, PARALLEL_END = "<Parallel>", "</Parallel>"
 SUMMARY, SUMMARY_END = "<Summary>", "</Summary>"
 TAGS = (PATH, PATH_END, PARALLEL, PARALLEL_END, SUMMARY, SUMMARY_END)
+# a response ends with this line: the answer the graders read
 ANSWER_PREFIX = "Final Answer:"
 
-# prompts
+
+def tag_ids(tokenizer):
+    """{tag: id} for the six tags; a clear error if the tokenizer lacks one."""
+    # each tag is one special token (model.add_tags adds them): everything downstream reads these ids
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in TAGS if t not in vocab]
+    if missing:
+        raise ValueError(f"tokenizer lacks the tags {missing}: call nanopr1.model.add_tags first")
+    return {t: vocab[t] for t in TAGS}
+
+
+# prompts: the parallel one states the format's rules in our own words; the sequential one is the baseline's
 PARALLEL_PROMPT = f"""Solve the problem below. Reason step by step.
 When you reach a step where several independent lines of reasoning would help (different methods, different cases, or a check of the result), open a parallel block:
 - start the block with {PARALLEL};
@@ -37,14 +49,14 @@ def load_template(path):
         raise UsageError(f"prompt template {path!r} does not exist")
     text = FilePath(path).read_text(encoding="utf-8")
     if "{problem}" not in text:
-        raise UsageError(f"prompt template {path!r} has no {{problem}} slot: "
-                         f"add one where the problem goes")
+        raise UsageError(f"prompt template {path!r} has no {{problem}} slot: add one where the problem goes")
     return text
 
 
 def render_prompt(template, problem):
     """The user message: `template` with its {problem} slot filled."""
-    return template.replace("{problem}", problem)  # not str.format: templates hold braces (LaTeX)
+    # not str.format: a template may hold other braces (LaTeX, JSON)
+    return template.replace("{problem}", problem)
 
 
 def chat_prompt_ids(tokenizer, template, problem):
@@ -58,6 +70,7 @@ def chat_ids(tokenizer, messages):
         name = getattr(tokenizer, "name_or_path", "") or "this tokenizer"
         raise UsageError(f"tokenizer {name!r} has no chat template: set tokenizer.chat_template "
                          f"or load a tokenizer that ships one")
+    # the template writes the special tokens itself: tokenizing must not add them a second time
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -66,10 +79,11 @@ def end_of_turn_id(tokenizer):
     """The special token closing a chat template's assistant turn (Qwen3: <|im_end|>), or None."""
     if not getattr(tokenizer, "chat_template", None):
         return None
+    # render a short chat and read what the template writes right after the assistant's reply
     turn = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "nanopr1"}]
     text = tokenizer.apply_chat_template(turn, tokenize=False)
-    tail = text[text.rindex("nanopr1") + len("nanopr1"):]  # what the template writes after a reply
-    after = tokenizer(tail, add_special_tokens=False)["input_ids"]
+    after = tokenizer(text[text.rindex("nanopr1") + len("nanopr1"):], add_special_tokens=False)["input_ids"]
+    # a plain-text ending (a newline, say) ends no turn: only a special token counts
     special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     return after[0] if after and after[0] in special else None
 
@@ -77,6 +91,7 @@ def end_of_turn_id(tokenizer):
 # canonical layout (what the sampler writes, as the official loop appends it): nothing between two
 # structural tags of a block, except one newline between </Parallel> and <Summary>
 BLOCK_GAP = "\n"
+# the whitespace a teacher writes between these pairs of tags goes; the gap before <Summary> becomes BLOCK_GAP
 _JOINS = [(PARALLEL, PATH), (PATH_END, PATH), (PATH_END, PARALLEL_END)]
 _JOIN_RE = re.compile("|".join(f"(?<={re.escape(a)})\\s+(?={re.escape(b)})" for a, b in _JOINS))
 _GAP_RE = re.compile(f"(?<={re.escape(PARALLEL_END)})\\s*(?={re.escape(SUMMARY)})")

@@ -11,22 +11,23 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config
 
-from nanopr1 import UsageError, checkpoint, offline_if_unreachable
-from nanopr1.checkpoint import model_dir
-from nanopr1.format import TAGS
+from nanopr1 import UsageError, offline_if_unreachable
+from nanopr1.format import TAGS, tag_ids
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
 def load_model(name_or_path, dtype="float32", device="cpu", attn="sdpa"):
-    """(model, tokenizer) from a hub id, a local directory or a run dir (its checkpoint), with the tags added."""
+    """(model, tokenizer) from a hub id or a model dir (a run dir: checkpoint.model_dir), with the tags added."""
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    name_or_path = str(name_or_path)
     local = Path(name_or_path).expanduser()
-    looks_local = str(name_or_path).startswith((".", "/", "~")) or local.exists()
-    local = model_dir(local) if looks_local else local  # a run dir: its newest valid checkpoint-*
+    looks_local = name_or_path.startswith((".", "/", "~")) or local.exists()
     if looks_local and not (local / "config.json").is_file():
-        raise UsageError(f"model {name_or_path!r}: no such model directory (expected {local / 'config.json'})")
+        hint = "; a run dir: load checkpoint.model_dir() of it" if any(local.glob("checkpoint-*")) else ""
+        raise UsageError(f"model {name_or_path!r}: no such model directory "
+                         f"(expected {local / 'config.json'}{hint})")
     if not looks_local:
         offline_if_unreachable()
     try:
@@ -54,21 +55,6 @@ def save_model(model, tokenizer, path, args=None, state_dict=None, is_main=True)
     tokenizer.save_pretrained(path)
     if args is not None:
         (Path(path) / "args.json").write_text(json.dumps(args, indent=1, default=str))
-
-
-def save_checkpoint(out, step, acc, model, tokenizer, args, keep=1):
-    """OUT/checkpoint-<step>: the model dir, accelerate's state, the flags (every rank calls this); returns
-    checkpoint.Saved(path, checkpoint_gb). Refused, the older checkpoints kept, if a weight is NaN or inf."""
-    # never a checkpoint of non-finite weights: each rank checks its own (FSDP: its shard of each) weight
-    local = lambda q: q.to_local() if hasattr(q, "to_local") else q
-    bad = sum(int(not torch.isfinite(local(q).detach()).all()) for q in model.parameters())
-    bad = acc.reduce(torch.tensor(bad, device=acc.device), "sum").item()
-    if bad:
-        raise UsageError(f"step {step}: {bad} weight tensor(s) hold NaN or inf: checkpoint not written (the "
-                         f"newest in {out} is older; a lower --lr?)")
-    write = lambda path: save_model(acc.unwrap_model(model), tokenizer, path, state_dict=acc.get_state_dict(model),
-                                    is_main=acc.is_main_process)
-    return checkpoint.save(out, step, acc, write, args=checkpoint.plain(args), keep=keep)
 
 
 def sampling_copy(model, dtype, device):
@@ -122,6 +108,7 @@ def merged_weights(model, merge=True):
     """(name in the plain model, whole weight) one at a time, FSDP shards gathered (every rank calls this),
     trainable token rows folded in. LoRA adapters: merged in fp32, then rounded to the base's dtype
     (merge=True: a model dir), or unmerged as `<proj>.lora_A.weight` / `.lora_B.weight` (LoraLinear's)."""
+    # the modules that change a base weight: LoRA layers, and peft's trainable token rows
     lora = {name: (m, a) for name, m, a in lora_layers(model)}
     tokens = {name: m for name, m in model.named_modules() if hasattr(m, "trainable_tokens_delta")}
     for name, q in model.named_parameters():
@@ -129,6 +116,7 @@ def merged_weights(model, merge=True):
         # every rank, before anything combines them with a whole base weight
         if ".lora_" in name or ".trainable_tokens_" in name:
             continue  # read with their base weight below
+        # the module that wraps this weight (peft's base_layer), and its name in the plain model
         owner = name.rsplit(".base_layer.", 1)[0] if ".base_layer." in name else None
         key = name.removeprefix("base_model.model.").replace(".token_adapter", "")
         full, unmerged = whole(q), owner in lora and not merge
@@ -163,15 +151,6 @@ def refresh_copy(copy_, model):
         raise RuntimeError(f"sampling copy: weights not refreshed: {sorted(set(target) - done)[:5]}")
 
 
-def tag_ids(tokenizer):
-    """{tag: id} for the six tags; a clear error if the tokenizer lacks one."""
-    vocab = tokenizer.get_vocab()
-    missing = [t for t in TAGS if t not in vocab]
-    if missing:
-        raise ValueError(f"tokenizer lacks the tags {missing}: call nanopr1.model.add_tags first")
-    return {t: vocab[t] for t in TAGS}
-
-
 @torch.no_grad()
 def add_tags(model, tokenizer):
     """Add the six tags as special tokens (idempotent) and initialise new embeddings."""
@@ -179,9 +158,9 @@ def add_tags(model, tokenizer):
     new = [t for t in TAGS if t not in vocab]
     if not new:
         return []
+    # each new tag's embedding starts as the mean of the sub-word pieces it was spelled with before
     pieces = {t: tokenizer(t, add_special_tokens=False)["input_ids"] for t in new}
-    tokenizer.add_special_tokens({"additional_special_tokens": list(TAGS)},
-                                 replace_extra_special_tokens=False)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(TAGS)}, replace_extra_special_tokens=False)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     ids = tag_ids(tokenizer)

@@ -1,40 +1,21 @@
 """
-A rollout, and how one is asked for: what the sampler takes (Options, check_request), returns (Rollout)
-and draws with (the tag mask, a random stream of its own: mix, gumbel, draw). Everything downstream
+A rollout from request to record: what the sampler takes (Options, check_request), the state of a rollout
+while it is written (RolloutState), the tag mask it samples under, what it returns (Rollout, make_rollout)
+and a Rollout as a row to read (rollout_row, tree: OUT/rollouts.jsonl, sample.py). Everything downstream
 (rewards, scoring, metrics, eval) reads Rollouts. A rollout's structure comes from its tag tokens alone
 (make_rollout): a tag spelled with ordinary sub-word pieces is text.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from nanopr1 import UsageError
 from nanopr1.attention import main_line, parse_blocks
-from nanopr1.format import TAGS
-from nanopr1.model import tag_ids
-
-BIT = {t: 1 << i for i, t in enumerate(TAGS)}  # bit i of `allowed` = TAGS[i]
-ALL_TAGS = (1 << len(TAGS)) - 1
+from nanopr1.format import TAGS, tag_ids
 
 
-@dataclass
-class Rollout:
-    prompt_ids: list  # the prompt token ids
-    ids: list         # response token ids in canonical layout (prompt excluded)
-    forced: list      # bool per response token: True = inserted by the runtime (no policy loss)
-    logprobs: list    # float per response token: the sampler's log-prob (0.0 where forced)
-    positions: list   # position id of each response token (the prompt is 0..P-1)
-    allowed: list     # int per response token: bitmask over format.TAGS of the tags allowed when sampled
-    blocks: list      # BlockSpan list: the blocks the tag tokens form (none if they are malformed)
-    text: str         # decoded response, tags kept
-    stop_reason: str  # "eos" | "budget" | "max_blocks" (official rules: ended after its last block)
-    main_text: str = ""       # the main line (no blocks, no summaries) decoded without special tokens
-    format_error: str = None  # None if the tag tokens are well formed (always, when the sampler forks)
-    plain_text: str = ""      # the whole response without special tokens: paths and summaries kept
-
-
-RULES = ("official", "reserve")
+# the request: a sample() call's options, and the checks it passes first
 OFFICIAL_PATH_TOKENS = 4096  # official max_path_response_length (verl/training_scripts/rl_exp_s1.sh)
 
 
@@ -72,20 +53,23 @@ class Options:
 
 def check_request(model, prompts, opts):
     """Refuse a request the sampler cannot serve: bad options (ValueError), a prompt too long (UsageError)."""
-    need = opts.num_paths if opts.parallel else 1  # rows of one rollout
+    # options the sampler cannot serve (ValueError)
+    reserve, need = opts.rules == "reserve", opts.num_paths if opts.parallel else 1  # need: rows of one rollout
+    least = "2 (under reserve it counts its two tags)" if reserve else "1"
     checks = [(opts.variant in ("seen", "unseen"), f"variant must be 'seen' or 'unseen', not {opts.variant!r}"),
               (not opts.parallel or opts.num_paths >= 2, f"num_paths={opts.num_paths}: a block needs at least 2 paths"),
-              (opts.rules in RULES, f"rules must be 'official' or 'reserve', not {opts.rules!r}"),
-              (opts.path_max_tokens is None or opts.path_max_tokens >= 1 + (opts.rules == "reserve"),
-               f"path_max_tokens={opts.path_max_tokens}: at least "
-               + ("2 (under reserve it counts its two tags)" if opts.rules == "reserve" else "1")),
-              (opts.max_rows is None or opts.max_rows >= need, f"max_rows={opts.max_rows}: one rollout needs {need} rows"),
+              (opts.rules in ("official", "reserve"), f"rules must be 'official' or 'reserve', not {opts.rules!r}"),
+              (opts.path_max_tokens is None or opts.path_max_tokens >= 1 + reserve,
+               f"path_max_tokens={opts.path_max_tokens}: at least {least}"),
+              (opts.max_rows is None or opts.max_rows >= need,
+               f"max_rows={opts.max_rows}: one rollout needs {need} rows"),
               (prompts and all(prompts), "every prompt needs at least one token")]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    # the user's prompts: too long for the request or for the model's positions, one line each (UsageError)
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    for p in prompts:  # the user's prompts: one-line errors
+    for p in prompts:
         if opts.max_prompt_tokens and len(p) > opts.max_prompt_tokens:
             raise UsageError(f"prompt of {len(p)} tokens is longer than max_prompt_tokens={opts.max_prompt_tokens}")
         if limit and len(p) + opts.max_new_tokens > limit:
@@ -93,44 +77,116 @@ def check_request(model, prompts, opts):
                              f"model's {limit} positions: shorten the prompt or lower max_new_tokens")
 
 
+# a rollout being written: the sampler's state of it, which only sampler.py changes
+class Segment:
+    """Tokens written by one cache row (the main line of a rollout, or one path), as five parallel lists:
+    the columns of a Rollout."""
+
+    def __init__(self):
+        self.ids, self.forced, self.logprobs, self.positions, self.allowed = [], [], [], [], []
+
+    def columns(self):
+        return self.ids, self.forced, self.logprobs, self.positions, self.allowed
+
+    def add(self, tok, forced, logprob, pos, allowed):
+        # an inserted token is not the policy's: it gets no log-prob
+        for column, x in zip(self.columns(), (tok, forced, 0.0 if forced else logprob, pos, allowed)):
+            column.append(x)
+
+
+@dataclass
+class BlockState:  # the block a rollout is writing
+    p: int            # position id of its <Parallel>
+    budget: int       # tokens per path, its two tags included: </Path> is forced at the last
+    room: int         # tokens the response still holds from the first <Path> on (what is past it is cut)
+    n_prefix: int     # valid cache entries before the paths (shared by all path rows)
+    paths: list       # one Segment per path
+    done: int = 0     # paths finished (their rows park until the merge)
+
+
+@dataclass(eq=False)
+class RolloutState:  # one rollout being written
+    prompt: list                                # the prompt token ids
+    key: int                                    # the seed of its random stream (prompt seed, rollout of its group)
+    force: object                               # None, or when to force the first <Parallel>: n tokens or "line"
+    out: Segment = field(default_factory=Segment)  # the response so far, canonical layout
+    phase: str = "main"                         # what it is writing: "main", "paths" or "summary"
+    n_blocks: int = 0                           # blocks finished
+    block: BlockState = None                    # the block being written
+    stop: str = None                            # "eos" | "budget" | "max_blocks" once finished
+
+
+# the tag mask: a token's `allowed` is a bitmask over TAGS, bit i for TAGS[i]
+BIT = {t: 1 << i for i, t in enumerate(TAGS)}
+ALL_TAGS = (1 << len(TAGS)) - 1
+
+
 def apply_tag_mask(logits, allowed, tags):
     """Logits (..., V) with the tags not in `allowed` (..., bitmasks) at -inf: what the sampler saw."""
-    bits = (allowed[..., None] >> torch.arange(len(TAGS), device=logits.device)) & 1  # (..., 6)
+    # unpack each bitmask into one 0/1 per tag, then mask those tags' logits where it is 0
+    keep = (allowed[..., None] >> torch.arange(len(TAGS), device=logits.device)) & 1  # (..., 6)
     idx = torch.tensor([tags[t] for t in TAGS], device=logits.device)
     logits = logits.clone()
-    logits[..., idx] = logits[..., idx].masked_fill(bits == 0, float("-inf"))
+    logits[..., idx] = logits[..., idx].masked_fill(keep == 0, float("-inf"))
     return logits
+
+
+# the record: what the sampler returns, read by everything downstream
+@dataclass
+class Rollout:
+    prompt_ids: list  # the prompt token ids
+    ids: list         # response token ids in canonical layout (prompt excluded)
+    forced: list      # bool per response token: True = inserted by the runtime (no policy loss)
+    logprobs: list    # float per response token: the sampler's log-prob (0.0 where forced)
+    positions: list   # position id of each response token (the prompt is 0..P-1)
+    allowed: list     # int per response token: bitmask over format.TAGS of the tags allowed when sampled
+    blocks: list      # BlockSpan list: the blocks the tag tokens form (none if they are malformed)
+    text: str         # decoded response, tags kept
+    stop_reason: str  # "eos" | "budget" | "max_blocks" (official rules: ended after its last block)
+    main_text: str = ""       # the main line (no blocks, no summaries) decoded without special tokens
+    format_error: str = None  # None if the tag tokens are well formed (always, when the sampler forks)
+    plain_text: str = ""      # the whole response without special tokens: paths and summaries kept
 
 
 def make_rollout(tokenizer, prompt, ids, stop_reason="eos", forced=None, logprobs=None, positions=None,
                  allowed=None):
     """A Rollout from its response ids, its structure read from the tag tokens alone."""
     n, tags = len(ids), tag_ids(tokenizer)
+    # malformed tag tokens give no blocks and the reason (a response the budget cut mid-block, say)
     blocks, error = parse_blocks(ids, tags)
-    end = n - (stop_reason == "eos")  # the EOS token is not text
+    # the EOS token is not text; the six tags are special tokens, so skipping those drops them too
+    end = n - (stop_reason == "eos")
     main = [t for t, m in zip(ids[:end], main_line(ids[:end], tags)) if m]
-    text = tokenizer.decode(ids[:end], skip_special_tokens=False)  # tags kept
+    # three readings of the response: with its tags, its main line alone, and all of it without tags
+    text = tokenizer.decode(ids[:end], skip_special_tokens=False)
     main_text = tokenizer.decode(main, skip_special_tokens=True)  # `42<|im_end|>` is read as 42
-    plain_text = tokenizer.decode(ids[:end], skip_special_tokens=True)  # the six tags are special tokens
+    plain_text = tokenizer.decode(ids[:end], skip_special_tokens=True)
+    # a response built by hand (tests, the teacher's traces) is all sampled, at consecutive positions
     return Rollout(list(prompt), list(ids), forced or [False] * n, logprobs or [0.0] * n,
                    positions or list(range(len(prompt), len(prompt) + n)), allowed or [ALL_TAGS] * n,
                    blocks, text, stop_reason, main_text, error, plain_text)
 
 
+# a rollout as a row to read: OUT/rollouts.jsonl, sample.py --json, and the tree that --show prints
 def texts(rollout, tokenizer):
     """{"main": the main-text segments, "blocks": [{"paths": [...], "summary": ...}]}, tags stripped."""
     dec = lambda a, b: tokenizer.decode(rollout.ids[a:b], skip_special_tokens=False)
+    # the main text between blocks: from the end of the last summary (prev) to the next <Parallel>
     main, blocks, prev = [], [], 0
     for b in rollout.blocks:
         main.append(dec(prev, b.parallel))
-        blocks.append({"paths": [dec(s + 1, e - 1) for s, e in b.paths], "summary": dec(b.summary[0] + 1, b.summary[1] - 1)})
+        # a path without its <Path> and </Path>, a summary without its two tags
+        paths = [dec(s + 1, e - 1) for s, e in b.paths]
+        blocks.append({"paths": paths, "summary": dec(b.summary[0] + 1, b.summary[1] - 1)})
         prev = b.summary[1]
-    main.append(dec(prev, len(rollout.ids) - (rollout.stop_reason == "eos")))  # the EOS token is not text
+    # the main text after the last block runs to the end of the response; the EOS token is not text
+    main.append(dec(prev, len(rollout.ids) - (rollout.stop_reason == "eos")))
     return {"main": main, "blocks": blocks}
 
 
 def rollout_row(rollout, tokenizer, grade, gold=None, step=None):
     """A rollout as a JSON row to read (OUT/rollouts.jsonl, tree); grade: rewards.reward_rollout's dict."""
+    # the texts first (whole, then in parts), then what grading found
     return {"step": step, "prompt": tokenizer.decode(rollout.prompt_ids, skip_special_tokens=False),
             "response": rollout.text, **texts(rollout, tokenizer), "answer": grade["answer"], "gold": gold,
             "reward": grade["reward"], "correct": grade["correct"], "tokens": len(rollout.ids),
@@ -138,10 +194,12 @@ def rollout_row(rollout, tokenizer, grade, gold=None, step=None):
 
 
 def tree(row):
-    """A rollout's texts (a rollout_row, or texts() with tokens / stop_reason / answer) as a printable tree."""
+    """A rollout_row (or texts() with tokens / stop_reason / answer) as a printable tree."""
     main, blocks = row["main"], row["blocks"]
     indent = lambda text, prefix: "\n".join(prefix + line for line in text.strip("\n").split("\n"))
+    # a heading line, the body, and the answer line (with the gold and the reward when graded against one)
     lines = [f"{row['tokens']} tokens, {len(blocks)} block(s), stop: {row['stop_reason']}"]
+    # main text, then its k-th block, in turn: a block's paths, then its summary
     for k, segment in enumerate(main):
         lines += [indent(segment, "  ")] if segment.strip() else []
         if k < len(blocks):
@@ -151,39 +209,3 @@ def tree(row):
             lines += ["  └─ summary", indent(blocks[k]["summary"], "       ")]
     gold = f"   gold: {row['gold']}   reward: {row['reward']}" if row.get("gold") is not None else ""
     return "\n".join(lines + [f"answer: {row['answer']}{gold}"])
-
-
-# random streams that do not depend on the batch: hashes of integers
-M64 = (1 << 64) - 1
-
-
-def mix(*xs):
-    """A 64-bit hash of a few integers (splitmix64 steps), as a signed int64."""
-    h = 0x9E3779B97F4A7C15
-    for x in xs:
-        h = (h ^ (x & M64)) * 0xBF58476D1CE4E5B9 & M64
-        h = (h ^ (h >> 27)) * 0x94D049BB133111EB & M64
-        h ^= h >> 31
-    return h - (1 << 64) if h >> 63 else h
-
-
-def gumbel(keys, V):
-    """(R, V) Gumbel noise that is a hash of (keys[r], v) alone: argmax(log p + noise) samples from p."""
-    x = keys[:, None] * V + torch.arange(V, device=keys.device)  # int64, wrapping
-    for k, m in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB), (31, 0)):  # splitmix64's finaliser
-        x = x ^ ((x >> k) & ((1 << (64 - k)) - 1))  # a logical shift (>> on int64 keeps the sign)
-        x = x * (m - (1 << 64) if m >> 63 else m) if m else x
-    u = ((x >> 40) & 0xFFFFFF).float().add_(0.5).div_(1 << 24)  # 24 random bits -> (0, 1)
-    return -torch.log(-torch.log(u))
-
-
-def draw(logp, temperature, top_p, keys):
-    """A token per row (R,) from log-probs (R, V): the argmax at temperature 0, else top-p Gumbel-max."""
-    if temperature == 0:
-        return logp.argmax(-1)
-    scores = logp
-    if top_p < 1.0:
-        sorted_p, idx = logp.exp().sort(-1, descending=True)
-        cut = (sorted_p.cumsum(-1) - sorted_p) >= top_p  # (R, V) outside the top-p set
-        scores = logp.masked_fill(torch.zeros_like(cut).scatter_(-1, idx, cut), float("-inf"))
-    return (scores + gumbel(keys, logp.shape[1])).argmax(-1)

@@ -6,7 +6,7 @@ import torch
 
 from conftest import tiny_model
 from nanopr1.attention import BlockSpan, build_inputs, find_blocks, unseen_positions
-from nanopr1.model import tag_ids
+from nanopr1.format import tag_ids
 
 # a tiny alphabet of pseudo-token ids for structure tests: tags are strings, text is ints
 TAGS = {"<Path>": 101, "</Path>": 102, "<Parallel>": 103, "</Parallel>": 104, "<Summary>": 105, "</Summary>": 106}

@@ -10,8 +10,8 @@ import pytest
 from conftest import shared_file
 from nanopr1 import UsageError, data
 from nanopr1.attention import parse_blocks
-from nanopr1.format import PARALLEL_PROMPT, SEQUENTIAL_PROMPT, TAGS, gap_ids, load_template, normalize, render_prompt
-from nanopr1.model import tag_ids
+from nanopr1.format import (PARALLEL_PROMPT, SEQUENTIAL_PROMPT, TAGS, gap_ids, load_template, normalize,
+                            render_prompt, tag_ids)
 from nanopr1.rollout import make_rollout, texts
 
 

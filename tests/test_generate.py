@@ -12,7 +12,8 @@ import pytest
 
 from conftest import ROOT, init_toy_dir, run
 from nanopr1 import UsageError, data, sampler, toy
-from nanopr1.rollout import Rollout, mix
+from nanopr1.rollout import Rollout
+from nanopr1.sampler import mix
 
 GOOD = "Think.\n<Parallel>\n<Path>a = 3</Path>\n<Path>b = 3</Path>\n</Parallel>\n<Summary>3</Summary>\nFinal Answer: 3"
 CANON = "Think.\n<Parallel><Path>a = 3</Path><Path>b = 3</Path></Parallel>\n<Summary>3</Summary>\nFinal Answer: 3"

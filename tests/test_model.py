@@ -8,10 +8,10 @@ from reference_cache import reference_cache
 from test_kvcache import assert_same
 from test_sampler import prompts_of
 from nanopr1 import UsageError, scoring
-from nanopr1.format import PARALLEL_PROMPT, TAGS, chat_prompt_ids
+from nanopr1.format import PARALLEL_PROMPT, TAGS, chat_prompt_ids, tag_ids
 from nanopr1.kvcache import KVCache
 from nanopr1.model import (add_tags, apply_lora, load_model, lora_layers, refresh_copy, sampling_copy,
-                           save_model, tag_ids, tiny_qwen3_config)
+                           save_model, tiny_qwen3_config)
 from nanopr1.sampler import sample
 
 
@@ -197,10 +197,10 @@ def test_a_lora_copy_refreshes_in_place_under_captured_decode_steps(bpe_tokenize
     kw = dict(temperature=0, max_new_tokens=40, variant=variant, force_block=3)
     refresh_copy(copy_, lora)
     before = sample(copy_, tok, prompts, 2, cache=kv, **kw)
-    captured = dict(kv.graphs)
+    captured = dict(kv.captured.graphs)
     lora_step(lora, 0.3)
     refresh_copy(copy_, lora)
     after = sample(copy_, tok, prompts, 2, cache=kv, **kw)
-    assert captured and all(kv.graphs[k] is g for k, g in captured.items())  # replays of the same captures
+    assert captured and all(kv.captured.graphs[k] is g for k, g in captured.items())  # the same captures replayed
     assert_same(sample(lora.get_base_model(), tok, prompts, 2, cache=reference_cache(), **kw), after)
     assert [r.ids for r in after] != [r.ids for r in before]  # the step changed the policy

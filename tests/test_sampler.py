@@ -7,10 +7,9 @@ import torch
 
 from conftest import tiny_model
 from nanopr1.attention import BlockSpan, build_inputs, find_blocks, parse_blocks
-from nanopr1.format import PARALLEL, PARALLEL_END, PATH, PATH_END, SUMMARY, SUMMARY_END, gap_ids
-from nanopr1.model import tag_ids
-from nanopr1.rollout import ALL_TAGS, BIT, apply_tag_mask, gumbel, mix
-from nanopr1.sampler import sample
+from nanopr1.format import PARALLEL, PARALLEL_END, PATH, PATH_END, SUMMARY, SUMMARY_END, gap_ids, tag_ids
+from nanopr1.rollout import ALL_TAGS, BIT, apply_tag_mask, tree
+from nanopr1.sampler import gumbel, mix, sample
 
 TEXTS = ["How many clips did she sell altogether in April?", "Natalia", "Let x be the number of cats. Then"]
 
@@ -149,10 +148,10 @@ def test_gumbel_noise_samples_the_softmax():
 def test_every_draw_of_a_rollout_has_its_own_noise(bpe_tokenizer, monkeypatch):
     """The noise key of each sampled token is new within its rollout: paths of a second block at the same
     index as the first block's paths, the main line after a block, all draw fresh noise."""
-    import nanopr1.rollout
+    import nanopr1.sampler
     tok, seen = bpe_tokenizer, []
-    real = nanopr1.rollout.gumbel
-    monkeypatch.setattr(nanopr1.rollout, "gumbel", lambda keys, V: seen.append(keys.tolist()) or real(keys, V))
+    real = nanopr1.sampler.gumbel
+    monkeypatch.setattr(nanopr1.sampler, "gumbel", lambda keys, V: seen.append(keys.tolist()) or real(keys, V))
     model = biased(tok, par=6.0, path_end=6.0, summary_end=6.0)
     ros = sample(model, tok, prompts_of(tok)[:1], 1, max_new_tokens=80, seed=3, variant="unseen")
     assert len(ros[0].blocks) >= 2
@@ -416,16 +415,22 @@ def test_sample_script_json_and_tree(bpe_tokenizer, tmp_path, capsys):
     args = ["--model", str(tmp_path), "--prompt", "Natalia sold 48 clips.", "--n", "2", "--max-new-tokens", "40",
             "--path-max-tokens", "8", "--force-block", "0", "--variant", "unseen", "--rules", "reserve"]
     script.main(args + ["--json"])
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    lines = capsys.readouterr().out.splitlines()
+    rows = [json.loads(line) for line in lines]
     assert len(rows) == 2
-    for row in rows:
-        assert set(row) >= {"text", "main", "blocks", "answer", "tokens", "stop_reason"}
+    for row in rows:  # the rows OUT/rollouts.jsonl holds (rollout_row)
+        assert set(row) >= {"prompt", "response", "main", "blocks", "answer", "tokens", "stop_reason"}
         assert len(row["blocks"]) >= 1 and len(row["blocks"][0]["paths"]) == 2 and "summary" in row["blocks"][0]
-        ids = bpe_tokenizer(row["text"], add_special_tokens=False)["input_ids"]  # the tags become tag tokens
-        assert row["text"].startswith("<Parallel><Path>") and parse_blocks(ids, tag_ids(bpe_tokenizer))[1] is None
+        ids = bpe_tokenizer(row["response"], add_special_tokens=False)["input_ids"]  # the tags become tag tokens
+        assert row["response"].startswith("<Parallel><Path>") and parse_blocks(ids, tag_ids(bpe_tokenizer))[1] is None
     script.main(args)
     out = capsys.readouterr().out
     assert out.count("=== rollout") == 2 and "├─ path 2" in out and "└─ summary" in out and "answer:" in out
+    # one format: --show reads back what --json wrote, and prints the same trees
+    (tmp_path / "rows.jsonl").write_text("\n".join(lines) + "\n")
+    script.main(["--show", str(tmp_path / "rows.jsonl")])
+    shown = capsys.readouterr().out
+    assert shown.count("=== rollout") == 2 and all(tree(row) in shown and tree(row) in out for row in rows)
 
 
 def test_sample_script_errors(tmp_path, monkeypatch):
