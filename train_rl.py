@@ -22,7 +22,9 @@ import argparse
 import time
 from collections import Counter, namedtuple
 from contextlib import nullcontext
+from itertools import product
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from accelerate import Accelerator
@@ -31,13 +33,13 @@ from tqdm import tqdm
 
 from nanopr1 import UsageError, checkpoint, data, every_rank, metrics, recipes, rewards, run_script
 from nanopr1.evaluation import evaluate_everywhere
-from nanopr1.grpo import group_advantages, policy_loss, tis_weight
-from nanopr1.model import apply_lora, load_model, refresh_copy, sampling_copy, save_checkpoint, tag_ids
+from nanopr1.grpo import group_advantages, policy_loss
+from nanopr1.model import apply_lora, load_model, refresh_copy, sampling_copy
 from nanopr1.plan import kv_cache_for_run
-from nanopr1.rollout import mix, rollout_row
-from nanopr1.sampler import sample
-from nanopr1.scoring import (fixed_logprobs, micro_batches_of, mini_batches, pad_rows, sampler_gap, score,
-                             sync_gradients)
+from nanopr1.format import tag_ids
+from nanopr1.rollout import rollout_row
+from nanopr1.sampler import mix, sample
+from nanopr1.scoring import fixed_logprobs, loss_batches, mini_batches, rollout_logprobs, sampler_gap
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=recipes.table(),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,8 +51,7 @@ arg("--init", help="checkpoint to start from (default: the recipe's)")
 arg("--variant", choices=["seen", "unseen"], default="seen", help="unseen: path-isolating attention")
 arg("--lora", action="store_true", help="train LoRA adapters only (one GPU)")
 arg("--lora-r", type=int, default=64)
-arg("--grad-ckpt", action=argparse.BooleanOptionalAction, default=True,
-    help="gradient checkpointing (the toy: off)")
+arg("--grad-ckpt", action=argparse.BooleanOptionalAction, default=True, help="gradient checkpointing (toy: off)")
 # data
 arg("--data", help="problems: a short name, a file or a hub id (default: the recipe's)")
 arg("--data-config", help="the hub dataset's config (name)")
@@ -122,6 +123,7 @@ REFUSE = tuple(a.dest for a in parser._actions if a.dest not in APPLY + LOCAL + 
 
 
 def main(args):
+    # one Accelerator: the same file runs under python and under accelerate launch (bf16 autocast on a GPU)
     out, cuda = Path(args.out), torch.cuda.is_available()
     trackers = None if args.report_to == "none" else args.report_to
     acc = Accelerator(mixed_precision="bf16" if cuda else "no", log_with=trackers,
@@ -130,16 +132,22 @@ def main(args):
     acc.print(f"{world} process{'es' * (world > 1)} ({acc.device}, {acc.distributed_type.value})")
     acc.print(checkpoint.prepare_out(out, args, acc, args.resume, args.overwrite, REFUSE, APPLY))
     torch.manual_seed(args.seed)
-    run = prepare(args, acc)  # the problems, the model and its optimizer, the sampling copy, the KV cache
+    # OUT is locked and checked; now the run's pieces: problems, model and optimizer, sampling copy, KV cache
+    run = prepare(args, acc)
     model, opt, tokenizer, problems, prompts = run.model, run.opt, run.tokenizer, run.problems, run.prompts
     reward, grader = rewards.resolve(args.reward, "reward"), rewards.resolve(args.grader, "grader")
     sampling = dict(num_paths=args.num_paths, max_blocks=args.max_blocks, max_new_tokens=args.max_new_tokens,
                     rules=args.rules, path_max_tokens=args.path_max_tokens, reserve=args.answer_reserve,
                     temperature=args.temperature, top_p=args.top_p, variant=args.variant, max_rows=args.max_rows)
-    clip = dict(eps_low=args.clip_low, eps_high=args.clip_high, dual_clip=args.dual_clip, kl_coef=args.kl_coef)
+    # the loss's settings, and how the trainer reads a rollout: as the sampler did (tags, variant, temperature)
+    objective = dict(eps_low=args.clip_low, eps_high=args.clip_high, dual_clip=args.dual_clip,
+                     kl_coef=args.kl_coef, tis_cap=args.tis_cap)
+    view = dict(tags=run.tags, variant=args.variant, temperature=args.temperature, pad_id=run.pad,
+                device=acc.device)
     out.mkdir(parents=True, exist_ok=True)
     step = skipped = 0
-    if args.resume and checkpoint.checkpoints(out):  # model, optimizer and RNG as saved; the data position: the step
+    # --resume: the model, optimizer and RNG as saved; the step is also the data position
+    if args.resume and checkpoint.checkpoints(out):
         step = checkpoint.load_state(out, acc)
     checkpoint.apply_lr(opt, args.lr)
     checkpoint.start_trackers(acc, args)
@@ -151,7 +159,7 @@ def main(args):
         golds = [problems[i]["answer"] for i in idx for _ in range(G)]
         # 2) rollouts: the branching sampler on the sampling copy, refreshed from the trained weights
         refresh_copy(run.sampler_model, acc.unwrap_model(model))  # every rank: a collective under FSDP
-        rollouts = sample(run.sampler_model, tokenizer, [prompts[i] for i in idx], G, cache=run.kv,
+        rollouts = sample(run.sampler_model, tokenizer, [prompts[i] for i in idx], G, cache=run.cache,
                           seed=[mix(args.seed, step, i) for i in idx], **sampling)
         t_rollout = time.time() - t0
         # 3) rewards, and 4) advantages: each reward standardised within its group of G rollouts
@@ -161,52 +169,41 @@ def main(args):
         # 5) log-probs fixed during the update: the trainer's before its first step (the clipped ratio's old
         #    policy; with one step per batch, the update's own forward) and the reference model's (KL)
         old = ref = None
-        fixed = (run.tags, args.variant, args.temperature, run.pad, acc, args.micro_batch_tokens)
         if args.ppo_epochs * args.mini_batches > 1:
-            old = fixed_logprobs(model, rollouts, *fixed)
+            old = fixed_logprobs(model, rollouts, acc, args.micro_batch_tokens, **view)
         if run.reference is not None:
-            ref = fixed_logprobs(run.reference.model, rollouts, *fixed, context=run.reference.context)
-        stats = Counter() if old is None else sampler_gap(old, rollouts, args.variant, run.tags)
+            ref = fixed_logprobs(run.reference.model, rollouts, acc, args.micro_batch_tokens,
+                                 context=run.reference.context, **view)
         # 6) the update: an optimizer step per mini-batch (a block of the step's prompts, whole groups), its
         #    loss the mean over every loss token of the mini-batch on every rank
-        for epoch in range(args.ppo_epochs):
-            for mb in mini_batches(len(idx), G, args.prompts_per_step // args.mini_batches, rank, world):
-                n_tokens = acc.reduce(torch.tensor(sum(rollouts[i].forced.count(False) for i in mb), device=acc.device,
-                                                   dtype=torch.float64), "sum").item()
-                for micro in micro_batches_of(acc, rollouts, mb, args.micro_batch_tokens):
-                    with sync_gradients(acc, model, micro.last):
-                        logp, mask = score(model, micro.rollouts, run.tags, args.variant, args.temperature, run.pad,
-                                           acc.device)  # (B, T) the trainer's log-probs, the loss mask
-                        mask &= micro.live  # (a filler micro-batch: no weight)
-                        old_lp = logp.detach() if old is None else pad_rows([old[i] for i in micro.ids], logp)
-                        ref_lp = None if ref is None else pad_rows([ref[i] for i in micro.ids], logp)
-                        weight = None  # --tis-cap: the trainer's old probability over the sampler's, capped
-                        if args.tis_cap:
-                            sampler_lp = pad_rows([r.logprobs for r in micro.rollouts], logp)
-                            weight = tis_weight(old_lp, sampler_lp, args.tis_cap)
-                        loss, s = policy_loss(logp, old_lp, adv[micro.ids].to(logp), mask, n_tokens, ref_logp=ref_lp,
-                                              weight=weight, **clip)
-                        acc.backward(loss * world)  # DDP averages over ranks: * world makes it a sum
-                    stats.update(s, loss=loss.item())
-                    if weight is not None:
-                        weight = weight * mask
-                        stats.update(tis_sum=float(weight.sum()), tis_capped=float((weight >= args.tis_cap).sum()))
-                    if old is None and epoch == 0 and micro.live:  # on-policy: this forward is the trainer's view
-                        stats.update(sampler_gap(logp.detach(), micro.rollouts, args.variant, run.tags))
-                # a non-finite gradient norm (the same on every rank) skips the update; 3 in a row stop the run
-                # (below, once the step is logged)
-                finite = bool(torch.isfinite(acc.clip_grad_norm_(model.parameters(), 1.0)))
-                if finite:
-                    opt.step()
-                skipped = 0 if finite else skipped + 1
-                stats.update(skipped_updates=int(not finite))
-                opt.zero_grad(set_to_none=True)
+        stats = Counter()
+        minis = mini_batches(len(idx), G, args.prompts_per_step // args.mini_batches, rank, world)
+        for epoch, mini in product(range(args.ppo_epochs), minis):
+            # each micro-batch: the trainer's log-probs -> the clipped loss -> backward (gradients add up)
+            for micro in loss_batches(acc, model, rollouts, mini, args.micro_batch_tokens, adv, old, ref):
+                logp, mask = rollout_logprobs(model, micro.rollouts, **view)  # (B, T) with grad, the loss mask
+                old_logp = logp.detach() if micro.old is None else micro.old
+                loss, s = policy_loss(logp, old_logp, micro.adv, mask, micro.n_tokens, ref_logp=micro.ref,
+                                      sampler_logp=micro.sampler, **objective)
+                acc.backward(loss * world)  # DDP averages over ranks: * world makes it a sum
+                # what the step logs: the loss's sums, and in the first epoch the trainer's gap to the sampler
+                gap = sampler_gap(old_logp, micro.rollouts, args.variant, run.tags) if epoch == 0 else {}
+                stats.update(s, loss=loss.item(), **gap)
+            # a non-finite gradient norm (the same on every rank) skips the update; 3 in a row stop the run, below
+            finite = bool(torch.isfinite(acc.clip_grad_norm_(model.parameters(), 1.0)))
+            if finite:
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+            skipped = 0 if finite else skipped + 1
+            stats.update(skipped_updates=int(not finite))
         # 7) log (reduced over ranks), keep a few rollouts, evaluate, checkpoint
         row = metrics.step_row(acc, step, rollouts, grades, zero_groups, len(idx), stats, t0, t_rollout)
-        row.update(run.kv.stats())  # CUDA graphs: how many, their memory pool, capture time, a failure
+        row.update(run.cache.stats())  # CUDA graphs: how many, their memory pool, capture time, a failure
+        # a few rollouts as readable rows (sample.py --show prints them as trees)
         kept = zip(rollouts[:args.log_rollouts], grades, golds)
         checkpoint.log_rollouts(acc, out / "rollouts.jsonl", [rollout_row(r, tokenizer, g, gold, step)
                                                               for r, g, gold in kept])
+        # --eval-every: the benchmark set, sampled by the sampling copy of the weights just trained
         if args.eval_every and step % args.eval_every == 0:
             refresh_copy(run.sampler_model, acc.unwrap_model(model))
             row.update(run_eval(run, args, acc, step))
@@ -217,27 +214,25 @@ def main(args):
         bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.3f}", par=f"{row['parallel_rate']:.2f}")
         bar.update()
         if step % args.save_every == 0 or step == args.steps:  # every rank (FSDP gathers)
-            save_checkpoint(out, step, acc, model, tokenizer, args, args.keep_checkpoints)
+            checkpoint.save_checkpoint(out, step, acc, model, tokenizer, args, args.keep_checkpoints)
+    # every rank done before the process group goes down
     bar.close()
-    acc.wait_for_everyone()  # every rank done before the process group goes down
+    acc.wait_for_everyone()
     acc.end_training()
     acc.print(f"done: {step} steps, model in {out}")
 
 # the pieces main() calls
 
 
-class Run:  # what main() trains with (prepare)
-    model = opt = tokenizer = sampler_model = reference = kv = tags = pad = None
-    problems = prompts = eval_problems = template = ()
-
-
 Reference = namedtuple("Reference", "model context")  # the KL reference: a model, run under context()
 
 
 def prepare(args, acc):
-    """What main() trains with: problems, policy, optimizer, reference, sampling copy, KV cache."""
-    run, cuda, world = Run(), acc.device.type == "cuda", acc.num_processes
-    run.template = recipes.template(args)
+    """What main() trains with, one namespace: problems, policy, optimizer, reference, sampling copy, KV cache."""
+    run = SimpleNamespace(reference=None, eval_problems=())  # (the rest is set below)
+    cuda, world = acc.device.type == "cuda", acc.num_processes
+    run.template = recipes.template(args.prompt_file, args.preset == "toy")
+    # the problems, enough of them for a step that splits evenly over mini-batches and processes
     problems = data.training_problems(args.data, args.seed + 1, args.data_dir, args.data_split,
                                       config=args.data_config, question_key=args.question_key,
                                       answer_key=args.answer_key)
@@ -247,8 +242,10 @@ def prepare(args, acc):
     if args.prompts_per_step % (world * args.mini_batches):
         raise UsageError(f"--prompts-per-step {args.prompts_per_step} must divide into --mini-batches "
                          f"{args.mini_batches} over {world} processes")
-    model, run.tokenizer = load_model(args.init, "bfloat16" if cuda and args.lora else "float32")  # LoRA: bf16
-    prompt = lambda r: data.prompt_ids(run.tokenizer, run.template, r)  # a record's own chat as it is
+    init = checkpoint.model_dir(args.init)  # a run dir: its newest valid checkpoint
+    model, run.tokenizer = load_model(init, "bfloat16" if cuda and args.lora else "float32")  # LoRA: bf16
+    # each problem's prompt ids (a record's own chat as it is); prompts over --max-prompt-tokens are left out
+    prompt = lambda r: data.prompt_ids(run.tokenizer, run.template, r)
     prompts = [prompt(r) for r in problems]
     keep = [i for i, q in enumerate(prompts) if len(q) <= args.max_prompt_tokens]  # longer ones: left out
     if len(keep) < len(prompts):
@@ -258,6 +255,7 @@ def prepare(args, acc):
     run.problems, run.prompts = [problems[i] for i in keep], [prompts[i] for i in keep]
     if args.eval_every:  # --eval-every samples with the run's KV cache: sized for these prompts too
         run.eval_problems = data.load_problems(args.eval_data, "test", args.data_dir)[:args.eval_limit]
+    # the longest prompt sizes the KV cache's columns (below)
     longest = max(len(q) for q in run.prompts + [prompt(r) for r in run.eval_problems])
     run.tags, run.pad = tag_ids(run.tokenizer), run.tokenizer.pad_token_id
     # the policy and its optimizer; the frozen reference (LoRA: the policy with its adapter switched off)
@@ -277,7 +275,8 @@ def prepare(args, acc):
     # the sampling copy (bf16 on a GPU), and the KV cache: on a GPU, what a measured training step leaves
     dtype = torch.bfloat16 if cuda else torch.float32
     run.sampler_model = sampling_copy(acc.unwrap_model(run.model), dtype, acc.device)
-    run.kv = kv_cache_for_run(args, acc, run.model, run.opt, run.tags, run.pad, longest)
+    run.cache = kv_cache_for_run(acc, run.model, run.opt, run.tags, run.pad, longest, max_rows=args.max_rows,
+                                 **memory_flags(args))
     return run
 
 
@@ -287,8 +286,8 @@ def run_eval(run, args, acc, step):
     grader = rewards.resolve(args.grader if args.preset == "toy" else "dapo", "grader")
     rows, summary = evaluate_everywhere(
         run.sampler_model, run.tokenizer, run.eval_problems, args.eval_n, gather_object, acc.process_index,
-        acc.num_processes, template=run.template, seed=args.seed, cache=run.kv, grader=grader, variant=args.variant,
-        max_new_tokens=args.max_new_tokens, num_paths=args.num_paths, max_blocks=args.max_blocks,
+        acc.num_processes, template=run.template, seed=args.seed, cache=run.cache, variant=args.variant,
+        grader=grader, max_new_tokens=args.max_new_tokens, num_paths=args.num_paths, max_blocks=args.max_blocks,
         rules=args.rules, path_max_tokens=args.path_max_tokens, reserve=args.answer_reserve)
     checkpoint.append_rows(acc, Path(args.out) / "eval_rollouts.jsonl", [dict(r, step=step) for r in rows])
     return {f"eval_{k}": v for k, v in summary.items() if isinstance(v, (int, float))}
@@ -297,8 +296,9 @@ def run_eval(run, args, acc, step):
 def parse_args(argv=None):
     """Flags, the preset's and the (stage, variant) recipe's defaults; every check that needs no file."""
     args = recipes.parse(parser, argv, "train_rl")
+    # the (stage, variant) recipe fills whatever was not given
     for k, v in recipes.recipe(args.stage, args.variant, args.preset == "toy").items():
-        if getattr(args, k) is None:  # the recipe fills whatever was not given
+        if getattr(args, k) is None:
             setattr(args, k, v)
     if args.clip_high is None:
         args.clip_high = recipes.clip_high(args.reward)
@@ -326,6 +326,15 @@ def parse_args(argv=None):
     return args
 
 
+def memory_flags(args):
+    """The flags that size a run's memory, as plan.plan_for's keywords (--plan's, the KV cache's)."""
+    return dict(gpu_memory_gb=args.gpu_memory_gb, num_gpus=args.num_gpus, lora_r=args.lora_r if args.lora else 0,
+                grad_ckpt=args.grad_ckpt is not False, micro_batch_tokens=args.micro_batch_tokens,
+                unseen=args.variant == "unseen", reference=args.kl_coef > 0 and not args.lora,
+                rollouts=args.prompts_per_step * args.group_size, max_new_tokens=args.max_new_tokens,
+                num_paths=args.num_paths, kv_memory_gb=args.kv_memory_gb)
+
+
 def plan_or_train(argv=None):
     """--plan: the memory plan from the model config alone; else the run."""
     args = parse_args(argv)
@@ -333,7 +342,7 @@ def plan_or_train(argv=None):
         return main(args)
     from nanopr1.plan import load_config, plan_for
     print(f"memory plan per GPU: {args.init}, {'LoRA' if args.lora else 'full fine-tune'}\n"
-          f"{plan_for(args, load_config(args.init))}")
+          f"{plan_for(load_config(args.init), max_prompt_tokens=args.max_prompt_tokens, **memory_flags(args))}")
 
 
 if __name__ == "__main__":

@@ -27,8 +27,9 @@ from accelerate.utils import ProjectConfiguration
 from tqdm import tqdm
 
 from nanopr1 import UsageError, checkpoint, corpus, data, recipes, run_script, toy
-from nanopr1.model import apply_lora, load_model, save_checkpoint, tag_ids
-from nanopr1.scoring import collate, micro_batches_on_every_rank, sequence_nll, sync_gradients
+from nanopr1.format import tag_ids
+from nanopr1.model import apply_lora, load_model
+from nanopr1.scoring import collate, micro_batches_on_every_rank, sequence_nll
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -39,8 +40,7 @@ arg("--model", default="Qwen/Qwen3-4B-Base", help="hub id or local dir to start 
 arg("--variant", choices=["seen", "unseen"], default="seen", help="unseen: path-isolating attention")
 arg("--lora", action="store_true", help="train LoRA adapters (and the six tag rows) only")
 arg("--lora-r", type=int, default=64)
-arg("--grad-ckpt", action=argparse.BooleanOptionalAction, default=True,
-    help="gradient checkpointing (the toy: off)")
+arg("--grad-ckpt", action=argparse.BooleanOptionalAction, default=True, help="gradient checkpointing (toy: off)")
 # data
 arg("--data", default="out/parallel_gsm8k.jsonl", help="traces: question + response, TRL's messages, or "
     "prompt + completion records (a file or a hub id)")
@@ -91,9 +91,12 @@ REFUSE = tuple(a.dest for a in parser._actions if a.dest not in APPLY + LOCAL + 
 def main(args):
     if args.generate:  # the cold-start corpus instead of training
         acc = Accelerator()
-        corpus.generate(args, acc, recipes.template(args))
+        template = recipes.template(args.prompt_file, args.preset == "toy")
+        corpus.generate(acc, template, args.data, args.source, args.teacher, seed=args.seed, data_dir=args.data_dir,
+                        max_new_tokens=args.gen_max_new_tokens, batch=args.gen_batch, overwrite=args.overwrite)
         acc.wait_for_everyone()
         return acc.end_training()  # the process group down before exit
+    # one Accelerator: the same file runs under python and under accelerate launch (bf16 autocast on a GPU)
     out, cuda = Path(args.out), torch.cuda.is_available()
     acc = Accelerator(mixed_precision="bf16" if cuda else "no", log_with=None if args.report_to == "none" else
                       args.report_to, project_config=ProjectConfiguration(out, logging_dir=out / "tensorboard"))
@@ -103,18 +106,22 @@ def main(args):
     torch.manual_seed(args.seed)
     # the traces, as (prompt ids, response ids) examples
     if args.data:
-        rows = data.load_problems(args.data, args.data_split, fields=("response",), config=args.data_config,
+        rows = data.load_problems(args.data, args.data_split, response=True, config=args.data_config,
                                   question_key=args.question_key, response_key=args.response_key)
     else:  # the toy preset: its teacher's traces, and an untrained toy model
         rows = toy.sft_corpus(25600, seed=args.seed)
+    # the model to train: a hub id or a local dir, or (the toy preset) an untrained toy model
     if args.model is None:
         tokenizer = toy.build_tokenizer()
         model = toy.new_model(tokenizer, seed=args.seed)
     else:  # LoRA: a frozen bf16 base
-        model, tokenizer = load_model(args.model, "bfloat16" if cuda and args.lora else "float32")
+        init = checkpoint.model_dir(args.model)  # a run dir: its newest valid checkpoint
+        model, tokenizer = load_model(init, "bfloat16" if cuda and args.lora else "float32")
     tags = tag_ids(tokenizer)
-    examples, dropped = data.sft_examples(rows, tokenizer, recipes.template(args), args.max_len)
+    template = recipes.template(args.prompt_file, args.preset == "toy")
+    examples, dropped = data.sft_examples(rows, tokenizer, template, args.max_len)
     acc.print(f"{len(examples)}/{len(rows)} traces kept; dropped: {dropped or 'none'}")
+    # a step's batch splits evenly over the processes; an epoch holds at least one batch
     if args.batch_size % world:
         raise UsageError(f"--batch-size {args.batch_size} must divide over {world} processes")
     per_epoch = len(examples) // args.batch_size
@@ -135,7 +142,8 @@ def main(args):
     acc.register_for_checkpointing(sched)  # not prepared: accelerate would step it once per process per step
     out.mkdir(parents=True, exist_ok=True)
     step = skipped = 0
-    if args.resume and checkpoint.checkpoints(out):  # model, optimizer, schedule, RNG as saved; data position: step
+    # --resume: the model, optimizer, schedule and RNG as saved; the step is the data position
+    if args.resume and checkpoint.checkpoints(out):
         step = checkpoint.load_state(out, acc)
         checkpoint.apply_lr(opt, args.lr, sched)
     checkpoint.start_trackers(acc, args)
@@ -149,13 +157,13 @@ def main(args):
         n_tokens = sum(len(examples[i][1]) for i in idx)  # response tokens of the WHOLE step, all ranks
         # 2) forward and backward by micro-batches: the loss is the NLL summed over the step / its tokens
         nll_sum = 0.0
-        for chunk, live, last in micro_batches_on_every_rank(acc, [len(p) + len(r) for p, r in mine],
-                                                             args.micro_batch_tokens):
-            batch, targets, loss_mask = collate([mine[i] for i in chunk], tags, args.variant, tokenizer.pad_token_id)
+        lengths = [len(p) + len(r) for p, r in mine]
+        for chunk, filler in micro_batches_on_every_rank(acc, lengths, args.micro_batch_tokens, model):
+            batch, loss_mask = collate([mine[i] for i in chunk], tags, args.variant, tokenizer.pad_token_id)
             batch = {key: v.to(acc.device) for key, v in batch.items()}
-            with sync_gradients(acc, model, last):
-                nll = sequence_nll(model, batch, targets.to(acc.device), loss_mask.to(acc.device)).sum() * live
-                acc.backward(nll * world / n_tokens)  # DDP averages over ranks: * world makes it a sum
+            # a filler (it evens out the ranks' micro-batch counts) runs forward and backward but adds nothing
+            nll = sequence_nll(model, batch, loss_mask.to(acc.device)).sum() * (not filler)
+            acc.backward(nll * world / n_tokens)  # DDP averages over ranks: * world makes it a sum
             nll_sum += nll.item()
         # 3) the optimizer step, on the schedule
         #    (a non-finite gradient norm skips the update; 3 in a row stop the run)
@@ -171,15 +179,18 @@ def main(args):
         row = {"step": step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm), "tokens": n_tokens,
                "skipped_update": int(not finite), "seconds": time.time() - t0}
         checkpoint.log_metrics(acc, out, row)
+        # the third non-finite update in a row stops the run, once its step is logged
         if skipped >= 3:
             raise UsageError(f"step {step}: {skipped} updates in a row had a non-finite loss or gradient norm: "
                              f"stopped (the last checkpoint in {out} is kept)")
         bar.set_postfix(loss=f"{loss:.4f}")
         bar.update()
-        if step % args.save_every == 0 or step == total:  # every rank (FSDP gathers)
-            save_checkpoint(out, step, acc, model, tokenizer, args, args.keep_checkpoints)
+        # a checkpoint every --save-every steps and at the end (on every rank: FSDP gathers the weights)
+        if step % args.save_every == 0 or step == total:
+            checkpoint.save_checkpoint(out, step, acc, model, tokenizer, args, args.keep_checkpoints)
+    # every rank done before the process group goes down
     bar.close()
-    acc.wait_for_everyone()  # every rank done before the process group goes down
+    acc.wait_for_everyone()
     acc.end_training()
     acc.print(f"done: {step} steps, model in {out}")
 
@@ -187,7 +198,8 @@ def main(args):
 def parse_args(argv=None):
     """Flags and the toy preset's defaults; every check that needs no file, before anything loads."""
     args = recipes.parse(parser, argv, "train_sft")
-    if args.out is None:  # where the RL stages look for it
+    # the default OUT: where the RL stages look for it
+    if args.out is None:
         args.out = ("out/toy-sft" if args.preset == "toy" else "out/sft") + "-unseen" * (args.variant == "unseen")
     args.run_name = args.run_name or Path(args.out).name
     if args.resume and not args.generate:  # the run's own flags, before anything reads them
@@ -208,8 +220,10 @@ def plan_or_train(argv=None):
     if not args.plan:
         return main(args)
     from nanopr1.plan import load_config, plan_for
-    print(f"memory plan per GPU: {args.model}, SFT, {'LoRA' if args.lora else 'full fine-tune'}\n"
-          f"{plan_for(args, load_config(args.model), sampling=False)}")
+    plan = plan_for(load_config(args.model), sampling=False, gpu_memory_gb=args.gpu_memory_gb, num_gpus=args.num_gpus,
+                    lora_r=args.lora_r if args.lora else 0, grad_ckpt=args.grad_ckpt is not False,
+                    micro_batch_tokens=args.micro_batch_tokens, unseen=args.variant == "unseen")
+    print(f"memory plan per GPU: {args.model}, SFT, {'LoRA' if args.lora else 'full fine-tune'}\n{plan}")
 
 
 if __name__ == "__main__":

@@ -16,9 +16,9 @@ every section: a crash loses nothing measured before it. Timings: a warm-up, the
               the captured step (the repeats reuse the cache and its graphs; capture_s apart) and, for R in
               --eager-rows, eager; decode-only tokens/s (prefill timed apart) vs the bandwidth floor (weight + KV
               bytes read per step / measured copy bandwidth); graphs, graph pool GB (KVCache.stats()) vs plan.
-  grpo_lora, grpo_full  (3) one GRPO step (scoring.score + grpo.policy_loss + AdamW, gradient checkpointing,
-              bf16 autocast on CUDA), 8 rollouts of 512 + 512 tokens, micro-batches of 4: time, tokens/s, MFU
-              (6N), peak above the model states (plan.peak_bytes) vs plan.training_transient + gradients.
+  grpo_lora, grpo_full  (3) one GRPO step (scoring.rollout_logprobs + grpo.policy_loss + AdamW, grad
+              checkpointing, bf16 autocast on CUDA), 8 rollouts of 512 + 512 tokens, micro-batches of 4: time,
+              tokens/s, MFU (6N), peak above the model states (plan.peak_bytes) vs training_transient + grads.
   train_rl    (4) one real `train_rl.py --lora` step (subprocess; this model, the toy tokenizer, toy:hard): wall
               time, its memory plan vs its "measured:" and "KV cache:" lines, metrics row, checkpoint size
               (--lora: full fine-tune + sampling copy do not fit 80 GB, as the plan says).
@@ -50,7 +50,7 @@ from nanopr1.model import add_tags, apply_lora
 from nanopr1.plan import POOL_BYTES, memory_plan, peak_bytes, training_transient
 from nanopr1.rollout import make_rollout
 from nanopr1.sampler import sample
-from nanopr1.scoring import score
+from nanopr1.scoring import rollout_logprobs
 
 ROOT = Path(__file__).resolve().parents[1]
 QWEN3_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
@@ -199,7 +199,7 @@ def grpo_step(model, opt, rollouts, tags, micro, device):
     adv = torch.randn(len(rollouts))
     for i in range(0, len(rollouts), micro):
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            logp, mask = score(model, rollouts[i:i + micro], tags, "seen", 1.0, 0, device)
+            logp, mask = rollout_logprobs(model, rollouts[i:i + micro], tags, "seen", 1.0, 0, device)
             loss, _ = policy_loss(logp, logp.detach() + 0.01, adv[i:i + micro].to(logp), mask, n_tokens)
         loss.backward()
     torch.nn.utils.clip_grad_norm_([q for q in model.parameters() if q.requires_grad], 1.0)

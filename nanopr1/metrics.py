@@ -89,7 +89,7 @@ def step_row(acc, step, rollouts, grades, zero_groups, groups, stats, t0, t_roll
            "ratio": m["ratio_sum"] / tokens, "kl": m["kl_sum"] / tokens, "loss": m["loss"],
            # |trainer - sampler| log-prob where the trainer sees what the sampler saw; Seen's later paths
            "logp_gap": m["gap_sum"] / max(m["gap_tokens"], 1),
-           "seen_later_paths_gap": m["designed_sum"] / max(m["designed_tokens"], 1)}
+           "seen_later_paths_gap": m["later_paths_sum"] / max(m["later_paths_tokens"], 1)}
     if "tis_sum" in m:  # --tis-cap: the mean weight, and the share of tokens at the cap
         row.update(tis_weight=m["tis_sum"] / tokens, tis_capped=m["tis_capped"] / tokens)
     row.update(from_sums({k[2:]: v for k, v in m.items() if k.startswith("b_")}))

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from nanopr1.grpo import KL_BOUND, group_advantages, policy_loss, tis_weight
+from nanopr1.grpo import KL_BOUND, group_advantages, policy_loss
 
 
 def test_group_advantages_closed_form_and_flat_groups():
@@ -94,8 +94,8 @@ def test_truncated_importance_weights_correct_a_sampler_mismatch(cap, corrected)
     A = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0])  # an advantage per token value
     x = torch.multinomial(mu, 400_000, replacement=True, generator=g)  # (N,) one token per rollout
     logp = torch.log_softmax(theta, -1)[x][:, None]  # (N, 1)
-    weight = None if cap is None else tis_weight(logp.detach(), mu.log()[x][:, None], cap)
-    loss, _ = policy_loss(logp, logp.detach(), A[x], torch.ones_like(logp), len(x), weight=weight)
+    loss, _ = policy_loss(logp, logp.detach(), A[x], torch.ones_like(logp), len(x),
+                          sampler_logp=mu.log()[x][:, None], tis_cap=cap)
     (grad,) = torch.autograd.grad(loss, theta)
     pi = torch.softmax(theta.detach(), -1)
     exact = -pi * (A - (pi * A).sum())

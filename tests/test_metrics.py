@@ -3,9 +3,8 @@ its closed-form value; sums from two batches add up to the sums of both."""
 
 import pytest
 
-from nanopr1.format import PARALLEL, PARALLEL_END, PATH, PATH_END, SUMMARY, SUMMARY_END
+from nanopr1.format import PARALLEL, PARALLEL_END, PATH, PATH_END, SUMMARY, SUMMARY_END, tag_ids
 from nanopr1.metrics import from_sums, rollout_metrics, means, sums
-from nanopr1.model import tag_ids
 from nanopr1.rollout import make_rollout
 
 # text tokens are small ids (byte-level pieces of the test BPE): never a tag, never EOS (id 0)

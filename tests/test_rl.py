@@ -11,9 +11,11 @@ import torch
 from conftest import init_toy_dir, run
 from nanopr1 import UsageError, format, toy
 from nanopr1.grpo import policy_loss
-from nanopr1.model import load_model, tag_ids
+from nanopr1.format import tag_ids
+from nanopr1.checkpoint import model_dir
+from nanopr1.model import load_model
 from nanopr1.sampler import sample
-from nanopr1.scoring import score
+from nanopr1.scoring import rollout_logprobs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,12 +50,12 @@ def rollouts_for(model, tokenizer, variant, n_prompts=3, group=4, seed=0, **kw):
 def test_trainer_logprobs_match_the_sampler(sft_dir, variant):
     """The logged sampler-trainer gap on rollouts with several blocks: ~0 for unseen on every sampled
     token; for seen on every sampled token except those of paths after the first."""
-    model, tokenizer = load_model(sft_dir)
+    model, tokenizer = load_model(model_dir(sft_dir))
     tags = tag_ids(tokenizer)
     ros = rollouts_for(model, tokenizer, variant, n_prompts=8, max_blocks=4)
     assert all(r.blocks for r in ros) and sum(len(r.blocks) >= 2 for r in ros) >= 2
     with torch.no_grad():
-        logp, mask = score(model, ros, tags, variant, 1.0, tokenizer.pad_token_id, "cpu")
+        logp, mask = rollout_logprobs(model, ros, tags, variant, 1.0, tokenizer.pad_token_id, "cpu")
     later_paths = 0
     for b, r in enumerate(ros):
         gap = (logp[b, :len(r.ids)] - torch.tensor(r.logprobs)).abs()
@@ -70,7 +72,7 @@ def test_trainer_logprobs_match_the_sampler(sft_dir, variant):
 def test_forced_tokens_get_no_gradient_and_eos_is_trained(toy_dir):
     model, tokenizer = load_model(toy_dir)
     ros = rollouts_for(model, tokenizer, "unseen", max_blocks=1)
-    logp, mask = score(model, ros, tag_ids(tokenizer), "unseen", 1.0, tokenizer.pad_token_id, "cpu")
+    logp, mask = rollout_logprobs(model, ros, tag_ids(tokenizer), "unseen", 1.0, tokenizer.pad_token_id, "cpu")
     logp.retain_grad()
     adv = torch.randn(len(ros))
     loss, _ = policy_loss(logp, logp.detach(), adv, mask, int(mask.sum()))
@@ -101,7 +103,7 @@ def rl(out, init, *extra, procs=1, check=True):
 
 
 def weights(path):
-    return torch.cat([q.detach().flatten() for q in load_model(str(path))[0].state_dict().values()])
+    return torch.cat([q.detach().flatten() for q in load_model(model_dir(path))[0].state_dict().values()])
 
 
 def test_a_step_does_not_depend_on_micro_batches_or_processes(sft_dir, tmp_path):
@@ -156,7 +158,8 @@ def test_lora_steps_train_adapters_and_checkpoint_loads(sft_dir, tmp_path):
                  "--reward", "tiered")
     assert len(rows) == 2 and all(r["reward_fn"] == "tiered_reward" for r in rows)
     assert any(r["zero_adv_groups"] < 1 for r in rows)  # some group had a learning signal
-    before, after = load_model(sft_dir)[0].state_dict(), load_model(str(tmp_path / "lora"))[0].state_dict()
+    before = load_model(model_dir(sft_dir))[0].state_dict()
+    after = load_model(model_dir(tmp_path / "lora"))[0].state_dict()
     moved = {k for k in before if not torch.equal(before[k], after[k])}
     assert moved and all("proj" in k for k in moved)  # the merged adapters moved the projections, nothing else
 
@@ -228,7 +231,7 @@ def test_lora_on_a_model_with_projection_biases(tmp_path):
     tokenizer.save_pretrained(tmp_path / "qwen2")
     rows, _ = rl(tmp_path / "lora", tmp_path / "qwen2", "--lora", "--lora-r", "4", "--steps", "1", "--lr", "1e-2")
     assert len(rows) == 1
-    after = load_model(str(tmp_path / "lora"))[0]
+    after = load_model(model_dir(tmp_path / "lora"))[0]
     assert torch.equal(after.model.layers[0].self_attn.q_proj.bias, model.model.layers[0].self_attn.q_proj.bias)
 
 

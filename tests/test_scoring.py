@@ -1,5 +1,8 @@
 """Tests for nanopr1/scoring.py: the chunked, checkpointed log-prob head against full logits
-(values and gradients), the bytes autograd saves for it, and token-budget micro-batches."""
+(values and gradients), the bytes autograd saves for it, token-budget micro-batches and the fillers that
+even them out over ranks."""
+
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -9,7 +12,8 @@ from test_sampler import biased, prompts_of
 from test_sampler import score as full_forward
 from nanopr1 import scoring
 from nanopr1.attention import build_inputs, find_blocks
-from nanopr1.model import tag_ids
+from nanopr1.grpo import policy_loss
+from nanopr1.format import tag_ids
 from nanopr1.rollout import ALL_TAGS, apply_tag_mask
 from nanopr1.sampler import sample
 
@@ -49,7 +53,7 @@ def test_values_and_gradients_equal_full_logits(bpe_tokenizer, monkeypatch, vari
     for how in ("chunked", "reference"):
         model.zero_grad()
         if how == "chunked":
-            logp, mask = scoring.score(model, ros, tags, variant, 0.7, 0, "cpu")
+            logp, mask = scoring.rollout_logprobs(model, ros, tags, variant, 0.7, 0, "cpu")
         else:
             logp, mask = reference_logprobs(model, ros, tags, variant, 0.7)
         (logp * mask * weights).sum().backward()
@@ -97,7 +101,7 @@ def test_autograd_saves_at_most_one_chunk_of_logits(bpe_tokenizer, monkeypatch):
     B, L = batch["input_ids"].shape
     V = model.config.vocab_size
     body = saved_bytes(model, lambda: model(**batch, logits_to_keep=1))  # the body, one position's logits
-    chunked = saved_bytes(model, lambda: scoring.score(model, ros, tags, "seen", 1.0, 0, "cpu"))
+    chunked = saved_bytes(model, lambda: scoring.rollout_logprobs(model, ros, tags, "seen", 1.0, 0, "cpu"))
     full = saved_bytes(model, lambda: reference_logprobs(model, ros, tags, "seen", 1.0))
     one_chunk = 24 * V * 4  # (rows x positions) x V fp32
     assert chunked - body <= one_chunk
@@ -108,9 +112,10 @@ def test_sequence_nll_equals_full_logits(bpe_tokenizer):
     tok, tags = bpe_tokenizer, tag_ids(bpe_tokenizer)
     model = tiny_model(tok)
     examples = [(p, p[::-1] + [tok.eos_token_id]) for p in prompts_of(tok)]
-    batch, targets, mask = scoring.collate(examples, tags, "seen", 0)
+    batch, mask = scoring.collate(examples, tags, "seen", 0)
+    targets = batch["input_ids"][:, 1:]
     with torch.no_grad():
-        got = scoring.sequence_nll(model, batch, targets, mask)
+        got = scoring.sequence_nll(model, batch, mask)
         logp = torch.log_softmax(model(**batch).logits[:, :-1].float(), -1).gather(2, targets[..., None])[..., 0]
     torch.testing.assert_close(got, -(logp * mask).sum(1), atol=1e-5, rtol=1e-6)
 
@@ -143,8 +148,8 @@ def test_scoring_forwards_build_no_kv_cache(bpe_tokenizer):
 
 def test_the_logged_gap_of_a_cut_seen_block_leaves_its_later_paths_out(bpe_tokenizer):
     """A Seen rollout whose last block the budget cuts in its 2nd path: that path was sampled without seeing
-    path 1 but is scored after it, so sampler_gap files it under `designed`, not under the gap that must be ~0
-    (read from r.blocks, which a cut block is not in, it was 1e-2 and up on the toy)."""
+    path 1 but is scored after it, so sampler_gap files it under `later_paths`, not under the gap that must be
+    ~0 (read from r.blocks, which a cut block is not in, it was 1e-2 and up on the toy)."""
     tok, tags = bpe_tokenizer, tag_ids(bpe_tokenizer)
     model = biased(tok, par=3.0, path_end=-2.0, summary_end=2.0, eos=1.0)  # long paths: the budget cuts them
     ros = sample(model, tok, prompts_of(tok), 2, max_new_tokens=40, seed=5, variant="seen", force_block=3)
@@ -152,4 +157,37 @@ def test_the_logged_gap_of_a_cut_seen_block_leaves_its_later_paths_out(bpe_token
     assert cut, [r.stop_reason for r in ros]
     logp = [lp for lp, _ in full_forward(model, cut, tags, "seen")]  # the trainer's view, through the bias
     gap = scoring.sampler_gap(logp, cut, "seen", tags)
-    assert gap["designed_tokens"] > 0 and gap["gap_sum"] / gap["gap_tokens"] < 1e-5
+    assert gap["later_paths_tokens"] > 0 and gap["gap_sum"] / gap["gap_tokens"] < 1e-5
+
+
+class OneOfTwoRanks:
+    """An Accelerator stand-in: rank 0 of two, whose other rank has `extra` more micro-batches."""
+    device, distributed_type, num_processes = torch.device("cpu"), "NO", 1
+
+    def __init__(self, extra):
+        self.extra = extra
+
+    def reduce(self, t, op):
+        return t + self.extra if op == "max" else t
+
+    def no_sync(self, model):
+        return nullcontext()
+
+
+def test_filler_micro_batches_carry_no_loss(bpe_tokenizer):
+    """A rank with fewer micro-batches than another runs fillers, so both join every collective: a filler's
+    rollouts have every token forced, so its loss mask is empty and its loss and gradient are exactly 0."""
+    tok, tags = bpe_tokenizer, tag_ids(bpe_tokenizer)
+    ros, model = rollouts_of(tok, biased(tok, eos=1.0), "seen"), tiny_model(tok)
+    view = dict(tags=tags, variant="seen", temperature=1.0, pad_id=0, device="cpu")
+    adv = torch.randn(len(ros))
+    batches = list(scoring.loss_batches(OneOfTwoRanks(2), model, ros, list(range(len(ros))), 10**6, adv))
+    assert len(batches) == 3 and batches[0].n_tokens == sum(r.forced.count(False) for r in ros)
+    assert [len(b.rollouts) for b in batches] == [len(ros), 1, 1]
+    for i, b in enumerate(batches):
+        model.zero_grad()
+        logp, mask = scoring.rollout_logprobs(model, b.rollouts, **view)
+        loss, stats = policy_loss(logp, logp.detach(), b.adv, mask, b.n_tokens)
+        loss.backward()
+        assert mask.any() == (i == 0) and (stats["tokens"] > 0) == (i == 0)
+        assert (max(q.grad.abs().max() for q in model.parameters()) > 0) == (i == 0)

@@ -9,7 +9,9 @@ from conftest import build_bpe_tokenizer, init_toy_dir, run, shared_file, tiny_m
 from nanopr1 import data, format, toy
 from nanopr1.scoring import collate, sequence_nll
 from nanopr1.attention import build_inputs, find_blocks
-from nanopr1.model import load_model, tag_ids
+from nanopr1.format import tag_ids
+from nanopr1.checkpoint import model_dir
+from nanopr1.model import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +53,7 @@ def test_unseen_forward_equals_each_path_alone(bpe_tokenizer):
     separate forward of what precedes its block + that path alone (fp32, <= 1e-4)."""
     model, tags = tiny_model(bpe_tokenizer), tag_ids(bpe_tokenizer)
     ex = examples(bpe_tokenizer)
-    batch, _, _ = collate(ex, tags, "unseen", bpe_tokenizer.pad_token_id)
+    batch, _ = collate(ex, tags, "unseen", bpe_tokenizer.pad_token_id)
     with torch.no_grad():
         logits = model(**batch).logits  # (B, T, V)
         checked = 0
@@ -84,7 +86,8 @@ def test_padded_batch_loss_equals_unpadded_singles(bpe_tokenizer):
 
 def test_loss_mask_is_exactly_the_response_with_eos(bpe_tokenizer):
     ex = examples(bpe_tokenizer)
-    _, targets, mask = collate(ex, tag_ids(bpe_tokenizer), "seen", bpe_tokenizer.pad_token_id)
+    batch, mask = collate(ex, tag_ids(bpe_tokenizer), "seen", bpe_tokenizer.pad_token_id)
+    targets = batch["input_ids"][:, 1:]  # token t+1 is predicted at t
     for b, (prompt, response) in enumerate(ex):
         assert targets[b][mask[b]].tolist() == response and response[-1] == bpe_tokenizer.eos_token_id
         assert mask[b].sum() == len(response)
@@ -128,7 +131,8 @@ def test_real_teacher_traces_become_training_examples():
             assert all(f"<Path>{p}</Path>" in text for p in block["paths"])
         prompt_tags += sum(t in tag_set for t in prompt)
     assert prompt_tags > 0  # the instruction names the tags: the prompt does hold tag tokens...
-    batch, targets, mask = collate(ex[:4], tags, "unseen", tokenizer.pad_token_id)
+    batch, mask = collate(ex[:4], tags, "unseen", tokenizer.pad_token_id)
+    targets = batch["input_ids"][:, 1:]
     for b, (prompt, response) in enumerate(ex[:4]):  # ...yet is numbered 0..P-1, plain causal
         assert batch["position_ids"][b, :len(prompt)].tolist() == list(range(len(prompt)))
         assert batch["attention_mask"][b, 0, :len(prompt), :len(prompt)].equal(torch.ones(len(prompt), len(prompt)).tril().bool())
@@ -178,7 +182,7 @@ def test_resume_and_two_processes_reproduce_the_run(tmp_path):
     then cosine over 6, stepped once per step); a run SIGKILLed right after logging step 4 (its checkpoint is
     step 3's) then resumed, and a run on two real processes (torchrun, gloo), reproduce the losses, the LR
     sequence and the weights of the uninterrupted single-process run."""
-    w = lambda d: torch.cat([q.flatten() for q in load_model(str(d))[0].state_dict().values()])
+    w = lambda d: torch.cat([q.flatten() for q in load_model(model_dir(d))[0].state_dict().values()])
     full = run_sft(tmp_path / "full")
     lr = schedule(3e-3, 6, 0.04)  # the toy preset's --lr and --warmup
     assert lr[0] == 3e-3 and 0 < lr[-1] < 1e-3 and all(a > b for a, b in zip(lr, lr[1:]))
@@ -211,7 +215,7 @@ def test_lora_trains_adapters_only_and_checkpoint_reloads(tmp_path):
     args = json.loads((newest / "args.json").read_text())
     assert args["lora"] is True and args["lora_r"] == 4 and args["max_steps"] == 3
     before, _ = load_model(str(base))
-    after, tokenizer = load_model(str(tmp_path / "lora"))
+    after, tokenizer = load_model(model_dir(tmp_path / "lora"))
     changed = [n for n, p in after.named_parameters() if not torch.equal(p, before.get_parameter(n))]
     # merged adapters move the projection weights; embeddings move only in the six tag rows
     assert any("q_proj" in n for n in changed) and "model.norm.weight" not in changed
