@@ -31,9 +31,10 @@ import time
 
 import torch
 
-from nanopr1.format import PARALLEL, PATH
+from nanopr1.format import PARALLEL, PATH, tag_ids
 from nanopr1.kvcache import KVCache
-from nanopr1.model import load_model, tag_ids
+from nanopr1.checkpoint import model_dir
+from nanopr1.model import load_model
 from nanopr1.sampler import sample
 
 
@@ -243,7 +244,7 @@ def main():
         return peak_child(args)
     only = set(args.only.split(","))
     if args.model:
-        model, tok = load_model(args.model, device=args.device)
+        model, tok = load_model(model_dir(args.model), device=args.device)
     else:
         from nanopr1 import toy
         tok = toy.build_tokenizer()

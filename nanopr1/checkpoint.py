@@ -2,6 +2,7 @@
 the logs; `acc` is the script's Accelerator. The layout and why: docs/design.md, "Checkpoints"."""
 
 import atexit
+import fcntl
 import hashlib
 import json
 import os
@@ -11,16 +12,17 @@ import time
 from collections import namedtuple
 from pathlib import Path
 
+import torch
 from accelerate.utils import broadcast_object_list, extract_model_from_parallel
 from safetensors.torch import load_file
 
-from nanopr1 import UsageError
+from nanopr1 import UsageError, data
+from nanopr1.model import save_model
 
 LOGS = ("metrics.jsonl", "rollouts.jsonl", "eval_rollouts.jsonl")  # a row per step or rollout
-LOCK = ".lock"  # OUT/.lock: flocked by the run that writes OUT
 Found = namedtuple("Found", "path step")  # latest(): the newest valid checkpoint
 Saved = namedtuple("Saved", "path checkpoint_gb")  # save(): the checkpoint, its size (main process)
-_locks = {}  # OUT -> (fd of OUT/.lock, whether the lock made OUT): the dirs this process writes
+_locks = {}  # OUT -> (fd of OUT/.lock, flocked while the run writes OUT; whether the lock made OUT)
 _hashes = {}  # (file, size, mtime) -> its sha256
 
 
@@ -42,12 +44,24 @@ def _json(path):  # the parsed file; a ValueError naming it if it is missing or 
 def _sha256(f):  # once per version of a file (a resume checks a checkpoint more than once)
     key = (str(f), os.stat(f).st_size, os.stat(f).st_mtime_ns)
     if key not in _hashes:
-        h = hashlib.sha256()
-        with open(f, "rb") as stream:
-            while chunk := stream.read(1 << 24):  # streamed, 16 MB at a time
-                h.update(chunk)
-        _hashes[key] = h.hexdigest()
+        with open(f, "rb") as stream:  # streamed
+            _hashes[key] = hashlib.file_digest(stream, "sha256").hexdigest()
     return _hashes[key]
+
+
+# writing a checkpoint: into a .tmp dir, every file fsynced, a manifest, then one rename
+def save_checkpoint(out, step, acc, model, tokenizer, args, keep=1):
+    """save() of a training script's model and flags (every rank calls this); refused if a weight is NaN or inf."""
+    # never a checkpoint of non-finite weights: each rank checks its own (FSDP: its shard of each) weight
+    local = lambda q: q.to_local() if hasattr(q, "to_local") else q
+    bad = sum(int(not torch.isfinite(local(q).detach()).all()) for q in model.parameters())
+    bad = acc.reduce(torch.tensor(bad, device=acc.device), "sum").item()
+    if bad:
+        raise UsageError(f"step {step}: {bad} weight tensor(s) hold NaN or inf: checkpoint not written (the "
+                         f"newest in {out} is older; a lower --lr?)")
+    write = lambda path: save_model(acc.unwrap_model(model), tokenizer, path, state_dict=acc.get_state_dict(model),
+                                    is_main=acc.is_main_process)
+    return save(out, step, acc, write, args=plain(args), keep=keep)
 
 
 def save(out, step, acc, write, args=None, keep=1):
@@ -94,8 +108,8 @@ def _save_hook(models, weights, output_dir):
     """save_state writes no weights but LoRA's trained ones (the model dir has them merged)."""
     if weights:  # (the scripts prepare one model; under FSDP accelerate writes its shards itself)
         module = extract_model_from_parallel(models[0])
-        lora = hasattr(module, "get_base_model")  # peft
-        trained = [n for n, q in module.named_parameters() if q.requires_grad and lora]
+        peft = hasattr(module, "get_base_model")
+        trained = [n for n, q in module.named_parameters() if q.requires_grad and peft]
         weights[:] = [{k: v for k, v in module.state_dict().items() if k in trained}] if trained else []
 
 
@@ -158,11 +172,11 @@ def _latest(out, what=""):
     return found, f"{what}{found.path.name} is used: {'; '.join(passed)}" if passed else ""
 
 
-def model_dir(path):
-    """The dir model.load reads: a model dir itself, a run dir its newest valid checkpoint."""
-    path = Path(path)
+def model_dir(name):
+    """What model.load_model reads: a run dir's newest valid checkpoint, else `name` (a model dir, a hub id)."""
+    path = Path(name).expanduser()
     if (path / "config.json").is_file() or not checkpoints(path):
-        return path
+        return name  # as given: load_model tells "./x" (a dir) from "owner/x" (a hub id)
     found, note = _latest(path)
     if note:
         print(f"note: {note}", file=sys.stderr)
@@ -176,24 +190,17 @@ def load_state(out, acc):
     acc.load_state(str(found.path / "state"))
     handle.remove()
     if acc.is_main_process:
-        for name in LOGS:
-            trim_rows(Path(out) / name, found.step)
+        trim_logs(out, found.step)
     return found.step
 
 
-def plain(args):
-    """The run's flags as JSON gives them back (so they compare), without private attributes."""
-    flags = json.loads(json.dumps(vars(args), default=str))
-    return {k: v for k, v in flags.items() if not k.startswith("_")}
-
-
+# before a run: one run in OUT at a time, never over another run's files, --resume's flags
 def lock(out):
     """Hold OUT/.lock until release() or exit (a flock: a killed run's is let go); a UsageError if held."""
-    import fcntl  # (POSIX, as the fsync of a dir)
     out, made = Path(out).resolve(), not Path(out).exists()
     out.mkdir(parents=True, exist_ok=True)
     while True:
-        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:  # held by a live run (or a file system without locks)
@@ -202,13 +209,14 @@ def lock(out):
             if not isinstance(e, BlockingIOError):
                 return f"{out} could not be locked ({e.strerror}): make sure no other run writes it"
             raise UsageError(f"{out} is in use by {owner}: wait for it, or choose another --out") from None
-        if (out / LOCK).exists() and os.path.samestat(os.fstat(fd), os.stat(out / LOCK)):
+        # the file we locked is still OUT/.lock: ours (else its holder let go and removed it: lock the new one)
+        if (out / ".lock").exists() and os.path.samestat(os.fstat(fd), os.stat(out / ".lock")):
             gone = os.read(fd, 1000).decode(errors="replace")  # a run killed while it held the lock
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"process {os.getpid()} on {os.uname().nodename} since {time.ctime()}".encode(), 0)
             _locks[out] = fd, made
             return f"{out}: the lock of a run that is gone ({gone}) is taken over" if gone else ""
-        os.close(fd)  # its holder let go and removed it meanwhile: lock the new one
+        os.close(fd)
 
 
 @atexit.register
@@ -216,14 +224,14 @@ def release(out=None):
     """Let go of OUT's lock (all, if None: at exit); and of OUT if the lock made it and it is empty."""
     for key in [k for k in list(_locks) if out is None or k == Path(out).resolve()]:
         fd, made = _locks.pop(key)
-        (key / LOCK).unlink(missing_ok=True)  # removed while held: ours, never a new run's
+        (key / ".lock").unlink(missing_ok=True)  # removed while held: ours, never a new run's
         os.close(fd)
         if made and not any(key.iterdir()):
             key.rmdir()
 
 
 def prepare_out(out, args, acc, resume=False, overwrite=False, refuse=(), apply=()):
-    """Lock and check OUT before a run; a note to print. --resume: a `refuse` flag typed anew is an error."""
+    """Lock and check OUT before a run; a note to print. --resume: resume_args again, for its note."""
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
     try:  # locked before anything is written: one run in OUT at a time, --overwrite or not
@@ -234,42 +242,40 @@ def prepare_out(out, args, acc, resume=False, overwrite=False, refuse=(), apply=
         error = broadcast_object_list([error])[0]
     if error:
         raise UsageError(error)
+    out = Path(out)
     try:
-        return "\n".join(filter(None, (note, *_guard(out, args, acc, resume, overwrite, refuse, apply))))
+        # this project's files only: its checkpoints and logs
+        held = sorted({p.name for p in out.glob("checkpoint-*")} |
+                      {name for name in (*LOGS, "tensorboard") if (out / name).exists()})
+        if not resume and held and not overwrite:
+            raise UsageError(f"{out} already holds a run ({', '.join(held)}): "
+                             "--resume continues it, --overwrite starts over")
+        if not resume:
+            if acc.is_main_process:
+                for name in held:
+                    shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+            acc.wait_for_everyone()
+            said = f"--overwrite: removed {', '.join(held)} from {out}" if held else ""
+        elif not checkpoints(out) and held:  # killed before its first checkpoint
+            if acc.is_main_process:
+                trim_logs(out, 0)
+            said = f"--resume: {out} has no checkpoint yet: starting from step 0"
+        else:  # (nothing to resume: _latest raises its one line)
+            said = resume_args(out, args, refuse, apply) or _latest(out, "--resume: ")
     except BaseException:
         release(out)
         raise
-
-
-def _guard(out, args, acc, resume, overwrite, refuse, apply):  # prepare_out's checks of OUT: its notes
-    out = Path(out)
-    logs = [name for name in (*LOGS, "tensorboard") if (out / name).exists()]
-    held = sorted({p.name for p in out.glob("checkpoint-*")} | set(logs))  # this project's only
-    if not resume:
-        if held and not overwrite:
-            raise UsageError(f"{out} already holds a run ({', '.join(held)}): "
-                             "--resume continues it, --overwrite starts over")
-        if acc.is_main_process:
-            for name in held:
-                shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
-        acc.wait_for_everyone()
-        return [f"--overwrite: removed {', '.join(held)} from {out}" if held else ""]
-    if not checkpoints(out) and held:  # killed before its first checkpoint
-        if acc.is_main_process:
-            for name in LOGS:
-                trim_rows(out / name, 0)
-        return [f"--resume: {out} has no checkpoint yet: starting from step 0"]
-    return [resume_args(out, args, refuse, apply) or _latest(out, "--resume: ")]  # (none valid: one line)
+    return "\n".join(filter(None, (note, said)))
 
 
 def resume_args(out, args, refuse=(), apply=()):
-    """--resume, before anything reads `args` (the scripts' parse_args; prepare_out again, for its note):
-    every flag not typed again takes the run's value; one of `refuse` typed anew is an error, one of
-    `apply` is applied. The note to print."""
+    """--resume: each flag not typed again (args._typed) takes the run's value; one of `refuse` typed anew is an
+    error, one of `apply` is applied. The note to print (prepare_out calls this again, for it)."""
     if not checkpoints(out):
         return ""  # prepare_out says why (nothing to resume, or a run killed before its first checkpoint)
     found, passed = _latest(out, "--resume: ")
-    saved, typed, changed, now = _json(found.path / "args.json"), getattr(args, "_typed", set()), [], plain(args)
+    saved, now, changed = _json(found.path / "args.json"), plain(args), []
+    typed = getattr(args, "_typed", set()) | {"script"}  # the script: always compared
     for k in (*refuse, *apply):
         if k not in typed:  # the run's value: a stored value is never replaced by a default
             setattr(args, k, saved.get(k, getattr(args, k)))
@@ -279,10 +285,29 @@ def resume_args(out, args, refuse=(), apply=()):
                              "or choose another --out)")
         elif saved.get(k, now[k]) != now[k]:
             changed.append(f"{k} {saved.get(k)!r} -> {now[k]!r}")
-    with_changes = f" with {', '.join(changed)}" if changed else ""
-    return "\n".join(filter(None, [passed, f"resuming {out} at step {found.step}{with_changes}"]))
+    resuming = f"resuming {out} at step {found.step}" + (f" with {', '.join(changed)}" if changed else "")
+    return "\n".join(filter(None, [passed, resuming]))
 
 
+def plain(args):
+    """The run's flags as JSON gives them back (so they compare), without private attributes."""
+    return json.loads(json.dumps({k: v for k, v in vars(args).items() if not k.startswith("_")}, default=str))
+
+
+def apply_lr(optimizer, lr, scheduler=None):
+    """Set --lr after load_state restored the saved one (under a LambdaLR: the base lr)."""
+    sched = getattr(scheduler, "scheduler", scheduler)  # accelerate wraps it
+    if sched is None:
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        return
+    sched.base_lrs = [lr] * len(sched.base_lrs)
+    for g, f in zip(optimizer.param_groups, sched.lr_lambdas):
+        g["initial_lr"], g["lr"] = lr, lr * f(sched.last_epoch)
+    sched._last_lr = [g["lr"] for g in optimizer.param_groups]  # what get_last_lr() reports
+
+
+# the run's logs: JSONL rows in OUT, and the trackers
 def start_trackers(acc, args):
     """--report-to: start the tracker with the run's flags (wandb: --project, --run-name)."""
     if args.report_to != "none":
@@ -295,8 +320,7 @@ def log_metrics(acc, out, row):
     """One step's row: appended to OUT/metrics.jsonl, and its numbers to the trackers if any."""
     append_rows(acc, Path(out) / "metrics.jsonl", [row])
     if acc.log_with:
-        numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
-        acc.log(numbers, step=row["step"])
+        acc.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=row["step"])
 
 
 def log_rollouts(acc, path, rows):
@@ -314,37 +338,11 @@ def log_rollouts(acc, path, rows):
 def append_rows(acc, path, rows):
     """Append `rows` to the JSONL file `path` (the main process writes)."""
     if acc.is_main_process:
-        with open(path, "a", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        data.write_rows(path, rows, "a")
 
 
-def trim_rows(path, step):
-    """Keep a log's rows up to `step` (torn lines dropped), written aside and renamed: kill-safe."""
-    if not Path(path).is_file():
-        return
-    keep = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # torn
-        if isinstance(row, dict) and row.get("step", 0) <= step:
-            keep.append(line + "\n")
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text("".join(keep), encoding="utf-8")
-    _fsync(tmp)
-    os.replace(tmp, path)
-
-
-def apply_lr(optimizer, lr, scheduler=None):
-    """Set --lr after load_state restored the saved one (under a LambdaLR: the base lr)."""
-    sched = getattr(scheduler, "scheduler", scheduler)  # accelerate wraps it
-    if sched is None:
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        return
-    sched.base_lrs = [lr] * len(sched.base_lrs)
-    for g, f in zip(optimizer.param_groups, sched.lr_lambdas):
-        g["initial_lr"], g["lr"] = lr, lr * f(sched.last_epoch)
-    sched._last_lr = [g["lr"] for g in optimizer.param_groups]  # what get_last_lr() reports
-
+def trim_logs(out, step):
+    """Keep the rows of OUT's logs up to `step` (torn lines dropped), each written aside and renamed: kill-safe."""
+    for path in [Path(out) / name for name in LOGS if (Path(out) / name).is_file()]:
+        kept = [r for r in data.read_rows(path) if isinstance(r, dict) and r.get("step", 0) <= step]
+        data.write_rows(path, kept)

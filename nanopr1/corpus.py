@@ -1,8 +1,8 @@
 """
 The cold-start corpus (`train_sft.py --generate`): a teacher writes one trace per problem, kept if well
 formed, with a block and correct (data.judge_trace). Problem i is sampled on rank i % world with seed
---seed + i; each rank appends its decisions to <data>.rank<r>.jsonl, so a rerun resumes; rank 0 merges
-them into <data> and <data>.meta.json (docs/design.md, "The cold-start corpus").
+`seed` + i; each rank appends its decisions to <out>.rank<r>.jsonl, so a rerun resumes; rank 0 merges
+them into <out> and <out>.meta.json (docs/design.md, "The cold-start corpus").
 """
 
 import glob
@@ -14,6 +14,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from nanopr1 import UsageError, data, kvcache, sampler
+from nanopr1.checkpoint import model_dir
 from nanopr1.model import load_model
 from nanopr1.rollout import Options
 
@@ -23,35 +24,36 @@ def _replace(path, text):  # written aside and renamed: a kill leaves the old fi
     Path(f"{path}.tmp").replace(path)
 
 
-def generate(args, acc, template):
-    """Write the corpus at --data with --teacher (train_sft.py's flags), resuming an earlier one."""
+def generate(acc, template, out, source, teacher, seed, max_new_tokens, batch, data_dir=None, overwrite=False):
+    """Write the corpus of `source`'s problems at `out` with `teacher` (a model dir or hub id), resuming an
+    earlier one made with the same settings (--overwrite: replacing any)."""
     world, rank = acc.num_processes, acc.process_index
     procs = f"{world} process{'es' if world > 1 else ''}"
-    out, meta_file = Path(args.data), Path(f"{args.data}.meta.json")
+    out, meta_file = Path(out), Path(f"{out}.meta.json")
     rank_files = lambda: sorted(out.parent.glob(glob.escape(out.name) + ".rank*.jsonl"))
-    problems = data.load_problems(args.source, split="train", data_dir=args.data_dir)
+    problems = data.load_problems(source, split="train", data_dir=data_dir)
     digest = lambda x: hashlib.sha256(json.dumps(x).encode()).hexdigest()[:16]
-    settings = {"source": args.source, "teacher": args.teacher, "seed": args.seed, "prompt": digest(template),
-                "max_new_tokens": args.gen_max_new_tokens,
+    settings = {"source": source, "teacher": teacher, "seed": seed, "prompt": digest(template),
+                "max_new_tokens": max_new_tokens,
                 "problems": digest([[r["question"], r["answer"], *([r["chat"]] if "chat" in r else [])]
                                     for r in problems])}
 
-    # 1) an earlier corpus at --data: resumed if made with these settings, else refused (or --overwrite)
+    # 1) an earlier corpus at `out`: resumed if made with these settings, else refused (or --overwrite)
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else None
-    if (out.is_file() or meta or rank_files()) and not args.overwrite and (meta or {}).get("settings") != settings:
+    if (out.is_file() or meta or rank_files()) and not overwrite and (meta or {}).get("settings") != settings:
         changed = meta and ", ".join(k for k in settings if meta["settings"].get(k) != settings[k])
         differs = f"other settings ({changed})" if meta else f"unknown settings (no {meta_file.name})"
         raise UsageError(f"{out} holds a corpus generated with {differs}: pass --overwrite to replace it, "
                          f"or another --data")
     acc.wait_for_everyone()  # every rank has looked before rank 0 deletes or writes anything
-    if acc.is_main_process and (args.overwrite or meta is None):
+    if acc.is_main_process and (overwrite or meta is None):
         for f in [out, meta_file, *rank_files()]:
             f.unlink(missing_ok=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         _replace(meta_file, json.dumps({"settings": settings, "rejected": []}))
     acc.wait_for_everyone()
 
-    # 2) the decisions of earlier runs: kept in <data>, rejected in the meta file, any in rank files
+    # 2) the decisions of earlier runs: kept in <out>, rejected in the meta file, any in rank files
     old = data.read_rows(out) + json.loads(meta_file.read_text())["rejected"]
     decided = {r["index"]: r for r in old + [r for f in rank_files() for r in data.read_rows(f)]}
     todo = [i for i in range(rank, len(problems), world) if i not in decided]  # this rank's share of the rest
@@ -62,21 +64,22 @@ def generate(args, acc, template):
     # 3) sample this rank's share, appending each batch's decisions as soon as they are made
     if todo:
         dtype = "bfloat16" if acc.device.type == "cuda" else "float32"
-        model, tokenizer = load_model(args.teacher, dtype, str(acc.device))
+        model, tokenizer = load_model(model_dir(teacher), dtype, str(acc.device))
         prompt = lambda i: data.prompt_ids(tokenizer, template, problems[i])  # a record's own chat as it is
         longest = max(len(prompt(i)) for i in todo)
-        options = Options(max_new_tokens=args.gen_max_new_tokens, parallel=False)
-        cache, _ = kvcache.for_call(model, options, [[0] * longest], args.gen_batch, None)  # for every batch
+        options = Options(max_new_tokens=max_new_tokens, parallel=False)
+        cache, _ = kvcache.for_call(model, options, [[0] * longest], batch, None)  # for every batch
         mine = Path(f"{out}.rank{rank}.jsonl")
         bar = tqdm(total=len(todo), desc="teacher", disable=not acc.is_main_process)
         with open(mine, "a", encoding="utf-8") as f:
             if f.tell() and not mine.read_bytes().endswith(b"\n"):
                 f.write("\n")  # a line torn by a kill stays apart from the rows appended now
-            for k in range(0, len(todo), args.gen_batch):
-                chunk = todo[k:k + args.gen_batch]
-                rollouts = sampler.sample(model, tokenizer, [prompt(i) for i in chunk], parallel=False, cache=cache,
-                                  max_new_tokens=args.gen_max_new_tokens, temperature=0.6,
-                                  seed=[args.seed + i for i in chunk])  # a seed per problem
+            for k in range(0, len(todo), batch):
+                chunk = todo[k:k + batch]
+                # a seed per problem: the same trace on any number of processes
+                rollouts = sampler.sample(model, tokenizer, [prompt(i) for i in chunk], parallel=False,
+                                          cache=cache, max_new_tokens=max_new_tokens, temperature=0.6,
+                                          seed=[seed + i for i in chunk])
                 for i, rollout in zip(chunk, rollouts):
                     gold = problems[i]["answer"]
                     response, why = data.judge_trace(rollout.text, gold, tokenizer)
@@ -87,7 +90,7 @@ def generate(args, acc, template):
                 bar.update(len(chunk))
         bar.close()
 
-    # 4) rank 0 merges every decision: the kept traces into <data>, the rejections into the meta file
+    # 4) rank 0 merges every decision: the kept traces into <out>, the rejections into the meta file
     acc.wait_for_everyone()
     if acc.is_main_process:
         new = [r for f in rank_files() for r in data.read_rows(f) if r["index"] not in decided]

@@ -3,6 +3,7 @@ id (`load_problems`: docs/design.md, "Datasets"); the cold-start corpus's judge 
 token ids (`sft_examples`); the order of the RL problems."""
 
 import json
+import os
 import re
 from collections import Counter
 from contextlib import suppress
@@ -10,10 +11,11 @@ from pathlib import Path
 
 import torch
 
-from nanopr1 import UsageError, offline_if_unreachable
+from nanopr1 import UsageError, offline_if_unreachable, toy
 from nanopr1.attention import parse_blocks
-from nanopr1.format import chat_ids, chat_prompt_ids, normalize
+from nanopr1.format import chat_ids, chat_prompt_ids, normalize, tag_ids
 from nanopr1.rewards import reward_rollout
+from nanopr1.rollout import make_rollout
 
 # short name -> (hub id, config, split, file name in a --data-dir); only gsm8k's split is chosen
 HUB = {
@@ -24,8 +26,7 @@ HUB = {
     "amc23": ("math-ai/amc23", None, "test", "eval_amc23.jsonl"),
     "math300": ("HuggingFaceH4/MATH-500", None, "test", "eval_math300.jsonl"),  # integer answers
 }
-LOCAL_FILES = {name: row[3] for name, row in HUB.items()}
-TOY = ("toy-easy", "toy-hard")
+TOY = ("toy-easy", "toy-hard")  # the toy world's held-out sets; toy:easy, toy:hard its training problems
 QUESTION_KEYS = ("question", "problem", "prompt", "Question", "Problem", "messages")
 ANSWER_KEYS = ("answer", "Answer", "ground_truth", "final_answer", "reward_model")
 # DAPO's own instruction around each problem (our prompt is added later)
@@ -40,10 +41,9 @@ def gsm8k_answer(solution):
     return solution.rsplit("####", 1)[1].strip().replace(",", "")
 
 
-def _content(messages, role, last=True):
-    """The text of the last (or first) `role` turn of a list of chat messages."""
-    turns = [m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == role]
-    return (turns[-1] if last else turns[0]) if turns else None
+def _first(messages, role):
+    """The text of the first `role` turn of a list of chat messages, or None."""
+    return next((m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == role), None)
 
 
 def _question(raw, keys=QUESTION_KEYS):
@@ -79,14 +79,15 @@ def _response(raw, key=None):
     r, msgs, comp = raw.get(key or "response"), raw.get("messages"), raw.get("completion")
     if r is None and isinstance(msgs, list):
         users = [i for i, m in enumerate(msgs) if isinstance(m, dict) and m.get("role") == "user"]
-        r = _content(msgs[max(users, default=-1) + 1:], "assistant", last=False)
+        r = _first(msgs[max(users, default=-1) + 1:], "assistant")
     if r is None and comp is not None:
-        r = _content(comp, "assistant", last=False) if isinstance(comp, list) else comp
+        r = _first(comp, "assistant") if isinstance(comp, list) else comp
     return r if isinstance(r, str) else None
 
 
-def to_records(rows, source, fields=(), question_key=None, answer_key=None, response_key=None):
-    """Raw dicts -> {question, answer, *fields} records; a UsageError names the row and columns."""
+def to_records(rows, source, response=False, question_key=None, answer_key=None, response_key=None):
+    """Raw dicts -> {question, answer} records (and a teacher's `response`, for SFT); a UsageError names the
+    row and columns."""
     keys = {"question": (question_key,) if question_key else QUESTION_KEYS,
             "answer": (answer_key,) if answer_key else ANSWER_KEYS,
             "response": (response_key,) if response_key else ("response", "messages", "completion")}
@@ -97,15 +98,14 @@ def to_records(rows, source, fields=(), question_key=None, answer_key=None, resp
         question, chat = _question(raw, keys["question"])
         chat = raw["chat"] if isinstance(raw.get("chat"), list) else chat  # a corpus row keeps its problem's
         record = dict(raw, question=question, answer=_answer(raw, keys["answer"]), **({"chat": chat} if chat else {}))
-        record.update({f: _response(raw, response_key) if f == "response" else raw.get(f) for f in fields})
-        for what in ("question", "answer", *fields):
-            optional = what == "answer" and "response" in fields  # SFT needs no gold answer
-            if not isinstance(record[what], str) and not optional:
-                looked = ", ".join(keys.get(what, (what,)))
-                found = ", ".join(map(str, raw)) or "nothing"
-                flag = f": pass --{what}-key" if what in ("question", "answer", "response") else ""
+        if response:
+            record["response"] = _response(raw, response_key)
+        for what in ("question", "answer", "response") if response else ("question", "answer"):
+            # SFT needs no gold answer
+            if not isinstance(record[what], str) and not (what == "answer" and response):
+                looked, found = ", ".join(keys[what]), ", ".join(map(str, raw)) or "nothing"
                 raise UsageError(f"{source}: record {i} has no {what} column "
-                                 f"(looked for {looked}; found: {found}){flag}")
+                                 f"(looked for {looked}; found: {found}): pass --{what}-key")
         if record["answer"] and "####" in record["answer"]:  # GSM8K: the answer is a whole solution
             record["solution"], record["answer"] = record["answer"], gsm8k_answer(record["answer"])
         out.append(record)
@@ -122,14 +122,20 @@ def read_file(path):
                          f"(one JSON object a line), a JSON list or parquet")
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
-        return pq.read_table(path).to_pylist()
+        try:
+            return pq.read_table(path).to_pylist()
+        except (OSError, ValueError) as e:  # pyarrow's: not parquet, truncated
+            raise UsageError(f"data file {str(path)!r} could not be read as parquet ({e})") from None
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise UsageError(f"data file {str(path)!r} is not UTF-8 text (bad byte at offset "
                          f"{e.start}): re-save it as UTF-8") from None
     if path.suffix == ".json" and text.lstrip().startswith("["):
-        return json.loads(text)
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path}: not a JSON list ({e.msg} at line {e.lineno})") from None
     rows = []
     for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): it splits at U+2028 too
         if line.strip():
@@ -148,7 +154,7 @@ def read_hub(name, hub_id, config, split):
         return datasets.load_dataset(hub_id, config, split=split)  # config is load_dataset's `name`
     except Exception as e:  # offline, missing, gated, renamed: all end the same way for the user
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        local = LOCAL_FILES.get(name, "FILE.jsonl").format(split=split)
+        local = (HUB[name][3] if name in HUB else "FILE.jsonl").format(split=split)
         what = f"config {config}, split {split}" if config else f"split {split}"
         raise UsageError(f"dataset {name!r}: could not load {hub_id} ({what}) from the hub "
                          f"({first}). Offline? Put the records in a local JSONL/parquet file and "
@@ -156,14 +162,17 @@ def read_hub(name, hub_id, config, split):
                          f"the name") from None
 
 
-def load_problems(source, split=None, data_dir=None, fields=(), config=None, question_key=None,
-                  answer_key=None, response_key=None):
+def load_problems(source, split=None, data_dir=None, response=False, config=None, question_key=None,
+                  answer_key=None, response_key=None, seed=0):
     """{question, answer, ...} records from a short name, a file or a hub id (see to_records)."""
     source = str(source)
-    records = lambda rows, where: to_records(rows, where, fields, question_key, answer_key, response_key)
-    if source in TOY:
-        from nanopr1 import toy  # lazily: the toy world is not needed for real data
-        return records(toy.eval_set(source.split("-", 1)[1]), source)
+    records = lambda rows, where: to_records(rows, where, response, question_key, answer_key, response_key)
+    # the toy world's one entry: a held-out set (toy-easy, toy-hard), or 20,000 training problems (toy:easy,
+    # toy:hard) drawn with `seed`
+    if source in TOY or source.startswith("toy:"):
+        level = source[4:]
+        rows = toy.eval_set(level) if source in TOY else toy.problems(level, 20000, seed=seed)
+        return records(rows, source)
     if source in HUB:
         hub_id, default_config, default_split, local = HUB[source]
         split = (split or default_split) if source == "gsm8k" else default_split
@@ -192,14 +201,10 @@ def load_problems(source, split=None, data_dir=None, fields=(), config=None, que
 
 
 def training_problems(source, seed=0, data_dir=None, split="train", **options):
-    """Problems to train on: what load_problems reads (`options`: its keywords), or toy:level's."""
+    """Problems to train on: what load_problems reads (`options`: its keywords), never a held-out set."""
     if source in TOY:
-        raise UsageError(f"--data {source} is the toy's held-out evaluation set; "
-                         f"train on toy:{source[4:]}")
-    if source.startswith("toy:"):
-        from nanopr1 import toy
-        return to_records(toy.problems(source[4:], 20000, seed=seed), source)
-    return load_problems(source, split=split, data_dir=data_dir, **options)
+        raise UsageError(f"--data {source} is the toy's held-out evaluation set; train on toy:{source[4:]}")
+    return load_problems(source, split=split, data_dir=data_dir, seed=seed, **options)
 
 
 def write_rows(path, rows, mode="w"):
@@ -207,6 +212,9 @@ def write_rows(path, rows, mode="w"):
     tmp = Path(f"{path}.tmp") if mode == "w" else Path(path)
     with open(tmp, mode, encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        if mode == "w":  # on disk before the rename vouches for it
+            f.flush()
+            os.fsync(f.fileno())
     tmp.replace(path)
 
 
@@ -230,7 +238,6 @@ def reason_kind(reason):
 
 def judge_trace(text, gold, tokenizer):
     """The paper's filter of a teacher's trace: (response, None) to keep it, else (None, why)."""
-    from nanopr1.rollout import make_rollout  # here, not at the top: rollout -> model -> data
     response = normalize(text.split("</think>")[-1].strip())  # the teacher's thinking is dropped
     ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     rollout = make_rollout(tokenizer, [], ids, "budget")  # "budget": the last token is no EOS
@@ -244,7 +251,6 @@ def judge_trace(text, gold, tokenizer):
 
 def sft_examples(rows, tokenizer, template, max_len):
     """(examples, dropped): rows as (prompt ids, response ids + EOS); the dropped, by kind."""
-    from nanopr1.model import tag_ids  # here, not at the top: model -> data
     tags, examples, dropped = tag_ids(tokenizer), [], Counter()
     for row in rows:
         prompt = prompt_ids(tokenizer, template, row)

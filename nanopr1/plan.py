@@ -2,7 +2,6 @@
 measured at the start of a GPU run. The figures' sources: docs/design.md, "Memory at 4B"."""
 
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import accumulate
 from pathlib import Path
@@ -12,10 +11,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from nanopr1 import UsageError, offline_if_unreachable
 from nanopr1.checkpoint import model_dir
-from nanopr1.kvcache import KVCache, bucket, kv_bytes_per_token, rows_for_budget
+from nanopr1.graphs import bucket
+from nanopr1.kvcache import KVCache, kv_bytes_per_token, rows_for_budget
 from nanopr1.model import LORA_TARGETS
 from nanopr1.rollout import ALL_TAGS, Rollout
-from nanopr1.scoring import LOGITS_CHUNK_TOKENS, score
+from nanopr1.scoring import LOGITS_CHUNK_TOKENS, rollout_logprobs
 
 GB = 1e9
 HEADROOM = 0.05      # of the GPU, never planned for: fragmentation, what the estimates miss
@@ -29,11 +29,11 @@ POOL_BYTES = 8       # per (row x vocab): what a captured decode step leaves in 
 
 @dataclass
 class Plan:
+    gpu_bytes: float
     items: list = field(default_factory=list)  # (what, bytes)
     rows: int = 0          # KV cache rows in flight
     cols: int = 0          # columns per row
     kv_bytes: float = 0.0
-    gpu_bytes: float = 0.0
     training: float = 0.0  # the training transient: a micro-batch's forward and backward, or AdamW
     fits: bool = False
     verdict: str = ""
@@ -54,9 +54,8 @@ def load_config(name):
     local = Path(name).expanduser()
     if not local.exists():
         offline_if_unreachable()
-    source = str(model_dir(local)) if local.exists() else name
     try:
-        return AutoConfig.from_pretrained(source)
+        return AutoConfig.from_pretrained(str(model_dir(local)) if local.exists() else name)
     except (OSError, ValueError) as e:
         why = str(e).strip().splitlines()[0][:120]
         raise UsageError(f"--plan: no model config at {name!r} ({why})") from None
@@ -68,7 +67,7 @@ def count_parameters(config, lora_r=0):
         model = AutoModelForCausalLM.from_config(config)
     n = sum(q.numel() for q in model.parameters())  # tied embeddings count once
     targets = [m for name, m in model.named_modules() if name.split(".")[-1] in LORA_TARGETS]
-    adapters = lora_r * sum(m.in_features + m.out_features for m in targets) if lora_r else 0
+    adapters = lora_r * sum(m.in_features + m.out_features for m in targets)
     layer = sum(q.numel() for q in model.get_decoder().layers[0].parameters())
     return n, adapters, layer, model.get_input_embeddings().weight.numel()
 
@@ -100,7 +99,7 @@ def memory_plan(config, *, gpu_bytes, world=1, fsdp=False, lora_r=0, grad_ckpt=T
     """The per-rank memory of a run, a Plan; kv_bytes None: the KV cache gets what is left."""
     n, adapters, layer, embed = count_parameters(config, lora_r)
     shard, V = world if fsdp else 1, config.vocab_size
-    p = Plan(gpu_bytes=gpu_bytes)
+    p = Plan(gpu_bytes)
     # 1) what stays: the model states, the sampling copy, the KL reference, context, headroom
     if lora_r:
         p.items += [("base weights (bf16, frozen)", 2 * n),
@@ -143,10 +142,8 @@ def memory_plan(config, *, gpu_bytes, world=1, fsdp=False, lora_r=0, grad_ckpt=T
             p.rows = fit(gpu_bytes - p.total - sample)
             sample = bucket(max(p.rows, 1)) * V * SAMPLING_BYTES
         p.kv_bytes = p.rows * row
-        what += f", or sampling {sample / GB:.1f} GB if larger"
-        graphs = p.rows * V * (4 + POOL_BYTES)
-        p.items += [(what, max(p.training, sample)),
-                    ("CUDA graphs: their logits buffer and memory pool", graphs),
+        p.items += [(f"{what}, or sampling {sample / GB:.1f} GB if larger", max(p.training, sample)),
+                    ("CUDA graphs: their logits buffer and memory pool", p.rows * V * (4 + POOL_BYTES)),
                     (f"KV cache: {p.rows:,} rows x {p.cols + 1:,} columns x "
                      f"{kv_token / 1024:.0f} KiB per token (bf16)", p.kv_bytes)]
 
@@ -166,27 +163,22 @@ def memory_plan(config, *, gpu_bytes, world=1, fsdp=False, lora_r=0, grad_ckpt=T
     return p
 
 
-def plan_for(args, config, sampling=True, longest_prompt=None):
-    """The Plan of a script's run from its flags, else this GPU and launch (FSDP: full, >1 GPU)."""
-    if args.gpu_memory_gb:
-        gpu = args.gpu_memory_gb * GB
+def plan_for(config, *, gpu_memory_gb=None, num_gpus=None, lora_r=0, sampling=True, rollouts=0, kv_memory_gb=None,
+             **shape):
+    """memory_plan of a script's run on `gpu_memory_gb` and `num_gpus`, by default this GPU and launch (FSDP:
+    full fine-tunes on more than one GPU). `rollouts`: a step's, over every rank; `shape`: memory_plan's."""
+    if gpu_memory_gb:
+        gpu = gpu_memory_gb * GB
     elif torch.cuda.is_available():
         gpu = torch.cuda.get_device_properties(0).total_memory
     else:
         raise UsageError("no GPU here: pass --gpu-memory-gb (e.g. 80) to plan for one")
-    world = args.num_gpus or int(os.environ.get("WORLD_SIZE", 1))
-    fsdp = os.environ.get("ACCELERATE_USE_FSDP", str(world > 1 and not args.lora)).lower() == "true"
-    rl = {}
-    if sampling:
-        rollouts = args.prompts_per_step * args.group_size // world  # this rank's
-        rl = dict(max_prompt_tokens=longest_prompt or args.max_prompt_tokens,
-                  max_new_tokens=args.max_new_tokens, num_paths=args.num_paths,
-                  max_rows=rollouts * args.num_paths, reference=args.kl_coef > 0 and not args.lora,
-                  kv_bytes=args.kv_memory_gb * GB if args.kv_memory_gb else None)
-    return memory_plan(config, gpu_bytes=gpu, world=world, fsdp=fsdp, sampling=sampling,
-                       lora_r=args.lora_r if args.lora else 0, unseen=args.variant == "unseen",
-                       grad_ckpt=args.grad_ckpt is not False,
-                       micro_batch_tokens=args.micro_batch_tokens, **rl)
+    world = num_gpus or int(os.environ.get("WORLD_SIZE", 1))
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", str(world > 1 and not lora_r)).lower() == "true"
+    if sampling:  # this rank's rollouts, one KV row per path each
+        shape.update(max_rows=rollouts // world * shape.get("num_paths", 2),
+                     kv_bytes=kv_memory_gb * GB if kv_memory_gb else None)
+    return memory_plan(config, gpu_bytes=gpu, world=world, fsdp=fsdp, lora_r=lora_r, sampling=sampling, **shape)
 
 
 def peak_bytes(fn, device):
@@ -208,17 +200,15 @@ def peak_bytes(fn, device):
     return max(accumulate((nbytes for _, nbytes in events), initial=0))  # the running total's peak
 
 
-@contextmanager
-def lr_zero(opt):
-    """Every parameter group at lr 0 inside: an AdamW step that moves nothing."""
+def _still_step(opt):
+    """An optimizer step at lr 0 (AdamW's temporaries and moments are made, no weight moves), grads freed."""
     lrs = [g["lr"] for g in opt.param_groups]
     for g in opt.param_groups:
         g["lr"] = 0.0
-    try:
-        yield
-    finally:
-        for g, lr in zip(opt.param_groups, lrs):
-            g["lr"] = lr
+    opt.step()
+    for g, lr in zip(opt.param_groups, lrs):
+        g["lr"] = lr
+    opt.zero_grad(set_to_none=True)
 
 
 def profile_training(model, opt, acc, tags, variant, pad, tokens, row_tokens):
@@ -232,19 +222,15 @@ def profile_training(model, opt, acc, tags, variant, pad, tokens, row_tokens):
                         text="", stop_reason="budget") for _ in range(max(1, tokens // L))]
 
     def step():
-        logp, mask = score(model, rollouts, tags, variant, 1.0, pad, acc.device)
+        logp, mask = rollout_logprobs(model, rollouts, tags, variant, 1.0, pad, acc.device)
         acc.backward((logp * mask).sum() * 0.0)
-        with lr_zero(opt):
-            opt.step()
-        opt.zero_grad(set_to_none=True)
+        _still_step(opt)
 
     # AdamW's moments first, from zero gradients: they stay for the run, so free memory counts them after
     # this; made inside the measured step they would be counted twice
     for q in (q for g in opt.param_groups for q in g["params"]):
         q.grad = torch.zeros_like(q)
-    with lr_zero(opt):
-        opt.step()
-    opt.zero_grad(set_to_none=True)
+    _still_step(opt)
     peak = peak_bytes(step, acc.device)
     for state in opt.state.values():  # zero gradients left the moments at 0: only the step moved
         state["step"] = torch.zeros_like(state["step"]) if torch.is_tensor(state["step"]) else 0
@@ -265,27 +251,31 @@ def least(acc, value):
     return -int(acc.reduce(torch.tensor(-int(value), device=acc.device), "max").item())
 
 
-def kv_cache_for_run(args, acc, model, opt, tags, pad, longest):
-    """train_rl.py's KV cache: rows for this rank's rollouts, as many as fit beside the training step
-    (measured on a GPU), the same number on every rank, so that all of them go on or all refuse."""
+def kv_cache_for_run(acc, model, opt, tags, pad, longest, *, max_new_tokens, num_paths, rollouts, max_rows=None,
+                     kv_memory_gb=None, unseen=False, micro_batch_tokens=16384, **plan_flags):
+    """train_rl.py's KV cache: rows for this rank's rollouts (`rollouts`: a step's, over every rank), as many
+    as fit beside the training step (measured on a GPU), the same number on every rank, so that all of them
+    go on or all refuse. The prompts are `longest` tokens at most; `plan_flags`: plan_for's other keywords."""
     cuda, config = acc.device.type == "cuda", acc.unwrap_model(model).config
-    cols = longest + args.max_new_tokens + 1
-    rollouts = args.prompts_per_step * args.group_size // acc.num_processes
-    rows = args.max_rows or rollouts * args.num_paths
+    cols = longest + max_new_tokens + 1
+    rows = max_rows or rollouts // acc.num_processes * num_paths
     dtype = torch.bfloat16 if cuda else torch.float32  # the sampling copy's
     kv_row = (cols + 1) * kv_bytes_per_token(config, dtype)
     per_row = kv_row + (4 + POOL_BYTES) * config.vocab_size  # with its share of the graphs' buffers
-    plan = plan_for(args, config, longest_prompt=longest) if cuda else None
-    if plan is not None:
+    plan = None
+    if cuda:  # the plan, and the worst-case micro-batch measured beside the plan's figure
+        plan = plan_for(config, max_prompt_tokens=longest, max_new_tokens=max_new_tokens, num_paths=num_paths,
+                        rollouts=rollouts, kv_memory_gb=kv_memory_gb, unseen=unseen,
+                        micro_batch_tokens=micro_batch_tokens, **plan_flags)
         acc.print(f"memory plan per GPU:\n{plan}")
         if not least(acc, plan.fits):
             raise UsageError(plan.verdict)
-    if cuda:  # the worst-case micro-batch, measured beside the plan's figure
-        peak = profile_training(model, opt, acc, tags, args.variant, pad, args.micro_batch_tokens, cols - 1)
+        peak = profile_training(model, opt, acc, tags, "unseen" if unseen else "seen", pad, micro_batch_tokens,
+                                cols - 1)
         acc.print(f"measured: the worst-case training micro-batch peaks {peak / GB:.2f} GB above the model "
                   f"states (plan: {plan.training / GB:.2f} GB + gradients)")
-    if cuda and args.kv_memory_gb:
-        rows = min(rows, rows_for_budget(config, dtype, cols, args.kv_memory_gb * GB))
+    if cuda and kv_memory_gb:
+        rows = min(rows, rows_for_budget(config, dtype, cols, kv_memory_gb * GB))
     elif cuda:  # what is really free, minus the headroom and the measured peak beside the cache
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(acc.device)
@@ -295,13 +285,12 @@ def kv_cache_for_run(args, acc, model, opt, tags, pad, longest):
         rows = min(rows, int(free / 2 / int(os.environ.get("LOCAL_WORLD_SIZE", 1)) // per_row))
     # a rank that refused alone would leave the others waiting in their first collective
     rows = least(acc, rows)
-    if rows < args.num_paths:
+    if rows < num_paths:
         where = "the GPU holds" if cuda else "half of this machine's free memory holds"
         raise UsageError(f"{where} {rows} KV cache rows of {cols} columns beside the training step, one "
-                         f"rollout needs {args.num_paths}: lower --max-new-tokens"
-                         f"{' or --micro-batch-tokens' * cuda}")
-    acc.print(f"KV cache: {rows} rows of {cols + 1} columns, {rows * kv_row / GB:.2f} GB ({rollouts} rollouts "
-              f"of {args.num_paths} paths a step)")
-    kv = KVCache(rows, cols, acc.device)
-    kv.note = str(plan or "")  # for an out-of-memory error during a graph capture
-    return kv
+                         f"rollout needs {num_paths}: lower --max-new-tokens{' or --micro-batch-tokens' * cuda}")
+    acc.print(f"KV cache: {rows} rows of {cols + 1} columns, {rows * kv_row / GB:.2f} GB "
+              f"({rollouts // acc.num_processes} rollouts of {num_paths} paths a step)")
+    cache = KVCache(rows, cols, acc.device)
+    cache.captured.note = str(plan or "")  # for an out-of-memory error during a graph capture
+    return cache

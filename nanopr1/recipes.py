@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from nanopr1 import UsageError, toy
+from nanopr1.checkpoint import latest
 from nanopr1.format import PARALLEL_PROMPT, SEQUENTIAL_PROMPT, load_template
 
 # The RL recipes, one row each. The batch follows the official scripts that made the released
@@ -76,30 +77,31 @@ TOY = {  # --preset toy, per script (SFT: 800 steps of toy.sft_corpus(25600))
                  batch_size=16),
     "sample": dict(max_new_tokens=toy.MAX_NEW_TOKENS),
 }
+TOY_STAGES = ("out/toy-hard", "out/toy-easy", "out/toy-sft")  # where the toy curriculum saves, newest first
+
+
+class _Typed(argparse.Namespace):
+    """Claims to hold every flag, so argparse fills in no default: what it ends up holding was typed."""
+
+    def __getattr__(self, name):
+        if name.startswith("_"):  # argparse's own bookkeeping: not claimed
+            raise AttributeError(name)
+
+
+def typed_flags(parser, argv):
+    """The flags typed in `argv` (abbreviated ones too): the preset and checkpoint.resume_args keep them."""
+    return set(vars(parser.parse_args(argv, _Typed())))
 
 
 def parse(parser, argv, script):
-    """Parse argv with --preset toy's defaults (a typed flag wins); args._typed: the flags typed."""
+    """Parse argv; --preset toy's values for the flags not typed; args._typed: the flags typed (--resume)."""
     argv = negative_values(sys.argv[1:] if argv is None else list(argv))
     args = parser.parse_args(argv)
-    if args.preset == "toy":  # parse again with the preset's defaults
-        saved = {k: parser.get_default(k) for k in TOY[script]}
-        parser.set_defaults(**TOY[script])
-        try:
-            args = parser.parse_args(argv)
-        finally:
-            parser.set_defaults(**saved)
-    # parse once more with no defaults at all: what is left was typed
-    defaults, parser_defaults = {a.dest: a.default for a in parser._actions}, parser._defaults
-    for a in parser._actions:
-        a.default = argparse.SUPPRESS
-    parser._defaults = {}
-    try:
-        args._typed = set(vars(parser.parse_args(argv))) | {"script"}  # the script: always compared
-    finally:
-        parser._defaults = parser_defaults
-        for a in parser._actions:
-            a.default = defaults[a.dest]
+    args._typed = typed_flags(parser, argv)
+    if args.preset == "toy":  # the preset's value for every flag not typed
+        for k, v in TOY[script].items():
+            if k not in args._typed:
+                setattr(args, k, v)
     args.script = script
     return args
 
@@ -145,10 +147,16 @@ def check_tracker(report_to):
         raise UsageError(f"--report-to {report_to}: {report_to} is not installed (pip install {report_to})")
 
 
-def template(args):
-    """The prompt template: --prompt-file's, the toy's, or the sequential / parallel one."""
-    if getattr(args, "prompt_file", None):
-        return load_template(args.prompt_file)
-    if args.preset == "toy":
-        return toy.TEMPLATE  # the question alone: toy models learn the format in SFT
-    return SEQUENTIAL_PROMPT if getattr(args, "no_parallel", False) else PARALLEL_PROMPT
+def template(prompt_file=None, toy_preset=False, sequential=False):
+    """The prompt template: --prompt-file's, the toy's (the question alone: toy models learn the format in
+    SFT), or the sequential / parallel one."""
+    if prompt_file:
+        return load_template(prompt_file)
+    if toy_preset:
+        return toy.TEMPLATE
+    return SEQUENTIAL_PROMPT if sequential else PARALLEL_PROMPT
+
+
+def latest_toy_model():
+    """The newest stage the toy curriculum has written (a run dir or a model dir), or None."""
+    return next((d for d in TOY_STAGES if latest(d) or (Path(d) / "config.json").is_file()), None)

@@ -5,13 +5,11 @@ candidate (`3*7=21 vs 56 no`), a block two at once. The rest: docs/design.md, "T
 import random
 import re
 import zlib
-from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from nanopr1.checkpoint import latest
 from nanopr1.format import (ANSWER_PREFIX, BLOCK_GAP, PARALLEL, PARALLEL_END, PATH, PATH_END, SUMMARY,
                             SUMMARY_END, TAGS)
 from nanopr1.model import tiny_qwen3_config
@@ -23,7 +21,6 @@ HARD_BUDGET = (1, 2, 3, 4, 5, 6)  # distinct candidates the hard-level teacher c
 MAX_BLOCKS = 4                    # as the sampler's default limit
 P_BLOCKS = 0.65                   # share of teacher traces that try to use blocks
 P_BLOCK_STEP = 0.7                # in those, the chance that a step is a block (not a plain step)
-STAGE_DIRS = ("out/toy-hard", "out/toy-easy", "out/toy-sft")  # the curriculum's, newest first
 
 SPECIAL = ["<|pad|>", "<|endoftext|>", "<|user|>", "<|assistant|>", "<|unk|>"]
 # longest first: "none" before "no"
@@ -61,11 +58,6 @@ def new_model(tokenizer, seed=0):
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model  # the tags are in its vocabulary already: no model.add_tags
-
-
-def latest_model():
-    """The newest toy run the curriculum has written (a run dir or a model dir), or None."""
-    return next((d for d in STAGE_DIRS if latest(d) or (Path(d) / "config.json").is_file()), None)
 
 
 QUESTION_RE = re.compile(r"Find x in ([\d ]+) with x\*(\d)=(\d+)\.")

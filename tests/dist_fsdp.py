@@ -14,7 +14,8 @@ from torch.distributed.fsdp import fully_shard
 
 from conftest import build_bpe_tokenizer, tiny_model
 from nanopr1 import scoring
-from nanopr1.model import apply_lora, load_model, refresh_copy, sampling_copy, save_model, tag_ids
+from nanopr1.format import tag_ids
+from nanopr1.model import apply_lora, load_model, refresh_copy, sampling_copy, save_model
 
 dist.init_process_group("gloo")
 mesh = init_device_mesh("cpu", (dist.get_world_size(),))

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from accelerate import Accelerator
 
 from conftest import build_bpe_tokenizer, tiny_model
-from test_plan import rl_args
+from test_plan import rl_flags
 from nanopr1 import UsageError, plan
 
 acc = Accelerator(cpu=True)
@@ -19,7 +19,7 @@ per_row = 132 * plan.kv_bytes_per_token(model.config, plan.torch.float32) + 12 *
 # each of the 2 processes takes half of its half: 1 row or 1,500
 plan.available_bytes = lambda: (6 if acc.process_index == 1 else 6000) * per_row
 try:
-    kv = plan.kv_cache_for_run(rl_args(), acc, model, None, None, 0, 30)
+    kv = plan.kv_cache_for_run(acc, model, None, None, 0, 30, **rl_flags())
     outcome = f"went on with {kv.R} rows"
 except UsageError as e:
     outcome = f"error: {e}"

@@ -1,7 +1,7 @@
 """Checkpoints: a save/resume round trip with a real Accelerator (the weights written once, LoRA too), a
 kill after every fsync of a save, --keep-checkpoints, damaged checkpoints (sizes and content), no checkpoint
 of non-finite weights, the output-dir guard (--resume's flag rules) and its lock, log trimming, a changed
---lr on resume, and model.load / model_dir / the toy preset on run dirs."""
+--lr on resume, and model_dir (what model.load_model reads) / the toy preset on run dirs."""
 
 import json
 import os
@@ -20,10 +20,10 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from conftest import ENV, ROOT, init_toy_dir, run
-from nanopr1 import UsageError, checkpoint, toy
+from nanopr1 import UsageError, checkpoint, recipes
 from nanopr1.checkpoint import (LOGS, apply_lr, checkpoints, latest, load_state, lock, model_dir, prepare_out,
-                                release, save, trim_rows, validate)
-from nanopr1.model import apply_lora, load_model, save_checkpoint, save_model
+                                release, save, save_checkpoint, trim_logs, validate)
+from nanopr1.model import apply_lora, load_model, save_model
 
 LR = 1e-3
 
@@ -106,7 +106,7 @@ def fake_model(d):
     (d / "config.json").write_text("{}")
 
 # -----------------------------------------------------------------------------
-# round trip, model.load / model_dir on run dirs and step dirs, the toy preset
+# round trip, model_dir on run dirs and step dirs, the toy preset
 
 
 def test_round_trip_restores_weights_optimizer_rng_step_and_logs(tmp_path, toy_dir):
@@ -137,43 +137,43 @@ def test_round_trip_restores_weights_optimizer_rng_step_and_logs(tmp_path, toy_d
     assert checkpoints(out) == [(2, ckpt(out, 2))] and validate(ckpt(out, 2)) is None
 
     assert model_dir(out) == ckpt(out, 2)  # the run dir loads as its newest checkpoint
-    loaded = load_model(str(out))[0].state_dict()
+    loaded = load_model(model_dir(out))[0].state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in saved_w.items() if k in loaded)
 
 
-def test_model_load_resolves_run_dirs_and_step_dirs(tmp_path, toy_dir):
+def test_model_dir_resolves_run_dirs_and_step_dirs(tmp_path, toy_dir):
     """A plain model dir and a step checkpoint dir load as themselves; a run dir loads its newest valid
     checkpoint (an older one when the newest is damaged; never a .tmp); a run dir with nothing valid is
     a one-line error naming the damaged file."""
     t, out = trainer(toy_dir), tmp_path / "run"
-    assert model_dir(toy_dir) == Path(toy_dir)
+    assert Path(model_dir(toy_dir)) == Path(toy_dir)
     save(out, 1, t.acc, writer(t), keep=2)
-    w1 = load_model(str(out))[0].state_dict()
+    w1 = load_model(model_dir(out))[0].state_dict()
     train(t, 1)
     save(out, 2, t.acc, writer(t), keep=2)
-    w2 = load_model(str(out))[0].state_dict()
+    w2 = load_model(model_dir(out))[0].state_dict()
     assert not all(torch.equal(w1[k], w2[k]) for k in w1)
     assert model_dir(out) == ckpt(out, 2)
     assert model_dir(ckpt(out, 1)) == ckpt(out, 1)  # a step dir: itself
-    step1 = load_model(str(ckpt(out, 1)))[0].state_dict()
+    step1 = load_model(model_dir(ckpt(out, 1)))[0].state_dict()
     assert all(torch.equal(step1[k], w1[k]) for k in w1)
     shutil.copytree(ckpt(out, 2), out / "checkpoint-000003.tmp")  # a killed save's leftovers: never read
     assert model_dir(out) == ckpt(out, 2)
     (ckpt(out, 2) / "config.json").write_text("{}")  # damaged: the older one is the run's model
     assert model_dir(out) == ckpt(out, 1)
-    assert all(torch.equal(v, w1[k]) for k, v in load_model(str(out))[0].state_dict().items())
+    assert all(torch.equal(v, w1[k]) for k, v in load_model(model_dir(out))[0].state_dict().items())
     (ckpt(out, 1) / "model.safetensors").unlink()
     with pytest.raises(UsageError) as e:
-        load_model(str(out))
+        model_dir(out)
     said = str(e.value)
     assert said.startswith(f"no valid checkpoint in {out}: ") and "\n" not in said
     assert f"{ckpt(out, 2) / 'config.json'}: 2 bytes, the manifest says" in said
     assert f"{ckpt(out, 1) / 'model.safetensors'}: missing" in said
     empty = tmp_path / "empty"  # neither a model nor a run: load says what it expected
     empty.mkdir()
-    assert model_dir(empty) == empty
+    assert Path(model_dir(empty)) == Path(empty)
     with pytest.raises(UsageError, match="no such model directory"):
-        load_model(str(empty))
+        load_model(model_dir(empty))
 
 
 def test_the_toy_preset_finds_the_newest_run_dir(tmp_path, toy_dir, monkeypatch):
@@ -181,19 +181,19 @@ def test_the_toy_preset_finds_the_newest_run_dir(tmp_path, toy_dir, monkeypatch)
     with a valid checkpoint, or a plain model dir; a stage that has only started (nothing saved, a killed
     save's .tmp, a damaged checkpoint) is passed over."""
     monkeypatch.chdir(tmp_path)
-    assert toy.latest_model() is None
+    assert recipes.latest_toy_model() is None
     shutil.copytree(toy_dir, "out/toy-sft")  # a plain model dir
-    assert toy.latest_model() == "out/toy-sft"
+    assert recipes.latest_toy_model() == "out/toy-sft"
     copy = lambda d: shutil.copytree(toy_dir, d, dirs_exist_ok=True)
     save(Path("out/toy-easy"), 1, trainer(toy_dir).acc, copy)
-    assert toy.latest_model() == "out/toy-easy"
+    assert recipes.latest_toy_model() == "out/toy-easy"
     Path("out/toy-hard/checkpoint-000025.tmp").mkdir(parents=True)  # started, killed in its first save
-    assert toy.latest_model() == "out/toy-easy"
+    assert recipes.latest_toy_model() == "out/toy-easy"
     save(Path("out/toy-hard"), 5, trainer(toy_dir).acc, copy)
     (ckpt("out/toy-hard", 5) / "step.json").unlink()
-    assert toy.latest_model() == "out/toy-easy"
+    assert recipes.latest_toy_model() == "out/toy-easy"
     save(Path("out/toy-hard"), 6, trainer(toy_dir).acc, copy, keep=2)
-    assert toy.latest_model() == "out/toy-hard"
+    assert recipes.latest_toy_model() == "out/toy-hard"
     assert model_dir("out/toy-hard") == ckpt("out/toy-hard", 6)
 
 # -----------------------------------------------------------------------------
@@ -401,7 +401,7 @@ def test_a_damaged_checkpoint_is_named_and_the_previous_one_used(tmp_path, toy_d
     capsys.readouterr()
     assert latest(out) == (ckpt(out, 1), 1) and model_dir(out) == ckpt(out, 1)
     assert capsys.readouterr().err == f"note: checkpoint-000001 is used: {reason}\n"
-    assert all(torch.equal(v, w1[k]) for k, v in load_model(str(out))[0].state_dict().items() if k in w1)
+    assert all(torch.equal(v, w1[k]) for k, v in load_model(model_dir(out))[0].state_dict().items() if k in w1)
     typed = Namespace(lr=LR, stage="easy", _typed=set())
     said = prepare_out(out, typed, t.acc, resume=True, refuse=("stage",), apply=("lr",))
     assert said.split("\n") == [f"--resume: checkpoint-000001 is used: {reason}", f"resuming {out} at step 1"]
@@ -409,7 +409,7 @@ def test_a_damaged_checkpoint_is_named_and_the_previous_one_used(tmp_path, toy_d
     # nothing valid: every reader says why in one line
     alone = tmp_path / "alone"
     reason = validate(ckpt(alone, 2))
-    for call in (lambda: load_state(alone, t.acc), lambda: load_model(str(alone)),
+    for call in (lambda: load_state(alone, t.acc), lambda: model_dir(alone),
                  lambda: prepare_out(alone, Namespace(lr=LR, stage="easy", _typed=set()), t.acc, resume=True)):
         with pytest.raises(UsageError) as e:
             call()
@@ -588,12 +588,10 @@ def test_only_the_main_process_holds_the_lock(tmp_path):
     ('{"step": 2, "i": 0}\n{"step": 2, "i": 1}\n{"step": 3, "i": 0}\n', 2, [2, 2]),  # rollouts: rows per step
     ('{"step": 3}\n', 0, []),
 ])
-def test_trim_rows(tmp_path, text, step, kept):
+def test_trim_logs(tmp_path, text, step, kept):
     (tmp_path / "metrics.jsonl").write_text(text)
-    trim_rows(tmp_path / "metrics.jsonl", step)
+    trim_logs(tmp_path, step)  # (rollouts.jsonl, eval_rollouts.jsonl: no log yet, nothing to do, nothing made)
     assert rows(tmp_path / "metrics.jsonl") == kept and names(tmp_path) == ["metrics.jsonl"]
-    trim_rows(tmp_path / "absent.jsonl", step)  # no log yet: nothing to do, nothing made
-    assert names(tmp_path) == ["metrics.jsonl"]
 
 
 @pytest.mark.parametrize("schedule", [True, False])

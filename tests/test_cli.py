@@ -13,7 +13,7 @@ import torch
 
 from conftest import ROOT, init_toy_dir, run
 from nanopr1 import toy
-from nanopr1.checkpoint import validate
+from nanopr1.checkpoint import model_dir, validate
 from nanopr1.model import load_model
 
 
@@ -294,7 +294,7 @@ def killed_and_resumed(script, args, out, kill):
     else:
         assert proc.returncode == 0, proc.stderr[-2000:]
     read = lambda name: [json.loads(line) for line in open(out / name)] if (out / name).exists() else None
-    return left, read("metrics.jsonl"), read("rollouts.jsonl"), load_model(str(out))[0].state_dict()
+    return left, read("metrics.jsonl"), read("rollouts.jsonl"), load_model(model_dir(out))[0].state_dict()
 
 
 def kill_points(out, points):

@@ -161,9 +161,9 @@ def test_question_and_answer_keys(tmp_path, raw, keys, question, answer):
      "ground_truth, final_answer, reward_model; found: question, label): pass --answer-key"),
     ({"question": "q", "answer": "1"}, {"answer_key": "label"},
      "d.jsonl: record 0 has no answer column (looked for label; found: question, answer): pass --answer-key"),
-    ({"question": "q", "answer": "1"}, {"fields": ("response",)}, "d.jsonl: record 0 has no response column "
+    ({"question": "q", "answer": "1"}, {"response": True}, "d.jsonl: record 0 has no response column "
      "(looked for response, messages, completion; found: question, answer): pass --response-key"),
-    ({"messages": chat(("assistant", "hi"), ("user", "Q"))}, {"fields": ("response",)},  # no reply
+    ({"messages": chat(("assistant", "hi"), ("user", "Q"))}, {"response": True},  # no reply
      "d.jsonl: record 0 has no response column (looked for response, messages, completion; found: messages): "
      "pass --response-key"),
     (["q", "1"], {}, "d.jsonl: record 0 is a list, not a JSON object"),
@@ -187,7 +187,7 @@ def test_missing_column_is_one_line_naming_the_columns(tmp_path, raw, kw, messag
 def test_sft_layouts(tmp_path, bpe_tokenizer, raw, question, answer, response, sent):
     """A bare question gets our template; a record's own chat (up to its last user turn) goes as it is."""
     from nanopr1.format import PARALLEL_PROMPT, chat_ids, chat_prompt_ids
-    [r] = data.load_problems(str(write_jsonl(tmp_path / "d.jsonl", [raw])), fields=("response",))
+    [r] = data.load_problems(str(write_jsonl(tmp_path / "d.jsonl", [raw])), response=True)
     assert (r["question"], r.get("answer"), r["response"]) == (question, answer, response)
     [(prompt, _)], _ = data.sft_examples([r], bpe_tokenizer, PARALLEL_PROMPT, 4096)  # what train_sft reads
     chat_ = raw.get("messages") or raw.get("prompt")
@@ -237,7 +237,7 @@ def test_gsm8k_solutions_parse_to_their_answer(split, size):
 @pytest.mark.parametrize("name,size", [("aime24", 30), ("aime25", 30), ("amc23", 40), ("math300", 316),
                                        ("dapo", 17917)])
 def test_shared_sets_load(name, size):
-    shared_file(data.LOCAL_FILES[name])
+    shared_file(data.HUB[name][3])  # its file name in a --data-dir
     records = data.load_problems(name, data_dir=SHARED)
     assert len(records) == size
     assert all(r["question"].strip() and r["answer"].strip() for r in records)
@@ -277,7 +277,7 @@ def test_a_recipes_steps_have_distinct_problems_and_random_streams(problems, per
     """The recipes' real sizes: no problem twice in a step (the old epoch-crossing steps of GSM8K repeated 35,
     30, 12 and 17 problems at steps 8, 15, 22 and 30), and every rollout of the run has its own random stream
     (train_rl seeds problem i of step s with mix(seed, s, i), the sampler its g-th rollout with mix(that, g))."""
-    from nanopr1.rollout import mix
+    from nanopr1.sampler import mix
     keys = set()
     for s in range(1, steps + 1):
         idx = data.step_problems(problems, per_step, 0, s - 1)

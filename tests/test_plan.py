@@ -42,7 +42,7 @@ def test_kv_figure_equals_the_cache(bpe_tokenizer):
     kv.reset(model)
     kv.add_rows(1)
     kv.prefill(model, torch.tensor([[5, 6, 7]]), torch.arange(3)[None], torch.ones(1, 3, dtype=torch.bool), [0])
-    assert sum(t.numel() * t.element_size() for t in kv.kv) == plan.kv_bytes
+    assert sum(t.numel() * t.element_size() for t in kv.tensors) == plan.kv_bytes
     assert plan.kv_bytes <= 3e5 < plan.kv_bytes + plan.kv_bytes / plan.rows  # as many rows as the budget holds
 
 
@@ -144,13 +144,11 @@ def test_peak_bytes_on_a_gpu_sees_past_the_allocators_cache(monkeypatch):
     assert peak_bytes(lambda: (fake.take(1e9), fake.give(1e9)), "cuda") == 1e9
 
 
-def rl_args(**kw):
-    """The flags of train_rl.py that plan.kv_cache_for_run reads."""
-    import argparse
-    return argparse.Namespace(**{**dict(max_new_tokens=100, prompts_per_step=4, group_size=4, num_paths=2,
-                                        max_rows=None, kv_memory_gb=None, micro_batch_tokens=16384, variant="seen",
-                                        max_prompt_tokens=2000, gpu_memory_gb=None, num_gpus=None, lora=False,
-                                        kl_coef=0.0, grad_ckpt=None), **kw})
+def rl_flags(**kw):
+    """What train_rl.py hands plan.kv_cache_for_run: its flags in the plan's words (train_rl.memory_flags)."""
+    return {**dict(max_new_tokens=100, rollouts=4 * 4, num_paths=2, max_rows=None, kv_memory_gb=None,
+                   micro_batch_tokens=16384, unseen=False, gpu_memory_gb=None, num_gpus=None, lora_r=0,
+                   reference=False, grad_ckpt=True), **kw}
 
 
 def test_a_cpu_run_sizes_its_cache_from_its_rollouts_without_a_measured_step(bpe_tokenizer, monkeypatch):
@@ -162,11 +160,11 @@ def test_a_cpu_run_sizes_its_cache_from_its_rollouts_without_a_measured_step(bpe
     from nanopr1 import plan
     monkeypatch.setattr(plan, "profile_training", lambda *a, **k: pytest.fail("a CPU run measured a step"))
     acc, model = Accelerator(cpu=True), tiny_model(bpe_tokenizer)
-    kv = plan.kv_cache_for_run(rl_args(), acc, model, None, None, 0, 30)
-    assert (kv.R, kv.cols) == (32, 131) and kv.kv == []  # allocated by the first forward
+    kv = plan.kv_cache_for_run(acc, model, None, None, 0, 30, **rl_flags())
+    assert (kv.R, kv.cols) == (32, 131) and kv.tensors == []  # allocated by the first forward
     kv_row = 132 * plan.kv_bytes_per_token(model.config, torch.float32)
     monkeypatch.setattr(plan, "available_bytes", lambda: 20 * kv_row)  # 10 rows in half of it, at most
-    assert 2 <= plan.kv_cache_for_run(rl_args(), acc, model, None, None, 0, 30).R < 10  # rollouts are admitted
+    assert 2 <= plan.kv_cache_for_run(acc, model, None, None, 0, 30, **rl_flags()).R < 10  # rollouts are admitted
 
 
 def test_every_rank_refuses_together(tmp_path):

@@ -1,7 +1,6 @@
 """Tests for nanopr1/recipes.py: each (stage, variant) resolves to the paper's reward, clip and
 starting checkpoint; explicit flags win; the toy preset changes defaults only; --help shows the table."""
 
-import argparse
 import runpy
 
 import pytest
@@ -40,8 +39,9 @@ def test_the_preset_leaves_the_parser_as_it_was_and_typed_flags_are_known():
     p = runpy.run_path(str(ROOT / "train_rl.py"), run_name="not_main")["parser"]
     toy_args = recipes.parse(p, ["--preset", "toy", "--lr=2e-5", "--mini-b", "1"], "train_rl")
     assert toy_args.lr == 2e-5 and toy_args.mini_batches == 1 and toy_args.max_new_tokens == toy.MAX_NEW_TOKENS
-    assert toy_args._typed == {"preset", "lr", "mini_batches", "script"}  # (abbreviated too; the script: always)
-    assert recipes.parse(p, [], "train_rl").lr == 1e-6 and recipes.parse(p, [], "train_rl")._typed == {"script"}
+    assert toy_args._typed == {"preset", "lr", "mini_batches"}  # (abbreviated too)
+    assert recipes.parse(p, [], "train_rl").lr == 1e-6 and recipes.parse(p, [], "train_rl")._typed == set()
+    assert recipes.parse(p, ["--lr", "-1e-4"], "train_rl")._typed == {"lr"}  # a negative value: typed too
 
 
 @pytest.mark.parametrize("flags, expected", [
@@ -54,7 +54,7 @@ def test_template(tmp_path, flags, expected):
     (tmp_path / "t.txt").write_text("Q: {problem}\nA:")
     if flags.get("prompt_file"):
         flags["prompt_file"] = str(tmp_path / "t.txt")
-    assert recipes.template(argparse.Namespace(**flags)) == expected
+    assert recipes.template(flags.get("prompt_file"), flags["preset"] == "toy", flags.get("no_parallel")) == expected
 
 
 def test_help_shows_the_recipes():

@@ -8,8 +8,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import init_toy_dir
 from nanopr1 import toy
-from nanopr1.format import ANSWER_PREFIX, PARALLEL_END, SUMMARY, TAGS, chat_prompt_ids, normalize
-from nanopr1.model import add_tags, load_model, tag_ids
+from nanopr1.format import ANSWER_PREFIX, PARALLEL_END, SUMMARY, TAGS, chat_prompt_ids, normalize, tag_ids
+from nanopr1.model import add_tags, load_model
 from nanopr1.rewards import extract_answer
 from nanopr1.rollout import make_rollout, texts
 
