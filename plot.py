@@ -36,6 +36,7 @@ def parse_args(argv=None):
         parser.error(f"--labels has {len(args.labels)} names for {len(args.runs)} run dirs")
     if args.smooth < 1:
         parser.error("--smooth K needs K >= 1")
+    # an --out that is (or lies under) a file: one line now, not after the figures are drawn
     found = next(p for p in [Path(args.out), *Path(args.out).parents] if p.exists())  # "." at worst
     if not found.is_dir():
         sys.exit(f"error: --out {args.out}: {found} is a file, not a directory")
@@ -53,22 +54,23 @@ def read_inputs(args):
             runs.append(read_metrics(run_dir))
         except ValueError as e:
             sys.exit(f"error: {e}")
-    logged = lambda m: any(r.get(m) is not None for rows in runs for r in rows.values())
-    have = sorted({k for rows in runs for r in rows.values() for k, v in r.items()
-                   if isinstance(v, (int, float)) and k != "step"})
-    if args.metrics:  # asked by name: each must be drawn from some run
-        missing = [m for m in args.metrics.split(",") if not logged(m)]
-        if missing and runs:
-            sys.exit(f"error: --metrics {','.join(missing)}: no run logged a value of it (logged: "
-                     f"{', '.join(have) or 'nothing yet'})")
-        for m in args.metrics.split(","):
-            for run_dir, rows in zip(args.runs, runs):
-                if not any(r.get(m) is not None for r in rows.values()):
-                    print(f"note: {run_dir} has no {m}", file=sys.stderr)
-    metrics = args.metrics.split(",") if args.metrics else [m for m in METRICS if logged(m)]
+    # the metrics each run has a value of; what the runs logged, for a message
+    logged = [{k for r in rows.values() for k, v in r.items() if v is not None} for rows in runs]
+    anywhere = set().union(*logged)
+    have = ", ".join(sorted({k for rows in runs for r in rows.values() for k, v in r.items()
+                             if isinstance(v, (int, float)) and k != "step"})) or "nothing yet"
+    metrics = args.metrics.split(",") if args.metrics else [m for m in METRICS if m in anywhere]
+    # a metric asked by name must be drawn from some run; a run that lacks it is named
+    missing = [m for m in metrics if m not in anywhere]
+    if runs and missing:
+        sys.exit(f"error: --metrics {','.join(missing)}: no run logged a value of it (logged: {have})")
     if runs and not metrics:
-        sys.exit(f"error: the runs logged none of {', '.join(METRICS)} (logged: "
-                 f"{', '.join(have) or 'nothing yet'}): choose with --metrics")
+        sys.exit(f"error: the runs logged none of {', '.join(METRICS)} (logged: {have}): "
+                 "choose with --metrics")
+    for m in metrics:
+        for run_dir, keys in zip(args.runs, logged):
+            if args.metrics and m not in keys:
+                print(f"note: {run_dir} has no {m}", file=sys.stderr)
     for f in args.eval:
         try:
             json.loads(Path(f).read_text())["datasets"]
@@ -99,12 +101,14 @@ def smooth(ys, k):
 
 def plot_runs(plt, runs, labels, k, out, metrics, together):
     """Writes OUT/<metric>.png per logged metric, a line per run (or one OUT/<together>.png)."""
-    panels = {}  # {metric: [(label, rows, steps)]}: the runs that logged it (None: no block yet)
+    # each metric's panel holds the runs that logged it, at the steps they did (None: no block yet)
+    panels = {}  # {metric: [(label, rows, steps)]}
     for metric in metrics:
         for rows, label in zip(runs, labels):
             steps = sorted(s for s, r in rows.items() if r.get(metric) is not None)
             if steps:
                 panels.setdefault(metric, []).append((label, rows, steps))
+    # a figure per metric, or with --together one figure of all the panels side by side
     figures = {together: list(panels)} if together and panels else {m: [m] for m in panels}
     smoothed = f" (moving average of {k})" if k > 1 else ""
     for name, group in figures.items():
@@ -128,11 +132,12 @@ def plot_eval(plt, files, out):
     by = f", {' / '.join(graders)}" if graders else ""  # eval.py's --grader (not the lenient one)
     panels = [(f"accuracy (mean@n{by})", lambda s: s[next(k for k in s if k.startswith("mean@"))]),
               ("parallel (share of rollouts with a block)", lambda s: s["parallel"])]
+    # a group of bars per dataset, a bar per model in it (a model may lack a dataset)
     width = 0.8 / len(models)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), layout="tight")
     for ax, (title, value) in zip(axes, panels):
         for j, (model, sets) in enumerate(models.items()):
-            have = [i for i, d in enumerate(datasets) if d in sets]  # a model may lack a dataset
+            have = [i for i, d in enumerate(datasets) if d in sets]
             bars = [value(sets[datasets[i]]) for i in have]
             ax.bar([i + j * width for i in have], bars, width, label=model)
         ax.set_xticks([i + (len(models) - 1) * width / 2 for i in range(len(datasets))], datasets)
@@ -155,6 +160,7 @@ def main(argv=None):
     except ImportError:
         sys.exit('error: plotting needs matplotlib: pip install -e ".[plot]"')
     plt.switch_backend("Agg")  # files only, no window
+    # the runs' curves, then the eval results' bars; each file written is printed on a line
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     written = plot_runs(plt, runs, args.labels, args.smooth, out, metrics, args.together)

@@ -1,16 +1,19 @@
-"""Mean@n, Pass@k, parallel rate of n graded rollouts per problem (docs/design.md, "Evaluation")."""
+"""Mean@n, Pass@k and the parallel rate of n graded rollouts per problem (docs/design.md, "Evaluation").
+
+Mean@n is the share of a problem's n rollouts graded correct, averaged over the problems; Pass@k the
+chance that k of them, drawn without replacement, hold a correct one (the unbiased estimate); the
+parallel rate the share of rollouts with a valid parallel block. A rollout is graded as in RL."""
 
 from collections import Counter, namedtuple
 from math import comb
 
-import torch
 from tqdm import tqdm
 
 from nanopr1 import metrics, sampler
 from nanopr1.data import prompt_ids
 from nanopr1.format import PARALLEL_PROMPT
 from nanopr1.rewards import grade, reward_rollout
-from nanopr1.rollout import mix
+from nanopr1.sampler import mix
 
 Difference = namedtuple("Difference", "mean stderr")  # paired_difference()
 
@@ -29,7 +32,8 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else 0.0
 
 
-def _by_problem(rows, key):  # {problem: [r[key] of its rows]}
+def _by_problem(rows, key):
+    """{problem: [r[key] of its rows]}."""
     found = {}
     for r in rows:
         found.setdefault(r["problem"], []).append(r[key])
@@ -44,9 +48,11 @@ def _accuracy(rows, n, key):
 
 
 def summarize(rows, n):
-    """One dataset's metrics from its graded rollout rows (n per problem); rows graded a second
-    time (`lenient_correct`) add that grader's Mean@n and Pass@k under "lenient"."""
-    sums = Counter()  # the behaviour metrics (blocks, latency ratio, ...) from the rows' sums
+    """One dataset's numbers from its graded rollout rows (n per problem): Mean@n and Pass@k, the
+    parallel rate, the format-valid rate, the mean length and the behaviour metrics. Rows graded a
+    second time (`lenient_correct`) add that grader's Mean@n and Pass@k under "lenient"."""
+    # the behaviour metrics (blocks, latency ratio, ...) reduce from the sums each row keeps
+    sums = Counter()
     for r in rows:
         sums.update(r.get("behaviour", {}))
     first = rows[0] if rows else {}
@@ -55,7 +61,7 @@ def summarize(rows, n):
         graders["lenient"] = {"grader": first["lenient_grader"], **_accuracy(rows, n, "lenient_correct")}
     return {"problems": len({r["problem"] for r in rows}), "rollouts": len(rows), "n": n,
             **_accuracy(rows, n, "correct"),
-            "parallel": _mean([r["has_block"] for r in rows]),  # rollouts with a valid block
+            "parallel": _mean([r["has_block"] for r in rows]),  # the parallel rate
             "format_ok": _mean([r["format_ok"] for r in rows]),
             "length": _mean([r["length"] for r in rows]),  # response tokens
             **(metrics.from_sums(sums) if sums else {}), **graders}
@@ -63,6 +69,7 @@ def summarize(rows, n):
 
 def paired_difference(rows_a, rows_b, key="correct"):
     """Difference(mean, stderr) of b - a, paired over the problems both have: their mean `key`."""
+    # each problem's mean under a and under b; the standard error of the mean of their differences
     a, b = ({p: _mean(v) for p, v in _by_problem(rows, key).items()} for rows in (rows_a, rows_b))
     d = [b[p] - a[p] for p in sorted(set(a) & set(b))]
     m = _mean(d)
@@ -75,28 +82,29 @@ def format_table(summaries):
     """{dataset: summary} -> a printable table, "-" where a dataset lacks a column (pass@16). The
     Mean@n columns name their grader; a lenient grader adds its Mean@n and Pass@n beside them."""
     keys = list(dict.fromkeys(k for s in summaries.values() for k in s))  # first-seen order
-    passes = sorted((k for k in keys if k.startswith("pass@")), key=lambda k: int(k[5:]))
     means = [k for k in keys if k.startswith("mean@")]
+    passes = sorted((k for k in keys if k.startswith("pass@")), key=lambda k: int(k[5:]))
+    # the rate columns, each (header, its value in a summary): Mean@n by the grader (module:function
+    # by its name), the Pass@k of the same grader, the lenient grader's from its own dict, the rates
+    titled = lambda k, g: f"{k} ({g.rpartition(':')[2]})" if g else k
     grader = next((s["grader"] for s in summaries.values() if "grader" in s), None)
-    lenient = [s["lenient"] for s in summaries.values() if "lenient" in s]
-    titled = lambda k, g: f"{k} ({g.rpartition(':')[2]})" if g else k  # module:function by its name
-    # (header, value of a summary) of each rate column; the lenient grader's read from its own dict
     rates = [(titled(k, grader), lambda s, k=k: s.get(k)) for k in means]
-    rates += [(k, lambda s, k=k: s.get(k)) for k in passes]  # the Pass@k of --grader: the names stay short
+    rates += [(k, lambda s, k=k: s.get(k)) for k in passes]
+    lenient = next((s["lenient"]["grader"] for s in summaries.values() if "lenient" in s), None)
     if lenient:
         extra = means + [f"pass@{n}" for n in sorted({s["n"] for s in summaries.values()}) if n > 1]
-        rates += [(titled(k, lenient[0]["grader"]), lambda s, k=k: s.get("lenient", {}).get(k))
-                  for k in extra]
+        rates += [(titled(k, lenient), lambda s, k=k: s.get("lenient", {}).get(k)) for k in extra]
     rates += [("parallel%", lambda s: s["parallel"]), ("format%", lambda s: s["format_ok"])]
     # rates in %, length in tokens, blocks per rollout, latency = length / critical path
-    lines = [["dataset", "problems", *(h for h, _ in rates), "length", "blocks", "latency"]]
-    show = lambda s, k: "-" if s.get(k) is None else f"{s[k]:.2f}"
     percent = lambda v: "-" if v is None else f"{100 * v:.1f}"
+    show = lambda s, k: "-" if s.get(k) is None else f"{s[k]:.2f}"
+    lines = [["dataset", "problems", *(h for h, _ in rates), "length", "blocks", "latency"]]
     for name, s in summaries.items():
         lines.append([name, str(s["problems"]), *(percent(value(s)) for _, value in rates),
                       f"{s['length']:.0f}", show(s, "blocks_per_rollout"), show(s, "latency_ratio")])
+    # each column as wide as its widest cell: the names left-aligned, the numbers right
     widths = [max(map(len, column)) for column in zip(*lines)]
-    pad = lambda i, c: c.rjust(widths[i]) if i else c.ljust(widths[i])  # the name left
+    pad = lambda i, c: c.rjust(widths[i]) if i else c.ljust(widths[i])
     return "\n".join("  ".join(pad(i, c) for i, c in enumerate(line)) for line in lines)
 
 
@@ -110,6 +118,7 @@ def named(grader):
 def grade_rollout(problem, i, j, rollout, grader=None, lenient=None):
     """Problem i's sample j as a JSONL row: text, R_acc grade (by `grader`), behaviour sums; with a
     `lenient` grader its grade too. A grader: a function or a (name, function) pair."""
+    # graded as RL grades it (R_acc): the answer, correct, the block and format checks
     name, fn = named(grader)
     _, m = reward_rollout(rollout, problem["answer"], "accuracy", grader=fn)
     row = {"problem": i, "sample": j, "question": problem["question"], "gold": problem["answer"],
@@ -122,15 +131,12 @@ def grade_rollout(problem, i, j, rollout, grader=None, lenient=None):
             "behaviour": metrics.sums([rollout]), "text": rollout.text}
 
 
-def complete_rows(rows, problems, n):
-    """The rows of problems whose n rollouts are all present (a half-done problem is redone)."""
+def complete_rows(rows, n):
+    """The rows of the problems whose n samples are all present, in (problem, sample) order: a
+    half-done problem is sampled again, a row read twice (a merge cut short) counts once."""
     by_problem = {}
     for r in rows:
-        i = r["problem"]
-        if i >= len(problems) or r["question"] != problems[i]["question"]:
-            raise ValueError(f"rows of problem {i} do not match this dataset: use another --out")
-        if r["sample"] < n:
-            by_problem.setdefault(i, {})[r["sample"]] = r
+        by_problem.setdefault(r["problem"], {})[r["sample"]] = r
     return [r for i in sorted(by_problem) if len(by_problem[i]) == n
             for _, r in sorted(by_problem[i].items())]
 
@@ -146,15 +152,15 @@ def shard(num_problems, batch_size, rank=0, world=1):
     return [list(range(s, min(s + batch_size, num_problems))) for s in starts][rank::world]
 
 
-@torch.no_grad()
 def evaluate(model, tokenizer, problems, n=16, *, template=PARALLEL_PROMPT, parallel=True,
              batch_size=4, done=(), on_rows=None, progress=True, desc="eval", seed=None, rank=0,
              world=1, grader=None, lenient=None, **sampling):
     """(rows, summary) of this rank's share, n graded rollouts a problem; `done`: earlier rows.
     A problem's prompt: its own chat if it has one, else `template` around its question."""
+    # this rank's batches, less the problems an earlier run finished
     batches = shard(len(problems), batch_size, rank, world)
     mine = {i for batch in batches for i in batch}
-    rows = [r for r in complete_rows(done, problems, n) if r["problem"] in mine]
+    rows = [r for r in complete_rows(done, n) if r["problem"] in mine]
     finished = {r["problem"] for r in rows}
     was_training = model.training
     model.eval()
@@ -162,10 +168,12 @@ def evaluate(model, tokenizer, problems, n=16, *, template=PARALLEL_PROMPT, para
               disable=not progress) as bar:
         todo = ([i for i in batch if i not in finished] for batch in batches)
         for batch in filter(None, todo):  # the batches with problems left to sample
+            # n rollouts a problem, each problem from a seed of its own: the same whatever the batch
             prompts = [prompt_ids(tokenizer, template, problems[i]) for i in batch]
-            seeds = None if seed is None else [mix(seed, i) for i in batch]  # a seed per problem
+            seeds = None if seed is None else [mix(seed, i) for i in batch]
             rollouts = sampler.sample(model, tokenizer, prompts, group_size=n, parallel=parallel,
                                       seed=seeds, **sampling)
+            # graded as in RL; on_rows keeps each batch's rows as they come (a killed run resumes)
             new = [grade_rollout(problems[i], i, j, rollouts[b * n + j], grader, lenient)
                    for b, i in enumerate(batch) for j in range(n)]
             rows += new

@@ -1,6 +1,6 @@
 """Grading a rollout.Rollout and turning the grade into a reward: 1) extraction, 2) normalisation
-(is_equiv), 3) the paper's graders (dapo, gsm8k), 4) grade and the rewards and their schedules, your own
-by "module:function" (`resolve`). The rules: docs/design.md, "Grading and rewards".
+(is_equiv), 3) the paper's graders (dapo, gsm8k), 4) grade and the rewards and their schedules, 5) your
+own by "module:function" (`resolve`). The rules: docs/design.md, "Grading and rewards".
 
 A grader is one of two kinds. An answer grader, grader(answer, gold) -> bool, gets the extracted answer
 of the main-line text (None if it has none): is_equiv, and yours by default. A response grader, marked
@@ -199,18 +199,6 @@ GRADERS = {"is_equiv": is_equiv, "dapo": dapo, "gsm8k": gsm8k}
 
 
 # 4) grading a rollout, rewards and schedules
-def _name(fn):
-    """A grader's or reward's name for a message: a built-in's own, else module:function."""
-    name = getattr(fn, "__qualname__", type(fn).__name__)
-    return name if getattr(fn, "__module__", None) == __name__ else f"{fn.__module__}:{name}"
-
-
-def _short(value):
-    """repr(value) on one line, at most 80 characters."""
-    text = " ".join(repr(value).split())
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 def grade(rollout, gold, grader=None):
     """(correct, answer) of a rollout.Rollout by `grader` (None: is_equiv); `answer` is what the grader
     compared if it says (`extract`), else the main line's answer. No gold (None): never correct."""
@@ -224,29 +212,7 @@ def grade(rollout, gold, grader=None):
     # no gold (sample.py): the answer is read, nothing is judged
     if gold is None:
         return False, answer
-    try:
-        verdict = grader(seen, gold)
-    except Exception as e:  # a broken grader of the user's: one line, the traceback chained
-        first = str(e).strip().split("\n")[0][:200]
-        raise UsageError(f"grader {_name(grader)} raised {type(e).__name__}: {first}") from e
-    # a bool, numpy's or a one-element torch bool: "no" or 0.0 is a bug, not a verdict
-    np, torch = sys.modules.get("numpy"), sys.modules.get("torch")
-    if isinstance(verdict, bool) or (np is not None and isinstance(verdict, np.bool_)) or (
-            torch is not None and isinstance(verdict, torch.Tensor) and verdict.dtype == torch.bool
-            and verdict.numel() == 1):
-        return bool(verdict), answer
-    raise UsageError(f"grader {_name(grader)} returned {_short(verdict)}: a grader returns True or False")
-
-
-def _finite(fn, value):
-    """A reward's value as a float, or a one-line error naming the reward function."""
-    # a Python or numpy real, or a one-element torch tensor; and then a finite one
-    torch = sys.modules.get("torch")
-    if isinstance(value, numbers.Real) or (torch is not None and isinstance(value, torch.Tensor)
-                                           and value.numel() == 1 and not value.is_complex()):
-        if math.isfinite(float(value)):
-            return float(value)
-    raise UsageError(f"reward {_name(fn)} returned {_short(value)}: a reward is a finite number")
+    return _verdict(grader, seen, gold), answer
 
 
 SCHEDULES = ("accuracy", "parallel", "tiered", "alternating", "scaffold")
@@ -278,8 +244,7 @@ def reward_fn(schedule, step, scaffold_until=200):
     if callable(schedule):
         return schedule
     if schedule not in SCHEDULES:
-        raise ValueError(f"unknown reward schedule {schedule!r}; "
-                         f"choose one of {', '.join(SCHEDULES)}")
+        raise ValueError(f"unknown reward schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
     # the exploration scaffold: S2 (alternating) until the switch step, then accuracy alone
     if schedule == "scaffold":
         schedule = "alternating" if step <= scaffold_until else "accuracy"
@@ -306,6 +271,8 @@ def reward_rollout(rollout, gold, schedule="accuracy", step=1, scaffold_until=20
     return reward, {"reward": reward, **info, "has_answer": answer is not None, "reward_fn": name}
 
 
+# 5) your own graders and rewards: found by "module:function", what they return checked (a one-line
+# error names them)
 def resolve(spec, kind):
     """The `kind` named by `spec`: a built-in, "module:function" or "path/to/file.py:function"."""
     builtin = {"reward": {s: s for s in SCHEDULES}, "grader": GRADERS}[kind]
@@ -313,8 +280,7 @@ def resolve(spec, kind):
     where, _, name = spec.rpartition(":")
     if not where:
         if spec not in builtin:
-            raise UsageError(f"unknown {kind} {spec!r}: use one of {', '.join(builtin)} "
-                             "or module:function")
+            raise UsageError(f"unknown {kind} {spec!r}: use one of {', '.join(builtin)} or module:function")
         return builtin[spec]
     if where.endswith(".py"):
         if not Path(where).is_file():
@@ -335,3 +301,42 @@ def resolve(spec, kind):
         what = "not callable" if hasattr(module, name) else "not found"
         raise UsageError(f"{kind} {spec}: {name!r} is {what} in {where}")
     return fn
+
+
+def _name(fn):
+    """A grader's or reward's name for a message: a built-in's own, else module:function."""
+    name = getattr(fn, "__qualname__", type(fn).__name__)
+    return name if getattr(fn, "__module__", None) == __name__ else f"{fn.__module__}:{name}"
+
+
+def _short(value):
+    """repr(value) on one line, at most 80 characters."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _verdict(grader, seen, gold):
+    """grader(seen, gold) as a bool, or a one-line error naming the grader."""
+    try:
+        verdict = grader(seen, gold)
+    except Exception as e:  # a broken grader of the user's: one line, the traceback chained
+        first = str(e).strip().split("\n")[0][:200]
+        raise UsageError(f"grader {_name(grader)} raised {type(e).__name__}: {first}") from e
+    # a bool, numpy's or a one-element torch bool: "no" or 0.0 is a bug, not a verdict
+    np, torch = sys.modules.get("numpy"), sys.modules.get("torch")
+    if isinstance(verdict, bool) or (np is not None and isinstance(verdict, np.bool_)) or (
+            torch is not None and isinstance(verdict, torch.Tensor) and verdict.dtype == torch.bool
+            and verdict.numel() == 1):
+        return bool(verdict)
+    raise UsageError(f"grader {_name(grader)} returned {_short(verdict)}: a grader returns True or False")
+
+
+def _finite(fn, value):
+    """A reward's value as a float, or a one-line error naming the reward function."""
+    # a Python or numpy real, or a one-element torch tensor; and then a finite one
+    torch = sys.modules.get("torch")
+    if isinstance(value, numbers.Real) or (torch is not None and isinstance(value, torch.Tensor)
+                                           and value.numel() == 1 and not value.is_complex()):
+        if math.isfinite(float(value)):
+            return float(value)
+    raise UsageError(f"reward {_name(fn)} returned {_short(value)}: a reward is a finite number")

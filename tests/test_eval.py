@@ -81,7 +81,7 @@ def test_behaviour_metrics_of_the_table_equal_metrics_summarize(bpe_tokenizer):
     """Each row keeps its rollout's behaviour sums; a dataset's summary reduces them exactly as
     nanopr1.metrics does for the rollouts themselves (blocks, first block, latency ratio, ...)."""
     from nanopr1 import metrics
-    from nanopr1.model import tag_ids
+    from nanopr1.format import tag_ids
     from nanopr1.rollout import make_rollout
     t = tag_ids(bpe_tokenizer)
     block = [t["<Parallel>"], t["<Path>"], 40, 41, t["</Path>"], t["<Path>"], 42, t["</Path>"], t["</Parallel>"],
@@ -417,7 +417,8 @@ def test_an_out_that_is_a_file_is_refused_before_the_model_loads(tmp_path, monke
     monkeypatch.setattr(nanopr1.model, "load_model", load)
     (tmp_path / "file").write_text("x")
     for out in ("file", "file/sub"):
-        with pytest.raises(UsageError, match=f"^--out {tmp_path}/{out}: {tmp_path}/file is a file, not a directory$"):
+        message = f"^--out {tmp_path}/{out}: {tmp_path}/file is a file, not a directory: choose another --out$"
+        with pytest.raises(UsageError, match=message):
             main(["--model", "m", "--datasets", "toy-easy", "--out", str(tmp_path / out)])
     assert (tmp_path / "file").read_text() == "x"
 
@@ -435,15 +436,15 @@ def snapshot(out):
 
 
 @pytest.mark.parametrize("change,message", [
-    (["--n", "0"], "--n 0: at least 1 rollout per problem"),
+    (["--n", "0"], r"--n 0: must be 1 or more \(rollouts per problem\)"),
     (["--temperature", "0"], "--temperature 0 is greedy decoding: n identical rollouts are not a Mean@n"),
     (["--temperature", "-0.5"], "--temperature -0.5: must be positive"),
     (["--top-p", "0"], r"--top-p 0.0: must be in \(0, 1\]"),
     (["--top-p", "1.5"], r"--top-p 1.5: must be in \(0, 1\]"),
-    (["--num-paths", "1"], "--num-paths 1: a parallel block needs at least 2 paths"),
-    (["--max-new-tokens", "0"], "--max-new-tokens 0: must be at least 1"),
-    (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
-    (["--limit", "0"], "--limit 0: must be at least 1"),
+    (["--num-paths", "1"], r"--num-paths 1: must be 2 or more \(paths in a parallel block; or pass --no-parallel\)"),
+    (["--max-new-tokens", "0"], "--max-new-tokens 0: must be 1 or more"),
+    (["--batch-size", "0"], "--batch-size 0: must be 1 or more"),
+    (["--limit", "0"], "--limit 0: must be 1 or more"),
     (["--datasets", "toy-easy,nope"], "unknown dataset 'nope'"),
     (["--model", "/nonexistent/model"], "no such model directory"),
     (["--grader", "nope"], "unknown grader 'nope'"), (["--lenient-grader", "nope"], "unknown grader 'nope'"),
@@ -645,4 +646,4 @@ def test_one_cache_serves_every_batch(toy_model):
     cache = KVCache(16, 80, "cpu", use_graphs=True)  # the CPU stand-in of the captured steps
     with_cache, _ = ev.evaluate(model, tokenizer, problems, 2, cache=cache, **kw)
     per_call, _ = ev.evaluate(model, tokenizer, problems, 2, **kw)
-    assert [r["text"] for r in with_cache] == [r["text"] for r in per_call] and cache.graphs
+    assert [r["text"] for r in with_cache] == [r["text"] for r in per_call] and cache.captured.graphs

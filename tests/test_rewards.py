@@ -25,9 +25,8 @@ import torch
 import custom_rewards
 from conftest import shared_file
 from nanopr1 import UsageError, data, rewards
-from nanopr1.format import PARALLEL, PARALLEL_END, PATH, PATH_END, SUMMARY, SUMMARY_END, TAGS, normalize
+from nanopr1.format import PARALLEL, PARALLEL_END, PATH, PATH_END, SUMMARY, SUMMARY_END, TAGS, normalize, tag_ids
 from nanopr1.grpo import group_advantages
-from nanopr1.model import tag_ids
 from nanopr1.rewards import (SCHEDULES, clean_answer, extract_answer, is_equiv,
                              is_tiered_step, last_boxed, parse_number, resolve, reward_fn,
                              reward_rollout)
