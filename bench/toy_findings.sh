@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The paper's findings in miniature, on the toy world (README, "What the toy shows"): run after toy.sh.
+# The paper's findings in miniature, on the toy world (docs/results.md, "What the toy shows of the paper's
+# findings"): run after toy.sh.
 # (b) where the first block opens during hard RL: seeds 0 (toy.sh's run), 1, 2 from the same out/toy-easy;
 # (c) Unseen: S2 alternating reward (the recipe) vs accuracy only, seeds 0 and 1, from an Unseen SFT;
 # (d) the scaffold: S2 for the first 20 of 40 steps, then accuracy.

@@ -31,11 +31,47 @@ def test_the_reading_order_is_the_import_graph():
         assert not later, f"{module}.py imports {later}, listed after it"
 
 
+# The budget is 3,000 code lines; the official recipe's graders and rules, the run guards and the 4B GPU
+# path took the code past it, and the ceiling here may only come down, to 3,000 as code is simplified.
+CODE_LINES_CEILING = 3_450
+CORE = ("format", "attention", "rollout", "sampler", "kvcache", "rewards", "grpo", "scoring", "train_sft",
+        "train_rl")
+
+
+def line_kinds(source):
+    """Each line of a Python source as "blank", "docstring", "comment" (a comment on its own line) or "code"."""
+    import ast
+    import io
+    import tokenize
+    docstrings = set()
+    for node in ast.walk(ast.parse(source)):
+        body = getattr(node, "body", None)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body \
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                and isinstance(body[0].value.value, str):
+            docstrings.update(range(body[0].lineno, body[0].end_lineno + 1))
+    comments = {t.start[0] for t in tokenize.generate_tokens(io.StringIO(source).readline)
+                if t.type == tokenize.COMMENT and not source.splitlines()[t.start[0] - 1][:t.start[1]].strip()}
+    return ["blank" if not line.strip() else "docstring" if i in docstrings else "comment" if i in comments
+            else "code" for i, line in enumerate(source.splitlines(), 1)]
+
+
+def test_line_kinds_counts_what_it_says():
+    source = '"""Module."""\n\n# a step\nx = 1  # trailing\ndef f():\n    """Doc\n    more."""\n    return "#"\n'
+    assert line_kinds(source) == ["docstring", "blank", "comment", "code", "code", "docstring", "docstring",
+                                  "code"]
+
+
 def test_the_stated_size_is_the_size():
-    """The README's line count of the Python outside tests/ and bench/ is the real one, and no file is over
-    350 lines: the size is part of being readable."""
+    """The README's count of the code lines outside tests/ and bench/ is the real one and under the ceiling
+    (comments, docstrings and blank lines are not counted: narration is never traded for the budget); no
+    file is over 350 lines; each core file is at least 10% comments on their own line."""
     files = list((ROOT / "nanopr1").glob("*.py")) + list(ROOT.glob("*.py")) + list((ROOT / "bench").glob("*.py"))
-    lines = {p: len(p.read_text().splitlines()) for p in files}
-    stated = re.search(r"and `bench/`: ([\d,]+) lines", (ROOT / "README.md").read_text()).group(1)
-    assert sum(n for p, n in lines.items() if p.parent.name != "bench") == int(stated.replace(",", ""))
-    assert max(lines.values()) <= 350, max(lines, key=lines.get)
+    kinds = {p: line_kinds(p.read_text()) for p in files}
+    code = sum(k.count("code") for p, k in kinds.items() if p.parent.name != "bench")
+    stated = re.search(r"and `bench/`: ([\d,]+) code lines", (ROOT / "README.md").read_text()).group(1)
+    assert code == int(stated.replace(",", "")) and code <= CODE_LINES_CEILING
+    assert max(len(k) for k in kinds.values()) <= 350, max(kinds, key=lambda p: len(kinds[p]))
+    quiet = {p.stem: f"{k.count('comment') / len(k):.1%}" for p, k in kinds.items()
+             if p.stem in CORE and k.count("comment") < 0.1 * len(k)}
+    assert not quiet, f"own-line comments below 10% of the lines: {quiet}"
