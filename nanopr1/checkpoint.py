@@ -1,5 +1,5 @@
-"""A run's output dir: checkpoints that survive a kill at any moment, the lock and guard on OUT, --resume,
-the logs; `acc` is the script's Accelerator. The layout and why: docs/design.md, "Checkpoints"."""
+"""A run's output dir: checkpoints that survive a kill at any moment, the lock and guard on OUT, --resume
+(which cuts the logs back to its step); `acc` is the script's Accelerator. The layout and why: docs/design.md, "Checkpoints"."""
 
 import atexit
 import fcntl
@@ -13,11 +13,14 @@ from collections import namedtuple
 from pathlib import Path
 
 import torch
-from accelerate.utils import broadcast_object_list, extract_model_from_parallel
-from safetensors.torch import load_file
+from accelerate.utils import DistributedType, broadcast_object_list, extract_model_from_parallel
+from accelerate.utils.fsdp_utils import load_fsdp_optimizer, save_fsdp_optimizer
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 from nanopr1 import UsageError, data
-from nanopr1.model import save_model
+from nanopr1.model import save_model, whole
 
 LOGS = ("metrics.jsonl", "rollouts.jsonl", "eval_rollouts.jsonl")  # a row per step or rollout
 Found = namedtuple("Found", "path step")  # latest(): the newest valid checkpoint
@@ -71,13 +74,10 @@ def save(out, step, acc, write, args=None, keep=1):
     if acc.is_main_process:
         for stale in Path(out).glob("checkpoint-*.tmp"):  # killed saves' leftovers
             shutil.rmtree(stale)
-        tmp.mkdir(parents=True)
+        (tmp / "state").mkdir(parents=True)
     acc.wait_for_everyone()
     write(tmp)
-    # accelerate's state (optimizer, schedule, RNG) without the weights: the model dir holds them
-    handle = acc.register_save_state_pre_hook(_save_hook)
-    acc.save_state(str(tmp / "state"))
-    handle.remove()
+    _state(acc, tmp / "state", save=True)
     acc.wait_for_everyone()  # every rank's files are in tmp
     if acc.is_main_process:
         (tmp / "step.json").write_text(json.dumps({"step": step}))
@@ -104,27 +104,53 @@ def save(out, step, acc, write, args=None, keep=1):
     return Saved(path, gb)
 
 
-def _save_hook(models, weights, output_dir):
-    """save_state writes no weights but LoRA's trained ones (the model dir has them merged)."""
-    if weights:  # (the scripts prepare one model; under FSDP accelerate writes its shards itself)
-        module = extract_model_from_parallel(models[0])
-        peft = hasattr(module, "get_base_model")
-        trained = [n for n, q in module.named_parameters() if q.requires_grad and peft]
-        weights[:] = [{k: v for k, v in module.state_dict().items() if k in trained}] if trained else []
+def _state(acc, path, save):
+    """Save or load accelerate's state (optimizer, schedule, RNG) without the weights: the model dir holds
+    them (LoRA's merged: its trained weights go to state/). Under FSDP the optimizer's shards are done here."""
+    fsdp = acc.distributed_type == DistributedType.FSDP
+    models, opts = acc._models[:], acc._optimizers[:]
+    module = extract_model_from_parallel(models[0]) if models else None  # (the scripts prepare one model)
+    peft = hasattr(module, "get_base_model")
+    if save and peft:
+        # LoRA: the trained weights (adapters, token rows), each gathered from its shards under FSDP
+        trained = {n: whole(q).detach().cpu() for n, q in module.named_parameters() if q.requires_grad}
+        if acc.is_main_process:
+            save_file(trained, path / "model.safetensors", metadata={"format": "pt"})
+    elif module is not None and not save:
+        _load_weights(acc, module, path, peft, fsdp)
+    # under FSDP the optimizer's shards, by accelerate's own helpers (loaded after the weights they belong to)
+    for i, opt in enumerate(opts if fsdp else []):
+        move = save_fsdp_optimizer if save else load_fsdp_optimizer
+        move(acc.state.fsdp_plugin, acc, opt, models[0], str(path), i)
+    # the rest by accelerate, the model (and under FSDP the optimizer) taken out of its lists for the call
+    acc._models[:] = []
+    acc._optimizers[:] = [] if fsdp else opts
+    try:
+        acc.save_state(str(path)) if save else acc.load_state(str(path))
+    finally:
+        acc._models[:], acc._optimizers[:] = models, opts
 
 
-def _load_hook(models, input_dir):
-    """load_state: the weights from the checkpoint's model dir (LoRA: its trained ones from state/)."""
-    if models:
-        module, input_dir = extract_model_from_parallel(models[0]), Path(input_dir)
-        lora = hasattr(module, "get_base_model")  # peft
-        files = [input_dir / "model.safetensors"] if lora else sorted(input_dir.parent.glob("*.safetensors"))
-        weights = {k.removeprefix("module."): w for f in files for k, w in load_file(f).items()}
-        missing, unexpected = module.load_state_dict(weights, strict=False)
-        lost = {n for n, q in module.named_parameters() if q.requires_grad} & set(missing)  # (tied: not lost)
-        if unexpected or lost:
-            raise ValueError(f"{input_dir}: not this model's weights: {sorted(unexpected or lost)[:2]}")
-        models.clear()  # nothing left for accelerate to load
+def _load_weights(acc, module, path, peft, fsdp):
+    """The checkpoint's weights into `module`: the model dir's (LoRA: the trained ones, from state/). Under
+    FSDP the main process reads them and each weight is sent into every rank's shards."""
+    files = [path / "model.safetensors"] if peft else sorted(path.parent.glob("*.safetensors"))
+    # another model's weights are refused before any is loaded (a tied weight is stored once: not missing)
+    names = set()
+    for f in files:
+        with safe_open(f, "pt") as stored:
+            names |= set(stored.keys())
+    unexpected = names - set(module.state_dict())
+    missing = {n for n, q in module.named_parameters() if q.requires_grad} - names
+    if unexpected or missing:
+        raise ValueError(f"{path}: not this model's weights: {sorted(unexpected or missing)[:2]}")
+    reads = not fsdp or acc.is_main_process
+    weights = {k: t for f in files if reads for k, t in load_file(f).items()}
+    if fsdp:
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+        set_model_state_dict(module, weights, options=options)
+    else:
+        module.load_state_dict(weights, strict=False)
 
 
 def checkpoints(out):
@@ -186,9 +212,7 @@ def model_dir(name):
 def load_state(out, acc):
     """--resume: load OUT's newest valid checkpoint, cut the logs back to it; returns its step."""
     found, _ = _latest(out, "--resume: ")  # (prepare_out's note said what it passed over)
-    handle = acc.register_load_state_pre_hook(_load_hook)  # the weights from the model dir
-    acc.load_state(str(found.path / "state"))
-    handle.remove()
+    _state(acc, found.path / "state", save=False)  # the weights from the model dir
     if acc.is_main_process:
         trim_logs(out, found.step)
     return found.step
@@ -280,9 +304,8 @@ def resume_args(out, args, refuse=(), apply=()):
         if k not in typed:  # the run's value: a stored value is never replaced by a default
             setattr(args, k, saved.get(k, getattr(args, k)))
         elif saved.get(k, now[k]) != now[k] and k in refuse:
-            raise UsageError(f"--resume: {out} was run with --{k.replace('_', '-')} {saved.get(k)!r}, not "
-                             f"{now[k]!r}: a resumed run keeps it (--overwrite starts over; "
-                             "or choose another --out)")
+            raise UsageError(f"--resume: {out} was run with --{k.replace('_', '-')} {saved.get(k)!r}, not {now[k]!r}: "
+                             "a resumed run keeps it (--overwrite starts over; or choose another --out)")
         elif saved.get(k, now[k]) != now[k]:
             changed.append(f"{k} {saved.get(k)!r} -> {now[k]!r}")
     resuming = f"resuming {out} at step {found.step}" + (f" with {', '.join(changed)}" if changed else "")
@@ -305,40 +328,6 @@ def apply_lr(optimizer, lr, scheduler=None):
     for g, f in zip(optimizer.param_groups, sched.lr_lambdas):
         g["initial_lr"], g["lr"] = lr, lr * f(sched.last_epoch)
     sched._last_lr = [g["lr"] for g in optimizer.param_groups]  # what get_last_lr() reports
-
-
-# the run's logs: JSONL rows in OUT, and the trackers
-def start_trackers(acc, args):
-    """--report-to: start the tracker with the run's flags (wandb: --project, --run-name)."""
-    if args.report_to != "none":
-        flags = {k: v for k, v in plain(args).items() if isinstance(v, (int, float, str, bool))}
-        name = args.project if args.report_to == "wandb" else args.run_name
-        acc.init_trackers(name, config=flags, init_kwargs={"wandb": {"name": args.run_name}})
-
-
-def log_metrics(acc, out, row):
-    """One step's row: appended to OUT/metrics.jsonl, and its numbers to the trackers if any."""
-    append_rows(acc, Path(out) / "metrics.jsonl", [row])
-    if acc.log_with:
-        acc.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=row["step"])
-
-
-def log_rollouts(acc, path, rows):
-    """A step's kept rollouts: appended to `path`, and to the trackers (a table or text)."""
-    append_rows(acc, path, rows)
-    for tracker in acc.trackers if rows else []:
-        if hasattr(tracker, "log_table"):
-            table = [[str(v) for v in r.values()] for r in rows]
-            tracker.log_table("rollouts", columns=list(rows[0]), data=table, step=rows[0]["step"])
-        elif tracker.name == "tensorboard":
-            text = "\n\n".join(f"    {r['response']}" for r in rows)  # indented: markdown code
-            tracker.tracker.add_text("rollouts", text, rows[0]["step"])
-
-
-def append_rows(acc, path, rows):
-    """Append `rows` to the JSONL file `path` (the main process writes)."""
-    if acc.is_main_process:
-        data.write_rows(path, rows, "a")
 
 
 def trim_logs(out, step):
