@@ -26,8 +26,8 @@ import torch
 
 from nanopr1 import recipes
 from nanopr1.checkpoint import model_dir
-from nanopr1.format import chat_prompt_ids
 from nanopr1.data import read_rows
+from nanopr1.format import chat_prompt_ids
 from nanopr1.model import load_model
 from nanopr1.rewards import reward_rollout
 from nanopr1.rollout import rollout_row, tree

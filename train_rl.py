@@ -31,12 +31,12 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, gather_object
 from tqdm import tqdm
 
-from nanopr1 import UsageError, checkpoint, data, every_rank, metrics, recipes, rewards, run_script
+from nanopr1 import UsageError, checkpoint, data, every_rank, logs, metrics, recipes, rewards, run_script
 from nanopr1.evaluation import evaluate_everywhere
+from nanopr1.format import tag_ids
 from nanopr1.grpo import group_advantages, policy_loss
 from nanopr1.model import apply_lora, load_model, refresh_copy, sampling_copy
 from nanopr1.plan import kv_cache_for_run
-from nanopr1.format import tag_ids
 from nanopr1.rollout import rollout_row
 from nanopr1.sampler import mix, sample
 from nanopr1.scoring import fixed_logprobs, loss_batches, mini_batches, rollout_logprobs, sampler_gap
@@ -150,7 +150,7 @@ def main(args):
     if args.resume and checkpoint.checkpoints(out):
         step = checkpoint.load_state(out, acc)
     checkpoint.apply_lr(opt, args.lr)
-    checkpoint.start_trackers(acc, args)
+    logs.start_trackers(acc, args)
     bar = tqdm(total=args.steps, initial=step, desc=f"rl-{args.stage}", disable=not acc.is_main_process)
     for step in range(step + 1, args.steps + 1):
         t0 = time.time()
@@ -201,13 +201,13 @@ def main(args):
         row.update(run.cache.stats())  # CUDA graphs: how many, their memory pool, capture time, a failure
         # a few rollouts as readable rows (sample.py --show prints them as trees)
         kept = zip(rollouts[:args.log_rollouts], grades, golds)
-        checkpoint.log_rollouts(acc, out / "rollouts.jsonl", [rollout_row(r, tokenizer, g, gold, step)
+        logs.log_rollouts(acc, out / "rollouts.jsonl", [rollout_row(r, tokenizer, g, gold, step)
                                                               for r, g, gold in kept])
         # --eval-every: the benchmark set, sampled by the sampling copy of the weights just trained
         if args.eval_every and step % args.eval_every == 0:
             refresh_copy(run.sampler_model, acc.unwrap_model(model))
             row.update(run_eval(run, args, acc, step))
-        checkpoint.log_metrics(acc, out, row)
+        logs.log_metrics(acc, out, row)
         if skipped >= 3:
             raise UsageError(f"step {step}: {skipped} updates in a row had a non-finite loss or gradient norm: "
                              f"stopped (the last checkpoint in {out} is kept)")
@@ -289,7 +289,7 @@ def run_eval(run, args, acc, step):
         acc.num_processes, template=run.template, seed=args.seed, cache=run.cache, variant=args.variant,
         grader=grader, max_new_tokens=args.max_new_tokens, num_paths=args.num_paths, max_blocks=args.max_blocks,
         rules=args.rules, path_max_tokens=args.path_max_tokens, reserve=args.answer_reserve)
-    checkpoint.append_rows(acc, Path(args.out) / "eval_rollouts.jsonl", [dict(r, step=step) for r in rows])
+    logs.append_rows(acc, Path(args.out) / "eval_rollouts.jsonl", [dict(r, step=step) for r in rows])
     return {f"eval_{k}": v for k, v in summary.items() if isinstance(v, (int, float))}
 
 

@@ -26,7 +26,7 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 from tqdm import tqdm
 
-from nanopr1 import UsageError, checkpoint, corpus, data, recipes, run_script, toy
+from nanopr1 import UsageError, checkpoint, corpus, data, logs, recipes, run_script, toy
 from nanopr1.format import tag_ids
 from nanopr1.model import apply_lora, load_model
 from nanopr1.scoring import collate, micro_batches_on_every_rank, sequence_nll
@@ -146,7 +146,7 @@ def main(args):
     if args.resume and checkpoint.checkpoints(out):
         step = checkpoint.load_state(out, acc)
         checkpoint.apply_lr(opt, args.lr, sched)
-    checkpoint.start_trackers(acc, args)
+    logs.start_trackers(acc, args)
     bar = tqdm(total=total, initial=step, desc="sft", disable=not acc.is_main_process)
     while step < total:
         t0 = time.time()
@@ -178,7 +178,7 @@ def main(args):
         loss = acc.reduce(torch.tensor(nll_sum, device=acc.device), "sum").item() / n_tokens
         row = {"step": step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm), "tokens": n_tokens,
                "skipped_update": int(not finite), "seconds": time.time() - t0}
-        checkpoint.log_metrics(acc, out, row)
+        logs.log_metrics(acc, out, row)
         # the third non-finite update in a row stops the run, once its step is logged
         if skipped >= 3:
             raise UsageError(f"step {step}: {skipped} updates in a row had a non-finite loss or gradient norm: "

@@ -15,12 +15,12 @@ from pathlib import Path
 
 when, script, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
 sys.argv, sys.path[0] = [script, *argv], str(Path(script).resolve().parent)  # as `python script.py` sets them
-from nanopr1 import checkpoint  # noqa: E402
+from nanopr1 import checkpoint, logs  # noqa: E402
 
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
 if when.startswith("step="):
-    log_metrics, step = checkpoint.log_metrics, int(when[5:])
-    checkpoint.log_metrics = lambda acc, out, row: (log_metrics(acc, out, row), row["step"] == step and die())
+    log_metrics, step = logs.log_metrics, int(when[5:])
+    logs.log_metrics = lambda acc, out, row: (log_metrics(acc, out, row), row["step"] == step and die())
 else:
     fsync, calls = checkpoint._fsync, [0]
 
