@@ -258,6 +258,16 @@ def test_non_utf8_file_is_a_clear_error(tmp_path):
         data.load_problems(str(bad))
 
 
+def test_a_damaged_parquet_or_json_list_is_one_line(tmp_path):
+    parquet, listing = tmp_path / "set.parquet", tmp_path / "set.json"
+    parquet.write_bytes(b"PAR1 not really")
+    listing.write_text('[{"question": "q", "answer": "1"},')
+    with pytest.raises(UsageError, match=r"set.parquet' could not be read as parquet \("):
+        data.load_problems(str(parquet))
+    with pytest.raises(UsageError, match=r"set.json: not a JSON list \(Expecting value at line 1\)"):
+        data.load_problems(str(listing))
+
+
 def test_step_problems_are_distinct_and_fixed():
     """Steps of 4 over 10 problems: two steps an epoch, each a slice of the epoch's fixed order (the 2 left
     over wait for a later epoch); a new order each epoch; step k does not depend on the steps before it."""
