@@ -14,10 +14,8 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import DistributedType, broadcast_object_list, extract_model_from_parallel
-from accelerate.utils.fsdp_utils import load_fsdp_optimizer, save_fsdp_optimizer
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 from nanopr1 import UsageError, data
 from nanopr1.model import save_model, whole
@@ -120,6 +118,7 @@ def _state(acc, path, save):
         _load_weights(acc, module, path, peft, fsdp)
     # under FSDP the optimizer's shards, by accelerate's own helpers (loaded after the weights they belong to)
     for i, opt in enumerate(opts if fsdp else []):
+        from accelerate.utils.fsdp_utils import load_fsdp_optimizer, save_fsdp_optimizer  # (FSDP only: slow)
         move = save_fsdp_optimizer if save else load_fsdp_optimizer
         move(acc.state.fsdp_plugin, acc, opt, models[0], str(path), i)
     # the rest by accelerate, the model (and under FSDP the optimizer) taken out of its lists for the call
@@ -147,6 +146,7 @@ def _load_weights(acc, module, path, peft, fsdp):
     reads = not fsdp or acc.is_main_process
     weights = {k: t for f in files if reads for k, t in load_file(f).items()}
     if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict  # (slow)
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
         set_model_state_dict(module, weights, options=options)
     else:
