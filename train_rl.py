@@ -176,11 +176,12 @@ def main(args):
                                  context=run.reference.context, **view)
         # 6) the update: an optimizer step per mini-batch (a block of the step's prompts, whole groups), its
         #    loss the mean over every loss token of the mini-batch on every rank
-        stats = Counter()
+        stats, sampler = Counter(), [r.logprobs for r in rollouts] if args.tis_cap else None
         minis = mini_batches(len(idx), G, args.prompts_per_step // args.mini_batches, rank, world)
         for epoch, mini in product(range(args.ppo_epochs), minis):
             # each micro-batch: the trainer's log-probs -> the clipped loss -> backward (gradients add up)
-            for micro in loss_batches(acc, model, rollouts, mini, args.micro_batch_tokens, adv, old, ref):
+            for micro in loss_batches(acc, model, rollouts, mini, args.micro_batch_tokens, adv, old, ref,
+                                      sampler=sampler):
                 logp, mask = rollout_logprobs(model, micro.rollouts, **view)  # (B, T) with grad, the loss mask
                 old_logp = logp.detach() if micro.old is None else micro.old
                 loss, s = policy_loss(logp, old_logp, micro.adv, mask, micro.n_tokens, ref_logp=micro.ref,

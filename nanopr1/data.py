@@ -215,7 +215,8 @@ def write_rows(path, rows, mode="w"):
         if mode == "w":  # on disk before the rename vouches for it
             f.flush()
             os.fsync(f.fileno())
-    tmp.replace(path)
+    if mode == "w":
+        tmp.replace(path)
 
 
 def read_rows(path):

@@ -154,13 +154,12 @@ def mini_batches(n_prompts, G, per_mini_batch, rank, world):
 LossBatch = namedtuple("LossBatch", "rollouts adv old ref sampler n_tokens")
 
 
-def loss_batches(acc, model, rollouts, ids, max_tokens, adv, old=None, ref=None):
+def loss_batches(acc, model, rollouts, ids, max_tokens, adv, old=None, ref=None, sampler=None):
     """Yields the rollouts `ids` (a mini-batch) as LossBatches, as many on every rank, each inside its
-    backward's gradient-sync context. old, ref: per-rollout log-prob rows, or None."""
+    backward's gradient-sync context. old, ref, sampler (--tis-cap): per-rollout log-prob rows, or None."""
     # the loss is the mean over the loss tokens of the mini-batch on every rank
     n_tokens = acc.reduce(torch.tensor(sum(rollouts[i].forced.count(False) for i in ids), device=acc.device,
                                        dtype=torch.float64), "sum").item()
-    sampler = [r.logprobs for r in rollouts]
     lengths = [len(rollouts[i].prompt_ids) + len(rollouts[i].ids) for i in ids]
     for chunk, filler in micro_batches_on_every_rank(acc, lengths, max_tokens, model):
         mine = [ids[k] for k in chunk]
